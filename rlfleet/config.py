@@ -1,0 +1,380 @@
+"""The one configuration of an rlfleet run.
+
+A run is described by :class:`RLFleetConfig`, made of sections (``model``, ``data``, ``generation``,
+``algorithm``, ``replay``, ``learner``, ``dpo``, ``cluster``, ``checkpoint``, ``logging``). Values come from,
+in increasing precedence: the defaults below, a YAML file, and dotted command-line overrides
+(``learner.learning_rate=1e-5 generation.num_generations=8``).
+
+Every section forbids unknown keys, so a typo fails loudly. Field names follow TRL where the concept is TRL's
+(``num_generations``, ``loss_type``, ``epsilon``, ``beta``, ``num_remains_in_group``, BEMA's ``update_freq`` ...),
+with TRL's defaults unless the field's doc says why not. Cross-field checks run at load time, before any actor
+starts, and name the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. ``str(err)`` lists one problem per line as ``field.path: message``."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "builtin:tiny",
+        description="Hugging Face hub name, local directory, or 'builtin:tiny' (a random-init Qwen2 built offline).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Parameter dtype for learner and engine. 'auto': bfloat16 on GPU, float32 on CPU."
+    )
+    max_model_len: int = Field(512, gt=0, description="Context length (prompt + completion) for the engine.")
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    dataset: str = Field(
+        "builtin:char_count",
+        description="'builtin:<task>' (see rlfleet.data.BUILTIN_TASKS), a local .json/.jsonl/.parquet/.csv file, "
+        "or a hub dataset name.",
+    )
+    split: str = "train"
+    eval_split: str | None = Field(None, description="Held-out split name; built-in tasks provide 'test'.")
+    column_mapping: dict[str, str] = Field(
+        default_factory=dict, description="Rename dataset columns before use, e.g. {question: prompt}."
+    )
+    shuffle: bool = True
+    max_prompts: int | None = Field(None, gt=0, description="Use only the first N prompts (after shuffling).")
+
+
+class GenerationConfig(Section):
+    num_generations: int = Field(8, description="G: completions sampled per prompt (TRL default 8). At least 2.")
+    generation_batch_size: int = Field(
+        32, gt=0, description="Completions per generation request to one actor; a multiple of num_generations."
+    )
+    max_completion_length: int = Field(256, gt=0, description="Max new tokens per completion (TRL default 512).")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, description="None or -1 disables top-k.")
+    # engine
+    tensor_parallel_size: int = Field(1, ge=1, description="GPU only: vLLM tensor parallel size per actor.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: vLLM's memory share.")
+    kv_cache_space_gib: int = Field(1, ge=1, description="CPU only: vLLM KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
+    enforce_eager: bool = Field(True, description="Skip CUDA graphs / torch.compile: faster start, small models.")
+
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ImportanceSamplingLevel = Literal["token", "sequence", "sequence_token"]
+
+
+class AlgorithmConfig(Section):
+    loss_type: LossType = Field("dapo", description="Loss normalisation (TRL default 'dapo').")
+    importance_sampling_level: ImportanceSamplingLevel = Field(
+        "token", description="'token' (GRPO), 'sequence' (GSPO) or 'sequence_token' (GSPO-token)."
+    )
+    epsilon: float = Field(0.2, gt=0, description="Lower clip range: ratio >= 1 - epsilon.")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO clip-higher); None = epsilon.")
+    delta: float | None = Field(None, gt=1, description="Two-sided clip: the unclipped ratio is capped at delta.")
+    beta: float = Field(0.0, ge=0, description="k3 KL coefficient; > 0 loads a frozen reference model.")
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    num_iterations: int = Field(1, ge=1, description="mu: optimisation passes over each batch.")
+    mask_truncated_completions: bool = False
+    importance_sampling_cap: float | None = Field(
+        3.0,
+        gt=0,
+        description="Truncated importance-sampling weight min(pi_old / pi_behaviour, cap) applied when the "
+        "learner's old policy differs from the generator's (num_iterations > 1). None disables it.",
+    )
+    reward_funcs: list[str] = Field(
+        default_factory=list,
+        description="Reward functions: built-in names or 'package.module:function'. Empty: the task's own.",
+    )
+    reward_weights: list[float] | None = Field(None, description="One weight per reward function; None = all 1.")
+    num_remains_in_group: int | None = Field(
+        None, description="GFPO: completions kept per group (2 <= k < num_generations); None = no filtering."
+    )
+    group_filter_func: str | None = Field(
+        None, description="GFPO scorer: 'shortest', 'token_efficiency' or 'package.module:function'."
+    )
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+class ReplayConfig(Section):
+    replay_buffer_size: int = Field(
+        0,
+        description="Capacity of the high-variance reservoir; 0 disables it (TRL's default 64 lives only in its "
+        "replay trainer, and TRL crashes on 0).",
+    )
+    zero_variance: Literal["replay", "drop", "keep"] = Field(
+        "keep",
+        description="What a zero-reward-variance group becomes in a batch: 'replay' substitutes a reservoir group "
+        "(TRL's replay trainer), 'drop' skips it (DAPO dynamic sampling), 'keep' trains on it (plain GRPO).",
+    )
+    max_staleness: int = Field(
+        1,
+        description="Max policy versions between the weights that generated a group and the policy trained on it. "
+        "0 = synchronous on-policy training.",
+    )
+    max_fresh: int = Field(4096, gt=0, description="Bound on groups queued for training; the oldest are dropped.")
+
+
+class LearnerConfig(Section):
+    learning_rate: float = Field(
+        1e-6, gt=0, validation_alias=AliasChoices("learning_rate", "lr"), description="Peak LR (TRL default 1e-6)."
+    )
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_steps: int = Field(100, gt=0, description="Learner optimizer steps in the run.")
+    groups_per_step: int = Field(4, gt=0, description="Groups in one learner step's batch.")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward pass.")
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class BEMAConfig(Section):
+    """BEMA (arXiv 2508.00180), TRL's BEMACallback knobs and defaults."""
+
+    update_freq: int = Field(400, description="phi: steps between BEMA updates. At least 1.")
+    ema_power: float = Field(0.5, ge=0, description="kappa; 0 makes the EMA equal the current weights.")
+    bias_power: float = Field(0.2, ge=0, description="eta; 0 gives alpha = 1.")
+    lag: float = Field(10.0, ge=0, description="rho.")
+    update_after: int = Field(0, ge=0, description="tau: burn-in steps; the snapshot theta_0 is taken at tau.")
+    multiplier: float = Field(1.0, gt=0, description="gamma.")
+    min_ema_multiplier: float = Field(0.0, ge=0, le=1, description="Floor on the EMA coefficient beta.")
+    update_ref_model: bool = Field(True, description="Load the BEMA weights into the DPO reference model.")
+    ref_model_update_freq: int = Field(400, ge=1)
+    ref_model_update_after: int = Field(0, ge=0)
+
+
+class DPOConfig(Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature (TRL default 0.1).")
+    loss_type: Literal["sigmoid"] = "sigmoid"
+    max_length: int = Field(1024, gt=0, description="Max prompt + completion tokens (TRL default 1024).")
+    batch_size: int = Field(8, gt=0, description="Preference pairs per optimizer step.")
+    eval_steps: int = Field(10, gt=0, description="Held-out accuracy every N steps.")
+    bema: BEMAConfig | None = Field(default_factory=BEMAConfig, description="None disables BEMA (frozen ref).")
+
+
+class ClusterConfig(Section):
+    address: str | None = Field(
+        None, description="Ray address; None uses RAY_ADDRESS, else starts a local cluster (the embedded default)."
+    )
+    num_generators: int = Field(1, ge=1)
+    generator_num_gpus: float = Field(0, ge=0, description="GPUs per generation actor (= tensor_parallel_size).")
+    generator_num_cpus: float = Field(1, ge=0)
+    learner_num_gpus: float = Field(0, ge=0)
+    learner_num_cpus: float = Field(1, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    local_num_cpus: int | None = Field(None, gt=0, description="CPUs a local cluster advertises; None = enough.")
+    max_restarts: int = Field(3, ge=0, description="Ray restarts per generation actor.")
+    timeout_s: float = Field(600.0, gt=0, description="Timeout of every blocking call on an actor.")
+
+
+class CheckpointConfig(Section):
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N learner steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
+
+
+class LoggingConfig(Section):
+    progress: Literal["auto", "bar", "plain"] = Field("auto", description="'auto': a bar on a TTY, lines otherwise.")
+    log_every: int = Field(1, gt=0)
+    plot: bool = True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Root
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RLFleetConfig(Section):
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> RLFleetConfig:
+        problems = cross_field_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def group_size(self) -> int:
+        """Completions per group after GFPO filtering."""
+        return self.algorithm.num_remains_in_group or self.generation.num_generations
+
+
+def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
+    """Checks that involve more than one field. Each message names the field, the value and the fix."""
+    gen, alg, rep = cfg.generation, cfg.algorithm, cfg.replay
+    out: list[str] = []
+    G = gen.num_generations
+    if G < 2:
+        out.append(
+            f"generation.num_generations: {G} is less than 2; group advantages need at least 2 completions "
+            "per prompt. Set it to 2 or more."
+        )
+    elif gen.generation_batch_size % G:
+        out.append(
+            f"generation.generation_batch_size: {gen.generation_batch_size} is not divisible by "
+            f"generation.num_generations ({G}). Use a multiple of {G}, e.g. {G * max(1, gen.generation_batch_size // G)}."
+        )
+    k = alg.num_remains_in_group
+    if k is not None:
+        if k < 2:
+            out.append(
+                f"algorithm.num_remains_in_group: {k} is less than 2; the std of one reward is undefined (TRL "
+                "yields NaN advantages). Set it to 2 or more."
+            )
+        elif G >= 2 and k >= G:
+            out.append(
+                f"algorithm.num_remains_in_group: {k} must be less than generation.num_generations ({G}); "
+                f"keep k < G (e.g. {G - 1}) or raise num_generations."
+            )
+        if alg.group_filter_func is None:
+            out.append(
+                "algorithm.group_filter_func: required when algorithm.num_remains_in_group is set; use "
+                "'shortest', 'token_efficiency' or 'package.module:function'."
+            )
+    elif alg.group_filter_func is not None:
+        out.append(
+            f"algorithm.num_remains_in_group: must be set when algorithm.group_filter_func "
+            f"({alg.group_filter_func!r}) is, e.g. {max(2, G // 2)}."
+        )
+    if alg.reward_weights is not None and len(alg.reward_weights) != len(alg.reward_funcs):
+        out.append(
+            f"algorithm.reward_weights: {len(alg.reward_weights)} weights for {len(alg.reward_funcs)} "
+            "algorithm.reward_funcs; give one weight per function."
+        )
+    if rep.replay_buffer_size < 0:
+        out.append(
+            f"replay.replay_buffer_size: {rep.replay_buffer_size} is negative; use 0 to disable the reservoir "
+            "or a positive capacity."
+        )
+    if rep.max_staleness < 0:
+        out.append(
+            f"replay.max_staleness: {rep.max_staleness} is negative; use 0 (synchronous) or a positive bound."
+        )
+    if rep.zero_variance == "replay" and rep.replay_buffer_size <= 0:
+        out.append(
+            "replay.zero_variance: 'replay' needs a reservoir; set replay.replay_buffer_size > 0 "
+            "(e.g. 64) or choose 'drop' / 'keep'."
+        )
+    bema = cfg.dpo.bema
+    if bema is not None and bema.update_freq < 1:
+        out.append(f"dpo.bema.update_freq: {bema.update_freq} is less than 1; BEMA needs update_freq >= 1.")
+    if gen.top_k is not None and gen.top_k == 0:
+        out.append("generation.top_k: 0 is not a valid top-k; use None or -1 to disable it, or a positive value.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1, 2]"]`` -> ``{"a": {"b": 1}, "c": [1, 2]}``; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"override {item!r}: expected key=value, e.g. learner.learning_rate=1e-5"])
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r}: {part} is set to a value and used as a section"])
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "value_error":  # our cross-field checks: already "field: message", one per line
+            msg = str(e.get("ctx", {}).get("error", e["msg"]))
+            problems.extend(line for line in msg.splitlines() if line)
+        elif e["type"] == "extra_forbidden":
+            problems.append(f"{loc}: unknown key (check the spelling; `rlfleet config` prints every known key)")
+        else:
+            problems.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return problems
+
+
+def config_from_dict(data: dict[str, Any]) -> RLFleetConfig:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return RLFleetConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RLFleetConfig:
+    """Defaults < YAML file at ``path`` < dotted ``overrides``. Raises :class:`ConfigError`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file {str(p)!r} does not exist; pass the path of a YAML job config"])
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError([f"config file {str(p)!r} is not valid YAML: {err}"]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}"])
+        data = loaded or {}
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+def dump_config(cfg: RLFleetConfig) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), indent=2)

@@ -1,0 +1,152 @@
+"""Loading models and tokenizers, and the offline tiny models.
+
+``builtin:<name>`` model names resolve to a random-init Qwen2 causal LM and a byte-level tokenizer, built here
+without any hub access and cached under ``$RLFLEET_CACHE`` (default ``~/.cache/rlfleet``). Everything else is
+passed to ``from_pretrained`` as is: a local directory, or a hub name for users who have the hub.
+
+The tiny tokenizer maps byte ``b`` to token id ``b`` (a BPE with no merges over the 256 byte-level symbols), then
+four special tokens; ``<|im_end|>`` is the EOS token and ends assistant turns in the chat template.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PAD_ID, ENDOFTEXT_ID, IM_START_ID, EOS_ID = 256, 257, 258, 259
+VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+# head_dim = hidden / heads must be one vLLM's CPU attention accepts (32, 64, ...); see platform-notes.
+BUILTIN_MODELS: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    # ~20M parameters: large enough that compute dominates overheads in benchmarks.
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=4),
+}
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLFLEET_CACHE", Path.home() / ".cache" / "rlfleet"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable unicode characters (the ByteLevel alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def build_tiny_tokenizer():
+    """A byte-level tokenizer (token id == byte value) with pad/eos/chat special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def build_tiny_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Build a random-init Qwen2 + byte tokenizer and ``save_pretrained`` both to ``out_dir``. Offline."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    if size not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {size!r}; choose one of {sorted(BUILTIN_MODELS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = Qwen2Config(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=ENDOFTEXT_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        torch_dtype="float32",
+        **BUILTIN_MODELS[size],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=ENDOFTEXT_ID)
+    model.save_pretrained(out, safe_serialization=True)
+    build_tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``builtin:<size>`` to its cached directory, building it once (safe under concurrent callers)."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    size = name_or_path[len(BUILTIN_PREFIX):]
+    target = cache_dir() / "models" / f"{size}-v1"
+    if (target / "config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{size}-"))
+    try:
+        build_tiny_model(tmp, size=size)
+        try:
+            os.rename(tmp, target)  # atomic: readers see a complete model or none
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    return model.to(device)
