@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -141,9 +141,7 @@ class ReplayConfig(Section):
 
 
 class LearnerConfig(Section):
-    learning_rate: float = Field(
-        1e-6, gt=0, validation_alias=AliasChoices("learning_rate", "lr"), description="Peak LR (TRL default 1e-6)."
-    )
+    learning_rate: float = Field(1e-6, gt=0, description="Peak LR (TRL default 1e-6); `lr` is accepted too.")
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -187,9 +185,9 @@ class ClusterConfig(Section):
     )
     num_generators: int = Field(1, ge=1)
     generator_num_gpus: float = Field(0, ge=0, description="GPUs per generation actor (= tensor_parallel_size).")
-    generator_num_cpus: float = Field(1, ge=0)
+    generator_num_cpus: float = Field(1, gt=0)
     learner_num_gpus: float = Field(0, ge=0)
-    learner_num_cpus: float = Field(1, ge=0)
+    learner_num_cpus: float = Field(1, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     local_num_cpus: int | None = Field(None, gt=0, description="CPUs a local cluster advertises; None = enough.")
     max_restarts: int = Field(3, ge=0, description="Ray restarts per generation actor.")
@@ -326,6 +324,19 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+# Short spellings accepted in files and overrides, rewritten to the field's name before merging.
+ALIASES = {("learner", "lr"): "learning_rate"}
+
+
+def _canonical(data: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for section, value in data.items():
+        if isinstance(value, dict):
+            value = {ALIASES.get((section, k), k): v for k, v in value.items()}
+        out[section] = value
+    return out
+
+
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
@@ -373,7 +384,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}"])
         data = loaded or {}
-    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+    return config_from_dict(_merge(_canonical(data), _canonical(parse_overrides(overrides or []))))
 
 
 def dump_config(cfg: RLFleetConfig) -> str:

@@ -1,0 +1,85 @@
+"""`rlfleet train | dpo | config | tiny-model`: the command line.
+
+``rlfleet train job.yaml learner.learning_rate=1e-5 generation.num_generations=8`` loads defaults < file <
+overrides, validates everything before Ray starts, and runs the job (on the cluster at ``cluster.address`` or
+``RAY_ADDRESS``, else on a local Ray cluster it starts itself). ``ray job submit -- rlfleet train job.yaml`` runs the
+same program as the job's driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlfleet.config import ConfigError, dump_config, load_config
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML job config (defaults are used for anything it omits)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.learning_rate=1e-5")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlfleet", description="Ray-distributed RL post-training: GRPO, GSPO(-token), GFPO, replay, DPO+BEMA."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a policy with GRPO / GSPO / GSPO-token / GFPO (+ replay)")
+    _add_job_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+
+    p = sub.add_parser("dpo", help="train with DPO and BEMA reference-model updates")
+    _add_job_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+
+    p = sub.add_parser("config", help="print the resolved config (or its errors) without starting Ray")
+    _add_job_args(p)
+
+    p = sub.add_parser("tiny-model", help="build the offline random-init tiny model + tokenizer")
+    p.add_argument("out_dir")
+    p.add_argument("--size", default="tiny", help="built-in size: tiny (330k params) or small (~20M)")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path:  # `rlfleet config a.b=1`: no file, only overrides
+        path, overrides = None, [path, *overrides]
+    if getattr(args, "resume", False):
+        overrides.append("checkpoint.resume=true")
+    return load_config(path, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "tiny-model":
+            from rlfleet.models import build_tiny_model
+
+            out = build_tiny_model(args.out_dir, size=args.size, seed=args.seed)
+            print(f"wrote {args.size} model and tokenizer to {out}")
+            return 0
+        cfg = _load(args)
+        if args.command == "config":
+            print(dump_config(cfg))
+            return 0
+        if args.command == "train":
+            from rlfleet.cluster.driver import train
+
+            train(cfg)
+            return 0
+        if args.command == "dpo":
+            from rlfleet.cluster.driver import train_dpo
+
+            train_dpo(cfg)
+            return 0
+    except ConfigError as err:
+        print(f"rlfleet {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

