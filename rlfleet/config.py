@@ -294,6 +294,16 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
             "replay.zero_variance: 'replay' needs a reservoir; set replay.replay_buffer_size > 0 "
             "(e.g. 64) or choose 'drop' / 'keep'."
         )
+    if G >= 2 and rep.max_staleness >= 0:
+        prompts = gen.generation_batch_size // G
+        window = (rep.max_staleness + 1) * cfg.learner.groups_per_step
+        if prompts > window:
+            out.append(
+                f"generation.generation_batch_size: {gen.generation_batch_size} completions = {prompts} prompts per "
+                f"request, more than the (replay.max_staleness + 1) * learner.groups_per_step = {window} groups the "
+                f"staleness bound lets one policy version produce. Use at most {window * G}, or raise "
+                "replay.max_staleness or learner.groups_per_step."
+            )
     bema = cfg.dpo.bema
     if bema is not None and bema.update_freq < 1:
         out.append(f"dpo.bema.update_freq: {bema.update_freq} is less than 1; BEMA needs update_freq >= 1.")

@@ -1,0 +1,89 @@
+"""Checkpoints: ``output_dir/checkpoints/step-N/``, written atomically, loaded without unpickling code.
+
+Layout of one checkpoint::
+
+    step-N/
+      policy/          the learner's files (Hugging Face model + tokenizer, optimizer, its state JSON)
+      replay.npz       the replay buffer's arrays (numeric only; np.load(allow_pickle=False))
+      replay.json      the replay buffer's metadata
+      driver.json      step, policy version, prompt cursor, RNG state
+      COMPLETE         written last; a directory without it is not a checkpoint
+
+The directory is assembled under ``.tmp-step-N`` and renamed into place, so a crash mid-write never leaves a
+checkpoint that looks complete. Only the last ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def staging_dir(output_dir: str | Path, step: int) -> Path:
+    tmp = checkpoints_dir(output_dir) / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_state(directory: Path, replay_state: tuple[dict[str, np.ndarray], dict], driver_state: dict) -> None:
+    arrays, meta = replay_state
+    np.savez(directory / "replay.npz", **arrays)
+    (directory / "replay.json").write_text(json.dumps(meta))
+    (directory / "driver.json").write_text(json.dumps(driver_state, indent=2))
+
+
+def commit(staging: Path, step: int, keep_last: int) -> Path:
+    """Mark ``staging`` complete, move it to ``step-N`` and prune old checkpoints."""
+    (staging / MARKER).write_text(json.dumps({"step": step}))
+    final = staging.parent / f"step-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    for old in list_checkpoints(staging.parent.parent)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(directory: Path) -> tuple[tuple[dict[str, np.ndarray], dict], dict[str, Any]]:
+    """Load replay and driver state; refuse incomplete or corrupt checkpoints with a clear message."""
+    if not (directory / MARKER).is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {MARKER} marker); it was interrupted")
+    try:
+        with np.load(directory / "replay.npz", allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads((directory / "replay.json").read_text())
+        driver = json.loads((directory / "driver.json").read_text())
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {directory} is corrupt or incompatible: {err}") from err
+    return (arrays, meta), driver

@@ -1,0 +1,89 @@
+"""Run outputs: ``metrics.jsonl`` (one object per learner step), progress on the terminal, the reward/loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+REQUIRED_KEYS = ("step", "policy_version", "reward/mean", "reward/std", "loss", "staleness/mean", "replay/size",
+                 "frac_reward_zero_std", "time/step_s")
+
+
+def _clean(value):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Appends one JSON line per learner step. On resume, lines past the resumed step are dropped first."""
+
+    def __init__(self, output_dir: str | Path, resume_step: int | None = None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A one-line bar on an interactive terminal, plain log lines otherwise."""
+
+    def __init__(self, total: int, mode: str = "auto", every: int = 1, start: int = 0):
+        self.total, self.every, self.start_step = total, every, start
+        self.bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.t0 = time.perf_counter()
+        self.groups = 0
+
+    def update(self, record: dict) -> None:
+        step = record["step"]
+        self.groups += int(record.get("learner/groups", 0))
+        rate = self.groups / max(time.perf_counter() - self.t0, 1e-9)
+        reward = record.get("reward/mean")
+        reward_s = "nan" if reward is None or not math.isfinite(reward) else f"{reward:.3f}"
+        text = (f"step {step}/{self.total}  reward {reward_s}  loss {record.get('loss', float('nan')):.4f}  "
+                f"staleness {record.get('staleness/mean', 0):.2f}  {rate:.2f} groups/s")
+        if self.bar:
+            done = int(30 * step / self.total)
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {text}")
+            sys.stderr.flush()
+            if step >= self.total:
+                sys.stderr.write("\n")
+        elif step % self.every == 0 or step >= self.total:
+            print(f"rlfleet: {text}", flush=True)
+
+
+def plot(records: list[dict], path: str | Path, keys: tuple[str, ...] = ("reward/mean", "loss")) -> Path | None:
+    """Save a PNG with one panel per key against the step."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
+    for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
