@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,3 +60,81 @@ class Group:
     @property
     def completion_token_lists(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.completion_ids, self.completion_lengths)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Serialization of groups into flat numeric arrays + JSON (checkpoints load without unpickling)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _json_roundtrips(value) -> bool:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError):
+        return False
+
+
+def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Concatenate groups of different shapes into flat arrays keyed ``prefix + name``, plus one JSON dict per group.
+
+    Arrays (k groups; P_i prompt lengths, [n_i, T_i] completion shapes; offsets are the cumulative sums):
+    ``prompt_lengths`` int64 [k], ``prompt_ids`` int32 [sum P_i], ``completion_shapes`` int64 [k, 2],
+    ``completion_ids`` int32 and ``old_logprobs`` float32 [sum n_i T_i] (row-major), ``completion_lengths`` int32,
+    ``rewards`` and ``advantages`` float32, ``truncated`` bool [sum n_i]. Arrays are cast to these wire dtypes.
+    Meta: prompt_id, policy_version, reward_std and the entries of ``Group.meta`` that survive a JSON round trip
+    unchanged (others, e.g. numpy values, are left out).
+    """
+
+    def cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate([np.zeros(0, dtype)] + [np.asarray(p, dtype=dtype).reshape(-1) for p in parts])
+
+    arrays = {
+        "prompt_lengths": np.array([len(g.prompt_ids) for g in groups], dtype=np.int64),
+        "prompt_ids": cat([g.prompt_ids for g in groups], np.int32),
+        "completion_shapes": np.array([g.completion_ids.shape for g in groups], dtype=np.int64).reshape(-1, 2),
+        "completion_ids": cat([g.completion_ids for g in groups], np.int32),
+        "old_logprobs": cat([g.old_logprobs for g in groups], np.float32),
+        "completion_lengths": cat([g.completion_lengths for g in groups], np.int32),
+        "rewards": cat([g.rewards for g in groups], np.float32),
+        "advantages": cat([g.advantages for g in groups], np.float32),
+        "truncated": cat([g.truncated for g in groups], np.bool_),
+    }
+    metas = [
+        {
+            "prompt_id": g.prompt_id,
+            "policy_version": int(g.policy_version),
+            "reward_std": float(g.reward_std),
+            "meta": {k: v for k, v in g.meta.items() if isinstance(k, str) and _json_roundtrips(v)},
+        }
+        for g in groups
+    ]
+    return {prefix + name: a for name, a in arrays.items()}, metas
+
+
+def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix: str) -> list[Group]:
+    """Inverse of :func:`groups_to_arrays`."""
+    names = ("prompt_lengths", "prompt_ids", "completion_shapes", "completion_ids", "old_logprobs")
+    names += ("completion_lengths", "rewards", "advantages", "truncated")
+    a = {name: np.asarray(arrays[prefix + name]) for name in names}
+    if len(a["prompt_lengths"]) != len(metas):
+        raise ValueError(f"groups_from_arrays: {len(a['prompt_lengths'])} groups in arrays, {len(metas)} metas")
+    groups = []
+    p0 = c0 = r0 = 0  # offsets into the prompt, completion-token and row arrays
+    for i, m in enumerate(metas):
+        n, t = (int(x) for x in a["completion_shapes"][i])
+        p1, c1, r1 = p0 + int(a["prompt_lengths"][i]), c0 + n * t, r0 + n
+        group = Group(
+            prompt_id=m["prompt_id"],
+            prompt_ids=a["prompt_ids"][p0:p1].copy(),  # [P]
+            completion_ids=a["completion_ids"][c0:c1].reshape(n, t).copy(),  # [n, T]
+            completion_lengths=a["completion_lengths"][r0:r1].copy(),  # [n]
+            old_logprobs=a["old_logprobs"][c0:c1].reshape(n, t).copy(),  # [n, T]
+            rewards=a["rewards"][r0:r1].copy(),
+            advantages=a["advantages"][r0:r1].copy(),
+            truncated=a["truncated"][r0:r1].copy(),
+            policy_version=int(m["policy_version"]),
+            reward_std=float(m["reward_std"]),
+            meta=dict(m["meta"]),
+        )
+        groups.append(group)
+        p0, c0, r0 = p1, c1, r1
+    return groups

@@ -268,7 +268,3 @@ def train(cfg: RLFleetConfig) -> dict:
         placement.release()
         if started_here:
             ray.shutdown()
-
-
-def train_dpo(cfg: RLFleetConfig) -> dict:
-    raise ConfigError(["rlfleet dpo is not available yet (issue 6: DPO learner with BEMA); use rlfleet train"])

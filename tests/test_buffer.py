@@ -1,0 +1,263 @@
+"""The replay buffer (rlfleet/replay/buffer.py) and group serialization (rlfleet/types.py)."""
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from rlfleet.config import ReplayConfig
+from rlfleet.replay.buffer import ReplayBuffer
+from rlfleet.types import Group, groups_from_arrays, groups_to_arrays
+
+
+def _group(pid: str, score: float = 1.0, version: int = 0, n: int = 2, t: int = 3, prompt_len: int = 2) -> Group:
+    """A group of score ``score`` (advantages [score, 0, ...], std 1 -> sum|A|*std = score); score 0 = zero variance."""
+    advantages = np.zeros(n, np.float32)
+    advantages[0] = score
+    return Group(
+        prompt_id=pid,
+        prompt_ids=np.arange(prompt_len, dtype=np.int32),
+        completion_ids=np.full((n, t), 7, np.int32),
+        completion_lengths=np.full(n, t, np.int32),
+        old_logprobs=np.full((n, t), -0.5, np.float32),
+        rewards=advantages.copy(),
+        advantages=advantages,
+        truncated=np.zeros(n, bool),
+        policy_version=version,
+        reward_std=1.0 if score else 0.0,
+    )
+
+
+def _buffer(**kw) -> ReplayBuffer:
+    return ReplayBuffer(ReplayConfig(**({"max_staleness": 0} | kw)), seed=0)
+
+
+def _ids(groups) -> list[str]:
+    return [g.prompt_id for g in groups]
+
+
+def _same(g: Group, h: Group) -> bool:
+    """Field-by-field equality: same dtypes and values (NaN equals NaN), same scalars and meta."""
+    arrays = ("prompt_ids", "completion_ids", "completion_lengths", "old_logprobs", "rewards", "advantages")
+    for name in arrays + ("truncated",):
+        x, y = getattr(g, name), getattr(h, name)
+        if x.dtype != y.dtype or not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):
+            return False
+    scalars = ("prompt_id", "policy_version", "reward_std", "meta")
+    return all(getattr(g, name) == getattr(h, name) for name in scalars)
+
+
+def test_reservoir_keeps_top_scores_case_7_10():
+    """7.10, max_size=3: offering scores 0.5, 0.2, 0.9, 0.4 keeps {0.9, 0.5, 0.4} (0.2 is the min when 0.4 arrives and
+    is evicted); then 0.3 < min 0.4 is rejected. A batch offers its variance groups when it consumes them."""
+    buf = _buffer(replay_buffer_size=3, zero_variance="replay")
+    groups = [_group(f"s{s}", s) for s in (0.5, 0.2, 0.9, 0.4)]
+    buf.add(groups)
+    assert all(a is b for a, b in zip(buf.sample(4, 0), groups))
+    assert [g.score for g in buf.reservoir] == pytest.approx([0.9, 0.5, 0.4])
+    buf.add([_group("s0.3", 0.3)])
+    assert _ids(buf.sample(1, 0)) == ["s0.3"]
+    assert _ids(buf.reservoir) == ["s0.9", "s0.5", "s0.4"]
+    assert buf.stats()["replay/reservoir_score_mean"] == pytest.approx(1.8 / 3)
+
+
+def test_draw_probabilities_are_proportional_to_score():
+    """7.10: p = [0.9, 0.5, 0.4] / 1.8 = [0.5, 0.2778, 0.2222]. n=5 > 3 groups draws with replacement (i.i.d.), so
+    6000 batches of 5 zero-variance groups give N = 30000 draws; each frequency is within 4 binomial stds
+    sqrt(p(1-p)/N) <= 0.0029 of p (uniform draws, 1/3 each, would miss by >= 0.056)."""
+    buf = _buffer(replay_buffer_size=3, zero_variance="replay")
+    buf.add([_group(f"s{s}", s) for s in (0.9, 0.5, 0.4)])
+    buf.sample(3, 0)
+    zero = _group("zero", 0.0)
+    counts = dict.fromkeys(["s0.9", "s0.5", "s0.4"], 0)
+    for _ in range(6000):
+        buf.add([zero] * 5)
+        for g in buf.sample(5, 0):
+            counts[g.prompt_id] += 1
+    n = 30000
+    for pid, p in (("s0.9", 0.5), ("s0.5", 0.5 / 1.8), ("s0.4", 0.4 / 1.8)):
+        assert abs(counts[pid] / n - p) < 4 * math.sqrt(p * (1 - p) / n), (pid, counts)
+    assert buf.stats()["replay/substituted"] == n
+
+
+def test_draws_are_without_replacement_when_the_reservoir_holds_enough():
+    """k <= reservoir size: the k draws of one batch are distinct (TRL). With replacement, 3 draws from
+    p = [0.5, 0.28, 0.22] would all differ with probability 6 * 0.5 * 0.2778 * 0.2222 = 0.185 per batch, so 200
+    batches of distinct draws rule it out. k = 4 > 3 must repeat a group (pigeonhole) and must not raise."""
+    buf = _buffer(replay_buffer_size=3, zero_variance="replay")
+    buf.add([_group(f"s{s}", s) for s in (0.9, 0.5, 0.4)])
+    buf.sample(3, 0)
+    zero = _group("zero", 0.0)
+    for _ in range(200):
+        buf.add([zero] * 3)
+        assert sorted(_ids(buf.sample(3, 0))) == ["s0.4", "s0.5", "s0.9"]
+    buf.add([zero] * 4)
+    assert len(set(_ids(buf.sample(4, 0)))) <= 3
+
+
+def test_group_score_of_case_7_10():
+    """7.10: r = [0,1,0,1], mean 0.5, unbiased std = sqrt(4 * 0.25 / 3) = 0.577350, A = +-0.5 / (0.577350 + 1e-4)
+    = +-0.865875, score = 4 * 0.865875 * 0.577350 = 1.999654; the reservoir records that score."""
+    r = np.array([0, 1, 0, 1], np.float32)
+    std = float(np.std(r, ddof=1))
+    g = _group("g", n=4)
+    g.rewards, g.advantages, g.reward_std = r, ((r - r.mean()) / (std + 1e-4)).astype(np.float32), std
+    assert g.score == pytest.approx(1.999654, abs=1e-5)
+    buf = _buffer(replay_buffer_size=3)
+    buf.add([g])
+    buf.sample(1, 0)
+    assert buf.stats()["replay/reservoir_score_mean"] == pytest.approx(1.999654, abs=1e-5)
+
+
+def test_equal_scores_do_not_crash_and_keep_the_earliest():
+    """Capacity 2, five groups of score 1: ties never compare Groups; later ties are not strictly larger than the min,
+    so g0, g1 stay. A score-2 group then evicts the min (1, tie-breaker 0), i.e. g0. Draws over ties work."""
+    buf = _buffer(replay_buffer_size=2, zero_variance="replay")
+    buf.add([_group(f"g{i}", 1.0) for i in range(5)])
+    buf.sample(5, 0)
+    assert _ids(buf.reservoir) == ["g0", "g1"]
+    buf.add([_group("g5", 2.0)])
+    buf.sample(1, 0)
+    assert _ids(buf.reservoir) == ["g5", "g1"]
+    buf.add([_group("zero", 0.0)] * 2)
+    assert sorted(_ids(buf.sample(2, 0))) == ["g1", "g5"]
+
+
+def test_size_0_disables_the_reservoir():
+    """replay_buffer_size=0 with "replay": nothing is buffered and a zero-variance group cannot be replaced, so it is
+    dropped and counted; the batch is filled from the next fresh group."""
+    buf = _buffer(replay_buffer_size=0, zero_variance="replay")
+    buf.add([_group("a"), _group("zero", 0.0), _group("b")])
+    assert _ids(buf.sample(2, 0)) == ["a", "b"]
+    s = buf.stats()
+    assert (s["replay/reservoir_size"], s["replay/dropped_zero_variance"], s["replay/substituted"]) == (0, 1, 0)
+
+
+def test_empty_reservoir_drops_zero_variance_groups():
+    """Empty reservoir and a batch with no variance group: nothing can be drawn, both zero-variance groups are dropped
+    (counted), the queue runs dry and sample returns None."""
+    buf = _buffer(replay_buffer_size=3, zero_variance="replay")
+    buf.add([_group("z1", 0.0), _group("z2", 0.0)])
+    assert buf.sample(2, 0) is None
+    s = buf.stats()
+    assert (s["replay/dropped_zero_variance"], s["replay/fresh_size"], s["replay/sampled"]) == (2, 0, 0)
+
+
+def test_batch_groups_are_buffered_before_draws():
+    """TRL buffers the batch's variance groups before sampling: with an empty reservoir, batch [zero, a] replaces the
+    zero group by a (the only reservoir group), though a comes later in the queue. The replayed group is the stored
+    one, with its advantages and behaviour log-probs."""
+    buf = _buffer(replay_buffer_size=3, zero_variance="replay")
+    a = _group("a", 0.7)
+    buf.add([_group("zero", 0.0), a])
+    batch = buf.sample(2, 0)
+    assert batch[0] is a and batch[1] is a
+    assert buf.stats()["replay/substituted"] == 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected", "dropped"),
+    [("keep", ["z1", "a", "z2"], 0), ("drop", ["a", "b", "c"], 2), ("replay", ["a", "a", "a"], 0)],
+)
+def test_zero_variance_policies(policy, expected, dropped):
+    """Queue [z1, a, z2, b, c], n=3. keep: trains z1, a, z2 as they are. drop: skips z1, z2 (DAPO dynamic sampling).
+    replay (reservoir of 3, initially empty): a is buffered and is the only group to draw, so z1 and z2 become a."""
+    buf = _buffer(replay_buffer_size=3, zero_variance=policy)
+    buf.add([_group("z1", 0.0), _group("a"), _group("z2", 0.0), _group("b"), _group("c")])
+    assert _ids(buf.sample(3, 0)) == expected
+    assert buf.stats()["replay/dropped_zero_variance"] == dropped
+
+
+def test_staleness_bound_at_the_exact_boundary_and_replay_exemption():
+    """max_staleness=1 at current version 5: version 4 (5-4 = 1) is kept, version 3 (5-3 = 2 > 1) is dropped.
+    A reservoir group of version 0 is still drawn at version 100: replayed groups are exempt."""
+    buf = ReplayBuffer(ReplayConfig(max_staleness=1, replay_buffer_size=2, zero_variance="replay"), seed=0)
+    buf.add([_group("v3", version=3), _group("v4", version=4), _group("v5", version=5)])
+    assert _ids(buf.sample(2, 5)) == ["v4", "v5"]
+    assert buf.stats()["replay/dropped_stale"] == 1
+    buf.add([_group("zero", 0.0, version=100)])
+    assert _ids(buf.sample(1, 100)) in (["v4"], ["v5"])
+
+
+def test_short_batch_returns_none_and_loses_nothing():
+    """n=3 with two usable groups queued behind a stale one: None, the stale drop stands, the two usable groups stay
+    queued in order; one more group completes the batch. A replay placeholder waiting in a short batch also stays."""
+    buf = ReplayBuffer(ReplayConfig(max_staleness=1, replay_buffer_size=2, zero_variance="replay"), seed=0)
+    buf.add([_group("stale", version=0), _group("a", version=5), _group("b", version=5)])
+    assert buf.sample(3, 5) is None
+    s = buf.stats()
+    assert (s["replay/fresh_size"], s["replay/dropped_stale"], s["replay/sampled"]) == (2, 1, 0)
+    assert s["replay/reservoir_size"] == 0  # nothing was offered: the batch was not formed
+    buf.add([_group("c", version=5)])
+    assert _ids(buf.sample(3, 5)) == ["a", "b", "c"]
+    buf.add([_group("zero", 0.0, version=5)])
+    assert buf.sample(2, 5) is None and buf.stats()["replay/fresh_size"] == 1
+    with pytest.raises(ValueError, match="n=0"):
+        buf.sample(0, 5)
+
+
+def test_fresh_overflow_drops_the_oldest():
+    """max_fresh=3, five groups added: g0, g1 are dropped (counted), g2..g4 remain in order."""
+    buf = _buffer(max_fresh=3)
+    buf.add([_group(f"g{i}") for i in range(5)])
+    s = buf.stats()
+    assert (s["replay/added"], s["replay/dropped_overflow"], s["replay/fresh_size"]) == (5, 2, 3)
+    assert _ids(buf.sample(3, 0)) == ["g2", "g3", "g4"]
+
+
+def test_stats_keys():
+    expected = {"fresh_size", "reservoir_size", "added", "sampled", "substituted", "dropped_stale"}
+    expected |= {"dropped_zero_variance", "dropped_overflow", "reservoir_score_mean"}
+    assert set(_buffer().stats()) == {f"replay/{k}" for k in expected}
+
+
+def test_groups_to_arrays_round_trip():
+    """Groups of different shapes, NaN rewards and meta survive the flat arrays + JSON exactly; meta entries that do
+    not survive JSON unchanged (an array, a tuple) are left out. An empty list gives empty arrays."""
+    g1 = _group("a", 0.5, version=3, n=2, t=4, prompt_len=5)
+    g1.rewards[1] = np.nan
+    g1.meta = {"text": "hi", "n": 2, "array": np.zeros(2), "tuple": (1, 2)}
+    g2 = _group("b", 0.0, version=4, n=3, t=1, prompt_len=1)
+    g2.truncated[2] = True
+    arrays, metas = groups_to_arrays([g1, g2], "x.")
+    assert all(a.dtype != object for a in arrays.values()) and all(k.startswith("x.") for k in arrays)
+    back = groups_from_arrays(arrays, json.loads(json.dumps(metas)), "x.")
+    assert back[0].meta == {"text": "hi", "n": 2}
+    g1.meta = {"text": "hi", "n": 2}
+    assert _same(back[0], g1) and _same(back[1], g2)
+    empty_arrays, empty_metas = groups_to_arrays([], "e.")
+    assert groups_from_arrays(empty_arrays, empty_metas, "e.") == []
+
+
+def test_state_dict_round_trip_reproduces_future_samples():
+    """Build a buffer with a reservoir (scores 0.9, 0.5, 0.4 of different shapes), a mixed fresh queue and a used RNG;
+    save it through np.savez (loaded with allow_pickle=False) and JSON; restore into a buffer seeded differently.
+    Both must then return identical groups and stats for identical future calls (draws depend on the RNG state and
+    the heap order)."""
+    cfg = ReplayConfig(replay_buffer_size=3, zero_variance="replay", max_staleness=2)
+    original = ReplayBuffer(cfg, seed=7)
+    original.add([_group(f"s{s}", s, n=2 + i, t=1 + i) for i, s in enumerate((0.9, 0.5, 0.4, 0.1))])
+    original.add([_group("zero", 0.0)] * 3)
+    original.sample(5, 0)
+    original.add([_group("q1", 0.0, version=1), _group("q2", 0.8, version=2), _group("q3", 0.0, version=2)])
+    arrays, meta = original.state_dict()
+    blob = io.BytesIO()
+    np.savez(blob, **arrays)
+    blob.seek(0)
+    with np.load(blob, allow_pickle=False) as npz:
+        loaded = {k: npz[k] for k in npz.files}
+    restored = ReplayBuffer(cfg, seed=12345)
+    restored.load_state_dict(loaded, json.loads(json.dumps(meta)))
+    assert restored.stats() == original.stats()
+    assert all(_same(a, b) for a, b in zip(restored.reservoir, original.reservoir))
+    for step in range(20):
+        batch = [_group(f"n{step}", 0.0, version=step), _group(f"m{step}", 0.1 * (step % 5), version=step)]
+        original.add(batch)
+        restored.add(batch)
+        a, b = original.sample(3, step), restored.sample(3, step)
+        assert (a is None) == (b is None), step
+        assert a is None or all(_same(x, y) for x, y in zip(a, b)), step
+    assert restored.stats() == original.stats()
+    assert original.stats()["replay/substituted"] > 10  # the draws were exercised
