@@ -1,0 +1,282 @@
+"""Policy losses (GRPO / DAPO / Dr. GRPO / BNPO x token, GSPO, GSPO-token) and the sigmoid DPO loss.
+
+Pure torch: no Ray, no vLLM, no global state. Each loss returns a :class:`LossResult` (the loss tensor to
+backpropagate and detached float metrics).
+
+Normalisation is explicit so that micro-batching does not change the gradient: the learner computes ONE normaliser
+for the whole optimizer-step batch with :func:`loss_normalizer` and passes it to every micro-batch; the micro-batch
+losses then sum to the full-batch loss (and their gradients to its gradient).
+
+Notation: ``B`` sequences, ``T`` completion positions, ``m`` the mask, ``l_t = logp_t - old_t`` the log-ratio
+against the behaviour policy, ``A`` the advantages, ``sg`` stop-gradient (``detach``).
+References: TRL ``GRPOTrainer._compute_loss`` and ``DPOTrainer._compute_loss`` (``reference/trl-algorithms.md``
+sections 1.4, 1.5, 2 and 6), GSPO (arXiv 2507.18071), DPO (arXiv 2305.18290).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from rlfleet.config import AlgorithmConfig, ImportanceSamplingLevel, LossType
+
+
+@dataclass
+class LossResult:
+    loss: torch.Tensor  # scalar, differentiable
+    metrics: dict[str, float]  # detached Python floats, namespaced keys
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Normalisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def loss_normalizer(loss_type: LossType, mask: torch.Tensor, max_completion_length: int) -> float:
+    """The divisor of the summed per-micro-batch loss, computed once for the whole optimizer-step batch.
+
+    ``mask`` is ``[B_total, T]`` over every sequence of the step. With ``N = sum(mask)`` (at least 1):
+
+    - grpo: ``B_total`` (the loss is ``sum_i [sum_t m L / max(sum_t m, 1)] / B_total``; fully masked rows count);
+    - bnpo, dapo: ``N`` (``sum m L / N``). TRL's bnpo divides by the local micro-batch's tokens and dapo by the
+      generation batch's tokens over all ranks; for one learner process stepping on its whole batch both are the
+      step's token count, so they coincide here;
+    - dr_grpo: ``B_total * max_completion_length``.
+    """
+    return _NORMALIZERS[loss_type](mask.bool(), max_completion_length)
+
+
+_NORMALIZERS: dict[str, Callable[[torch.Tensor, int], float]] = {
+    "grpo": lambda valid, max_len: float(valid.shape[0]),
+    "bnpo": lambda valid, max_len: float(max(int(valid.sum()), 1)),
+    "dapo": lambda valid, max_len: float(max(int(valid.sum()), 1)),
+    "dr_grpo": lambda valid, max_len: float(valid.shape[0] * max_len),
+}
+
+
+def _sum_of_sequence_means(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """grpo numerator: ``sum_i sum_t m L / max(sum_t m, 1)``; per_token is already 0 off the mask."""
+    return (per_token.sum(-1) / valid.sum(-1).clamp(min=1)).sum()
+
+
+def _token_sum(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """bnpo / dapo / dr_grpo numerator: ``sum_{i,t} m L``."""
+    return per_token.sum()
+
+
+_AGGREGATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "grpo": _sum_of_sequence_means,
+    "bnpo": _token_sum,
+    "dapo": _token_sum,
+    "dr_grpo": _token_sum,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Importance weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _token_log_weights(log_ratio: torch.Tensor, logprobs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """GRPO: ``log w_t = l_t``, shape [B, T]."""
+    return log_ratio
+
+
+def _sequence_log_weights(log_ratio: torch.Tensor, logprobs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """GSPO: ``log s_i = sum_t m l_t / max(sum_t m, 1)``, shape [B, 1]; a fully masked row has s_i = 1."""
+    return (log_ratio.sum(-1) / valid.sum(-1).clamp(min=1)).unsqueeze(-1)
+
+
+def _sequence_token_log_weights(log_ratio: torch.Tensor, logprobs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """GSPO-token: ``log s_it = logp_t - sg(logp_t) + sg(log s_i)``, shape [B, T].
+
+    The forward value is the sequence ratio ``s_i`` at every token (so clipping is decided per sequence), and
+    ``d s_it / d logp_t = s_i``: the gradient flows through the token's own ``logp_t`` only, ``s_i`` is the
+    stop-gradient factor. With advantages constant within a sequence this equals GSPO in value and gradient.
+    """
+    seq = _sequence_log_weights(log_ratio, logprobs, valid).detach()  # [B, 1]
+    own = torch.where(valid, logprobs - logprobs.detach(), 0.0)  # [B, T]  value 0, gradient 1 on valid tokens
+    return own + seq
+
+
+_LOG_IMPORTANCE_WEIGHTS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "token": _token_log_weights,
+    "sequence": _sequence_log_weights,
+    "sequence_token": _sequence_token_log_weights,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Clipped policy loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _broadcastable(x: torch.Tensor) -> torch.Tensor:
+    """Per-sequence values [B] -> [B, 1]; per-token values [B, T] unchanged."""
+    return x.unsqueeze(-1) if x.dim() == 1 else x
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> float:
+    """Token-weighted mean of ``x`` (broadcast to [B, T]) over valid tokens; 0 when there is none."""
+    x = x.detach().expand(valid.shape)
+    return float(torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1))
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """The clipped surrogate loss with its knobs bound; build it with :func:`make_policy_loss`.
+
+    Per valid token (``w`` the importance weight of ``importance_sampling_level``, ``A`` the advantage)::
+
+        L_t = -min( min(w, delta) * A,  clip(w, 1 - epsilon_low, 1 + epsilon_high) * A ) * rho  +  beta * KL_t
+        KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1        (k3 estimator, gradient through logp only)
+
+    ``min(w, delta)`` only when ``delta`` is set; ``rho`` are the optional truncated importance-sampling weights
+    (``is_weights``, detached). The loss is ``aggregate(L) / normalizer``: for grpo the sum over sequences of the
+    per-sequence token mean, otherwise the token sum (see :func:`loss_normalizer`).
+
+    ``mask`` [B, T] marks the tokens that train: it must already exclude padding and, when
+    ``mask_truncated_completions`` is on, whole truncated completions; building it is the caller's job.
+    Positions off the mask may hold anything (even NaN): they get zero loss and zero gradient.
+
+    Metrics, all detached floats for this micro-batch (combine across micro-batches as noted):
+
+    - ``loss/policy``: the policy term's share of ``loss`` (already normalised: sum across micro-batches);
+    - ``loss/kl`` (when ``ref_logprobs`` is given): mean ``KL_t`` over valid tokens, without beta;
+    - ``clip/low_frac``: share of valid tokens with ``w < 1 - epsilon_low`` and ``A < 0``;
+      ``clip/high_frac``: ``w > 1 + epsilon_high`` and ``A > 0``; ``clip/frac``: either (the tokens whose gradient
+      the clip removes; the ``delta`` cap is not counted);
+    - ``ratio/mean``, ``ratio/min``, ``ratio/max``: of ``w`` over valid tokens (a sequence ratio counts once per
+      token); min/max are NaN when there is no valid token;
+    - ``is_weight/mean`` (when ``is_weights`` is given): mean ``rho`` over valid tokens.
+
+    All means are token-weighted over valid tokens: combine micro-batches weighting by ``mask.sum()``; combine
+    min/max with nanmin/nanmax.
+    """
+
+    loss_type: LossType
+    importance_sampling_level: ImportanceSamplingLevel
+    epsilon_low: float
+    epsilon_high: float
+    delta: float | None = None
+    beta: float = 0.0
+    _aggregate: Callable = field(init=False, repr=False, compare=False)
+    _log_weights: Callable = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in _AGGREGATORS:
+            raise ValueError(f"loss_type: {self.loss_type!r} is not one of {sorted(_AGGREGATORS)}")
+        if self.importance_sampling_level not in _LOG_IMPORTANCE_WEIGHTS:
+            raise ValueError(
+                f"importance_sampling_level: {self.importance_sampling_level!r} is not one of "
+                f"{sorted(_LOG_IMPORTANCE_WEIGHTS)}"
+            )
+        object.__setattr__(self, "_aggregate", _AGGREGATORS[self.loss_type])
+        object.__setattr__(self, "_log_weights", _LOG_IMPORTANCE_WEIGHTS[self.importance_sampling_level])
+
+    def __call__(
+        self,
+        logprobs: torch.Tensor,  # [B, T] current policy, differentiable
+        old_logprobs: torch.Tensor,  # [B, T] behaviour policy
+        advantages: torch.Tensor,  # [B] or [B, T]
+        mask: torch.Tensor,  # [B, T] bool or 0/1
+        normalizer: float,  # from loss_normalizer over the whole optimizer-step batch
+        ref_logprobs: torch.Tensor | None = None,  # [B, T] reference policy (needed when beta > 0)
+        is_weights: torch.Tensor | None = None,  # [B, T] or [B] truncated IS weights, detached here
+    ) -> LossResult:
+        if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+            raise ValueError(
+                f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
+                f"{tuple(mask.shape)} must have the same [B, T] shape"
+            )
+        if self.beta > 0 and ref_logprobs is None:
+            raise ValueError(f"beta={self.beta} > 0 needs ref_logprobs (the reference model's log-probs)")
+        if not normalizer > 0:
+            raise ValueError(f"normalizer must be positive, got {normalizer}")
+        valid = mask.bool()  # [B, T]
+        # Every [B, T] input is zeroed off the mask first (A = 0 there zeroes the policy term), so garbage off the
+        # mask (even NaN) reaches neither the loss nor the gradient.
+        adv = torch.where(valid, _broadcastable(advantages).detach(), 0.0)  # [B, T]
+        log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), 0.0)  # [B, T]
+
+        w = torch.exp(self._log_weights(log_ratio, logprobs, valid))  # [B, T] or [B, 1]
+        w_clipped = w.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
+        w_capped = w if self.delta is None else w.clamp(max=self.delta)
+        policy = -torch.minimum(w_capped * adv, w_clipped * adv)  # [B, T]
+        if is_weights is not None:
+            rho = torch.where(valid, _broadcastable(is_weights).detach(), 0.0)  # [B, T]
+            policy = policy * rho  # [B, T]
+        policy_loss = self._aggregate(policy, valid) / normalizer
+
+        metrics: dict[str, float] = {"loss/policy": float(policy_loss.detach())}
+        loss = policy_loss
+        if ref_logprobs is not None:
+            d = torch.where(valid, ref_logprobs.detach() - logprobs, 0.0)  # [B, T]
+            kl = torch.exp(d) - d - 1  # [B, T], 0 off the mask
+            loss = loss + self.beta * self._aggregate(kl, valid) / normalizer
+            metrics["loss/kl"] = _masked_mean(kl, valid)
+
+        low = (w < 1 - self.epsilon_low) & (adv < 0)
+        high = (w > 1 + self.epsilon_high) & (adv > 0)
+        w_valid = w.detach().expand(valid.shape)[valid]  # [N]
+        metrics |= {
+            "clip/low_frac": _masked_mean(low.float(), valid),
+            "clip/high_frac": _masked_mean(high.float(), valid),
+            "clip/frac": _masked_mean((low | high).float(), valid),
+            "ratio/mean": _masked_mean(w, valid),
+            "ratio/min": float(w_valid.min()) if w_valid.numel() else float("nan"),
+            "ratio/max": float(w_valid.max()) if w_valid.numel() else float("nan"),
+        }
+        if is_weights is not None:
+            metrics["is_weight/mean"] = _masked_mean(rho, valid)
+        return LossResult(loss=loss, metrics=metrics)
+
+
+def make_policy_loss(cfg: AlgorithmConfig) -> PolicyLoss:
+    """Bind the loss variant and its knobs from the algorithm config, once."""
+    return PolicyLoss(
+        loss_type=cfg.loss_type,
+        importance_sampling_level=cfg.importance_sampling_level,
+        epsilon_low=cfg.epsilon,
+        epsilon_high=cfg.clip_high,
+        delta=cfg.delta,
+        beta=cfg.beta,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DPO
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,  # [B] summed completion log-probs under the policy
+    rejected_logps: torch.Tensor,  # [B]
+    ref_chosen_logps: torch.Tensor,  # [B] same under the reference model
+    ref_rejected_logps: torch.Tensor,  # [B]
+    beta: float,
+    normalizer: float | None = None,
+) -> LossResult:
+    """Sigmoid DPO: ``loss = sum_i -log sigmoid(beta * Delta_i) / normalizer`` (default normaliser: B).
+
+    ``Delta_i = (logp_c - ref_c) - (logp_r - ref_r)``. Pass the optimizer-step batch size as ``normalizer`` to
+    split a batch into micro-batches. Label smoothing (cDPO) is not supported: TRL ignores it for sigmoid since
+    v0.29. Metrics are means over this micro-batch: ``rewards/chosen = beta (logp_c - ref_c)``,
+    ``rewards/rejected``, ``rewards/margins`` (chosen - rejected), ``rewards/accuracies`` (share with
+    chosen > rejected).
+    """
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps.detach())  # [B]
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps.detach())  # [B]
+    margins = chosen_rewards - rejected_rewards  # [B] = beta * Delta
+    norm = float(chosen_logps.shape[0]) if normalizer is None else normalizer
+    loss = -F.logsigmoid(margins).sum() / norm
+    metrics = {
+        "rewards/chosen": float(chosen_rewards.detach().mean()),
+        "rewards/rejected": float(rejected_rewards.detach().mean()),
+        "rewards/margins": float(margins.detach().mean()),
+        "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
+    }
+    return LossResult(loss=loss, metrics=metrics)

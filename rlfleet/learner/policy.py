@@ -1,0 +1,381 @@
+"""The policy learner: GRPO / GSPO / GSPO-token optimisation steps on batches of :class:`~rlfleet.types.Group`.
+
+Plain class, no Ray: :class:`~rlfleet.learner.actor.LearnerActor` wraps it, and tests run it in-process.
+
+One ``train_step(groups)``:
+
+1. **Collate** the groups into one padded batch (:func:`collate`): prompts left-padded to a common length ``P``,
+   completions right-padded to ``T``, so every completion starts at column ``P``; positions count real tokens
+   only, so padding changes no log-probability.
+2. **Log-probabilities** of the completion tokens, ``log softmax(logits / temperature)`` at the sampled tokens
+   (:func:`completion_logprobs`), the same temperature-scaled distribution the generator's behaviour log-probs
+   ``old_logprobs`` were taken from.
+3. **One normaliser** for the whole optimizer step (``loss_normalizer`` over the full batch's mask), so the
+   micro-batch losses of ``learner.micro_batch_size`` sequences sum to the full-batch loss and the gradient does
+   not depend on micro-batching. Backward per micro-batch, then gradient clipping and one optimizer step.
+4. ``num_iterations`` (mu) passes over the same batch, each ending with an optimizer step (decoupled PPO):
+
+   * mu == 1: the ratio's "old" policy is the behaviour policy itself, ``old = old_logprobs`` from the generator,
+     and no importance weights are used: the clipped ratio pi_theta / pi_behaviour does the off-policy correction.
+   * mu > 1: "old" is the learner's own policy before the first update (log-probs computed without gradient,
+     detached), so the first pass has ratio 1 and later passes are clipped against the learner's proximal policy,
+     as in PPO. The gap between that proximal policy and the (possibly stale) behaviour policy is corrected by
+     truncated importance weights ``min(pi_old / pi_behaviour, importance_sampling_cap)`` on the policy term
+     (:func:`importance_weights`; per token, or per sequence for the sequence levels), when the cap is set.
+
+   The lr schedule advances once per ``train_step``: ``max_steps`` and ``warmup_steps`` count train steps, and
+   the mu passes over one batch share its lr. ``policy_version`` counts train steps, i.e. weight publications: the staleness bound is in these units.
+
+Parameters are kept in float32 (master weights). When ``model.dtype`` resolves to bfloat16/float16 (GPU with
+"auto") the forward passes run under autocast in that dtype: AdamW updates of ~lr * 1 = 1e-6 on bfloat16 weights of
+magnitude ~1e-2 round away (8-bit mantissa), so pure bfloat16 parameters would mostly not learn. ``weights()``
+hands the engine the parameters cast to the compute dtype. The frozen reference model (loaded only when
+``beta > 0``) is kept in the compute dtype directly.
+
+The step is deterministic: dropout is disabled (as the generator samples without it), nothing is shuffled, and no
+random number is drawn, so ``seed`` is only recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, ModelConfig
+from rlfleet.learner.losses import loss_normalizer, make_policy_loss
+from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
+from rlfleet.types import Group
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure pieces: collation, log-probabilities, importance weights, lr schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One optimizer step's sequences, padded. ``P`` = longest prompt, ``T`` = longest completion."""
+
+    input_ids: Tensor  # [B, P+T] long  prompt left-padded to P, completion right-padded to T
+    attention_mask: Tensor  # [B, P+T] long  1 on real tokens
+    position_ids: Tensor  # [B, P+T] long  0-based index among the row's real tokens
+    completion_ids: Tensor  # [B, T] long
+    mask: Tensor  # [B, T] float  1 on completion tokens that are trained on
+    old_logprobs: Tensor  # [B, T] float  behaviour log-probs, 0 on padding
+    advantages: Tensor  # [B] float
+
+    @property
+    def size(self) -> int:
+        return int(self.advantages.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def split(self, micro_batch_size: int) -> list[Batch]:
+        """Consecutive row slices of at most ``micro_batch_size`` sequences."""
+        return [
+            Batch(**{f.name: getattr(self, f.name)[i : i + micro_batch_size] for f in fields(self)})
+            for i in range(0, self.size, micro_batch_size)
+        ]
+
+
+def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool = False) -> Batch:
+    """Pad the groups' rows into one :class:`Batch`, rows in group order.
+
+    Row ``i`` with prompt ``p`` (length ``P_i``) and completion ``c`` (length ``L_i``) becomes
+    ``[pad] * (P - P_i) + p + c + [pad] * (T - L_i)``; ``mask[i, t] = 1`` for ``t < L_i``, and the whole row is 0
+    when ``mask_truncated_completions`` and the completion was truncated (TRL's semantics; its advantage was
+    still computed with the group).
+    """
+    if not groups:
+        raise ValueError("collate: got no groups; a train step needs at least one group")
+    prompts = [g.prompt_ids for g in groups for _ in range(g.size)]
+    lengths = np.concatenate([g.completion_lengths for g in groups]).astype(np.int64)  # [B]
+    B, P, T = len(prompts), max(len(p) for p in prompts), max(int(lengths.max()), 1)
+    input_ids = np.full((B, P + T), pad_id, dtype=np.int64)  # [B, P+T]
+    attention_mask = np.zeros((B, P + T), dtype=np.int64)  # [B, P+T]
+    completion_ids = np.full((B, T), pad_id, dtype=np.int64)  # [B, T]
+    old_logprobs = np.zeros((B, T), dtype=np.float32)  # [B, T]
+    row = 0
+    for g in groups:
+        for j in range(g.size):
+            n, prompt = int(g.completion_lengths[j]), g.prompt_ids
+            completion_ids[row, :n] = g.completion_ids[j, :n]
+            old_logprobs[row, :n] = g.old_logprobs[j, :n]
+            input_ids[row, P - len(prompt) : P] = prompt
+            input_ids[row, P : P + n] = completion_ids[row, :n]
+            attention_mask[row, P - len(prompt) : P + n] = 1
+            row += 1
+    mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.float32)  # [B, T]
+    if mask_truncated_completions:
+        mask *= ~np.concatenate([g.truncated for g in groups])[:, None]
+    attention = torch.from_numpy(attention_mask)
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=attention,
+        position_ids=(attention.cumsum(-1) - 1).clamp(min=0),  # [B, P+T]
+        completion_ids=torch.from_numpy(completion_ids),
+        mask=torch.from_numpy(mask),
+        old_logprobs=torch.from_numpy(old_logprobs),
+        advantages=torch.from_numpy(np.concatenate([g.advantages for g in groups]).astype(np.float32)),
+    )
+
+
+def completion_logprobs(model: torch.nn.Module, batch: Batch, temperature: float) -> Tensor:
+    """``log softmax(logits / temperature)`` at each completion token, float32, ``[B, T]``.
+
+    Completions start at column ``P`` of ``input_ids``, so the logits of the last ``T + 1`` positions, minus the
+    last, predict the ``T`` completion tokens (HF's ``logits_to_keep``: only ``[B, T, V]`` logits are built).
+    Values on padding are finite and meaningless; the mask removes them.
+    """
+    T = batch.completion_ids.shape[1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        logits_to_keep=T + 1,
+    )
+    logits = out.logits[:, :-1].float() / temperature  # [B, T, V]
+    chosen = logits.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    return chosen - logits.logsumexp(-1)  # [B, T]
+
+
+def importance_weights(
+    old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, level: str, cap: float
+) -> Tensor:
+    """Truncated importance weights of the learner's old policy against the behaviour policy, ``[B, T]``.
+
+    token level:                 w_{i,t} = min(exp(old_{i,t} - beh_{i,t}), cap)
+    sequence / sequence_token:   w_i     = min(exp(sum_t m_{i,t} (old_{i,t} - beh_{i,t})), cap), same on every t
+    (the sequence probability ratio, as TRL's ``sequence_truncate`` vLLM correction). Padding contributes a log
+    ratio of 0. No gradient flows (both inputs are detached log-probs).
+    """
+    log_ratio = (old_logprobs - behaviour_logprobs) * mask  # [B, T]
+    if level != "token":
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(mask)  # [B, T]
+    return log_ratio.clamp(max=math.log(cap)).exp()  # [B, T]
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int) -> float:
+    """Multiplier of the peak lr at 0-based scheduler step ``step`` (Hugging Face's schedules).
+
+    Warmup: step / warmup_steps for step < warmup_steps (so 0 at step 0). Then, with
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps): constant 1; linear max(0, 1 - progress);
+    cosine 0.5 * (1 + cos(pi * min(progress, 1))).
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    raise ValueError(f"learner.lr_scheduler_type: unknown schedule {schedule!r}; use constant, linear or cosine")
+
+
+def combine_loss_metrics(records: list[tuple[dict[str, float], float]], num_passes: int) -> dict[str, float]:
+    """Combine the loss metrics of every micro-batch of every pass; ``records`` holds (metrics, valid tokens).
+
+    ``loss/policy`` is already normalised per step, so micro-batches sum (then / ``num_passes``); ``*/min`` and
+    ``*/max`` take the NaN-ignoring min / max; every other key is a token mean: sum(v * n) / sum(n) (0 without
+    tokens).
+    """
+    tokens = sum(n for _, n in records)
+    out: dict[str, float] = {}
+    for key in records[0][0] if records else []:
+        values = [m[key] for m, _ in records]
+        if key == "loss/policy":
+            out[key] = sum(values) / num_passes
+        elif key.endswith(("/min", "/max")):
+            real = [v for v in values if not math.isnan(v)]
+            out[key] = (min if key.endswith("/min") else max)(real) if real else math.nan
+        else:
+            out[key] = sum(v * n for v, (_, n) in zip(values, records)) / max(tokens, 1.0)
+    return out
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The learner
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PolicyLearner:
+    """Policy (+ frozen reference when beta > 0), AdamW, lr schedule; ``train_step`` on groups.
+
+    ``policy_version`` counts train steps (weight publications) since the initial weights (version 0).
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        algorithm_cfg: AlgorithmConfig,
+        learner_cfg: LearnerConfig,
+        generation_cfg: GenerationConfig,
+        seed: int = 0,
+    ):
+        self.model_cfg, self.algorithm = model_cfg, algorithm_cfg
+        self.cfg, self.generation = learner_cfg, generation_cfg
+        self.seed = seed
+        self.device = _resolve_device(learner_cfg.device)
+        self.compute_dtype = torch_dtype(model_cfg.dtype, self.device.type)
+        self.tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
+        self.model = load_causal_lm(model_cfg.name_or_path, torch.float32, str(self.device),
+                                    model_cfg.trust_remote_code)
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if learner_cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()  # HF applies gradient checkpointing in train mode only; dropout is off above
+        self.ref_model = None
+        if algorithm_cfg.beta > 0:
+            self.ref_model = load_causal_lm(model_cfg.name_or_path, self.compute_dtype, str(self.device),
+                                            model_cfg.trust_remote_code).eval().requires_grad_(False)
+        self.loss_fn = make_policy_loss(algorithm_cfg)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=learner_cfg.learning_rate,
+            betas=(learner_cfg.adam_beta1, learner_cfg.adam_beta2),
+            weight_decay=learner_cfg.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            partial(lr_factor, schedule=learner_cfg.lr_scheduler_type, warmup_steps=learner_cfg.warmup_steps,
+                    max_steps=learner_cfg.max_steps),
+        )
+        self.policy_version = 0
+        self.step = 0  # train_step calls completed
+
+    def _logprobs(self, model: torch.nn.Module, batch: Batch) -> Tensor:
+        """[B, T] completion log-probs, under autocast when the compute dtype is not float32."""
+        with torch.autocast(self.device.type, dtype=self.compute_dtype,
+                            enabled=self.compute_dtype != torch.float32):
+            return completion_logprobs(model, batch, self.generation.temperature)
+
+    @torch.no_grad()
+    def _detached_logprobs(self, model: torch.nn.Module, micro: list[Batch]) -> list[Tensor]:
+        return [self._logprobs(model, mb) for mb in micro]
+
+    def train_step(self, groups: list[Group]) -> dict[str, float]:
+        """mu optimizer steps on ``groups``; returns namespaced metrics: the loss's (see
+        :func:`combine_loss_metrics`), ``loss``, ``grad_norm`` (before clipping; both averaged over the mu passes),
+        ``lr``, reward and staleness statistics of the batch, ``learner/tokens`` (trained tokens),
+        ``learner/sequences``, ``time/step_s`` and ``policy_version`` after the step."""
+        start = time.perf_counter()
+        alg = self.algorithm
+        batch = collate(groups, self.tokenizer.pad_token_id, alg.mask_truncated_completions).to(self.device)
+        normalizer = loss_normalizer(alg.loss_type, batch.mask, self.generation.max_completion_length)
+        micro = batch.split(self.cfg.micro_batch_size)
+        refs = self._detached_logprobs(self.ref_model, micro) if self.ref_model is not None else [None] * len(micro)
+        if alg.num_iterations == 1:
+            olds, weights = [mb.old_logprobs for mb in micro], [None] * len(micro)
+        else:
+            olds = self._detached_logprobs(self.model, micro)
+            weights = [
+                importance_weights(old, mb.old_logprobs, mb.mask, alg.importance_sampling_level,
+                                   alg.importance_sampling_cap) if alg.importance_sampling_cap else None
+                for old, mb in zip(olds, micro)
+            ]
+        version_before = self.policy_version
+        lr = self.optimizer.param_groups[0]["lr"]
+        records: list[tuple[dict[str, float], float]] = []  # (loss metrics, valid tokens) per micro-batch pass
+        total_loss = total_grad_norm = 0.0
+        for _ in range(alg.num_iterations):
+            for mb, old, ref, w in zip(micro, olds, refs, weights):
+                logprobs = self._logprobs(self.model, mb)  # [b, T]
+                result = self.loss_fn(logprobs, old, mb.advantages, mb.mask, normalizer,
+                                      ref_logprobs=ref, is_weights=w)
+                result.loss.backward()
+                total_loss += result.loss.item()
+                records.append((result.metrics, mb.mask.sum().item()))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
+            total_grad_norm += grad_norm.item()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.policy_version += 1
+        self.step += 1
+
+        mu, num_tokens = alg.num_iterations, batch.mask.sum().item()
+        metrics = combine_loss_metrics(records, mu)
+        metrics.update(_batch_metrics(groups, version_before))
+        metrics.update({
+            "loss": total_loss / mu,
+            "grad_norm": total_grad_norm / mu,
+            "lr": lr,
+            "learner/tokens": num_tokens,
+            "learner/sequences": float(batch.size),
+            "time/step_s": time.perf_counter() - start,
+            "policy_version": float(self.policy_version),
+        })
+        return metrics
+
+    def weights(self) -> dict[str, Tensor]:
+        """The policy's state dict as contiguous CPU tensors in the compute dtype, under Hugging Face names.
+
+        Every name of ``model.state_dict()`` is present, so the dict loads into a fresh HF model with
+        ``strict=True``. Tied parameters (``lm_head.weight`` and ``model.embed_tokens.weight``) share one CPU
+        copy; vLLM's loader skips the alias of a tied weight and loads the canonical name.
+        """
+        copies: dict[tuple, Tensor] = {}
+        out = {}
+        for name, tensor in self.model.state_dict().items():
+            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+            if key not in copies:
+                copies[key] = tensor.detach().to("cpu", self.compute_dtype, copy=True).contiguous()
+            out[name] = copies[key]
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        """Policy and tokenizer in HF format, ``optimizer.pt`` and ``scheduler.pt`` (state dicts of tensors and
+        numbers), ``learner.json`` (policy_version, step)."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+        (path / "learner.json").write_text(json.dumps({"policy_version": self.policy_version, "step": self.step}))
+
+    def load(self, directory: str | Path) -> None:
+        """Restore what :meth:`save` wrote. Tensors are read with ``weights_only=True`` (no arbitrary unpickling)."""
+        path = Path(directory)
+        saved = load_causal_lm(str(path), torch.float32, str(self.device), self.model_cfg.trust_remote_code)
+        self.model.load_state_dict(saved.state_dict())
+        del saved
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        state = json.loads((path / "learner.json").read_text())
+        self.policy_version, self.step = int(state["policy_version"]), int(state["step"])
+
+
+def _batch_metrics(groups: list[Group], policy_version: int) -> dict[str, float]:
+    """Reward and staleness statistics of the batch. ``reward/std`` is the unbiased std of the scored (non-NaN)
+    rewards (0 with fewer than two); staleness = ``policy_version`` - the group's version."""
+    rewards = np.concatenate([g.rewards for g in groups]).astype(np.float64)  # [B]
+    real = rewards[~np.isnan(rewards)]
+    staleness = np.array([policy_version - g.policy_version for g in groups], dtype=np.float64)
+    return {
+        "reward/mean": float(real.mean()) if real.size else math.nan,
+        "reward/std": float(real.std(ddof=1)) if real.size > 1 else 0.0,
+        "frac_reward_zero_std": float(np.mean([not g.has_variance for g in groups])),
+        "staleness/mean": float(staleness.mean()),
+        "staleness/max": float(staleness.max()),
+    }
