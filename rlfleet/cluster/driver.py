@@ -88,7 +88,8 @@ class StepWindow:
 
 def preflight(cfg: RLFleetConfig):
     """Checks that need files or imports but no actors: model path, dataset, reward and filter functions."""
-    from rlfleet.actors.generator import resolve_reward_funcs, resolve_group_filter
+    from rlfleet.actors.generator import resolve_reward_funcs
+    from rlfleet.actors.scoring import BUILTIN_GROUP_FILTERS, resolve_function
     from rlfleet.data import load_prompt_dataset
     from rlfleet.models import resolve_model_path
 
@@ -99,10 +100,15 @@ def preflight(cfg: RLFleetConfig):
                         "or builtin:tiny")
     dataset = None
     try:
-        dataset = load_prompt_dataset(cfg.data, cfg.data.split)
+        dataset = load_prompt_dataset(cfg.data, cfg.data.split, seed=cfg.seed)
     except (ValueError, FileNotFoundError) as err:
         problems.append(f"data.dataset: {err}")
-    for check in (lambda: resolve_reward_funcs(cfg.algorithm, cfg.data), lambda: resolve_group_filter(cfg.algorithm)):
+    alg = cfg.algorithm
+    checks = [lambda: resolve_reward_funcs(alg, cfg.data)]
+    if alg.group_filter_func is not None:
+        checks.append(lambda: resolve_function(alg.group_filter_func, BUILTIN_GROUP_FILTERS,
+                                               "algorithm.group_filter_func"))
+    for check in checks:
         try:
             check()
         except ValueError as err:
