@@ -10,12 +10,14 @@ Phases, top to bottom:
    checkpoint every ``save_steps``;
 4. a final checkpoint, the plot, and a clean shutdown (also on Ctrl-C / SIGTERM / ``ray job stop``).
 
-Admission control. The learner consumes groups in FIFO order, ``groups_per_step`` per step, and its policy version is
-its step count. With ``ahead`` groups queued in the replay actor or being generated, a request for ``m`` prompts
-sampled with the current weights (version ``V``) is trained on by step ``V + ceil((ahead + m) / groups_per_step) - 1``
-at the latest, so its staleness stays within ``max_staleness`` iff ``ahead + m <= (max_staleness + 1) *
-groups_per_step``. The driver sizes each request to fit (``max_staleness: 0`` is synchronous on-policy training);
-groups that still end up older (e.g. because others were dropped) are dropped by the replay actor.
+Admission control. The learner consumes groups in FIFO order, ``groups_per_step`` per step, and its policy version
+counts its steps. Say ``ahead`` groups are queued in the replay actor or being generated, and the next batch the
+learner takes will be trained at version ``V + lag``, where ``V`` is the latest published version and ``lag`` is 1
+while the learner is training on a batch it has already taken, else 0. A request for ``m`` prompts sampled now, with
+version ``V``, is then trained on by version ``V + lag + ceil((ahead + m) / groups_per_step) - 1`` at the latest, so
+its staleness stays within ``max_staleness`` iff ``ahead + m <= (max_staleness + 1 - lag) * groups_per_step``. The
+driver sizes each request to fit (``max_staleness: 0`` is synchronous on-policy training). Groups that still end up
+older (when others ahead of them were dropped) are dropped by the replay actor, and the driver generates anew.
 
 Bulk data never passes through here: groups go generator -> replay, batches replay -> learner, weights learner ->
 object store -> generators. The driver moves prompts, object refs, versions and small metric dicts.
@@ -173,8 +175,9 @@ def train(cfg: RLFleetConfig) -> dict:
     # -- 3. the loop ----------------------------------------------------------------------------------------
     gps = cfg.learner.groups_per_step
     prompts_per_request = cfg.generation.generation_batch_size // cfg.generation.num_generations
-    window_groups = (cfg.replay.max_staleness + 1) * gps
     weights, version = _get(learner.publish_weights.remote(), cfg, "the learner (publishing weights)")
+    sampled_before = _get(replay.stats.remote(), cfg, "the replay actor")["replay/sampled"]
+    steps_here, starved = 0, False
     learner_future: ray.ObjectRef | None = None
     pull_s = min(c.timeout_s, 5.0)  # the learner returns None after waiting this long, so the driver stays in charge
     window, last_record, t_step = StepWindow(), {}, time.perf_counter()
@@ -193,8 +196,8 @@ def train(cfg: RLFleetConfig) -> dict:
         return ckpt.commit(staging, at_step, cfg.checkpoint.keep_last)
 
     def finish_step(metrics: dict) -> None:
-        nonlocal step, weights, version, t_step, window, last_record
-        step += 1
+        nonlocal step, steps_here, weights, version, t_step, window, last_record
+        step, steps_here = step + 1, steps_here + 1
         weights, version = _get(learner.publish_weights.remote(), cfg, "the learner (publishing weights)")
         replay_stats = _get(replay.stats.remote(), cfg, "the replay actor")
         now = time.perf_counter()
@@ -214,15 +217,21 @@ def train(cfg: RLFleetConfig) -> dict:
             # Admission: launch generation on idle actors while the staleness bound admits more prompts.
             replay_stats = _get(replay.stats.remote(), cfg, "the replay actor")
             ahead = int(replay_stats["replay/fresh_size"]) + sum(s.prompts for s in slots)
+            lag = int(replay_stats["replay/sampled"] - sampled_before >= (steps_here + 1) * gps)
+            budget = (cfg.replay.max_staleness + 1 - lag) * gps - ahead
             for s in slots:
-                n = min(prompts_per_request, window_groups - ahead)
+                n = min(prompts_per_request, budget)
                 if s.future is not None or n <= 0:
                     continue
                 if s.version != version:
                     s.sync_future = s.handle.update_weights.remote(weights[0], version)
                     s.version = version
                 s.future, s.prompts = s.handle.generate.remote(stream.next_batch(n)), n
-                ahead += n
+                budget -= n
+            if starved and not any(s.future for s in slots):
+                raise RuntimeError(
+                    f"the learner needs {gps} groups, the replay actor holds {replay_stats['replay/fresh_size']:g} "
+                    "usable ones and the staleness bound admits no new generation; this is a bug, please report it")
             if learner_future is None:
                 learner_future = learner.train_step.remote(pull_s)
 
@@ -242,9 +251,8 @@ def train(cfg: RLFleetConfig) -> dict:
             if learner_future in ready:
                 metrics = _get(learner_future, cfg, "the learner")
                 learner_future = None
-                if metrics is None:  # waited pull_s for a batch; generation keeps going
-                    if not any(s.future for s in slots):
-                        raise RuntimeError("the learner is waiting for groups but no generation is in flight")
+                starved = metrics is None and not any(s.future for s in slots)
+                if metrics is None:  # waited pull_s for a batch: admission runs again with fresh replay stats
                     continue
                 finish_step(metrics)
                 if step % cfg.checkpoint.save_steps == 0 and step < cfg.learner.max_steps:

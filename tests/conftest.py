@@ -1,0 +1,38 @@
+"""Shared fixtures: the offline tiny model, and a local Ray cluster per test module."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from rlfleet.models import resolve_model_path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """Directory of the offline ``builtin:tiny`` model (built once into the rlfleet cache)."""
+    return resolve_model_path("builtin:tiny")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster in this process for one test module (4 CPUs, no dashboard, no token auth).
+
+    Yields the ``ray`` module. Shut down at the module's end, so a later module starts from no cluster.
+    """
+    import ray
+
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests do not exercise Ray's token auth (platform-notes)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # inherited by the workers: tests never touch the hub
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,85 @@
+"""Generation and replay actors on a local Ray cluster, with the real vLLM engine inside the generation actor."""
+
+import numpy as np
+import pytest
+import torch
+
+from rlfleet.actors.actor import make_generation_actor
+from rlfleet.config import ClusterConfig, DataConfig, GenerationConfig, ModelConfig, ReplayConfig, RLFleetConfig
+from rlfleet.data import PromptStream, load_prompt_dataset
+from rlfleet.models import load_causal_lm
+from rlfleet.replay.actor import make_replay_actor
+from rlfleet.types import Group
+
+pytestmark = pytest.mark.ray
+TIMEOUT_S = 300  # an actor's first call pays vLLM's import and start-up
+
+
+def group(i: int, version: int = 0) -> Group:
+    """A 2-completion group with rewards [0, 1]: std 1/sqrt(2), A = +-0.5 / (0.707107 + 1e-4)."""
+    a = 0.5 / (2**-0.5 + 1e-4)
+    return Group(
+        prompt_id=str(i), prompt_ids=np.array([i], np.int32), completion_ids=np.ones((2, 3), np.int32),
+        completion_lengths=np.array([3, 3], np.int32), old_logprobs=np.full((2, 3), -1.0, np.float32),
+        rewards=np.array([0, 1], np.float32), advantages=np.array([-a, a], np.float32),
+        truncated=np.zeros(2, bool), policy_version=version, reward_std=2**-0.5,
+    )
+
+
+def test_replay_sample_waits_for_a_full_batch(ray_cluster):
+    """sample(3) is submitted first and starts first (Ray runs one caller's calls in submission order); the stats
+    call queued after two adds sees them still queued, so the sample did not take a short batch; the third add
+    completes it. An empty buffer times out with None."""
+    ray = ray_cluster
+    replay = make_replay_actor(ReplayConfig(), seed=0, name="test-replay-wait")
+    try:
+        pending = replay.sample.remote(3, 0, TIMEOUT_S)
+        ray.get(replay.add.remote([group(0), group(1)]), timeout=TIMEOUT_S)
+        stats = ray.get(replay.stats.remote(), timeout=TIMEOUT_S)
+        assert stats["replay/fresh_size"] == 2 and stats["replay/sampled"] == 0
+        ack = ray.get(replay.add.remote([group(2)]), timeout=TIMEOUT_S)
+        assert ack["replay/added"] == 3
+        batch = ray.get(pending, timeout=TIMEOUT_S)
+        assert [g.prompt_id for g in batch] == ["0", "1", "2"]
+        assert ray.get(replay.sample.remote(1, 0, 0.2), timeout=TIMEOUT_S) is None
+    finally:
+        ray.kill(replay)
+
+
+def test_generation_actor_sends_groups_to_replay_and_loads_weights(ray_cluster, tiny_model_path):
+    """Prompts of the built-in char_count task become groups inside the replay actor (never returned to the
+    caller); weights passed as an ObjectRef load in place and later groups carry the new version."""
+    ray = ray_cluster
+    cfg = RLFleetConfig(
+        model=ModelConfig(name_or_path=tiny_model_path),
+        data=DataConfig(dataset="builtin:char_count"),
+        generation=GenerationConfig(num_generations=4, generation_batch_size=12, max_completion_length=16),
+        cluster=ClusterConfig(generator_num_cpus=1),
+    )
+    replay = make_replay_actor(cfg.replay, seed=0, name="test-replay-gen")
+    actor = make_generation_actor(cfg, replay, index=0)
+    try:
+        assert ray.get(actor.ready.remote(), timeout=TIMEOUT_S)
+        assert ray.get_actor("rlfleet-generator-0") is not None
+        records = PromptStream(load_prompt_dataset(cfg.data, "train"), seed=0).next_batch(3)
+        stats = ray.get(actor.generate.remote(records), timeout=TIMEOUT_S)
+        assert stats["gen/groups"] == 3 and stats["errors/reward"] == 0 and stats["policy_version"] == 0
+        assert ray.get(replay.stats.remote(), timeout=TIMEOUT_S)["replay/fresh_size"] == 3
+
+        model = load_causal_lm(tiny_model_path)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.01)
+        seconds = ray.get(actor.update_weights.remote(ray.put(model.state_dict()), 1), timeout=TIMEOUT_S)
+        assert seconds > 0 and ray.get(actor.version.remote(), timeout=TIMEOUT_S) == 1
+        ray.get(actor.generate.remote(records[:1]), timeout=TIMEOUT_S)
+
+        batch = ray.get(replay.sample.remote(4, 1, TIMEOUT_S), timeout=TIMEOUT_S)
+        assert [g.prompt_id for g in batch] == [r["prompt_id"] for r in records] + [records[0]["prompt_id"]]
+        assert [g.policy_version for g in batch] == [0, 0, 0, 1]
+        for g in batch:
+            assert g.size == 4 and g.old_logprobs.shape == g.completion_ids.shape
+            assert np.isfinite(g.rewards).all() and ((g.rewards >= 0) & (g.rewards <= 1)).all()
+    finally:
+        ray.kill(actor)
+        ray.kill(replay)
