@@ -35,7 +35,7 @@ from pathlib import Path
 import ray
 
 from rlfleet.cluster import checkpoint as ckpt
-from rlfleet.cluster.metrics import MetricsLog, Progress, plot
+from rlfleet.cluster.metrics import MetricsLog, Progress, RayMetrics, plot
 from rlfleet.cluster.runtime import connect, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
 
@@ -60,28 +60,39 @@ class GenSlot:
 
 @dataclass
 class StepWindow:
-    """Generation figures accumulated between two learner steps."""
+    """Generation figures accumulated between two learner steps, per generator."""
 
     groups: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
     reward_errors: int = 0
     dropped: int = 0
+    busy_s: dict[int, float] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
     sync_s: list[float] = field(default_factory=list)
 
-    def add(self, stats: dict) -> None:
+    def add(self, index: int, stats: dict) -> None:
         self.groups += int(stats.get("gen/groups", 0))
-        self.tokens += int(stats.get("gen/tokens", 0))
-        self.seconds += float(stats.get("gen/seconds", 0.0))
         self.reward_errors += int(stats.get("errors/reward", 0))
         self.dropped += int(stats.get("gen/dropped_groups", 0))
+        self.busy_s[index] = self.busy_s.get(index, 0.0) + float(stats.get("gen/seconds", 0.0))
+        self.tokens[index] = self.tokens.get(index, 0) + int(stats.get("gen/tokens", 0))
 
-    def metrics(self) -> dict:
+    def per_generator(self, wall_s: float, num_generators: int) -> dict[int, dict[str, float]]:
+        out = {}
+        for i in range(num_generators):
+            busy = self.busy_s.get(i, 0.0)
+            out[i] = {"rlfleet_generator_idle_frac": max(0.0, 1.0 - busy / wall_s) if wall_s > 0 else 0.0,
+                      "rlfleet_gen_tokens_per_s": self.tokens.get(i, 0) / busy if busy else 0.0}
+        return out
+
+    def metrics(self, wall_s: float, num_generators: int) -> dict:
+        busy, tokens = sum(self.busy_s.values()), sum(self.tokens.values())
+        per_gen = self.per_generator(wall_s, num_generators).values()
         return {
             "gen/groups": self.groups,
-            "gen/tokens": self.tokens,
-            "time/gen_s": self.seconds,
-            "throughput/gen_tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
+            "gen/tokens": tokens,
+            "time/gen_s": busy,
+            "throughput/gen_tokens_per_s": tokens / busy if busy else 0.0,
+            "idle/generator_frac": sum(g["rlfleet_generator_idle_frac"] for g in per_gen) / max(num_generators, 1),
             "errors/reward": self.reward_errors,
             "gen/dropped_groups": self.dropped,
             "sync/seconds": max(self.sync_s, default=0.0),
@@ -176,7 +187,9 @@ def train(cfg: RLFleetConfig) -> dict:
     gps = cfg.learner.groups_per_step
     prompts_per_request = cfg.generation.generation_batch_size // cfg.generation.num_generations
     weights, version = _get(learner.publish_weights.remote(), cfg, "the learner (publishing weights)")
-    sampled_before = _get(replay.stats.remote(), cfg, "the replay actor")["replay/sampled"]
+    initial_stats = _get(replay.stats.remote(), cfg, "the replay actor")
+    sampled_before, substituted_before = initial_stats["replay/sampled"], initial_stats["replay/substituted"]
+    ray_metrics = RayMetrics(out.resolve().name)
     steps_here, starved = 0, False
     learner_future: ray.ObjectRef | None = None
     pull_s = min(c.timeout_s, 5.0)  # the learner returns None after waiting this long, so the driver stays in charge
@@ -186,7 +199,7 @@ def train(cfg: RLFleetConfig) -> dict:
         # Quiesce generation so the replay buffer and the prompt cursor describe the same moment.
         for s in slots:
             if s.future is not None:
-                window.add(_get(s.future, cfg, f"rlfleet-generator-{s.index}"))
+                window.add(s.index, _get(s.future, cfg, f"rlfleet-generator-{s.index}"))
                 s.future, s.prompts = None, 0
         staging = ckpt.staging_dir(out, at_step)
         _get(learner.save.remote(str(staging / "policy")), cfg, "the learner (saving)")
@@ -201,9 +214,14 @@ def train(cfg: RLFleetConfig) -> dict:
         weights, version = _get(learner.publish_weights.remote(), cfg, "the learner (publishing weights)")
         replay_stats = _get(replay.stats.remote(), cfg, "the replay actor")
         now = time.perf_counter()
+        wall_s, learner_s = now - t_step, metrics.pop("time/step_s")
         record = {"step": step, **metrics, "policy_version": version, **replay_stats,
                   "replay/size": replay_stats["replay/fresh_size"] + replay_stats["replay/reservoir_size"],
-                  **window.metrics(), "time/step_s": now - t_step, "learner/groups": gps}
+                  "replay/substituted_step": replay_stats["replay/substituted"] - last_record.get(
+                      "replay/substituted", substituted_before),
+                  **window.metrics(wall_s, len(slots)), "time/step_s": wall_s, "time/learner_s": learner_s,
+                  "idle/learner_frac": max(0.0, 1.0 - learner_s / wall_s), "learner/groups": gps}
+        ray_metrics.publish(record, window.per_generator(wall_s, len(slots)))
         t_step, window, last_record = now, StepWindow(), record
         metrics_log.write(record)
         progress.update(record)
@@ -242,7 +260,7 @@ def train(cfg: RLFleetConfig) -> dict:
 
             for s in slots:
                 if s.future is not None and s.future in ready:
-                    window.add(_get(s.future, cfg, f"rlfleet-generator-{s.index}"))
+                    window.add(s.index, _get(s.future, cfg, f"rlfleet-generator-{s.index}"))
                     if s.sync_future is not None:
                         window.sync_s.append(_get(s.sync_future, cfg, f"rlfleet-generator-{s.index}"))
                         s.sync_future = None

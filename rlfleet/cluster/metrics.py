@@ -87,3 +87,57 @@ def plot(records: list[dict], path: str | Path, keys: tuple[str, ...] = ("reward
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+# Ray application metrics: exported on each node's Prometheus endpoint (prefixed `ray_`), hence in the dashboard's
+# metrics view and in Grafana (deploy/grafana-dashboard.json). name -> (record key, description); all gauges.
+RAY_GAUGES = {
+    "rlfleet_step": ("step", "learner steps completed"),
+    "rlfleet_reward_mean": ("reward/mean", "mean reward of the trained batch"),
+    "rlfleet_reward_std": ("reward/std", "reward std of the trained batch"),
+    "rlfleet_loss": ("loss", "total loss"),
+    "rlfleet_kl": ("loss/kl", "mean k3 KL to the reference model"),
+    "rlfleet_clip_frac": ("clip/frac", "share of clipped tokens"),
+    "rlfleet_staleness_mean": ("staleness/mean", "policy versions between sampling and training"),
+    "rlfleet_replay_fresh_size": ("replay/fresh_size", "groups queued for training"),
+    "rlfleet_replay_reservoir_size": ("replay/reservoir_size", "high-variance groups held for replay"),
+    "rlfleet_sync_seconds": ("sync/seconds", "slowest weight load of the step on a generator"),
+    "rlfleet_learner_step_seconds": ("time/learner_s", "learner compute seconds per step"),
+    "rlfleet_learner_idle_frac": ("idle/learner_frac", "share of the step the learner waited for data"),
+}
+RAY_COUNTERS = {  # name -> (record key of the per-step increment, description)
+    "rlfleet_replay_substituted": ("replay/substituted_step", "zero-variance groups replaced from the reservoir"),
+    "rlfleet_reward_errors": ("errors/reward", "groups dropped because a reward or filter function failed"),
+}
+RAY_GENERATOR_GAUGES = {  # tagged by generator
+    "rlfleet_gen_tokens_per_s": "generated tokens per second while busy",
+    "rlfleet_generator_idle_frac": "share of the step the generator had no request",
+}
+
+
+class RayMetrics:
+    """Publishes each step's record through ``ray.util.metrics``, tagged with the run's name."""
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Counter, Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {n: (k, Gauge(n, description=d, tag_keys=("run",))) for n, (k, d) in RAY_GAUGES.items()}
+        self.counters = {n: (k, Counter(n, description=d, tag_keys=("run",))) for n, (k, d) in RAY_COUNTERS.items()}
+        self.per_generator = {n: Gauge(n, description=d, tag_keys=("run", "generator"))
+                              for n, d in RAY_GENERATOR_GAUGES.items()}
+
+    def publish(self, record: dict, generators: dict[int, dict[str, float]]) -> None:
+        for key, gauge in self.gauges.values():
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                gauge.set(float(value), tags=self.tags)
+        for key, counter in self.counters.values():
+            value = record.get(key, 0)
+            if value:
+                counter.inc(float(value), tags=self.tags)
+        for index, figures in generators.items():
+            tags = {**self.tags, "generator": str(index)}
+            for name, gauge in self.per_generator.items():
+                if name in figures:
+                    gauge.set(figures[name], tags=tags)
