@@ -142,11 +142,11 @@ def builtin_task(dataset: str) -> Task | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _is_local(name: str) -> bool:
+def is_local_file(name: str) -> bool:
     return Path(name).suffix.lower() in LOCAL_FORMATS or os.path.exists(name) or name.startswith(("/", ".", "~"))
 
 
-def _load_local(name: str, split: str) -> datasets.Dataset:
+def load_local_file(name: str, split: str) -> datasets.Dataset:
     path = Path(name).expanduser()
     suffix = path.suffix.lower()
     if suffix not in LOCAL_FORMATS:
@@ -158,12 +158,14 @@ def _load_local(name: str, split: str) -> datasets.Dataset:
         raise FileNotFoundError(f"data.dataset: file {str(path)!r} does not exist; check the path")
     if split != "train":
         raise ValueError(f"data.split: a local file holds one split, named 'train'; got {split!r}")
+    if path.stat().st_size == 0:  # datasets raises StopIteration on an empty .jsonl
+        raise ValueError(f"data.dataset: file {str(path)!r} is empty; it needs at least one row")
     try:
         return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
     except ValueError as err:  # datasets' own message for a file without rows: 'Instruction "train" ... no data'
         if "no data" not in str(err):
             raise
-        raise ValueError(f"data.dataset: file {str(path)!r} is empty; it needs at least one prompt") from err
+        raise ValueError(f"data.dataset: file {str(path)!r} is empty; it needs at least one row") from err
 
 
 def _check_prompt(prompt: Any, where: str) -> None:
@@ -190,8 +192,8 @@ def load_prompt_dataset(cfg: DataConfig, split: str, seed: int = 0) -> datasets.
     task = builtin_task(name)
     if task is not None:
         ds = task.dataset(split)
-    elif _is_local(name):
-        ds = _load_local(name, split)
+    elif is_local_file(name):
+        ds = load_local_file(name, split)
     else:
         ds = datasets.load_dataset(name, split=split)
     missing = [src for src in cfg.column_mapping if src not in ds.column_names]

@@ -25,7 +25,7 @@ from pathlib import Path
 import ray
 
 from rlfleet.cluster import checkpoint as ckpt
-from rlfleet.cluster.driver import RunStopped, _get
+from rlfleet.cluster.driver import RunStopped, call
 from rlfleet.cluster.metrics import MetricsLog, plot
 from rlfleet.cluster.runtime import connect, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
@@ -75,18 +75,18 @@ def train_dpo(cfg: RLFleetConfig) -> dict:
     # -- 2. cluster, learner, initial state ------------------------------------------------------------------
     where = connect(cfg.cluster)
     started_here = where.startswith("local")
-    placement = reserve(cfg.cluster.model_copy(update={"num_generators": 0}))  # the learner's bundle only
+    placement = reserve(cfg.cluster, num_generators=0)  # the learner's bundle only
     learner = make_dpo_learner_actor(cfg, name="rlfleet-dpo-learner", **placement.learner())
     stream = PromptStream(train_ds, seed=cfg.seed, shuffle=cfg.data.shuffle)
     eval_pairs = ray.put([PreferencePair.from_record(r) for r in eval_ds]) if eval_ds is not None else None
     step = 0
     if resume_from is not None:
-        _get(learner.load.remote(str(resume_from / "learner")), cfg, "the DPO learner (loading a checkpoint)")
+        call(learner.load.remote(str(resume_from / "learner")), cfg, "the DPO learner (loading a checkpoint)")
         state = json.loads((resume_from / "driver.json").read_text())
         stream.load_state_dict(state["stream"])
         step = int(state["step"])
         print(f"rlfleet dpo: resumed from {resume_from} at step {step}", flush=True)
-    if _get(learner.step.remote(), cfg, "the DPO learner (starting)") != step:
+    if call(learner.step.remote(), cfg, "the DPO learner (starting)") != step:
         raise RuntimeError(f"the DPO learner is at a different step than the driver's {step}")
     metrics_log = MetricsLog(out, resume_step=step if resume_from else None)
     print(f"rlfleet dpo: training on {where}: {len(train_ds)} pairs, output in {out}", flush=True)
@@ -99,11 +99,11 @@ def train_dpo(cfg: RLFleetConfig) -> dict:
     def evaluate() -> dict:
         if eval_pairs is None:
             return {}
-        return _get(learner.evaluate.remote(eval_pairs), cfg, "the DPO learner (evaluating)")
+        return call(learner.evaluate.remote(eval_pairs), cfg, "the DPO learner (evaluating)")
 
     def save(at_step: int) -> Path:
         staging = ckpt.staging_dir(out, at_step)
-        _get(learner.save.remote(str(staging / "learner")), cfg, "the DPO learner (saving)")
+        call(learner.save.remote(str(staging / "learner")), cfg, "the DPO learner (saving)")
         (staging / "driver.json").write_text(json.dumps({"step": at_step, "stream": stream.state_dict()}, indent=2))
         return ckpt.commit(staging, at_step, cfg.checkpoint.keep_last)
 
@@ -139,7 +139,7 @@ def train_dpo(cfg: RLFleetConfig) -> dict:
         while step < max_steps:
             pairs = [PreferencePair.from_record(r) for r in stream.next_batch(cfg.dpo.batch_size)]
             future = learner.train_step.remote(pairs)
-            metrics = _get(future, cfg, "the DPO learner")
+            metrics = call(future, cfg, "the DPO learner")
             future = None
             finish_step(metrics, with_eval=(step + 1) % eval_steps == 0 or step + 1 == max_steps)
             if step % cfg.checkpoint.save_steps == 0 and step < max_steps:
@@ -152,12 +152,12 @@ def train_dpo(cfg: RLFleetConfig) -> dict:
     # -- 4. final checkpoint, BEMA weights, plot, shutdown ---------------------------------------------------
     try:
         if future is not None:  # a step in flight changes the weights: count it before saving
-            finish_step(_get(future, cfg, "the DPO learner"), with_eval=False)
+            finish_step(call(future, cfg, "the DPO learner"), with_eval=False)
         final = save(step)
         bema_dir = None
         if cfg.dpo.bema is not None:
             bema_dir = out / "bema"
-            _get(learner.save_bema.remote(str(bema_dir)), cfg, "the DPO learner (saving the BEMA weights)")
+            call(learner.save_bema.remote(str(bema_dir)), cfg, "the DPO learner (saving the BEMA weights)")
         png = plot(metrics_log.read(), out / "dpo.png", keys=PLOT_KEYS) if cfg.logging.plot else None
         summary = {"step": step, "checkpoint": str(final), "metrics": str(metrics_log.path),
                    "bema": str(bema_dir) if bema_dir else None, "plot": str(png) if png else None,

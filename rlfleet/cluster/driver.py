@@ -131,7 +131,7 @@ def preflight(cfg: RLFleetConfig):
     return dataset
 
 
-def _get(ref, cfg: RLFleetConfig, what: str):
+def call(ref, cfg: RLFleetConfig, what: str):
     """ray.get with the configured timeout and an error that names the actor."""
     try:
         return ray.get(ref, timeout=cfg.cluster.timeout_s)
@@ -173,12 +173,12 @@ def train(cfg: RLFleetConfig) -> dict:
     step = 0
     if resume_from is not None:
         replay_state, driver_state = ckpt.read_state(resume_from)
-        _get(learner.load.remote(str(resume_from / "policy")), cfg, "the learner (loading a checkpoint)")
-        _get(replay.load_state_dict.remote(*replay_state), cfg, "the replay actor (loading a checkpoint)")
+        call(learner.load.remote(str(resume_from / "policy")), cfg, "the learner (loading a checkpoint)")
+        call(replay.load_state_dict.remote(*replay_state), cfg, "the replay actor (loading a checkpoint)")
         stream.load_state_dict(driver_state["stream"])
         step = driver_state["step"]
         print(f"rlfleet: resumed from {resume_from} at step {step}", flush=True)
-    _get([s.handle.ready.remote() for s in slots], cfg, "the generation actors (starting their engines)")
+    call([s.handle.ready.remote() for s in slots], cfg, "the generation actors (starting their engines)")
     metrics_log = MetricsLog(out, resume_step=step if resume_from else None)
     progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every, start=step)
     print(f"rlfleet: training on {where}: {c.num_generators} generator(s), output in {out}", flush=True)
@@ -186,8 +186,8 @@ def train(cfg: RLFleetConfig) -> dict:
     # -- 3. the loop ----------------------------------------------------------------------------------------
     gps = cfg.learner.groups_per_step
     prompts_per_request = cfg.generation.generation_batch_size // cfg.generation.num_generations
-    weights, version = _get(learner.publish_weights.remote(), cfg, "the learner (publishing weights)")
-    initial_stats = _get(replay.stats.remote(), cfg, "the replay actor")
+    weights, version = call(learner.publish_weights.remote(), cfg, "the learner (publishing weights)")
+    initial_stats = call(replay.stats.remote(), cfg, "the replay actor")
     sampled_before, substituted_before = initial_stats["replay/sampled"], initial_stats["replay/substituted"]
     ray_metrics = RayMetrics(out.resolve().name)
     steps_here, starved = 0, False
@@ -199,11 +199,11 @@ def train(cfg: RLFleetConfig) -> dict:
         # Quiesce generation so the replay buffer and the prompt cursor describe the same moment.
         for s in slots:
             if s.future is not None:
-                window.add(s.index, _get(s.future, cfg, f"rlfleet-generator-{s.index}"))
+                window.add(s.index, call(s.future, cfg, f"rlfleet-generator-{s.index}"))
                 s.future, s.prompts = None, 0
         staging = ckpt.staging_dir(out, at_step)
-        _get(learner.save.remote(str(staging / "policy")), cfg, "the learner (saving)")
-        replay_state = _get(replay.state_dict.remote(), cfg, "the replay actor (saving)")
+        call(learner.save.remote(str(staging / "policy")), cfg, "the learner (saving)")
+        replay_state = call(replay.state_dict.remote(), cfg, "the replay actor (saving)")
         ckpt.write_state(staging, replay_state, {"step": at_step, "policy_version": version,
                                                  "stream": stream.state_dict()})
         return ckpt.commit(staging, at_step, cfg.checkpoint.keep_last)
@@ -211,8 +211,8 @@ def train(cfg: RLFleetConfig) -> dict:
     def finish_step(metrics: dict) -> None:
         nonlocal step, steps_here, weights, version, t_step, window, last_record
         step, steps_here = step + 1, steps_here + 1
-        weights, version = _get(learner.publish_weights.remote(), cfg, "the learner (publishing weights)")
-        replay_stats = _get(replay.stats.remote(), cfg, "the replay actor")
+        weights, version = call(learner.publish_weights.remote(), cfg, "the learner (publishing weights)")
+        replay_stats = call(replay.stats.remote(), cfg, "the replay actor")
         now = time.perf_counter()
         wall_s, learner_s = now - t_step, metrics.pop("time/step_s")
         record = {"step": step, **metrics, "policy_version": version, **replay_stats,
@@ -233,7 +233,7 @@ def train(cfg: RLFleetConfig) -> dict:
     try:
         while step < cfg.learner.max_steps:
             # Admission: launch generation on idle actors while the staleness bound admits more prompts.
-            replay_stats = _get(replay.stats.remote(), cfg, "the replay actor")
+            replay_stats = call(replay.stats.remote(), cfg, "the replay actor")
             ahead = int(replay_stats["replay/fresh_size"]) + sum(s.prompts for s in slots)
             lag = int(replay_stats["replay/sampled"] - sampled_before >= (steps_here + 1) * gps)
             budget = (cfg.replay.max_staleness + 1 - lag) * gps - ahead
@@ -260,14 +260,14 @@ def train(cfg: RLFleetConfig) -> dict:
 
             for s in slots:
                 if s.future is not None and s.future in ready:
-                    window.add(s.index, _get(s.future, cfg, f"rlfleet-generator-{s.index}"))
+                    window.add(s.index, call(s.future, cfg, f"rlfleet-generator-{s.index}"))
                     if s.sync_future is not None:
-                        window.sync_s.append(_get(s.sync_future, cfg, f"rlfleet-generator-{s.index}"))
+                        window.sync_s.append(call(s.sync_future, cfg, f"rlfleet-generator-{s.index}"))
                         s.sync_future = None
                     s.future, s.prompts = None, 0
 
             if learner_future in ready:
-                metrics = _get(learner_future, cfg, "the learner")
+                metrics = call(learner_future, cfg, "the learner")
                 learner_future = None
                 starved = metrics is None and not any(s.future for s in slots)
                 if metrics is None:  # waited pull_s for a batch: admission runs again with fresh replay stats
@@ -283,7 +283,7 @@ def train(cfg: RLFleetConfig) -> dict:
     # -- 4. final checkpoint, plot, shutdown -----------------------------------------------------------------
     try:
         if learner_future is not None:  # a step in flight changes the weights: count it before saving
-            metrics = _get(learner_future, cfg, "the learner")
+            metrics = call(learner_future, cfg, "the learner")
             if metrics is not None:
                 finish_step(metrics)
         final = save(step)

@@ -74,18 +74,20 @@ class Placement:
         remove_placement_group(self.group)
 
 
-def bundles(cfg: ClusterConfig) -> list[dict[str, float]]:
+def bundles(cfg: ClusterConfig, num_generators: int | None = None) -> list[dict[str, float]]:
     def bundle(cpus: float, gpus: float) -> dict[str, float]:
         return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
     return [bundle(cfg.learner_num_cpus, cfg.learner_num_gpus)] + [
-        bundle(cfg.generator_num_cpus, cfg.generator_num_gpus) for _ in range(cfg.num_generators)
+        bundle(cfg.generator_num_cpus, cfg.generator_num_gpus)
+        for _ in range(cfg.num_generators if num_generators is None else num_generators)
     ]
 
 
-def check_feasible(cfg: ClusterConfig, nodes: list[dict[str, float]]) -> list[str]:
+def check_feasible(cfg: ClusterConfig, nodes: list[dict[str, float]], num_generators: int | None = None) -> list[str]:
     """Problems that make the request impossible on a cluster whose nodes have ``nodes`` total resources."""
-    wanted = bundles(cfg)
+    wanted = bundles(cfg, num_generators)
+    n_gen = len(wanted) - 1
     problems = []
     for resource in ("CPU", "GPU"):
         need = sum(b.get(resource, 0) for b in wanted)
@@ -93,7 +95,7 @@ def check_feasible(cfg: ClusterConfig, nodes: list[dict[str, float]]) -> list[st
         if need > have:
             problems.append(
                 f"the job needs {need:g} {resource} in all (learner {cfg.learner_num_cpus if resource == 'CPU' else cfg.learner_num_gpus:g}"
-                f" + {cfg.num_generators} generators x "
+                f" + {n_gen} generators x "
                 f"{cfg.generator_num_cpus if resource == 'CPU' else cfg.generator_num_gpus:g}) but the cluster has "
                 f"{have:g}; lower cluster.num_generators / cluster.*_num_{resource.lower()}s or add nodes"
             )
@@ -110,18 +112,19 @@ def check_feasible(cfg: ClusterConfig, nodes: list[dict[str, float]]) -> list[st
     return problems
 
 
-def reserve(cfg: ClusterConfig, timeout_s: float = 60.0) -> Placement:
-    """Reserve every actor's resources before any actor starts; fail fast when impossible."""
+def reserve(cfg: ClusterConfig, num_generators: int | None = None, timeout_s: float = 60.0) -> Placement:
+    """Reserve every actor's resources before any actor starts; fail fast when impossible. ``num_generators``
+    overrides the config's count (the DPO job reserves the learner's bundle only)."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    problems = check_feasible(cfg, nodes)
+    problems = check_feasible(cfg, nodes, num_generators)
     if problems:
         raise ClusterError("cannot place the job:\n" + "\n".join(f"  - {p}" for p in problems))
-    group = placement_group(bundles(cfg), strategy=cfg.placement_strategy, name="rlfleet")
+    group = placement_group(bundles(cfg, num_generators), strategy=cfg.placement_strategy, name="rlfleet")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
         raise ClusterError(
-            f"the placement group {bundles(cfg)} ({cfg.placement_strategy}) was not ready after {timeout_s:.0f} s: "
+            f"the placement group {bundles(cfg, num_generators)} ({cfg.placement_strategy}) was not ready after {timeout_s:.0f} s: "
             f"the cluster's free resources are {ray.available_resources()}; free them or ask for less"
         )
     return Placement(group)

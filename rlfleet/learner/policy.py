@@ -205,7 +205,7 @@ def combine_loss_metrics(records: list[tuple[dict[str, float], float]], num_pass
     return out
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -233,7 +233,7 @@ class PolicyLearner:
         self.model_cfg, self.algorithm = model_cfg, algorithm_cfg
         self.cfg, self.generation = learner_cfg, generation_cfg
         self.seed = seed
-        self.device = _resolve_device(learner_cfg.device)
+        self.device = resolve_device(learner_cfg.device)
         self.compute_dtype = torch_dtype(model_cfg.dtype, self.device.type)
         self.tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
         self.model = load_causal_lm(model_cfg.name_or_path, torch.float32, str(self.device),

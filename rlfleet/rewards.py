@@ -1,0 +1,74 @@
+"""Reward functions for GSM8K-style math data (TRL's signature), for jobs on real models.
+
+Use them by path in a job config::
+
+    algorithm:
+      reward_funcs: [rlfleet.rewards:gsm8k_accuracy, rlfleet.rewards:format_reward]
+      reward_weights: [1.0, 0.2]
+
+GSM8K (``openai/gsm8k``) has a ``question`` column (map it to ``prompt`` with ``data.column_mapping``) and an
+``answer`` column whose worked solution ends in ``#### <number>``; every column other than ``prompt`` reaches the
+reward functions as a keyword argument, one value per completion. Numbers are compared exactly as decimals, so
+``72``, ``72.0`` and ``72.00`` are equal and ``1,000`` reads as ``1000``.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from rlfleet.data import completion_text
+
+# An optional minus sign, then digits with optional thousands separators (``1,234,567``: groups of exactly three
+# after each comma, so ``1,2`` is two numbers), then an optional decimal part. ``$18.`` reads as 18.
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# A final-answer line in GSM8K's own format: ``#### 72`` (spaces and a ``$`` allowed before the number).
+ANSWER_LINE = re.compile(r"####\s*\$?\s*" + NUMBER.pattern)
+
+
+def parse_number(text: str) -> Decimal:
+    """``"1,000"`` -> ``Decimal("1000")``; the text must be exactly one number (a match of :data:`NUMBER`)."""
+    return Decimal(text.replace(",", ""))
+
+
+def last_number(text: str) -> Decimal | None:
+    """The last number in ``text`` (a match of :data:`NUMBER`), or None if it has none."""
+    matches = NUMBER.findall(text)
+    return parse_number(matches[-1]) if matches else None
+
+
+def gold_number(answer: str) -> Decimal:
+    """The number after the last ``####`` of a GSM8K answer (or the whole answer, if it is just a number).
+
+    Raises ``ValueError`` naming the answer when there is no such number: the dataset is not GSM8K-style, and the
+    reward caller logs the error once and drops the group rather than scoring it as wrong.
+    """
+    tail = answer.rsplit("####", 1)[-1].strip().lstrip("$").strip()
+    if NUMBER.fullmatch(tail) is None:
+        raise ValueError(
+            f"gsm8k_accuracy: answer {answer[-80:]!r} does not end in '#### <number>'; the 'answer' column must hold "
+            "GSM8K-style solutions (or a bare number). Map the right column with data.column_mapping."
+        )
+    return parse_number(tail)
+
+
+def gsm8k_accuracy(prompts, completions, completion_ids=None, *, answer, **kwargs) -> list[float]:
+    """1.0 where the completion's last number equals the number after ``####`` in ``answer``, else 0.0.
+
+    A completion without any number scores 0.0. ``completions`` are strings or conversational message lists
+    (their contents are joined).
+    """
+    out = []
+    for completion, gold in zip(completions, answer, strict=True):
+        predicted = last_number(completion_text(completion))
+        out.append(float(predicted is not None and predicted == gold_number(gold)))
+    return out
+
+
+def format_reward(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """1.0 where the completion states its final answer on a GSM8K answer line (``#### <number>``), else 0.0.
+
+    A small weight on it (e.g. 0.2 next to :func:`gsm8k_accuracy`'s 1.0) teaches the model to state an explicit
+    final answer; when that line ends the completion, its number is the one :func:`gsm8k_accuracy` reads.
+    """
+    return [float(ANSWER_LINE.search(completion_text(c)) is not None) for c in completions]
