@@ -112,6 +112,11 @@ class AlgorithmConfig(Section):
     num_remains_in_group: int | None = Field(
         None, description="GFPO: completions kept per group (2 <= k < num_generations); None = no filtering."
     )
+    max_reward_error_frac: float = Field(
+        0.5, ge=0, le=1,
+        description="Stop the run when reward or filter functions fail (raise, wrong length, NaN/inf) on more than "
+        "this share of the groups generated so far; below it, failing groups are dropped and counted.",
+    )
     group_filter_func: str | None = Field(
         None, description="GFPO scorer: 'shortest', 'token_efficiency' or 'package.module:function'."
     )

@@ -54,8 +54,14 @@ class GenSlot:
     handle: ray.actor.ActorHandle
     version: int = -1  # weights version the actor holds (or will, once its queued update runs)
     future: ray.ObjectRef | None = None  # the generate() in flight
-    prompts: int = 0  # prompts in that request
+    records: list[dict] = field(default_factory=list)  # its prompts
     sync_future: ray.ObjectRef | None = None  # the update_weights() queued before it
+    failures: int = 0  # times the actor died
+    retired: bool = False  # died more often than cluster.max_restarts
+
+    @property
+    def prompts(self) -> int:
+        return len(self.records)
 
 
 @dataclass
@@ -131,6 +137,10 @@ def preflight(cfg: RLFleetConfig):
     return dataset
 
 
+class ActorLost(RuntimeError):
+    """The learner or the replay actor died: the run restarts its actors from the latest checkpoint."""
+
+
 def call(ref, cfg: RLFleetConfig, what: str):
     """ray.get with the configured timeout and an error that names the actor."""
     try:
@@ -138,165 +148,243 @@ def call(ref, cfg: RLFleetConfig, what: str):
     except ray.exceptions.GetTimeoutError:
         raise RuntimeError(f"{what} did not answer within cluster.timeout_s={cfg.cluster.timeout_s:g} s") from None
     except ray.exceptions.RayActorError as err:
-        raise RuntimeError(f"{what} died: {err}") from err
+        raise ActorLost(f"{what} died: {err}") from err
 
 
 def train(cfg: RLFleetConfig) -> dict:
-    """Run ``rlfleet train``. Returns a small summary (last metrics, output paths)."""
-    from rlfleet.actors.actor import make_generation_actor
-    from rlfleet.data import PromptStream
-    from rlfleet.learner.actor import make_learner_actor
-    from rlfleet.replay.actor import make_replay_actor
+    """Run ``rlfleet train``. Returns a small summary (last metrics, output paths).
 
-    # -- 1. validate and record -------------------------------------------------------------------------------
+    If the learner or the replay actor dies, every actor is recreated from the latest checkpoint (up to
+    ``cluster.max_restarts`` times); a dead generation actor is restarted by Ray and handled inside the run.
+    """
     dataset = preflight(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resume_from = ckpt.latest_checkpoint(out) if cfg.checkpoint.resume else None
-    if cfg.checkpoint.resume and resume_from is None:
-        print(f"rlfleet: no checkpoint in {out / 'checkpoints'}; starting from scratch", flush=True)
     (out / "config.json").write_text(dump_config(cfg))
-
-    # -- 2. cluster, actors, initial state -------------------------------------------------------------------
     where = connect(cfg.cluster)
-    started_here = where.startswith("local")
     placement = reserve(cfg.cluster)
-    c = cfg.cluster
-    replay = make_replay_actor(cfg.replay, cfg.seed, name=None, num_cpus=0)
-    learner = make_learner_actor(cfg, replay, num_cpus=c.learner_num_cpus, num_gpus=c.learner_num_gpus,
-                                 name="rlfleet-learner", **placement.learner())
-    slots = [GenSlot(i, make_generation_actor(
-        cfg, replay, i, num_cpus=c.generator_num_cpus, num_gpus=c.generator_num_gpus, name=f"rlfleet-generator-{i}",
-        max_restarts=c.max_restarts, **placement.generator(i))) for i in range(c.num_generators)]
-    stream = PromptStream(dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
-
-    step = 0
-    if resume_from is not None:
-        replay_state, driver_state = ckpt.read_state(resume_from)
-        call(learner.load.remote(str(resume_from / "policy")), cfg, "the learner (loading a checkpoint)")
-        call(replay.load_state_dict.remote(*replay_state), cfg, "the replay actor (loading a checkpoint)")
-        stream.load_state_dict(driver_state["stream"])
-        step = driver_state["step"]
-        print(f"rlfleet: resumed from {resume_from} at step {step}", flush=True)
-    call([s.handle.ready.remote() for s in slots], cfg, "the generation actors (starting their engines)")
-    metrics_log = MetricsLog(out, resume_step=step if resume_from else None)
-    progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every, start=step)
-    print(f"rlfleet: training on {where}: {c.num_generators} generator(s), output in {out}", flush=True)
-
-    # -- 3. the loop ----------------------------------------------------------------------------------------
-    gps = cfg.learner.groups_per_step
-    prompts_per_request = cfg.generation.generation_batch_size // cfg.generation.num_generations
-    weights, version = call(learner.publish_weights.remote(), cfg, "the learner (publishing weights)")
-    initial_stats = call(replay.stats.remote(), cfg, "the replay actor")
-    sampled_before, substituted_before = initial_stats["replay/sampled"], initial_stats["replay/substituted"]
-    ray_metrics = RayMetrics(out.resolve().name)
-    steps_here, starved = 0, False
-    learner_future: ray.ObjectRef | None = None
-    pull_s = min(c.timeout_s, 5.0)  # the learner returns None after waiting this long, so the driver stays in charge
-    window, last_record, t_step = StepWindow(), {}, time.perf_counter()
-
-    def save(at_step: int) -> Path:
-        # Quiesce generation so the replay buffer and the prompt cursor describe the same moment.
-        for s in slots:
-            if s.future is not None:
-                window.add(s.index, call(s.future, cfg, f"rlfleet-generator-{s.index}"))
-                s.future, s.prompts = None, 0
-        staging = ckpt.staging_dir(out, at_step)
-        call(learner.save.remote(str(staging / "policy")), cfg, "the learner (saving)")
-        replay_state = call(replay.state_dict.remote(), cfg, "the replay actor (saving)")
-        ckpt.write_state(staging, replay_state, {"step": at_step, "policy_version": version,
-                                                 "stream": stream.state_dict()})
-        return ckpt.commit(staging, at_step, cfg.checkpoint.keep_last)
-
-    def finish_step(metrics: dict) -> None:
-        nonlocal step, steps_here, weights, version, t_step, window, last_record
-        step, steps_here = step + 1, steps_here + 1
-        weights, version = call(learner.publish_weights.remote(), cfg, "the learner (publishing weights)")
-        replay_stats = call(replay.stats.remote(), cfg, "the replay actor")
-        now = time.perf_counter()
-        wall_s, learner_s = now - t_step, metrics.pop("time/step_s")
-        record = {"step": step, **metrics, "policy_version": version, **replay_stats,
-                  "replay/size": replay_stats["replay/fresh_size"] + replay_stats["replay/reservoir_size"],
-                  "replay/substituted_step": replay_stats["replay/substituted"] - last_record.get(
-                      "replay/substituted", substituted_before),
-                  **window.metrics(wall_s, len(slots)), "time/step_s": wall_s, "time/learner_s": learner_s,
-                  "idle/learner_frac": max(0.0, 1.0 - learner_s / wall_s), "learner/groups": gps}
-        ray_metrics.publish(record, window.per_generator(wall_s, len(slots)))
-        t_step, window, last_record = now, StepWindow(), record
-        metrics_log.write(record)
-        progress.update(record)
-
-    def on_signal(signum, frame):
-        raise RunStopped(signal.Signals(signum).name)
-
-    previous_handler = signal.signal(signal.SIGTERM, on_signal)
+    resume = cfg.checkpoint.resume
+    if resume and ckpt.latest_checkpoint(out) is None:
+        print(f"rlfleet: no checkpoint in {out / 'checkpoints'}; starting from scratch", flush=True)
+    recoveries = 0
     try:
-        while step < cfg.learner.max_steps:
-            # Admission: launch generation on idle actors while the staleness bound admits more prompts.
-            replay_stats = call(replay.stats.remote(), cfg, "the replay actor")
-            ahead = int(replay_stats["replay/fresh_size"]) + sum(s.prompts for s in slots)
-            lag = int(replay_stats["replay/sampled"] - sampled_before >= (steps_here + 1) * gps)
-            budget = (cfg.replay.max_staleness + 1 - lag) * gps - ahead
-            for s in slots:
-                n = min(prompts_per_request, budget)
-                if s.future is not None or n <= 0:
-                    continue
-                if s.version != version:
-                    s.sync_future = s.handle.update_weights.remote(weights[0], version)
-                    s.version = version
-                s.future, s.prompts = s.handle.generate.remote(stream.next_batch(n)), n
-                budget -= n
-            if starved and not any(s.future for s in slots):
-                raise RuntimeError(
-                    f"the learner needs {gps} groups, the replay actor holds {replay_stats['replay/fresh_size']:g} "
-                    "usable ones and the staleness bound admits no new generation; this is a bug, please report it")
-            if learner_future is None:
-                learner_future = learner.train_step.remote(pull_s)
-
-            pending = [learner_future] + [s.future for s in slots if s.future is not None]
-            ready, _ = ray.wait(pending, num_returns=1, timeout=c.timeout_s)
-            if not ready:
-                raise RuntimeError(f"no actor finished work within cluster.timeout_s={c.timeout_s:g} s")
-
-            for s in slots:
-                if s.future is not None and s.future in ready:
-                    window.add(s.index, call(s.future, cfg, f"rlfleet-generator-{s.index}"))
-                    if s.sync_future is not None:
-                        window.sync_s.append(call(s.sync_future, cfg, f"rlfleet-generator-{s.index}"))
-                        s.sync_future = None
-                    s.future, s.prompts = None, 0
-
-            if learner_future in ready:
-                metrics = call(learner_future, cfg, "the learner")
-                learner_future = None
-                starved = metrics is None and not any(s.future for s in slots)
-                if metrics is None:  # waited pull_s for a batch: admission runs again with fresh replay stats
-                    continue
-                finish_step(metrics)
-                if step % cfg.checkpoint.save_steps == 0 and step < cfg.learner.max_steps:
-                    save(step)
-    except (KeyboardInterrupt, RunStopped) as stop:
-        print(f"\nrlfleet: stopping ({type(stop).__name__}); writing a final checkpoint", flush=True)
+        while True:
+            run = TrainingRun(cfg, dataset, placement, recoveries)
+            try:
+                run.start(ckpt.latest_checkpoint(out) if resume else None)
+                print(f"rlfleet: training on {where}: {cfg.cluster.num_generators} generator(s), output in {out}",
+                      flush=True)
+                return run.run()
+            except ActorLost as err:
+                recoveries += 1
+                if recoveries > cfg.cluster.max_restarts:
+                    raise RuntimeError(
+                        f"{err}; gave up after {cfg.cluster.max_restarts} recoveries (cluster.max_restarts). Resume "
+                        f"with: rlfleet train <job.yaml> --resume (output_dir={out})") from err
+                print(f"rlfleet: {err}; recovery {recoveries}: restarting the actors from the latest checkpoint",
+                      flush=True)
+                resume = True
+            finally:
+                run.kill_actors()
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        placement.release()
+        if where.startswith("local"):
+            ray.shutdown()
 
-    # -- 4. final checkpoint, plot, shutdown -----------------------------------------------------------------
-    try:
+
+class TrainingRun:
+    """One life of the run's actors: start (or restore), the loop, the final checkpoint."""
+
+    def __init__(self, cfg: RLFleetConfig, dataset, placement, recoveries: int = 0):
+        from rlfleet.actors.actor import make_generation_actor
+        from rlfleet.data import PromptStream
+        from rlfleet.learner.actor import make_learner_actor
+        from rlfleet.replay.actor import make_replay_actor
+
+        self.cfg, c = cfg, cfg.cluster
+        self.out = Path(cfg.output_dir)
+        self.replay = make_replay_actor(cfg.replay, cfg.seed, name=None, num_cpus=0)
+        self.learner = make_learner_actor(cfg, self.replay, num_cpus=c.learner_num_cpus,
+                                          num_gpus=c.learner_num_gpus, name="rlfleet-learner", **placement.learner())
+        self.slots = [GenSlot(i, make_generation_actor(
+            cfg, self.replay, i, num_cpus=c.generator_num_cpus, num_gpus=c.generator_num_gpus,
+            name=f"rlfleet-generator-{i}", max_restarts=c.max_restarts, **placement.generator(i)))
+            for i in range(c.num_generators)]
+        self.stream = PromptStream(dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.retry: list[dict] = []  # prompts whose generator died before delivering: issued again first
+        self.faults = {"faults/generator_restarts": 0, "faults/lost_groups": 0, "faults/recoveries": recoveries}
+        self.groups_attempted = self.groups_failed = 0
+
+    def start(self, resume_from: Path | None) -> None:
+        """Restore the checkpoint (if any), wait for the engines, publish the first weights."""
+        cfg = self.cfg
+        self.step = 0
+        if resume_from is not None:
+            replay_state, driver_state = ckpt.read_state(resume_from)
+            call(self.learner.load.remote(str(resume_from / "policy")), cfg, "the learner (loading a checkpoint)")
+            call(self.replay.load_state_dict.remote(*replay_state), cfg, "the replay actor (loading a checkpoint)")
+            self.stream.load_state_dict(driver_state["stream"])
+            self.retry = driver_state.get("retry", [])
+            self.step = driver_state["step"]
+            print(f"rlfleet: resumed from {resume_from} at step {self.step}", flush=True)
+        call([s.handle.ready.remote() for s in self.slots], cfg, "the generation actors (starting their engines)")
+        self.metrics_log = MetricsLog(self.out, resume_step=self.step if resume_from else None)
+        self.progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every, start=self.step)
+        self.ray_metrics = RayMetrics(self.out.resolve().name)
+
+        self.weights, self.version = call(self.learner.publish_weights.remote(), cfg, "the learner (publishing)")
+        stats = call(self.replay.stats.remote(), cfg, "the replay actor")
+        self.sampled_before, self.substituted_before = stats["replay/sampled"], stats["replay/substituted"]
+        self.steps_here = 0
+        self.window, self.last_record, self.t_step = StepWindow(), {}, time.perf_counter()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, gps = self.cfg, self.cfg.learner.groups_per_step
+        pull_s = min(cfg.cluster.timeout_s, 5.0)  # the learner returns None after this long: the driver stays in charge
+        learner_future, starved = None, False
+
+        def on_signal(signum, frame):
+            raise RunStopped(signal.Signals(signum).name)
+
+        previous_handler = signal.signal(signal.SIGTERM, on_signal)
+        try:
+            while self.step < cfg.learner.max_steps:
+                launched = self.admit()
+                if starved and not launched and not any(s.future for s in self.slots):
+                    raise RuntimeError(f"the learner needs {gps} groups and the staleness bound admits no new "
+                                       "generation; this is a bug, please report it")
+                if learner_future is None:
+                    learner_future = self.learner.train_step.remote(pull_s)
+
+                pending = [learner_future] + [s.future for s in self.slots if s.future is not None]
+                ready, _ = ray.wait(pending, num_returns=1, timeout=cfg.cluster.timeout_s)
+                if not ready:
+                    raise RuntimeError(f"no actor finished work within cluster.timeout_s={cfg.cluster.timeout_s:g} s")
+                for s in self.slots:
+                    if s.future is not None and s.future in ready:
+                        self.collect(s)
+                if learner_future in ready:
+                    metrics = call(learner_future, cfg, "the learner")
+                    learner_future = None
+                    starved = metrics is None and not any(s.future for s in self.slots)
+                    if metrics is None:  # waited pull_s for a batch: admission runs again with fresh replay stats
+                        continue
+                    self.finish_step(metrics)
+                    if self.step % cfg.checkpoint.save_steps == 0 and self.step < cfg.learner.max_steps:
+                        self.save()
+        except (KeyboardInterrupt, RunStopped) as stop:
+            print(f"\nrlfleet: stopping ({type(stop).__name__}); writing a final checkpoint", flush=True)
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+
         if learner_future is not None:  # a step in flight changes the weights: count it before saving
             metrics = call(learner_future, cfg, "the learner")
             if metrics is not None:
-                finish_step(metrics)
-        final = save(step)
-        records = metrics_log.read()
-        png = plot(records, out / "reward.png") if cfg.logging.plot else None
-        summary = {"step": step, "checkpoint": str(final), "metrics": str(metrics_log.path),
-                   "plot": str(png) if png else None, "last": last_record}
-        (out / "summary.json").write_text(json.dumps(summary, default=str, indent=2))
-        print(f"rlfleet: done at step {step}; checkpoint {final}", flush=True)
+                self.finish_step(metrics)
+        final = self.save()
+        records = self.metrics_log.read()
+        png = plot(records, self.out / "reward.png") if cfg.logging.plot else None
+        summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.metrics_log.path),
+                   "plot": str(png) if png else None, "last": self.last_record}
+        (self.out / "summary.json").write_text(json.dumps(summary, default=str, indent=2))
+        print(f"rlfleet: done at step {self.step}; checkpoint {final}", flush=True)
         return summary
-    finally:
-        for handle in [learner, replay] + [s.handle for s in slots]:
-            ray.kill(handle, no_restart=True)
-        placement.release()
-        if started_here:
-            ray.shutdown()
+
+    def admit(self) -> int:
+        """Launch generation on idle actors as far as the staleness bound admits (see the module docstring)."""
+        cfg, gps = self.cfg, self.cfg.learner.groups_per_step
+        stats = call(self.replay.stats.remote(), cfg, "the replay actor")
+        ahead = int(stats["replay/fresh_size"]) + sum(s.prompts for s in self.slots)
+        lag = int(stats["replay/sampled"] - self.sampled_before >= (self.steps_here + 1) * gps)
+        budget = (cfg.replay.max_staleness + 1 - lag) * gps - ahead
+        per_request = cfg.generation.generation_batch_size // cfg.generation.num_generations
+        launched = 0
+        for s in self.slots:
+            n = min(per_request, budget)
+            if s.future is not None or s.retired or n <= 0:
+                continue
+            if s.version != self.version:  # runs before generate(): actor methods execute in order
+                s.sync_future = s.handle.update_weights.remote(self.weights[0], self.version)
+                s.version = self.version
+            records, self.retry = self.retry[:n], self.retry[n:]
+            records += self.stream.next_batch(n - len(records))
+            s.future, s.records = s.handle.generate.remote(records), records
+            budget, launched = budget - n, launched + n
+        return launched
+
+    def collect(self, s: GenSlot) -> None:
+        """A generate() finished: add its stats, or, if the actor died, re-issue its prompts."""
+        try:
+            stats = ray.get(s.future, timeout=self.cfg.cluster.timeout_s)
+            if s.sync_future is not None:
+                self.window.sync_s.append(ray.get(s.sync_future, timeout=self.cfg.cluster.timeout_s))
+        except ray.exceptions.RayActorError as err:
+            # Ray restarts the actor (cluster.max_restarts) with the initial weights; it gets the current ones
+            # before it generates again. Groups it delivered before dying stay in the replay actor.
+            s.failures += 1
+            self.faults["faults/generator_restarts"] += 1
+            self.faults["faults/lost_groups"] += len(s.records)
+            self.retry.extend(s.records)
+            s.version = -1
+            s.retired = s.failures > self.cfg.cluster.max_restarts
+            print(f"rlfleet: rlfleet-generator-{s.index} died ({type(err).__name__}); "
+                  f"{'retired it' if s.retired else 're-issuing its prompts'}", flush=True)
+            if all(x.retired for x in self.slots):
+                raise RuntimeError("every generation actor died more than cluster.max_restarts times") from err
+        else:
+            self.window.add(s.index, stats)
+            self.check_reward_errors(stats)
+        s.future, s.sync_future, s.records = None, None, []
+
+    def check_reward_errors(self, stats: dict) -> None:
+        """Stop when reward / filter functions fail on more than algorithm.max_reward_error_frac of the groups."""
+        self.groups_attempted += int(stats.get("gen/groups", 0) + stats.get("errors/reward", 0))
+        self.groups_failed += int(stats.get("errors/reward", 0))
+        limit = self.cfg.algorithm.max_reward_error_frac
+        if self.groups_attempted >= 16 and self.groups_failed > limit * self.groups_attempted:
+            raise RuntimeError(
+                f"reward or group-filter functions failed on {self.groups_failed} of {self.groups_attempted} groups "
+                f"(more than algorithm.max_reward_error_frac={limit:g}); the generator logs name the function and "
+                "its error. Fix the function, or raise the limit")
+
+    def finish_step(self, metrics: dict) -> None:
+        cfg, gps = self.cfg, self.cfg.learner.groups_per_step
+        self.step, self.steps_here = self.step + 1, self.steps_here + 1
+        self.weights, self.version = call(self.learner.publish_weights.remote(), cfg, "the learner (publishing)")
+        stats = call(self.replay.stats.remote(), cfg, "the replay actor")
+        now = time.perf_counter()
+        wall_s, learner_s = now - self.t_step, metrics.pop("time/step_s")
+        substituted_last = self.last_record.get("replay/substituted", self.substituted_before)
+        record = {"step": self.step, **metrics, "policy_version": self.version, **stats,
+                  "replay/size": stats["replay/fresh_size"] + stats["replay/reservoir_size"],
+                  "replay/substituted_step": stats["replay/substituted"] - substituted_last,
+                  **self.window.metrics(wall_s, len(self.slots)), **self.faults,
+                  "time/step_s": wall_s, "time/learner_s": learner_s,
+                  "idle/learner_frac": max(0.0, 1.0 - learner_s / wall_s), "learner/groups": gps}
+        self.ray_metrics.publish(record, self.window.per_generator(wall_s, len(self.slots)))
+        self.t_step, self.window, self.last_record = now, StepWindow(), record
+        self.metrics_log.write(record)
+        self.progress.update(record)
+
+    def save(self) -> Path:
+        """Checkpoint at the current step. Generation is quiesced first, so the replay buffer and the prompt cursor
+        describe the same moment (prompts of a generator that died are put back in front of the cursor)."""
+        for s in self.slots:
+            if s.future is not None:
+                self.collect(s)
+        cfg, staging = self.cfg, ckpt.staging_dir(self.out, self.step)
+        call(self.learner.save.remote(str(staging / "policy")), cfg, "the learner (saving)")
+        replay_state = call(self.replay.state_dict.remote(), cfg, "the replay actor (saving)")
+        stream_state = self.stream.state_dict()
+        ckpt.write_state(staging, replay_state, {"step": self.step, "policy_version": self.version,
+                                                 "stream": stream_state, "retry": self.retry})
+        return ckpt.commit(staging, self.step, cfg.checkpoint.keep_last)
+
+    def kill_actors(self) -> None:
+        for handle in [self.learner, self.replay] + [s.handle for s in self.slots]:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # already gone
+                pass
