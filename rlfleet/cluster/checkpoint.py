@@ -7,7 +7,8 @@ Layout of one checkpoint::
       replay.npz       the replay buffer's arrays (numeric only; np.load(allow_pickle=False))
       replay.json      the replay buffer's metadata
       driver.json      step, policy version, prompt cursor, RNG state
-      COMPLETE         written last; a directory without it is not a checkpoint
+      COMPLETE         written last: the format version and every file's size and SHA-256; a directory without
+                       it is not a checkpoint, and one whose files do not match it is refused as corrupt
 
 The directory is assembled under ``.tmp-step-N`` and renamed into place, so a crash mid-write never leaves a
 checkpoint that looks complete. Only the last ``keep_last`` are kept.
@@ -15,6 +16,7 @@ checkpoint that looks complete. Only the last ``keep_last`` are kept.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 MARKER = "COMPLETE"
+FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -63,9 +66,44 @@ def write_state(directory: Path, replay_state: tuple[dict[str, np.ndarray], dict
     (directory / "driver.json").write_text(json.dumps(driver_state, indent=2))
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(directory: Path) -> dict[str, list]:
+    return {str(p.relative_to(directory)): [p.stat().st_size, _sha256(p)]
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def verify(directory: Path) -> None:
+    """Refuse an incomplete, corrupt or incompatible checkpoint with a message that says which and why."""
+    marker = directory / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {MARKER} marker): it was interrupted "
+                              "while being written; resume from an earlier one")
+    try:
+        meta = json.loads(marker.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{marker} is unreadable: {err}") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory} has checkpoint format {meta.get('format')!r}; this rlfleet reads format "
+                              f"{FORMAT}. Use the rlfleet version that wrote it")
+    for name, (size, digest) in meta["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} is missing")
+        if path.stat().st_size != size or _sha256(path) != digest:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its recorded size "
+                                  f"({size} bytes) and SHA-256; resume from an earlier checkpoint")
+
+
 def commit(staging: Path, step: int, keep_last: int) -> Path:
     """Mark ``staging`` complete, move it to ``step-N`` and prune old checkpoints."""
-    (staging / MARKER).write_text(json.dumps({"step": step}))
+    (staging / MARKER).write_text(json.dumps({"format": FORMAT, "step": step, "files": _manifest(staging)}))
     final = staging.parent / f"step-{step}"
     if final.exists():
         shutil.rmtree(final)
@@ -77,8 +115,7 @@ def commit(staging: Path, step: int, keep_last: int) -> Path:
 
 def read_state(directory: Path) -> tuple[tuple[dict[str, np.ndarray], dict], dict[str, Any]]:
     """Load replay and driver state; refuse incomplete or corrupt checkpoints with a clear message."""
-    if not (directory / MARKER).is_file():
-        raise CheckpointError(f"{directory} is not a complete checkpoint (no {MARKER} marker); it was interrupted")
+    verify(directory)
     try:
         with np.load(directory / "replay.npz", allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

@@ -81,6 +81,7 @@ def train_dpo(cfg: RLFleetConfig) -> dict:
     eval_pairs = ray.put([PreferencePair.from_record(r) for r in eval_ds]) if eval_ds is not None else None
     step = 0
     if resume_from is not None:
+        ckpt.verify(resume_from)
         call(learner.load.remote(str(resume_from / "learner")), cfg, "the DPO learner (loading a checkpoint)")
         state = json.loads((resume_from / "driver.json").read_text())
         stream.load_state_dict(state["stream"])

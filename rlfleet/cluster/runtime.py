@@ -20,40 +20,19 @@ from rlfleet.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
-# Environment every actor needs for the vLLM engine on CPU hosts; a user's own values win.
-ENGINE_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in-process: 5 s start instead of ~40 s, no spawn
-    "VLLM_NO_USAGE_STATS": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot run the job as configured."""
-
-
-def actor_env() -> dict[str, str]:
-    env = {k: os.environ.get(k, v) for k, v in ENGINE_ENV.items()}
-    for key in ("RLFLEET_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    return env
-
-
 def connect(cfg: ClusterConfig) -> str:
     """Connect to (or start) Ray. Returns a short description of where the job runs."""
     if ray.is_initialized():
         return "existing Ray session"
+    # No runtime_env here: under `ray job submit` the job's own (deploy/runtime_env.yaml) applies, and Ray refuses
+    # to merge a second one; the engine sets its vLLM environment defaults itself inside each actor.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": actor_env()}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return f"Ray cluster at {address}"
     needed = cfg.learner_num_cpus + cfg.num_generators * cfg.generator_num_cpus
     num_cpus = cfg.local_num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING,
-             configure_logging=True)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return f"local Ray cluster ({num_cpus} CPUs)"
 
 
