@@ -57,6 +57,9 @@ class DataConfig(Section):
         description="'builtin:<task>' (see rlfleet.data.BUILTIN_TASKS), a local .json/.jsonl/.parquet/.csv file, "
         "or a hub dataset name.",
     )
+    dataset_config: str | None = Field(
+        None, description="Hub dataset subset (TRL's name), e.g. 'main' for openai/gsm8k; None for the default."
+    )
     split: str = "train"
     eval_split: str | None = Field(None, description="Held-out split name; built-in tasks provide 'test'.")
     column_mapping: dict[str, str] = Field(

@@ -195,7 +195,7 @@ def load_prompt_dataset(cfg: DataConfig, split: str, seed: int = 0) -> datasets.
     elif is_local_file(name):
         ds = load_local_file(name, split)
     else:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, cfg.dataset_config, split=split)
     missing = [src for src in cfg.column_mapping if src not in ds.column_names]
     if missing:
         raise ValueError(

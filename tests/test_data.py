@@ -113,13 +113,16 @@ def test_hub_names_go_to_load_dataset(monkeypatch):
 
     calls = []
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
         return datasets.Dataset.from_list([{"problem": "1+1?"}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     ds = load_prompt_dataset(DataConfig(dataset="org/math", column_mapping={"problem": "prompt"}), "test")
-    assert calls == [("org/math", "test")] and ds["prompt"] == ["1+1?"]
+    assert calls == [("org/math", None, "test")] and ds["prompt"] == ["1+1?"]
+    load_prompt_dataset(DataConfig(dataset="openai/gsm8k", dataset_config="main", column_mapping={"problem": "prompt"}),
+                        "train")
+    assert calls[-1] == ("openai/gsm8k", "main", "train")
 
 
 def test_max_prompts_keeps_first_n_after_optional_shuffle():
