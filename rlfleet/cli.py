@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from rlfleet.config import ConfigError, dump_config, load_config
+from rlfleet.errors import CheckpointError, ClusterError
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             train_dpo(cfg)
             return 0
     except ConfigError as err:
+        print(f"rlfleet {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (ClusterError, CheckpointError) as err:
         print(f"rlfleet {args.command}: {err}", file=sys.stderr)
         return 2
     return 1

@@ -302,6 +302,11 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
             "replay.zero_variance: 'replay' needs a reservoir; set replay.replay_buffer_size > 0 "
             "(e.g. 64) or choose 'drop' / 'keep'."
         )
+    if gen.max_completion_length >= cfg.model.max_model_len:
+        out.append(
+            f"generation.max_completion_length: {gen.max_completion_length} leaves no room for the prompt in "
+            f"model.max_model_len ({cfg.model.max_model_len}); raise max_model_len or lower max_completion_length."
+        )
     if G >= 2 and rep.max_staleness >= 0:
         prompts = gen.generation_batch_size // G
         window = (rep.max_staleness + 1) * cfg.learner.groups_per_step

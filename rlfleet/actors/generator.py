@@ -81,6 +81,13 @@ def _name(func: Callable) -> str:
     return getattr(func, "__name__", None) or repr(func)
 
 
+def prompt_token_ids(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a standard (string) or conversational (messages; chat template applied) prompt."""
+    if isinstance(prompt, list):
+        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return tokenizer(prompt, add_special_tokens=False).input_ids
+
+
 class Generator:
     """Turns prompt records into :class:`~rlfleet.types.Group` s with the engine's current weights."""
 
@@ -121,9 +128,7 @@ class Generator:
     # ------------------------------------------------------------------------------------------------------------
 
     def _prompt_token_ids(self, prompt: str | list[dict]) -> list[int]:
-        if isinstance(prompt, list):  # conversational
-            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(prompt, add_special_tokens=False).input_ids
+        return prompt_token_ids(self.tokenizer, prompt)
 
     def _log_once(self, key: str, message: str, err: BaseException | None = None) -> None:
         if key not in self._logged:

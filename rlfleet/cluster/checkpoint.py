@@ -25,13 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from rlfleet.errors import CheckpointError
+
 MARKER = "COMPLETE"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:

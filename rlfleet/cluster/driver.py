@@ -107,10 +107,10 @@ class StepWindow:
 
 def preflight(cfg: RLFleetConfig):
     """Checks that need files or imports but no actors: model path, dataset, reward and filter functions."""
-    from rlfleet.actors.generator import resolve_reward_funcs
+    from rlfleet.actors.generator import prompt_token_ids, resolve_reward_funcs
     from rlfleet.actors.scoring import BUILTIN_GROUP_FILTERS, resolve_function
     from rlfleet.data import load_prompt_dataset
-    from rlfleet.models import resolve_model_path
+    from rlfleet.models import load_tokenizer, resolve_model_path
 
     problems = []
     path = resolve_model_path(cfg.model.name_or_path)
@@ -132,9 +132,25 @@ def preflight(cfg: RLFleetConfig):
             check()
         except ValueError as err:
             problems.append(str(err))
+    if dataset is not None and not problems:
+        problems += long_prompts(cfg, dataset, load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code),
+                                 prompt_token_ids)
     if problems:
         raise ConfigError(problems)
     return dataset
+
+
+def long_prompts(cfg: RLFleetConfig, dataset, tokenizer, encode, sample: int = 2000) -> list[str]:
+    """The first prompt (of the first ``sample``) that leaves no room for a full completion, as a problem."""
+    room = cfg.model.max_model_len - cfg.generation.max_completion_length
+    for i, prompt in enumerate(dataset.select(range(min(len(dataset), sample)))["prompt"]):
+        n = len(encode(tokenizer, prompt))
+        if n > room:
+            return [f"data.dataset: prompt {i} has {n} tokens, more than model.max_model_len "
+                    f"({cfg.model.max_model_len}) - generation.max_completion_length "
+                    f"({cfg.generation.max_completion_length}) = {room}; raise model.max_model_len, lower "
+                    "generation.max_completion_length, or filter out long prompts"]
+    return []
 
 
 class ActorLost(RuntimeError):
@@ -334,6 +350,9 @@ class TrainingRun:
             if all(x.retired for x in self.slots):
                 raise RuntimeError("every generation actor died more than cluster.max_restarts times") from err
         else:
+            if stats.get("policy_version", s.version) != s.version:  # restarted while idle: initial weights again
+                self.faults["faults/generator_restarts"] += 1
+                s.version = -1  # current weights go out before its next request
             self.window.add(s.index, stats)
             self.check_reward_errors(stats)
         s.future, s.sync_future, s.records = None, None, []

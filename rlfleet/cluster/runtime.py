@@ -17,6 +17,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlfleet.config import ClusterConfig
+from rlfleet.errors import ClusterError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,244 @@
+"""Faults and bad input: crashed actors, interrupted runs, corrupt checkpoints, wrong inputs (issue 8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlfleet.cli import main
+from rlfleet.cluster import checkpoint as ckpt
+from rlfleet.config import load_config
+from rlfleet.errors import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def records_of(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    """Poll an observable condition until it holds or the deadline passes (bounded; not a sleep around a race)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(out: Path, step: int) -> Path:
+    staging = ckpt.staging_dir(out, step)
+    (staging / "policy").mkdir()
+    (staging / "policy" / "model.safetensors").write_bytes(os.urandom(4096))
+    ckpt.write_state(staging, ({"fresh.rewards": np.arange(4, dtype=np.float32)}, {"counts": {"added": 4}}),
+                     {"step": step, "stream": {"epoch": 0, "position": 8}})
+    return ckpt.commit(staging, step, keep_last=2)
+
+
+def test_checkpoint_round_trip_and_keep_last(tmp_path):
+    for step in (2, 4, 6):
+        write_checkpoint(tmp_path, step)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-4", "step-6"]
+    (arrays, meta), driver = ckpt.read_state(ckpt.latest_checkpoint(tmp_path))
+    assert arrays["fresh.rewards"].tolist() == [0, 1, 2, 3] and meta == {"counts": {"added": 4}}
+    assert driver["step"] == 6 and driver["stream"]["position"] == 8
+
+
+def test_truncated_file_is_refused(tmp_path):
+    final = write_checkpoint(tmp_path, 2)
+    weights = final / "policy" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt: policy/model.safetensors does not match"):
+        ckpt.read_state(final)
+
+
+def test_flipped_byte_is_refused(tmp_path):
+    final = write_checkpoint(tmp_path, 2)
+    data = bytearray((final / "replay.npz").read_bytes())
+    data[-10] ^= 0xFF  # same size, different content
+    (final / "replay.npz").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt: replay.npz"):
+        ckpt.read_state(final)
+
+
+def test_interrupted_write_never_looks_complete(tmp_path):
+    write_checkpoint(tmp_path, 2)
+    staging = ckpt.staging_dir(tmp_path, 4)  # a crash here: files written, never committed
+    (staging / "driver.json").write_text("{}")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-2"
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        ckpt.read_state(staging)
+
+
+def test_incompatible_format_is_refused(tmp_path):
+    final = write_checkpoint(tmp_path, 2)
+    marker = json.loads((final / ckpt.MARKER).read_text())
+    (final / ckpt.MARKER).write_text(json.dumps({**marker, "format": 99}))
+    with pytest.raises(CheckpointError, match="format 99"):
+        ckpt.read_state(final)
+
+
+def test_replay_arrays_load_without_pickle(tmp_path):
+    final = write_checkpoint(tmp_path, 2)
+    with np.load(final / "replay.npz", allow_pickle=False) as npz:  # would raise if an object array were stored
+        assert set(npz.files) == {"fresh.rewards"}
+
+
+# -- bad input: one clear message each, before any actor starts ----------------------------------------------------
+
+
+def bad_reward(prompts, completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["learner.lerning_rate=1"], "learner.lerning_rate: unknown key"),
+    (["learner.max_steps=-3"], "learner.max_steps: Input should be greater than 0"),
+    (["generation.num_generations=3"], "is not divisible by generation.num_generations (3)"),
+    (["model.name_or_path=/nonexistent/model"], "model.name_or_path: '/nonexistent/model' is not a directory"),
+    (["data.dataset=/nonexistent/prompts.jsonl"], "does not exist"),
+    (["algorithm.reward_funcs=[no_such_module:f]"], "algorithm.reward_funcs[0]"),
+    (["algorithm.reward_funcs=[tests.test_faults:missing]"], "algorithm.reward_funcs[0]"),
+    (["algorithm.num_remains_in_group=2", "algorithm.group_filter_func=nope.mod:f"], "algorithm.group_filter_func"),
+    (["model.max_model_len=40", "generation.max_completion_length=24"], "prompt 0 has"),
+    (["generation.max_completion_length=600", "model.max_model_len=512"], "leaves no room for the prompt"),
+])
+def test_bad_input_fails_before_actors_with_the_field_and_fix(tmp_path, capsys, overrides, needle):
+    code = main(["train", str(DEPLOY / "quickstart.yaml"), f"output_dir={tmp_path}", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "checkpoints").exists()  # nothing started
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([], "is empty"),
+    ([{"question": "no prompt column"}], "prompt"),
+])
+def test_bad_dataset_files(tmp_path, capsys, rows, needle):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["train", str(DEPLOY / "quickstart.yaml"), f"output_dir={tmp_path / 'run'}", f"data.dataset={data}",
+                 "algorithm.reward_funcs=[tests.test_faults:bad_reward]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.dataset" in err and needle in err, err
+
+
+def test_resume_refuses_corrupt_checkpoint(tmp_path, capsys):
+    final = write_checkpoint(tmp_path, 2)
+    (final / "policy" / "model.safetensors").write_bytes(b"")
+    cfg = load_config(DEPLOY / "quickstart.yaml", [f"output_dir={tmp_path}", "checkpoint.resume=true"])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ckpt.read_state(ckpt.latest_checkpoint(cfg.output_dir))
+
+
+# -- crashed actors and interrupted runs (real actors on a local Ray cluster) ---------------------------------------
+
+
+def train_in_thread(cfg):
+    from rlfleet.cluster.driver import train
+
+    result: dict = {}
+
+    def target():
+        try:
+            result["summary"] = train(cfg)
+        except BaseException as err:  # surfaced by the test after join
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_killed_generator_is_restarted_on_current_weights(ray_cluster, tmp_path):
+    """Synchronous mode (max_staleness 0) makes "current weights" checkable: a restarted generator that sampled
+    with its initial weights would produce groups older than the bound, which the replay drops forever, and the
+    run could not finish; with the driver's re-sync it finishes with ratios of exactly 1."""
+    import ray
+
+    cfg = load_config(DEPLOY / "dapo_sync.yaml", [f"output_dir={tmp_path}", "learner.max_steps=8",
+                                                  "replay.zero_variance=keep", "logging.plot=false"])
+    thread, result = train_in_thread(cfg)
+    wait_for(lambda: len(records_of(tmp_path)) >= 2 or not thread.is_alive(), 300, "two learner steps")
+    ray.kill(ray.get_actor("rlfleet-generator-0"), no_restart=False)
+    thread.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    records = records_of(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["faults/generator_restarts"] >= 1
+    after = [r for r in records if r["faults/generator_restarts"] >= 1]
+    assert after and all(abs(r["ratio/max"] - 1) < 1e-4 and abs(r["ratio/min"] - 1) < 1e-4 for r in after)
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_killed_learner_recovers_from_checkpoint(ray_cluster, tmp_path):
+    import ray
+
+    cfg = load_config(DEPLOY / "grpo.yaml", [f"output_dir={tmp_path}", "learner.max_steps=8",
+                                             "checkpoint.save_steps=2", "logging.plot=false"])
+    thread, result = train_in_thread(cfg)
+    wait_for(lambda: len(records_of(tmp_path)) >= 3 or not thread.is_alive(), 300, "three learner steps")
+    ray.kill(ray.get_actor("rlfleet-learner"), no_restart=True)
+    thread.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    records = records_of(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 9))  # rolled back to the checkpoint, then continued
+    assert records[-1]["faults/recoveries"] == 1
+    assert records[-1]["policy_version"] == 8
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_ctrl_c_writes_final_checkpoint_and_resume_continues(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "rlfleet.cli", "train", str(DEPLOY / "gfpo.yaml"), f"output_dir={tmp_path}",
+           "learner.max_steps=1000", "checkpoint.save_steps=1000", "logging.plot=false"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: len(records_of(tmp_path)) >= 3 or proc.poll() is not None, 300, "three learner steps")
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    saved = ckpt.latest_checkpoint(tmp_path)
+    driver = json.loads((saved / "driver.json").read_text())
+    records = records_of(tmp_path)
+    assert driver["step"] == records[-1]["step"] >= 3  # nothing trained is lost
+    replay_meta = json.loads((saved / "replay.json").read_text())
+
+    last = driver["step"]
+    resume = [sys.executable, "-m", "rlfleet.cli", "train", str(DEPLOY / "gfpo.yaml"), f"output_dir={tmp_path}",
+              f"learner.max_steps={last + 2}", "logging.plot=false", "--resume"]
+    done = subprocess.run(resume, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    after = records_of(tmp_path)
+    assert [r["step"] for r in after] == list(range(1, last + 3))
+    assert after[last]["policy_version"] == last + 1
+    # the buffer came back: its sample counter continues from the saved one by exactly one batch
+    assert after[last]["replay/sampled"] == replay_meta["counts"]["sampled"] + 4
+    # the data position came back: the resumed run continued the saved prompt order
+    resumed_driver = json.loads((ckpt.latest_checkpoint(tmp_path) / "driver.json").read_text())
+    assert (resumed_driver["stream"]["epoch"], resumed_driver["stream"]["position"]) >= (
+        driver["stream"]["epoch"], driver["stream"]["position"])
