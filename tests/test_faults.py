@@ -178,6 +178,7 @@ def test_killed_generator_is_restarted_on_current_weights(ray_cluster, tmp_path)
                                                   "replay.zero_variance=keep", "logging.plot=false"])
     thread, result = train_in_thread(cfg)
     wait_for(lambda: len(records_of(tmp_path)) >= 2 or not thread.is_alive(), 300, "two learner steps")
+    assert thread.is_alive(), result
     ray.kill(ray.get_actor("rlfleet-generator-0"), no_restart=False)
     thread.join(timeout=600)
     assert "error" not in result, result.get("error")
@@ -198,6 +199,7 @@ def test_killed_learner_recovers_from_checkpoint(ray_cluster, tmp_path):
                                              "checkpoint.save_steps=2", "logging.plot=false"])
     thread, result = train_in_thread(cfg)
     wait_for(lambda: len(records_of(tmp_path)) >= 3 or not thread.is_alive(), 300, "three learner steps")
+    assert thread.is_alive(), result
     ray.kill(ray.get_actor("rlfleet-learner"), no_restart=True)
     thread.join(timeout=600)
     assert "error" not in result, result.get("error")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,8 @@ class GenSlot:
     future: ray.ObjectRef | None = None  # the generate() in flight
     records: list[dict] = field(default_factory=list)  # its prompts
     sync_future: ray.ObjectRef | None = None  # the update_weights() queued before it
-    failures: int = 0  # times the actor died
-    retired: bool = False  # died more often than cluster.max_restarts
+    restart: ray.ObjectRef | None = None  # ready() of an actor Ray is restarting
+    retired: bool = False  # died for good (restarts used up)
 
     @property
     def prompts(self) -> int:
@@ -264,27 +265,30 @@ class TrainingRun:
         def on_signal(signum, frame):
             raise RunStopped(signal.Signals(signum).name)
 
-        previous_handler = signal.signal(signal.SIGTERM, on_signal)
+        main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+        previous_handler = signal.signal(signal.SIGTERM, on_signal) if main_thread else None
         try:
             while self.step < cfg.learner.max_steps:
                 launched = self.admit()
-                if starved and not launched and not any(s.future for s in self.slots):
+                if starved and not launched and not self.busy():
                     raise RuntimeError(f"the learner needs {gps} groups and the staleness bound admits no new "
                                        "generation; this is a bug, please report it")
                 if learner_future is None:
                     learner_future = self.learner.train_step.remote(pull_s)
 
-                pending = [learner_future] + [s.future for s in self.slots if s.future is not None]
+                pending = [learner_future] + [f for s in self.slots for f in (s.future, s.restart) if f is not None]
                 ready, _ = ray.wait(pending, num_returns=1, timeout=cfg.cluster.timeout_s)
                 if not ready:
                     raise RuntimeError(f"no actor finished work within cluster.timeout_s={cfg.cluster.timeout_s:g} s")
                 for s in self.slots:
                     if s.future is not None and s.future in ready:
                         self.collect(s)
+                    if s.restart is not None and s.restart in ready:
+                        self.restarted(s)
                 if learner_future in ready:
                     metrics = call(learner_future, cfg, "the learner")
                     learner_future = None
-                    starved = metrics is None and not any(s.future for s in self.slots)
+                    starved = metrics is None and not self.busy()
                     if metrics is None:  # waited pull_s for a batch: admission runs again with fresh replay stats
                         continue
                     self.finish_step(metrics)
@@ -293,7 +297,8 @@ class TrainingRun:
         except (KeyboardInterrupt, RunStopped) as stop:
             print(f"\nrlfleet: stopping ({type(stop).__name__}); writing a final checkpoint", flush=True)
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous_handler)
 
         if learner_future is not None:  # a step in flight changes the weights: count it before saving
             metrics = call(learner_future, cfg, "the learner")
@@ -308,6 +313,10 @@ class TrainingRun:
         print(f"rlfleet: done at step {self.step}; checkpoint {final}", flush=True)
         return summary
 
+    def busy(self) -> bool:
+        """Some generator is generating, or being restarted by Ray."""
+        return any(s.future is not None or s.restart is not None for s in self.slots)
+
     def admit(self) -> int:
         """Launch generation on idle actors as far as the staleness bound admits (see the module docstring)."""
         cfg, gps = self.cfg, self.cfg.learner.groups_per_step
@@ -319,7 +328,7 @@ class TrainingRun:
         launched = 0
         for s in self.slots:
             n = min(per_request, budget)
-            if s.future is not None or s.retired or n <= 0:
+            if s.future is not None or s.restart is not None or s.retired or n <= 0:
                 continue
             if s.version != self.version:  # runs before generate(): actor methods execute in order
                 s.sync_future = s.handle.update_weights.remote(self.weights[0], self.version)
@@ -339,16 +348,14 @@ class TrainingRun:
         except ray.exceptions.RayActorError as err:
             # Ray restarts the actor (cluster.max_restarts) with the initial weights; it gets the current ones
             # before it generates again. Groups it delivered before dying stay in the replay actor.
-            s.failures += 1
             self.faults["faults/generator_restarts"] += 1
             self.faults["faults/lost_groups"] += len(s.records)
             self.retry.extend(s.records)
             s.version = -1
-            s.retired = s.failures > self.cfg.cluster.max_restarts
-            print(f"rlfleet: rlfleet-generator-{s.index} died ({type(err).__name__}); "
-                  f"{'retired it' if s.retired else 're-issuing its prompts'}", flush=True)
-            if all(x.retired for x in self.slots):
-                raise RuntimeError("every generation actor died more than cluster.max_restarts times") from err
+            # ready() retried until the restarted actor answers; ActorDiedError once its restarts are used up
+            s.restart = s.handle.ready.options(max_task_retries=-1).remote()
+            print(f"rlfleet: rlfleet-generator-{s.index} died ({type(err).__name__}); its prompts are re-issued "
+                  "once Ray has restarted it", flush=True)
         else:
             if stats.get("policy_version", s.version) != s.version:  # restarted while idle: initial weights again
                 self.faults["faults/generator_restarts"] += 1
@@ -356,6 +363,17 @@ class TrainingRun:
             self.window.add(s.index, stats)
             self.check_reward_errors(stats)
         s.future, s.sync_future, s.records = None, None, []
+
+    def restarted(self, s: GenSlot) -> None:
+        """Ray restarted a generation actor (it is admitted again), or gave up on it (it is retired)."""
+        try:
+            ray.get(s.restart, timeout=self.cfg.cluster.timeout_s)
+        except ray.exceptions.RayActorError as err:
+            s.retired = True
+            print(f"rlfleet: rlfleet-generator-{s.index} is gone for good ({type(err).__name__})", flush=True)
+            if all(x.retired for x in self.slots):
+                raise RuntimeError("every generation actor died more than cluster.max_restarts times") from err
+        s.restart = None
 
     def check_reward_errors(self, stats: dict) -> None:
         """Stop when reward / filter functions fail on more than algorithm.max_reward_error_frac of the groups."""
