@@ -180,6 +180,24 @@ def _check_prompt(prompt: Any, where: str) -> None:
     )
 
 
+def load_mapped(cfg: DataConfig, split: str, builtin: Callable[[str], datasets.Dataset] | None) -> datasets.Dataset:
+    """``cfg.dataset`` loaded (``builtin(split)`` for a built-in, else a local file, else the hub with
+    ``cfg.dataset_config``) and its columns renamed by ``cfg.column_mapping``."""
+    name = cfg.dataset
+    if builtin is not None:
+        ds = builtin(split)
+    elif is_local_file(name):
+        ds = load_local_file(name, split)
+    else:
+        ds = datasets.load_dataset(name, cfg.dataset_config, split=split)
+    missing = [src for src in cfg.column_mapping if src not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"data.column_mapping: column(s) {missing} not in dataset {name!r} (columns: {ds.column_names})"
+        )
+    return ds.rename_columns(dict(cfg.column_mapping)) if cfg.column_mapping else ds
+
+
 def load_prompt_dataset(cfg: DataConfig, split: str, seed: int = 0) -> datasets.Dataset:
     """The prompt dataset named by ``cfg.dataset``, columns renamed by ``cfg.column_mapping``, validated.
 
@@ -190,18 +208,7 @@ def load_prompt_dataset(cfg: DataConfig, split: str, seed: int = 0) -> datasets.
     """
     name = cfg.dataset
     task = builtin_task(name)
-    if task is not None:
-        ds = task.dataset(split)
-    elif is_local_file(name):
-        ds = load_local_file(name, split)
-    else:
-        ds = datasets.load_dataset(name, cfg.dataset_config, split=split)
-    missing = [src for src in cfg.column_mapping if src not in ds.column_names]
-    if missing:
-        raise ValueError(
-            f"data.column_mapping: column(s) {missing} not in dataset {name!r} (columns: {ds.column_names})"
-        )
-    ds = ds.rename_columns(dict(cfg.column_mapping)) if cfg.column_mapping else ds
+    ds = load_mapped(cfg, split, task.dataset if task is not None else None)
     if "prompt" not in ds.column_names:
         raise ValueError(
             f"data.dataset: {name!r} has no 'prompt' column (columns: {ds.column_names}); rename one with "

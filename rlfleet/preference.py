@@ -32,7 +32,7 @@ from typing import Any
 import datasets
 
 from rlfleet.config import DataConfig
-from rlfleet.data import BUILTIN_PREFIX, is_local_file, load_local_file
+from rlfleet.data import BUILTIN_PREFIX, load_mapped
 
 Messages = list[dict[str, str]]
 
@@ -92,22 +92,14 @@ def load_preference_dataset(cfg: DataConfig, split: str) -> datasets.Dataset:
     the wrong kind. ``cfg.max_prompts`` keeps the first N rows.
     """
     name = cfg.dataset
+    builtin = None
     if name.startswith(BUILTIN_PREFIX):
         key = name[len(BUILTIN_PREFIX):]
         if key not in BUILTIN_PREFERENCES:
             known = ", ".join(f"'builtin:{k}'" for k in BUILTIN_PREFERENCES)
             raise ValueError(f"data.dataset: {name!r} is not a built-in preference dataset; use one of {known}")
-        ds = BUILTIN_PREFERENCES[key](split)
-    elif is_local_file(name):
-        ds = load_local_file(name, split)
-    else:
-        ds = datasets.load_dataset(name, cfg.dataset_config, split=split)
-    missing = [src for src in cfg.column_mapping if src not in ds.column_names]
-    if missing:
-        raise ValueError(
-            f"data.column_mapping: column(s) {missing} not in dataset {name!r} (columns: {ds.column_names})"
-        )
-    ds = ds.rename_columns(dict(cfg.column_mapping)) if cfg.column_mapping else ds
+        builtin = BUILTIN_PREFERENCES[key]
+    ds = load_mapped(cfg, split, builtin)
     absent = [c for c in ("chosen", "rejected") if c not in ds.column_names]
     if absent:
         raise ValueError(

@@ -35,7 +35,6 @@ import json
 import math
 import time
 from dataclasses import dataclass, fields
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ from torch import Tensor
 from rlfleet.config import DPOConfig, LearnerConfig, ModelConfig
 from rlfleet.learner.bema import BEMA
 from rlfleet.learner.losses import dpo_loss
-from rlfleet.learner.policy import resolve_device, completion_logprobs, lr_factor
+from rlfleet.learner.policy import completion_logprobs, make_optimizer, resolve_device
 from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.preference import PreferencePair
 
@@ -183,17 +182,7 @@ class DPOLearner:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()  # HF applies gradient checkpointing in train mode only; dropout is off above
         self.ref_model = frozen_copy(self.model, self.compute_dtype)
-        self.optimizer = torch.optim.AdamW(
-            self.trainable().values(),
-            lr=learner_cfg.learning_rate,
-            betas=(learner_cfg.adam_beta1, learner_cfg.adam_beta2),
-            weight_decay=learner_cfg.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            partial(lr_factor, schedule=learner_cfg.lr_scheduler_type, warmup_steps=learner_cfg.warmup_steps,
-                    max_steps=learner_cfg.max_steps),
-        )
+        self.optimizer, self.scheduler = make_optimizer(self.trainable().values(), learner_cfg)
         self.bema = BEMA(self.trainable(), dpo_cfg.bema, device="cpu") if dpo_cfg.bema is not None else None
         self.pairs_per_micro_batch = max(1, learner_cfg.micro_batch_size // 2)
         self.step = 0

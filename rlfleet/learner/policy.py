@@ -216,6 +216,15 @@ def resolve_device(name: str) -> torch.device:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def make_optimizer(params, cfg: LearnerConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with ``cfg``'s lr, betas and weight decay, and its lr schedule (:func:`lr_factor`)."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    schedule = partial(lr_factor, schedule=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps,
+                       max_steps=cfg.max_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 class PolicyLearner:
     """Policy (+ frozen reference when beta > 0), AdamW, lr schedule; ``train_step`` on groups.
 
@@ -249,17 +258,7 @@ class PolicyLearner:
             self.ref_model = load_causal_lm(model_cfg.name_or_path, self.compute_dtype, str(self.device),
                                             model_cfg.trust_remote_code).eval().requires_grad_(False)
         self.loss_fn = make_policy_loss(algorithm_cfg)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=learner_cfg.learning_rate,
-            betas=(learner_cfg.adam_beta1, learner_cfg.adam_beta2),
-            weight_decay=learner_cfg.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            partial(lr_factor, schedule=learner_cfg.lr_scheduler_type, warmup_steps=learner_cfg.warmup_steps,
-                    max_steps=learner_cfg.max_steps),
-        )
+        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), learner_cfg)
         self.policy_version = 0
         self.step = 0  # train_step calls completed
 
