@@ -146,3 +146,14 @@ def test_job_stop_leaves_a_final_checkpoint(head, tmp_path):
     assert actors.returncode == 0, actors.stderr
     alive = [] if actors.stdout.startswith("No resource") else json.loads(actors.stdout)  # the CLI's empty answer
     assert [a for a in alive if (a.get("name") or "").startswith("rlfleet")] == []
+
+
+def test_job_submit_runs_dpo(head, tmp_path):
+    out_dir = tmp_path / "dpo"
+    job_id = submit(head, "python", "-m", "rlfleet.cli", "dpo", "deploy/dpo_quickstart.yaml", "learner.max_steps=6",
+                    f"output_dir={out_dir}", "logging.plot=false")
+    status = job_end(head, job_id, 300)
+    assert status == "SUCCEEDED", ray_cli(head, "job", "logs", "--address", head["address"], job_id).stdout[-3000:]
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 6
+    assert (out_dir / "bema" / "config.json").is_file()  # the BEMA-averaged weights in Hugging Face format

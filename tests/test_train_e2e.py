@@ -64,6 +64,14 @@ def test_async_staleness_never_exceeds_bound(ray_cluster, tmp_path):
     assert max(r["staleness/max"] for r in records) >= 1  # the run did overlap generation with learning
 
 
+def test_several_generation_actors_share_the_work(ray_cluster, tmp_path):
+    records = run(tmp_path, "grpo", "learner.max_steps=6", "cluster.num_generators=2", "replay.max_staleness=2",
+                  "generation.generation_batch_size=16", "learner.groups_per_step=2")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert max(r["gen/active_generators"] for r in records) == 2  # both engines delivered groups in one step
+    assert max(r["staleness/max"] for r in records) <= 2
+
+
 def test_resume_continues_step_count_and_buffer(ray_cluster, tmp_path):
     first = run(tmp_path, "gspo_token", "learner.max_steps=4", "checkpoint.save_steps=2")
     saved = ckpt.latest_checkpoint(tmp_path / "gspo_token")

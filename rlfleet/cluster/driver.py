@@ -96,6 +96,7 @@ class StepWindow:
         per_gen = self.per_generator(wall_s, num_generators).values()
         return {
             "gen/groups": self.groups,
+            "gen/active_generators": sum(1 for t in self.tokens.values() if t > 0),
             "gen/tokens": tokens,
             "time/gen_s": busy,
             "throughput/gen_tokens_per_s": tokens / busy if busy else 0.0,
