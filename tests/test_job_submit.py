@@ -71,8 +71,15 @@ def ray_cli(head, *args: str, timeout: float = 60) -> subprocess.CompletedProces
 
 
 def submit(head, *entrypoint: str) -> str:
-    out = ray_cli(head, "job", "submit", "--address", head["address"], "--working-dir", ".", "--runtime-env",
-                  "deploy/runtime_env.yaml", "--no-wait", "--", *entrypoint, timeout=120)
+    """`ray job submit --no-wait`; while the head's job agent is still starting, Ray answers "No available agent to
+    submit job, please try again later", so that answer (and only that one) is retried until a deadline."""
+    deadline = time.monotonic() + 120
+    while True:
+        out = ray_cli(head, "job", "submit", "--address", head["address"], "--working-dir", ".", "--runtime-env",
+                      "deploy/runtime_env.yaml", "--no-wait", "--", *entrypoint, timeout=120)
+        if out.returncode == 0 or "No available agent" not in out.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     assert out.returncode == 0, out.stderr
     job_id = next(line.split("'")[1] for line in out.stdout.splitlines() if "submitted successfully" in line)
     return job_id
