@@ -17,10 +17,13 @@ extras=$engine
 [ "${1:-}" = "--test" ] && extras="$engine,test"
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-stamp="$venv/.rlfleet-installed"
-want="$(sha256sum pyproject.toml | cut -c1-16) $extras"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+stamp="$venv/.rlfleet-installed"  # "<pyproject hash> <extras installed>"
+hash=$(sha256sum pyproject.toml | cut -c1-16)
+if [ -f "$stamp" ]; then
+  read -r have_hash have_extras < "$stamp"
+  if [ "$have_hash" = "$hash" ] && [ "$have_extras" = "$extras" -o "$have_extras" = "$engine,test" ]; then
+    exit 0  # up to date (an install with the test tools also serves the runtime command)
+  fi
 fi
 
 echo "rlfleet setup: installing .[$extras] into $venv (first time: ~3 min)" >&2
@@ -32,4 +35,4 @@ if [ "$engine" = cpu ]; then
 fi
 "$venv/bin/python" -c "import vllm, ray, torch, transformers" 2>/dev/null \
   || { echo "rlfleet setup: the installed environment cannot import vllm/ray/torch/transformers" >&2; exit 1; }
-echo "$want" > "$stamp"
+echo "$hash $extras" > "$stamp"
