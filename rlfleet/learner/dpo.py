@@ -44,7 +44,7 @@ from torch import Tensor
 from rlfleet.config import DPOConfig, LearnerConfig, ModelConfig
 from rlfleet.learner.bema import BEMA
 from rlfleet.learner.losses import dpo_loss
-from rlfleet.learner.policy import completion_logprobs, make_optimizer, resolve_device
+from rlfleet.learner.policy import completion_logprobs, make_optimizer, prepare_for_training, resolve_device
 from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.preference import PreferencePair
 
@@ -175,12 +175,7 @@ class DPOLearner:
         if model is None:
             model = load_causal_lm(model_cfg.name_or_path, torch.float32, str(self.device), model_cfg.trust_remote_code)
         self.model = model.to(self.device)
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        if learner_cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model.train()  # HF applies gradient checkpointing in train mode only; dropout is off above
+        prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
         self.ref_model = frozen_copy(self.model, self.compute_dtype)
         self.optimizer, self.scheduler = make_optimizer(self.trainable().values(), learner_cfg)
         self.bema = BEMA(self.trainable(), dpo_cfg.bema, device="cpu") if dpo_cfg.bema is not None else None

@@ -216,6 +216,17 @@ def resolve_device(name: str) -> torch.device:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
+    """Dropout off (the loss compares log-probs with the engine's, which has none), optional gradient
+    checkpointing, train mode (HF applies gradient checkpointing in train mode only)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
 def make_optimizer(params, cfg: LearnerConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with ``cfg``'s lr, betas and weight decay, and its lr schedule (:func:`lr_factor`)."""
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -247,12 +258,7 @@ class PolicyLearner:
         self.tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
         self.model = load_causal_lm(model_cfg.name_or_path, torch.float32, str(self.device),
                                     model_cfg.trust_remote_code)
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        if learner_cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model.train()  # HF applies gradient checkpointing in train mode only; dropout is off above
+        prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
         self.ref_model = None
         if algorithm_cfg.beta > 0:
             self.ref_model = load_causal_lm(model_cfg.name_or_path, self.compute_dtype, str(self.device),
