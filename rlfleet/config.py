@@ -259,7 +259,8 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     elif gen.generation_batch_size % G:
         out.append(
             f"generation.generation_batch_size: {gen.generation_batch_size} is not divisible by "
-            f"generation.num_generations ({G}). Use a multiple of {G}, e.g. {G * max(1, gen.generation_batch_size // G)}."
+            f"generation.num_generations ({G}). Use a multiple of {G}, e.g. "
+            f"{G * max(1, gen.generation_batch_size // G)}."
         )
     k = alg.num_remains_in_group
     if k is not None:

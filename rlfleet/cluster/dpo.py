@@ -18,14 +18,13 @@ BEMA state: see :meth:`~rlfleet.learner.dpo.DPOLearner.save`) and ``driver.json`
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 
 import ray
 
 from rlfleet.cluster import checkpoint as ckpt
-from rlfleet.cluster.driver import RunStopped, call
+from rlfleet.cluster.driver import RunStopped, call, stop_on_sigterm
 from rlfleet.cluster.metrics import MetricsLog, plot
 from rlfleet.cluster.runtime import connect, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
@@ -127,28 +126,23 @@ def train_dpo(cfg: RLFleetConfig) -> dict:
                   f"{record['rewards/accuracies']:.3f}  margin {record['rewards/margins']:.4f}{held_out}  "
                   f"{rate:.2f} steps/s", flush=True)
 
-    def on_signal(signum, frame):
-        raise RunStopped(signal.Signals(signum).name)
-
     start_step = step
     if step == 0 and eval_pairs is not None:  # the baseline the held-out accuracy is compared with
         last_record = {"step": 0, **evaluate()}
         metrics_log.write(last_record)
     future = None  # the train_step in flight
-    previous_handler = signal.signal(signal.SIGTERM, on_signal)
-    try:
-        while step < max_steps:
-            pairs = [PreferencePair.from_record(r) for r in stream.next_batch(cfg.dpo.batch_size)]
-            future = learner.train_step.remote(pairs)
-            metrics = call(future, cfg, "the DPO learner")
-            future = None
-            finish_step(metrics, with_eval=(step + 1) % eval_steps == 0 or step + 1 == max_steps)
-            if step % cfg.checkpoint.save_steps == 0 and step < max_steps:
-                save(step)
-    except (KeyboardInterrupt, RunStopped) as stop:
-        print(f"\nrlfleet dpo: stopping ({type(stop).__name__}); writing a final checkpoint", flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+    with stop_on_sigterm():
+        try:
+            while step < max_steps:
+                pairs = [PreferencePair.from_record(r) for r in stream.next_batch(cfg.dpo.batch_size)]
+                future = learner.train_step.remote(pairs)
+                metrics = call(future, cfg, "the DPO learner")
+                future = None
+                finish_step(metrics, with_eval=(step + 1) % eval_steps == 0 or step + 1 == max_steps)
+                if step % cfg.checkpoint.save_steps == 0 and step < max_steps:
+                    save(step)
+        except (KeyboardInterrupt, RunStopped) as stop:
+            print(f"\nrlfleet dpo: stopping ({type(stop).__name__}); writing a final checkpoint", flush=True)
 
     # -- 4. final checkpoint, BEMA weights, plot, shutdown ---------------------------------------------------
     try:

@@ -30,6 +30,7 @@ import logging
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,6 +156,25 @@ def long_prompts(cfg: RLFleetConfig, dataset, tokenizer, encode, sample: int = 2
     return []
 
 
+@contextmanager
+def stop_on_sigterm():
+    """Within the block, SIGTERM (``ray job stop``) raises :class:`RunStopped`, like Ctrl-C raises
+    KeyboardInterrupt, so the run can write a final checkpoint. Signals reach the main thread only: elsewhere
+    (a run started from a thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        raise RunStopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class ActorLost(RuntimeError):
     """The learner or the replay actor died: the run restarts its actors from the latest checkpoint."""
 
@@ -254,65 +274,61 @@ class TrainingRun:
         stats = call(self.replay.stats.remote(), cfg, "the replay actor")
         self.sampled_before, self.substituted_before = stats["replay/sampled"], stats["replay/substituted"]
         self.steps_here = 0
+        self.learner_future: ray.ObjectRef | None = None  # the train_step in flight
         self.window, self.last_record, self.t_step = StepWindow(), {}, time.perf_counter()
 
     # -- the loop ----------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        cfg, gps = self.cfg, self.cfg.learner.groups_per_step
-        pull_s = min(cfg.cluster.timeout_s, 5.0)  # the learner returns None after this long: the driver stays in charge
-        learner_future, starved = None, False
-
-        def on_signal(signum, frame):
-            raise RunStopped(signal.Signals(signum).name)
-
-        main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
-        previous_handler = signal.signal(signal.SIGTERM, on_signal) if main_thread else None
-        try:
-            while self.step < cfg.learner.max_steps:
-                launched = self.admit()
-                if starved and not launched and not self.busy():
-                    raise RuntimeError(f"the learner needs {gps} groups and the staleness bound admits no new "
-                                       "generation; this is a bug, please report it")
-                if learner_future is None:
-                    learner_future = self.learner.train_step.remote(pull_s)
-
-                pending = [learner_future] + [f for s in self.slots for f in (s.future, s.restart) if f is not None]
-                ready, _ = ray.wait(pending, num_returns=1, timeout=cfg.cluster.timeout_s)
-                if not ready:
-                    raise RuntimeError(f"no actor finished work within cluster.timeout_s={cfg.cluster.timeout_s:g} s")
-                for s in self.slots:
-                    if s.future is not None and s.future in ready:
-                        self.collect(s)
-                    if s.restart is not None and s.restart in ready:
-                        self.restarted(s)
-                if learner_future in ready:
-                    metrics = call(learner_future, cfg, "the learner")
-                    learner_future = None
-                    starved = metrics is None and not self.busy()
-                    if metrics is None:  # waited pull_s for a batch: admission runs again with fresh replay stats
-                        continue
-                    self.finish_step(metrics)
-                    if self.step % cfg.checkpoint.save_steps == 0 and self.step < cfg.learner.max_steps:
-                        self.save()
-        except (KeyboardInterrupt, RunStopped) as stop:
-            print(f"\nrlfleet: stopping ({type(stop).__name__}); writing a final checkpoint", flush=True)
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous_handler)
-
-        if learner_future is not None:  # a step in flight changes the weights: count it before saving
-            metrics = call(learner_future, cfg, "the learner")
+        with stop_on_sigterm():
+            try:
+                self.loop()
+            except (KeyboardInterrupt, RunStopped) as stop:
+                print(f"\nrlfleet: stopping ({type(stop).__name__}); writing a final checkpoint", flush=True)
+        if self.learner_future is not None:  # a step in flight changes the weights: count it before saving
+            metrics = call(self.learner_future, self.cfg, "the learner")
             if metrics is not None:
                 self.finish_step(metrics)
         final = self.save()
         records = self.metrics_log.read()
-        png = plot(records, self.out / "reward.png") if cfg.logging.plot else None
+        png = plot(records, self.out / "reward.png") if self.cfg.logging.plot else None
         summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.metrics_log.path),
                    "plot": str(png) if png else None, "last": self.last_record}
         (self.out / "summary.json").write_text(json.dumps(summary, default=str, indent=2))
         print(f"rlfleet: done at step {self.step}; checkpoint {final}", flush=True)
         return summary
+
+    def loop(self) -> None:
+        """Keep generation and one learner step in flight until max_steps; checkpoint every save_steps."""
+        cfg, gps = self.cfg, self.cfg.learner.groups_per_step
+        pull_s = min(cfg.cluster.timeout_s, 5.0)  # the learner returns None after this long: the driver stays in charge
+        starved = False
+        while self.step < cfg.learner.max_steps:
+            launched = self.admit()
+            if starved and not launched and not self.busy():
+                raise RuntimeError(f"the learner needs {gps} groups and the staleness bound admits no new "
+                                   "generation; this is a bug, please report it")
+            if self.learner_future is None:
+                self.learner_future = self.learner.train_step.remote(pull_s)
+
+            pending = [self.learner_future] + [f for s in self.slots for f in (s.future, s.restart) if f is not None]
+            ready, _ = ray.wait(pending, num_returns=1, timeout=cfg.cluster.timeout_s)
+            if not ready:
+                raise RuntimeError(f"no actor finished work within cluster.timeout_s={cfg.cluster.timeout_s:g} s")
+            for s in self.slots:
+                if s.future is not None and s.future in ready:
+                    self.collect(s)
+                if s.restart is not None and s.restart in ready:
+                    self.restarted(s)
+            if self.learner_future in ready:
+                metrics = call(self.learner_future, cfg, "the learner")
+                self.learner_future = None
+                starved = metrics is None and not self.busy()
+                if metrics is None:  # waited pull_s for a batch: admission runs again with fresh replay stats
+                    continue
+                self.finish_step(metrics)
+                if self.step % cfg.checkpoint.save_steps == 0 and self.step < cfg.learner.max_steps:
+                    self.save()
 
     def busy(self) -> bool:
         """Some generator is generating, or being restarted by Ray."""

@@ -72,12 +72,12 @@ def check_feasible(cfg: ClusterConfig, nodes: list[dict[str, float]], num_genera
     for resource in ("CPU", "GPU"):
         need = sum(b.get(resource, 0) for b in wanted)
         have = sum(n.get(resource, 0) for n in nodes)
+        per_learner, per_generator = wanted[0].get(resource, 0), wanted[-1].get(resource, 0) if n_gen else 0
         if need > have:
             problems.append(
-                f"the job needs {need:g} {resource} in all (learner {cfg.learner_num_cpus if resource == 'CPU' else cfg.learner_num_gpus:g}"
-                f" + {n_gen} generators x "
-                f"{cfg.generator_num_cpus if resource == 'CPU' else cfg.generator_num_gpus:g}) but the cluster has "
-                f"{have:g}; lower cluster.num_generators / cluster.*_num_{resource.lower()}s or add nodes"
+                f"the job needs {need:g} {resource} in all (learner {per_learner:g} + {n_gen} generators x "
+                f"{per_generator:g}) but the cluster has {have:g}; lower cluster.num_generators / "
+                f"cluster.*_num_{resource.lower()}s or add nodes"
             )
     biggest = {r: max((n.get(r, 0) for n in nodes), default=0) for r in ("CPU", "GPU")}
     for name, b in (("learner", wanted[0]), ("generator", wanted[-1])):
@@ -104,7 +104,8 @@ def reserve(cfg: ClusterConfig, num_generators: int | None = None, timeout_s: fl
     if not ready:
         remove_placement_group(group)
         raise ClusterError(
-            f"the placement group {bundles(cfg, num_generators)} ({cfg.placement_strategy}) was not ready after {timeout_s:.0f} s: "
+            f"the placement group {bundles(cfg, num_generators)} ({cfg.placement_strategy}) was not ready after "
+            f"{timeout_s:.0f} s: "
             f"the cluster's free resources are {ray.available_resources()}; free them or ask for less"
         )
     return Placement(group)
