@@ -34,10 +34,14 @@ def free_port() -> int:
 def head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
            "RAY_USAGE_STATS_ENABLED": "0"}
-    ports = {"gcs": free_port(), "dashboard": free_port(), "metrics": free_port()}
+    # every port explicit: the defaults (e.g. the dashboard agent's 52365) may be held by another Ray on the machine,
+    # and a head whose agent cannot bind never accepts jobs ("No available agent")
+    ports = {name: free_port() for name in ("gcs", "dashboard", "metrics", "agent_http", "agent_grpc", "runtime_env")}
     temp = tmp_path_factory.mktemp("ray")
     start = [str(BIN / "ray"), "start", "--head", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={ports['dashboard']}", f"--metrics-export-port={ports['metrics']}", "--num-cpus=4",
+             f"--dashboard-port={ports['dashboard']}", f"--metrics-export-port={ports['metrics']}",
+             f"--dashboard-agent-listen-port={ports['agent_http']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+             f"--runtime-env-agent-port={ports['runtime_env']}", "--num-cpus=4",
              f"--temp-dir={temp}", "--disable-usage-stats"]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
