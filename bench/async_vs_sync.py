@@ -13,7 +13,8 @@ the learner's compute ``t_learn`` (``time/learner_s``) and the generator's busy 
 ``max(t_gen, t_learn)`` instead of ``t_gen + t_learn``, so the ideal speedup over the synchronous run is
 ``(t_gen + t_learn) / max(t_gen, t_learn)`` with the synchronous run's stage times; ``of_ideal`` is the measured
 speedup divided by it. ``learner_slowdown`` (t_learn async / t_learn sync) shows what overlapping costs the learner
-when the two stages share too few cores.
+when the two stages share too few cores, and ``overlap`` = max(t_gen, t_learn) / step (t_gen + t_learn for the
+synchronous run) how much of a step the stages themselves explain, with their times as measured in that run.
 """
 
 from __future__ import annotations
@@ -103,10 +104,12 @@ def main() -> None:
         row["ideal"] = ideal if row["staleness"] > 0 else 1.0
         row["of_ideal"] = row["speedup"] / row["ideal"]
         row["learner_slowdown"] = row["t_learn_s"] / sync["t_learn_s"]
-        row["overhead_s"] = row["step_s"] - (row["t_gen_s"] + row["t_learn_s"] if row["staleness"] == 0
-                                             else max(row["t_gen_s"], row["t_learn_s"]))
+        stages_s = (row["t_gen_s"] + row["t_learn_s"] if row["staleness"] == 0
+                    else max(row["t_gen_s"], row["t_learn_s"]))  # what the step would take with no overhead
+        row["overhead_s"] = row["step_s"] - stages_s
+        row["overlap"] = stages_s / row["step_s"]
     table = print_table(rows, ["staleness", "runs", "steps", "groups_per_s", "step_s", "t_learn_s", "t_gen_s",
-                               "sync_s", "overhead_s", "speedup", "ideal", "of_ideal", "learner_slowdown",
+                               "sync_s", "overhead_s", "overlap", "speedup", "ideal", "of_ideal", "learner_slowdown",
                                "learner_idle", "staleness_mean", "busy_cores",
                                "other_busy_cores"],
                         title=f"async vs sync, builtin:{args.model}: speedup = groups/s over staleness 0; ideal = "
