@@ -17,7 +17,7 @@ matmuls (N_layers = parameters outside embeddings and norms), the LM head on the
 (``logits_to_keep``), and causal attention (QK^T and AV, 4 d FLOPs per key forward, x3 with backward; S_mean =
 (S + 1) / 2 keys per query). ``MFU = model FLOPs / step time /
 peak``, with the GPU's dense bf16 peak (H100 SXM / H200: 989 TFLOP/s; ``--peak-tflops`` for others). Also reported:
-``weights()`` (the bf16 CPU copy the learner publishes every step) and the peak GPU memory.
+``packed_weights()`` (the bf16 host copy the learner publishes every step, into its reused buffer) and the peak GPU memory.
 """
 
 from __future__ import annotations
@@ -147,8 +147,9 @@ def main() -> None:
         learner.train_step(groups)
         sync()
         times.append(time.perf_counter() - t0)
+    learner.packed_weights()  # the first call allocates the host buffer
     t0 = time.perf_counter()
-    learner.weights()
+    learner.packed_weights()
     publish_s = time.perf_counter() - t0
 
     step_s = statistics.median(times)

@@ -2,24 +2,25 @@
 
     .venv/bin/python bench/weight_sync.py [--quick | --full]
 
-The real path of ``rlfleet train``, with rlfleet's own actors: ``LearnerActor.publish_weights()`` (the state dict
-copied to the compute dtype, one ``ray.put``) returns an object ref; every ``GenerationActor.update_weights(ref,
-version)`` resolves it from the object store and loads it into its vLLM engine in place
-(``collective_rpc("reload_weights")``, then a prefix-cache reset). Timed from the driver: ``sync_s`` = publish call
--> the last generator's update returned; parts: ``publish_s`` (learner copy + put), ``load_s`` (the slowest
-generator's engine load, as it reports it) and ``transfer_s`` (the rest: fetch and deserialization of the ref in the
-generators, call overheads). After each sync every generator's version is checked.
+The real path of ``rlfleet train``, with rlfleet's own actors: ``LearnerActor.publish_weights()`` packs the state
+dict into the learner's reusable host buffer in the compute dtype (``rlfleet/weight_sync.py``) and ``ray.put``\ s it;
+every ``GenerationActor.update_weights(ref, version)`` gets a read-only view of the object store from Ray, unpacks it
+into tensor views and loads them into its vLLM engine in place (``collective_rpc("reload_weights")``, then a
+prefix-cache reset). Timed from the driver: ``sync_s`` = publish call -> the last generator's update returned;
+parts: ``publish_s`` (learner pack + put, as the driver sees it), ``pack_s`` and ``put_s`` (the same two as the
+learner times them), ``load_s`` (the slowest generator's engine load, as it reports it) and ``transfer_s`` (the
+rest: the generators' fetch of the object, call overheads). After each sync every generator's version is checked.
 
 Bound: one memory copy of the same bytes at this machine's copy bandwidth (``numpy.copyto`` of a buffer that size,
 best of 5, measured between the syncs), ``copy_s = bytes / bandwidth``. ``x_copy = sync_s / copy_s`` is how many
-copy-times a sync costs (the design needs 1 + N copies: into the object store, then into each engine; with N
-generators on C cores at best 1 + ceil(N / C) copy-times).
+copy-times a sync costs (the design needs 2 + N copies: into the pack buffer, into the object store, into each
+engine; with N generators on C cores at best 2 + ceil(N / C) copy-times).
 
-Two publication paths, interleaved on the same generators: ``default`` (rlfleet as it is: Ray pickles torch
-tensors, copying them through ``torch``'s pickle support) and ``zero_copy`` (the learner actor started with
-``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1``: tensors go into the object store as raw bytes and come out as views).
-Sizes: rlfleet's ``tiny`` and ``small`` and bench-built random-init Qwen2 models of ~50M and ~100M parameters; 1, 2
-and 4 generators, each configuration repeated and the order reversed every repetition.
+Two publication paths, interleaved on the same actors: ``packed`` (rlfleet as it is) and ``dict`` (rlfleet before
+the packed buffer, kept here for the comparison: a dict of CPU tensors ``ray.put`` as is, which Ray pickles tensor by
+tensor, copying the bytes on put and again on get). Sizes: rlfleet's ``tiny`` and ``small`` and bench-built
+random-init Qwen2 models of ~50M and ~100M parameters; 1, 2 and 4 generators, each configuration repeated and the
+order reversed every repetition.
 """
 
 from __future__ import annotations
@@ -35,7 +36,42 @@ import numpy as np  # noqa: E402
 from bench.common import (LoadMonitor, arg_parser, init_ray, load_line, machine, median, model_path,  # noqa: E402
                           param_count, pick, print_table, save_json, setup_env)
 
-ZERO_COPY_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
+PATHS = ("packed", "dict")
+
+
+def bench_actor_classes():
+    """rlfleet's learner and generation actors plus the timed parts and the old ``dict`` path (bench only)."""
+    import ray
+
+    from rlfleet.actors.actor import GenerationActor
+    from rlfleet.learner.actor import LearnerActor
+
+    class BenchLearner(LearnerActor):
+        def weights_dict(self) -> dict:
+            """rlfleet's publication before the packed buffer: one contiguous CPU copy per tensor (tied once)."""
+            learner, copies, out = self.learner, {}, {}
+            for name, t in learner.model.state_dict().items():
+                key = (t.data_ptr(), tuple(t.shape), t.stride())
+                if key not in copies:
+                    copies[key] = t.detach().to("cpu", learner.compute_dtype, copy=True).contiguous()
+                out[name] = copies[key]
+            return out
+
+        def publish_timed(self, path: str) -> tuple[list, float, float]:
+            """([ref], pack_s, put_s) for ``path``."""
+            t0 = time.perf_counter()
+            weights = self.learner.packed_weights() if path == "packed" else self.weights_dict()
+            t1 = time.perf_counter()
+            ref = ray.put(weights)
+            return [ref], t1 - t0, time.perf_counter() - t1
+
+    class BenchGenerator(GenerationActor):
+        def update_weights_dict(self, state_dict: dict, version: int) -> float:
+            start = time.perf_counter()
+            self.engine.update_weights(state_dict, version)
+            return time.perf_counter() - start
+
+    return BenchLearner, BenchGenerator
 
 
 def copy_seconds(nbytes: int, repeats: int = 5) -> float:
@@ -56,9 +92,7 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
     times. Returns the samples and the size's facts."""
     import ray
 
-    from rlfleet.actors.actor import make_generation_actor
     from rlfleet.config import load_config
-    from rlfleet.learner.actor import make_learner_actor
     from rlfleet.replay.actor import make_replay_actor
 
     path = model_path(size)
@@ -67,11 +101,11 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
                       [f"model.name_or_path={path}", "cluster.max_restarts=0"])
     t0 = time.perf_counter()
     replay = make_replay_actor(cfg.replay, cfg.seed, name=None)
-    learners = {"default": make_learner_actor(cfg, replay),
-                "zero_copy": make_learner_actor(cfg, replay, runtime_env=ZERO_COPY_ENV)}
-    gens = [make_generation_actor(cfg, replay, i, name=None) for i in range(max(gen_counts))]
-    ray.get([g.ready.remote() for g in gens] + [learner.version.remote() for learner in learners.values()],
-            timeout=600)
+    learner_cls, generator_cls = bench_actor_classes()
+    learner = ray.remote(learner_cls).options(num_cpus=cfg.cluster.learner_num_cpus).remote(cfg, replay)
+    gens = [ray.remote(generator_cls).options(num_cpus=cfg.cluster.generator_num_cpus).remote(cfg, replay, i)
+            for i in range(max(gen_counts))]
+    ray.get([g.ready.remote() for g in gens] + [learner.version.remote()], timeout=600)
     start_s = time.perf_counter() - t0
     nbytes = 4 * params  # float32 on CPU (model.dtype auto); tied embeddings stored once
 
@@ -82,22 +116,24 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
         nonlocal version
         version += 1
         t0 = time.perf_counter()
-        refs, _ = ray.get(learners[path_name].publish_weights.remote(), timeout=600)
+        refs, pack_s, put_s = ray.get(learner.publish_timed.remote(path_name), timeout=600)
         t1 = time.perf_counter()
-        loads = ray.get([g.update_weights.remote(refs[0], version) for g in gens[:n]], timeout=600)
+        update = {"packed": "update_weights", "dict": "update_weights_dict"}[path_name]
+        loads = ray.get([getattr(g, update).remote(refs[0], version) for g in gens[:n]], timeout=600)
         t2 = time.perf_counter()
         ok = ray.get([g.version.remote() for g in gens[:n]], timeout=600) == [version] * n
         return {"size": size, "path": path_name, "generators": n, "sync_s": t2 - t0, "publish_s": t1 - t0,
-                "load_s": max(loads), "transfer_s": t2 - t1 - max(loads), "verified": ok}
+                "pack_s": pack_s, "put_s": put_s, "load_s": max(loads), "transfer_s": t2 - t1 - max(loads),
+                "verified": ok}
 
-    for path_name in learners:  # warm-up: first puts map fresh object-store memory, first loads warm the engines
+    for path_name in PATHS:  # warm-up: first puts map fresh object-store memory, first loads warm the engines
         for _ in range(2):
             sync(path_name, max(gen_counts))
     for r in range(reps):
-        order = [(p, n) for n in gen_counts for p in learners]
+        order = [(p, n) for n in gen_counts for p in PATHS]
         for p, n in order if r % 2 == 0 else order[::-1]:
             samples.append(sync(p, n) | {"copy_s": copy_seconds(nbytes)})
-    for handle in [replay, *learners.values(), *gens]:
+    for handle in [replay, learner, *gens]:
         ray.kill(handle, no_restart=True)
     return samples, {"size": size, "params": params, "bytes": nbytes, "start_s": start_s}
 
@@ -109,7 +145,7 @@ def main() -> None:
     sizes = pick(args.mode, ["tiny", "small"], ["tiny", "small", "m100"], ["tiny", "small", "m50", "m100"])
     gen_counts = [1, 2, 4]
     reps = pick(args.mode, 3, 4, 10)
-    print(f"weight sync: sizes {sizes}, generators {gen_counts}, {reps} repetitions, paths default / zero_copy",
+    print(f"weight sync: sizes {sizes}, generators {gen_counts}, {reps} repetitions, paths {' / '.join(PATHS)}",
           flush=True)
     init_ray(num_cpus=2 + 2 * max(gen_counts))  # actors outnumber the cores: syncs are timed one at a time
     samples, facts = [], []
@@ -125,20 +161,22 @@ def main() -> None:
     for f in facts:
         copy_s = median(s["copy_s"] for s in samples if s["size"] == f["size"])
         base = {}
-        for path_name in ("default", "zero_copy"):
+        for path_name in PATHS:
             for n in gen_counts:
                 mine = [s for s in samples if s["size"] == f["size"] and s["path"] == path_name and
                         s["generators"] == n]
                 row = {"size": f["size"], "params_M": f["params"] / 1e6, "MiB": f["bytes"] / 2**20,
                        "path": path_name, "generators": n, "reps": len(mine),
-                       **{k: median(s[k] for s in mine) for k in ("sync_s", "publish_s", "transfer_s", "load_s")},
+                       **{k: median(s[k] for s in mine) for k in ("sync_s", "publish_s", "pack_s", "put_s", "transfer_s",
+                                                             "load_s")},
                        "copy_s": copy_s, "copy_GBps": f["bytes"] / copy_s / 1e9,
                        "verified": all(s["verified"] for s in mine)}
                 row["x_copy"] = row["sync_s"] / copy_s
                 base.setdefault(path_name, row["sync_s"])
                 row["vs_1gen"] = row["sync_s"] / base[path_name]
                 rows.append(row)
-    table = print_table(rows, ["size", "params_M", "MiB", "path", "generators", "sync_s", "publish_s", "transfer_s",
+    table = print_table(rows, ["size", "params_M", "MiB", "path", "generators", "sync_s", "publish_s", "pack_s", "put_s",
+                               "transfer_s",
                                "load_s", "copy_s", "x_copy", "vs_1gen", "copy_GBps", "verified"],
                         title="weight sync (medians): learner publish -> every generator loaded; x_copy = sync_s / "
                               "one memory copy of the same bytes; vs_1gen = sync_s / sync_s with 1 generator")

@@ -10,6 +10,7 @@ from rlfleet.data import PromptStream, load_prompt_dataset
 from rlfleet.models import load_causal_lm
 from rlfleet.replay.actor import make_replay_actor
 from rlfleet.types import Group
+from rlfleet.weight_sync import WeightPacker
 
 pytestmark = pytest.mark.ray
 TIMEOUT_S = 300  # an actor's first call pays vLLM's import and start-up
@@ -70,7 +71,7 @@ def test_generation_actor_sends_groups_to_replay_and_loads_weights(ray_cluster, 
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1.01)
-        seconds = ray.get(actor.update_weights.remote(ray.put(model.state_dict()), 1), timeout=TIMEOUT_S)
+        seconds = ray.get(actor.update_weights.remote(ray.put(WeightPacker(torch.float32).pack(model.state_dict())), 1), timeout=TIMEOUT_S)
         assert seconds > 0 and ray.get(actor.version.remote(), timeout=TIMEOUT_S) == 1
         ray.get(actor.generate.remote(records[:1]), timeout=TIMEOUT_S)
 

@@ -25,6 +25,7 @@ from rlfleet.learner.policy import (
 )
 from rlfleet.models import PAD_ID, resolve_model_path
 from rlfleet.types import Group
+from rlfleet.weight_sync import unpack
 
 TEMPERATURE = 0.7
 
@@ -375,7 +376,7 @@ def test_weights_load_strictly_into_a_fresh_hf_model():
     w = learner.weights()
     assert w.keys() == learner.model.state_dict().keys()
     assert all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32 for t in w.values())
-    assert w["lm_head.weight"] is w["model.embed_tokens.weight"]
+    assert w["lm_head.weight"].data_ptr() == w["model.embed_tokens.weight"].data_ptr()
     fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path("builtin:tiny")))
     fresh.load_state_dict(w, strict=True)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
@@ -459,7 +460,7 @@ def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_
 
     refs, version = ray.get(learner.publish_weights.remote(), timeout=60)
     assert version == 1 and isinstance(refs[0], ray.ObjectRef)
-    published = ray.get(refs[0], timeout=60)
+    published = unpack(ray.get(refs[0], timeout=60))
     ray.get(learner.save.remote(str(tmp_path / "ckpt")), timeout=60)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").state_dict()
     assert published.keys() == saved.keys()

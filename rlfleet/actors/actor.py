@@ -15,6 +15,7 @@ from rlfleet.actors.engine import Engine
 from rlfleet.actors.generator import Generator
 from rlfleet.config import RLFleetConfig
 from rlfleet.models import load_tokenizer
+from rlfleet.weight_sync import PackedWeights, unpack
 
 
 class GenerationActor:
@@ -34,10 +35,11 @@ class GenerationActor:
             ray.get(self.replay.add.remote(groups), timeout=self.cfg.cluster.timeout_s)
         return stats
 
-    def update_weights(self, state_dict: dict, version: int) -> float:
-        """Load weights in place (the driver passes an ObjectRef; Ray resolves it); returns the seconds it took."""
+    def update_weights(self, weights: PackedWeights, version: int) -> float:
+        """Load weights in place (the driver passes an ObjectRef; Ray resolves it to a view of the object store);
+        returns the seconds it took."""
         start = time.perf_counter()
-        self.engine.update_weights(state_dict, version)
+        self.engine.update_weights(unpack(weights), version)
         return time.perf_counter() - start
 
     def version(self) -> int:

@@ -18,6 +18,9 @@ version ``V``, is then trained on by version ``V + lag + ceil((ahead + m) / grou
 its staleness stays within ``max_staleness`` iff ``ahead + m <= (max_staleness + 1 - lag) * groups_per_step``. The
 driver sizes each request to fit (``max_staleness: 0`` is synchronous on-policy training). Groups that still end up
 older (when others ahead of them were dropped) are dropped by the replay actor, and the driver generates anew.
+The learner's next step is launched before admission runs, so the learner never waits for the driver's calls; it
+may take its batch just after the replay snapshot that admission reads, and the bound still holds: counting those
+groups in ``ahead`` with ``lag`` 0 gives the same inequality as leaving them out with ``lag`` 1.
 
 Bulk data never passes through here: groups go generator -> replay, batches replay -> learner, weights learner ->
 object store -> generators. The driver moves prompts, object refs, versions and small metric dicts.
@@ -304,12 +307,12 @@ class TrainingRun:
         pull_s = min(cfg.cluster.timeout_s, 5.0)  # the learner returns None after this long: the driver stays in charge
         starved = False
         while self.step < cfg.learner.max_steps:
+            if self.learner_future is None:  # first, so the learner never waits for admission's calls
+                self.learner_future = self.learner.train_step.remote(pull_s)
             launched = self.admit()
             if starved and not launched and not self.busy():
                 raise RuntimeError(f"the learner needs {gps} groups and the staleness bound admits no new "
                                    "generation; this is a bug, please report it")
-            if self.learner_future is None:
-                self.learner_future = self.learner.train_step.remote(pull_s)
 
             pending = [self.learner_future] + [f for s in self.slots for f in (s.future, s.restart) if f is not None]
             ready, _ = ray.wait(pending, num_returns=1, timeout=cfg.cluster.timeout_s)

@@ -28,9 +28,10 @@ class LearnerActor:
         return None if groups is None else self.learner.train_step(groups)
 
     def publish_weights(self) -> tuple[list[ray.ObjectRef], int]:
-        """One ``ray.put`` of the whole state dict, returned as ``([ref], policy_version)``: the driver's ``ray.get``
-        of this call yields the ref (nested refs are never resolved), so bulk data never passes through it."""
-        return [ray.put(self.learner.weights())], self.learner.policy_version
+        """One ``ray.put`` of the packed state dict (one copy into the object store), returned as ``([ref],
+        policy_version)``: the driver's ``ray.get`` of this call yields the ref (nested refs are never resolved), so
+        bulk data never passes through it."""
+        return [ray.put(self.learner.packed_weights())], self.learner.policy_version
 
     def save(self, directory: str) -> None:
         self.learner.save(directory)

@@ -53,6 +53,7 @@ from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, Mod
 from rlfleet.learner.losses import loss_normalizer, make_policy_loss
 from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.types import Group
+from rlfleet.weight_sync import PackedWeights, WeightPacker, unpack
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,6 +256,7 @@ class PolicyLearner:
         self.seed = seed
         self.device = resolve_device(learner_cfg.device)
         self.compute_dtype = torch_dtype(model_cfg.dtype, self.device.type)
+        self.packer = WeightPacker(self.compute_dtype)
         self.tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
         self.model = load_causal_lm(model_cfg.name_or_path, torch.float32, str(self.device),
                                     model_cfg.trust_remote_code)
@@ -332,21 +334,16 @@ class PolicyLearner:
         })
         return metrics
 
-    def weights(self) -> dict[str, Tensor]:
-        """The policy's state dict as contiguous CPU tensors in the compute dtype, under Hugging Face names.
+    def packed_weights(self) -> PackedWeights:
+        """The policy's state dict in the compute dtype, packed into the learner's reusable host buffer under Hugging
+        Face names (every name of ``model.state_dict()``; tied ``lm_head.weight`` shares the embedding's bytes, and
+        vLLM's loader skips the alias of a tied weight). Valid until the next call: ``ray.put`` it first."""
+        return self.packer.pack(self.model.state_dict())
 
-        Every name of ``model.state_dict()`` is present, so the dict loads into a fresh HF model with
-        ``strict=True``. Tied parameters (``lm_head.weight`` and ``model.embed_tokens.weight``) share one CPU
-        copy; vLLM's loader skips the alias of a tied weight and loads the canonical name.
-        """
-        copies: dict[tuple, Tensor] = {}
-        out = {}
-        for name, tensor in self.model.state_dict().items():
-            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
-            if key not in copies:
-                copies[key] = tensor.detach().to("cpu", self.compute_dtype, copy=True).contiguous()
-            out[name] = copies[key]
-        return out
+    def weights(self) -> dict[str, Tensor]:
+        """A snapshot of :meth:`packed_weights` as CPU tensors (loads into a fresh HF model with ``strict=True``)."""
+        packed = self.packed_weights()
+        return unpack(PackedWeights(packed.buffer.copy(), packed.slots))
 
     def save(self, directory: str | Path) -> None:
         """Policy and tokenizer in HF format, ``optimizer.pt`` and ``scheduler.pt`` (state dicts of tensors and
