@@ -16,7 +16,7 @@ request in flight) that admission control never idles a generator below saturati
 (32 with --full: starting 32 actor processes alone takes minutes on 2 cores); each runs long enough for ~8 s of
 steady steps; its first steps are left out. The driver's per-step phases are timed in this process
 (``admit``: replay stats + launching requests and weight updates; ``collect``: finished requests;
-``finish_step``: ``publish_weights`` + replay stats + the metrics line), to account for ``learner_wait_ms``, the
+``finish_step``: replay stats + the metrics line; the weights are published at the end of the learner's step), to account for ``learner_wait_ms``, the
 learner's idle time per step.
 """
 

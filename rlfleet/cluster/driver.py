@@ -6,7 +6,7 @@ Phases, top to bottom:
 2. connect to Ray, reserve every actor's resources in one placement group, start the replay, learner and
    generation actors; restore the latest checkpoint when resuming; broadcast the initial weights;
 3. the loop: keep generation requests in flight on every generator, as far as the staleness bound admits, and one
-   learner step in flight; after each step publish the new weights (one object ref) and record metrics;
+   learner step in flight; each step ends with the new weights published (one object ref); record metrics;
    checkpoint every ``save_steps``;
 4. a final checkpoint, the plot, and a clean shutdown (also on Ctrl-C / SIGTERM / ``ray job stop``).
 
@@ -289,9 +289,9 @@ class TrainingRun:
             except (KeyboardInterrupt, RunStopped) as stop:
                 print(f"\nrlfleet: stopping ({type(stop).__name__}); writing a final checkpoint", flush=True)
         if self.learner_future is not None:  # a step in flight changes the weights: count it before saving
-            metrics = call(self.learner_future, self.cfg, "the learner")
-            if metrics is not None:
-                self.finish_step(metrics)
+            result = call(self.learner_future, self.cfg, "the learner")
+            if result is not None:
+                self.finish_step(*result)
         final = self.save()
         records = self.metrics_log.read()
         png = plot(records, self.out / "reward.png") if self.cfg.logging.plot else None
@@ -324,12 +324,12 @@ class TrainingRun:
                 if s.restart is not None and s.restart in ready:
                     self.restarted(s)
             if self.learner_future in ready:
-                metrics = call(self.learner_future, cfg, "the learner")
+                result = call(self.learner_future, cfg, "the learner")
                 self.learner_future = None
-                starved = metrics is None and not self.busy()
-                if metrics is None:  # waited pull_s for a batch: admission runs again with fresh replay stats
+                starved = result is None and not self.busy()
+                if result is None:  # waited pull_s for a batch: admission runs again with fresh replay stats
                     continue
-                self.finish_step(metrics)
+                self.finish_step(*result)
                 if self.step % cfg.checkpoint.save_steps == 0 and self.step < cfg.learner.max_steps:
                     self.save()
 
@@ -406,10 +406,12 @@ class TrainingRun:
                 f"(more than algorithm.max_reward_error_frac={limit:g}); the generator logs name the function and "
                 "its error. Fix the function, or raise the limit")
 
-    def finish_step(self, metrics: dict) -> None:
+    def finish_step(self, metrics: dict, weights: list[ray.ObjectRef], version: int) -> None:
+        """Record a finished learner step; ``weights`` (its published state dict) go to each generator at its next
+        request."""
         cfg, gps = self.cfg, self.cfg.learner.groups_per_step
         self.step, self.steps_here = self.step + 1, self.steps_here + 1
-        self.weights, self.version = call(self.learner.publish_weights.remote(), cfg, "the learner (publishing)")
+        self.weights, self.version = weights, version
         stats = call(self.replay.stats.remote(), cfg, "the replay actor")
         now = time.perf_counter()
         wall_s, learner_s = now - self.t_step, metrics.pop("time/step_s")

@@ -20,12 +20,17 @@ class LearnerActor:
         self.groups_per_step = cfg.learner.groups_per_step
         self.rpc_timeout_s = cfg.cluster.timeout_s
 
-    def train_step(self, timeout_s: float) -> dict[str, float] | None:
-        """Sample ``groups_per_step`` groups from the replay actor (waiting up to ``timeout_s``) and train on them.
-        None when the replay actor has no full batch in time; the driver decides what to do then."""
+    def train_step(self, timeout_s: float) -> tuple[dict[str, float], list[ray.ObjectRef], int] | None:
+        """Sample ``groups_per_step`` groups from the replay actor (waiting up to ``timeout_s``), train on them and
+        publish the new weights: ``(metrics, [weights ref], policy_version)``, one call per step so the driver can
+        start the next step at once. None when the replay actor has no full batch in time; the driver decides what
+        to do then."""
         request = self.replay.sample.remote(self.groups_per_step, self.learner.policy_version, timeout_s)
         groups = ray.get(request, timeout=timeout_s + self.rpc_timeout_s)
-        return None if groups is None else self.learner.train_step(groups)
+        if groups is None:
+            return None
+        metrics = self.learner.train_step(groups)
+        return metrics, *self.publish_weights()
 
     def publish_weights(self) -> tuple[list[ray.ObjectRef], int]:
         """One ``ray.put`` of the packed state dict (one copy into the object store), returned as ``([ref],
