@@ -148,7 +148,8 @@ def test_job_stop_leaves_a_final_checkpoint(head, tmp_path):
     assert ray_cli(head, "job", "stop", "--address", head["address"], job_id, timeout=180).returncode == 0
     assert job_end(head, job_id, 180) == "STOPPED"
     checkpoints = sorted((out_dir / "checkpoints").glob("step-*/COMPLETE"))
-    assert checkpoints, "ray job stop must leave a final checkpoint"
+    assert checkpoints, ("ray job stop must leave a final checkpoint; the job's log ends:\n" +
+                         ray_cli(head, "job", "logs", "--address", head["address"], job_id).stdout[-3000:])
     step = json.loads((checkpoints[-1].parent / "driver.json").read_text())["step"]
     assert step >= 3 and step == json.loads(metrics.read_text().splitlines()[-1])["step"]
     # the actors are gone

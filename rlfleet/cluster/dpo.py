@@ -141,8 +141,8 @@ def train_dpo(cfg: RLFleetConfig) -> dict:
                 finish_step(metrics, with_eval=(step + 1) % eval_steps == 0 or step + 1 == max_steps)
                 if step % cfg.checkpoint.save_steps == 0 and step < max_steps:
                     save(step)
-        except (KeyboardInterrupt, RunStopped) as stop:
-            print(f"\nrlfleet dpo: stopping ({type(stop).__name__}); writing a final checkpoint", flush=True)
+        except RunStopped as stop:
+            print(f"\nrlfleet dpo: stopping ({stop}); writing a final checkpoint", flush=True)
 
     # -- 4. final checkpoint, BEMA weights, plot, shutdown ---------------------------------------------------
     try:

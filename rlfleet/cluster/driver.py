@@ -159,23 +159,42 @@ def long_prompts(cfg: RLFleetConfig, dataset, tokenizer, encode, sample: int = 2
     return []
 
 
+STOP_POLL_S = 0.5  # how soon a wait inside stop_on_sigterm notices a stop request
+
+
+_stop_requested = threading.Event()
+
+
 @contextmanager
 def stop_on_sigterm():
-    """Within the block, SIGTERM (``ray job stop``) raises :class:`RunStopped`, like Ctrl-C raises
-    KeyboardInterrupt, so the run can write a final checkpoint. Signals reach the main thread only: elsewhere
-    (a run started from a thread) nothing changes."""
+    """Within the block, SIGTERM (``ray job stop``) and SIGINT (Ctrl-C) request a stop: the next :func:`call` or
+    :func:`wait_any`, within ``STOP_POLL_S``, raises :class:`RunStopped`, so the run can write a final checkpoint.
+
+    The handler only sets a flag. Raising from it, as Python's default SIGINT handler does, lands the exception in the
+    middle of Ray's Cython ``ray.wait`` / ``ray.get``, which then fails with ``SystemError: ... returned a result
+    with an exception set`` instead of the exception, and the run dies without its checkpoint. Signals reach the main
+    thread only: elsewhere (a run started from a thread) nothing changes.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_signal(signum, frame):
-        raise RunStopped(signal.Signals(signum).name)
+        _stop_requested.set()
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    _stop_requested.clear()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_requested.clear()
+
+
+def _check_stop() -> None:
+    if _stop_requested.is_set():
+        raise RunStopped("stop requested (SIGTERM or SIGINT)")
 
 
 class ActorLost(RuntimeError):
@@ -183,13 +202,30 @@ class ActorLost(RuntimeError):
 
 
 def call(ref, cfg: RLFleetConfig, what: str):
-    """ray.get with the configured timeout and an error that names the actor."""
-    try:
-        return ray.get(ref, timeout=cfg.cluster.timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise RuntimeError(f"{what} did not answer within cluster.timeout_s={cfg.cluster.timeout_s:g} s") from None
-    except ray.exceptions.RayActorError as err:
-        raise ActorLost(f"{what} died: {err}") from err
+    """ray.get with the configured timeout and an error that names the actor; inside :func:`stop_on_sigterm` it
+    raises :class:`RunStopped` soon after a stop request."""
+    deadline = time.monotonic() + cfg.cluster.timeout_s
+    while True:
+        _check_stop()
+        try:
+            return ray.get(ref, timeout=min(STOP_POLL_S, max(deadline - time.monotonic(), 0.0)))
+        except ray.exceptions.GetTimeoutError:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{what} did not answer within cluster.timeout_s={cfg.cluster.timeout_s:g} s") \
+                    from None
+        except ray.exceptions.RayActorError as err:
+            raise ActorLost(f"{what} died: {err}") from err
+
+
+def wait_any(refs: list[ray.ObjectRef], timeout_s: float) -> list[ray.ObjectRef]:
+    """The refs of ``refs`` that are ready, as soon as one is (empty after ``timeout_s``); inside
+    :func:`stop_on_sigterm` it raises :class:`RunStopped` soon after a stop request."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _check_stop()
+        ready, _ = ray.wait(refs, num_returns=1, timeout=min(STOP_POLL_S, max(deadline - time.monotonic(), 0.0)))
+        if ready or time.monotonic() >= deadline:
+            return ready
 
 
 def train(cfg: RLFleetConfig) -> dict:
@@ -286,8 +322,8 @@ class TrainingRun:
         with stop_on_sigterm():
             try:
                 self.loop()
-            except (KeyboardInterrupt, RunStopped) as stop:
-                print(f"\nrlfleet: stopping ({type(stop).__name__}); writing a final checkpoint", flush=True)
+            except RunStopped as stop:
+                print(f"\nrlfleet: stopping ({stop}); writing a final checkpoint", flush=True)
         if self.learner_future is not None:  # a step in flight changes the weights: count it before saving
             result = call(self.learner_future, self.cfg, "the learner")
             if result is not None:
@@ -315,7 +351,7 @@ class TrainingRun:
                                    "generation; this is a bug, please report it")
 
             pending = [self.learner_future] + [f for s in self.slots for f in (s.future, s.restart) if f is not None]
-            ready, _ = ray.wait(pending, num_returns=1, timeout=cfg.cluster.timeout_s)
+            ready = wait_any(pending, cfg.cluster.timeout_s)
             if not ready:
                 raise RuntimeError(f"no actor finished work within cluster.timeout_s={cfg.cluster.timeout_s:g} s")
             for s in self.slots:

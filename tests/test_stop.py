@@ -1,0 +1,63 @@
+"""Stop requests (``ray job stop``'s SIGTERM, Ctrl-C's SIGINT) reaching a driver blocked in a Ray call."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from rlfleet.cluster.driver import RunStopped, call, stop_on_sigterm, wait_any
+from rlfleet.config import RLFleetConfig
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("blocking", ["wait_any", "call"])
+def test_a_signal_during_a_blocking_ray_call_raises_run_stopped(ray_cluster, sig, blocking):
+    """The signal arrives while the main thread is blocked in ray.wait / ray.get on a task that never finishes; the
+    blocking helper raises RunStopped (not Ray's SystemError, not a timeout after 60 s), and leaving the block
+    restores the previous handlers.
+
+    Before: the handler raised RunStopped itself; landing inside Ray's Cython wait, it came out as ``SystemError:
+    <cyfunction CoreWorker.wait> returned a result with an exception set`` and the job died without its checkpoint.
+    """
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    def never() -> None:
+        threading.Event().wait()
+
+    ref = never.remote()
+    cfg = RLFleetConfig(cluster={"timeout_s": 60})
+    block = {"wait_any": lambda: wait_any([ref], 60.0), "call": lambda: call(ref, cfg, "a task that never ends")}
+    before = signal.getsignal(sig)
+    try:
+        with stop_on_sigterm():
+            timer = threading.Timer(0.5, os.kill, (os.getpid(), sig))  # from another thread, into the blocked call
+            timer.start()
+            with pytest.raises(RunStopped):
+                block[blocking]()
+            timer.join()
+        assert signal.getsignal(sig) is before
+    finally:
+        ray.cancel(ref, force=True)
+
+
+def test_without_a_stop_request_wait_any_returns_ready_refs_and_times_out_empty(ray_cluster):
+    ray = ray_cluster
+    done = ray.put(1)
+
+    @ray.remote(num_cpus=0)
+    def never() -> None:
+        threading.Event().wait()
+
+    pending = never.remote()
+    try:
+        with stop_on_sigterm():
+            assert wait_any([pending, done], 5.0) == [done]
+            assert wait_any([pending], 1.2) == []
+    finally:
+        ray.cancel(pending, force=True)
