@@ -14,6 +14,16 @@ from rlfleet.config import RLFleetConfig
 pytestmark = pytest.mark.ray
 
 
+def never_ending(ray):
+    """The ref of a task that never finishes (cancel it when done)."""
+
+    @ray.remote(num_cpus=0)
+    def never() -> None:
+        threading.Event().wait()
+
+    return never.remote()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("blocking", ["wait_any", "call"])
 def test_a_signal_during_a_blocking_ray_call_raises_run_stopped(ray_cluster, sig, blocking):
@@ -25,12 +35,7 @@ def test_a_signal_during_a_blocking_ray_call_raises_run_stopped(ray_cluster, sig
     <cyfunction CoreWorker.wait> returned a result with an exception set`` and the job died without its checkpoint.
     """
     ray = ray_cluster
-
-    @ray.remote(num_cpus=0)
-    def never() -> None:
-        threading.Event().wait()
-
-    ref = never.remote()
+    ref = never_ending(ray)
     cfg = RLFleetConfig(cluster={"timeout_s": 60})
     block = {"wait_any": lambda: wait_any([ref], 60.0), "call": lambda: call(ref, cfg, "a task that never ends")}
     before = signal.getsignal(sig)
@@ -49,12 +54,7 @@ def test_a_signal_during_a_blocking_ray_call_raises_run_stopped(ray_cluster, sig
 def test_without_a_stop_request_wait_any_returns_ready_refs_and_times_out_empty(ray_cluster):
     ray = ray_cluster
     done = ray.put(1)
-
-    @ray.remote(num_cpus=0)
-    def never() -> None:
-        threading.Event().wait()
-
-    pending = never.remote()
+    pending = never_ending(ray)
     try:
         with stop_on_sigterm():
             assert wait_any([pending, done], 5.0) == [done]
