@@ -28,27 +28,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (LoadMonitor, arg_parser, init_ray, load_line, machine, mean, pick, print_table,  # noqa: E402
-                          read_metrics, save_json, setup_env)
+                          save_json, setup_env, train_quickstart)
 
 
 def run_one(staleness: int, model: str, steps: int, completion_length: int, workdir: Path) -> dict:
-    from rlfleet.cluster.driver import train
-    from rlfleet.config import load_config
-
-    out = workdir / f"staleness{staleness}-{time.monotonic_ns()}"
-    cfg = load_config(Path(__file__).resolve().parents[1] / "deploy" / "quickstart.yaml", [
-        f"output_dir={out}", f"model.name_or_path=builtin:{model}", f"replay.max_staleness={staleness}",
-        f"learner.max_steps={steps}", f"generation.max_completion_length={completion_length}",
-        "checkpoint.save_steps=100000", "logging.plot=false", "logging.progress=plain", "logging.log_every=100000",
-    ])
-    with LoadMonitor() as load:
-        t0 = time.perf_counter()
-        train(cfg)
-        total_s = time.perf_counter() - t0
-    records = read_metrics(out)
-    shutil.rmtree(out, ignore_errors=True)
-    return {"staleness": staleness, "total_s": total_s, "records": records,
-            "groups_per_step": cfg.learner.groups_per_step, "load": load.summary()}
+    run = train_quickstart(workdir / f"staleness{staleness}-{time.monotonic_ns()}", [
+        f"model.name_or_path=builtin:{model}", f"replay.max_staleness={staleness}", f"learner.max_steps={steps}",
+        f"generation.max_completion_length={completion_length}"])
+    return {"staleness": staleness, "total_s": run.total_s, "records": run.records,
+            "groups_per_step": run.cfg.learner.groups_per_step, "load": run.load}
 
 
 def summarise(runs: list[dict], skip: int) -> dict:

@@ -12,12 +12,14 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -289,3 +291,29 @@ def median(values) -> float:
 def read_metrics(output_dir: str | Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+# run-time overrides of every benchmark run: no periodic checkpoints, plot or progress bar (only the final checkpoint)
+QUIET = ["checkpoint.save_steps=100000", "logging.plot=false", "logging.progress=plain", "logging.log_every=100000"]
+
+
+class TrainRun(NamedTuple):
+    cfg: object  # the resolved RLFleetConfig
+    records: list[dict]  # metrics.jsonl, a record per step
+    total_s: float  # train() wall time, start-up included
+    load: dict  # LoadMonitor.summary() over the run
+
+
+def train_quickstart(out: Path, overrides: list[str]) -> TrainRun:
+    """One in-process ``rlfleet train deploy/quickstart.yaml`` with ``overrides`` (plus :data:`QUIET`), output in
+    ``out``, which is removed afterwards; its metrics records, wall time and the machine's load."""
+    from rlfleet.cluster.driver import train
+    from rlfleet.config import load_config
+
+    cfg = load_config(REPO / "deploy" / "quickstart.yaml", [f"output_dir={out}", *overrides, *QUIET])
+    with LoadMonitor() as load:
+        t0 = time.perf_counter()
+        train(cfg)
+        total_s = time.perf_counter() - t0
+    records = read_metrics(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return TrainRun(cfg, records, total_s, load.summary())

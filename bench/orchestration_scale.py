@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (REPO, LoadMonitor, arg_parser, init_ray, load_line, machine, mean, pick,  # noqa: E402
-                          print_table, read_metrics, save_json, setup_env)
+from bench.common import (LoadMonitor, arg_parser, init_ray, load_line, machine, mean, pick,  # noqa: E402
+                          print_table, save_json, setup_env, train_quickstart)
 
 PROMPTS_PER_REQUEST = 1
 NUM_GENERATIONS = 8
@@ -67,26 +67,16 @@ def instrument_driver() -> dict[str, float]:
 
 
 def run_one(n: int, latency_s: float, workdir: Path, driver_seconds: dict[str, float]) -> dict:
-    from rlfleet.cluster.driver import train
-    from rlfleet.config import load_config
-
     ideal = n * PROMPTS_PER_REQUEST / latency_s
     steps = SKIP + min(40, max(4, math.ceil(STEADY_S * min(ideal, LEARNER_CAP_GUESS) / GROUPS_PER_STEP)))
-    out = workdir / f"gen{n}-{time.monotonic_ns()}"
-    cfg = load_config(REPO / "deploy" / "quickstart.yaml", [
-        f"output_dir={out}", f"cluster.num_generators={n}", "cluster.max_restarts=0",
+    before = dict(driver_seconds)
+    run = train_quickstart(workdir / f"gen{n}-{time.monotonic_ns()}", [
+        f"cluster.num_generators={n}", "cluster.max_restarts=0",
         f"generation.generation_batch_size={PROMPTS_PER_REQUEST * NUM_GENERATIONS}",
         f"generation.num_generations={NUM_GENERATIONS}", f"learner.groups_per_step={GROUPS_PER_STEP}",
         f"learner.micro_batch_size={GROUPS_PER_STEP * NUM_GENERATIONS}", f"replay.max_staleness={MAX_STALENESS}",
-        f"learner.max_steps={steps}", "checkpoint.save_steps=100000", "logging.plot=false",
-        "logging.progress=plain", "logging.log_every=100000"])
-    before = dict(driver_seconds)
-    with LoadMonitor() as load:
-        t0 = time.perf_counter()
-        train(cfg)
-        total_s = time.perf_counter() - t0
-    records = read_metrics(out)
-    shutil.rmtree(out, ignore_errors=True)
+        f"learner.max_steps={steps}"])
+    records, total_s = run.records, run.total_s
     steady = records[SKIP:]
     wall = sum(r["time/step_s"] for r in steady)
     t_learn = mean(r["time/learner_s"] for r in steady)
@@ -100,8 +90,7 @@ def run_one(n: int, latency_s: float, workdir: Path, driver_seconds: dict[str, f
         "staleness_max": max(r["staleness/max"] for r in steady),
         "learner_wait_ms": 1e3 * (wall / len(steady) - t_learn),  # the learner's idle time per step
         **{f"{name}_ms": 1e3 * (driver_seconds[name] - before[name]) / len(records) for name in DRIVER_PHASES},
-        "total_s": total_s, "busy_cores": load.summary()["busy_cores"],
-        "other_busy_cores": load.summary()["other_busy_cores"],
+        "total_s": total_s, "busy_cores": run.load["busy_cores"], "other_busy_cores": run.load["other_busy_cores"],
     }
     row["bound"] = min(ideal, row["learner_cap"])
     row["of_bound"] = row["groups_per_s"] / row["bound"]

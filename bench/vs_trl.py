@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (REPO, LoadMonitor, arg_parser, load_line, machine, mean, pick, print_table,  # noqa: E402
+from bench.common import (QUIET, REPO, LoadMonitor, arg_parser, load_line, machine, mean, pick, print_table,  # noqa: E402
                           save_json, setup_env)
 
 GRPO = dict(prompts=4, num_generations=8, completion_length=24, lr=3e-3)
@@ -65,9 +65,7 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
 
     MetricsLog.write = stamped_write
     out = result.with_suffix(".run")
-    common = [f"output_dir={out}", f"model.name_or_path=builtin:{model}", f"learner.max_steps={steps}",
-              "checkpoint.save_steps=100000", "logging.plot=false", "logging.progress=plain",
-              "logging.log_every=100000"]
+    common = [f"output_dir={out}", f"model.name_or_path=builtin:{model}", f"learner.max_steps={steps}", *QUIET]
     if kind == "grpo":
         args = ["train", str(REPO / "deploy" / "quickstart.yaml"), *common, f"replay.max_staleness={staleness}",
                 f"generation.max_completion_length={GRPO['completion_length']}"]
