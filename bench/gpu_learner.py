@@ -74,7 +74,7 @@ def synthetic_groups(count: int, G: int, P: int, T: int, seed: int):
             prompt_id=str(i), prompt_ids=rng.integers(0, 256, P).astype(np.int32),
             completion_ids=rng.integers(0, 256, (G, T)).astype(np.int32),
             completion_lengths=np.full(G, T, dtype=np.int32),
-            old_logprobs=np.full((G, T), -5.0, dtype=np.float32), rewards=rewards,
+            behaviour_logprobs=np.full((G, T), -5.0, dtype=np.float32), rewards=rewards,
             advantages=((rewards - rewards.mean()) / std).astype(np.float32),
             truncated=np.ones(G, dtype=bool), policy_version=0, reward_std=std))
     return groups

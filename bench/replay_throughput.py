@@ -53,7 +53,7 @@ def make_groups(count: int, G: int, T: int, seed: int, zero_variance_frac: float
         groups.append(Group(
             prompt_id=str(i), prompt_ids=rng.integers(0, 256, PROMPT_TOKENS).astype(np.int32),
             completion_ids=(rng.integers(0, 256, (G, T)) * mask).astype(np.int32),
-            completion_lengths=lengths, old_logprobs=(-rng.random((G, T)) * 5 * mask).astype(np.float32),
+            completion_lengths=lengths, behaviour_logprobs=(-rng.random((G, T)) * 5 * mask).astype(np.float32),
             rewards=rewards, advantages=advantages, truncated=lengths == T, policy_version=0, reward_std=std))
     return groups
 

@@ -7,7 +7,7 @@ functions, group building, replay, learner) from generation compute. :class:`Sta
 still resolves the weights ref; only the engine load is skipped) and ``ready``.
 
 :func:`use_stand_in` makes ``rlfleet train`` (``rlfleet.cluster.driver.train``) start stand-in actors: the driver
-looks ``make_generation_actor`` up in ``rlfleet.actors.actor`` when a run starts.
+looks ``make_generation_actor`` up in ``rlfleet.generation.actor`` when a run starts.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from rlfleet.actors.actor import GenerationActor
-from rlfleet.actors.engine import Completion
-from rlfleet.actors.generator import Generator
+from rlfleet.generation.actor import GenerationActor
+from rlfleet.generation.engine import Completion
+from rlfleet.generation.generator import Generator
 from rlfleet.config import RLFleetConfig
 from rlfleet.models import load_tokenizer
 
@@ -67,7 +67,7 @@ def use_stand_in(latency_s: float) -> None:
     """From now on, runs started in this process create stand-in generation actors of ``latency_s``."""
     import ray
 
-    import rlfleet.actors.actor as actor_module
+    import rlfleet.generation.actor as actor_module
 
     def make_stand_in(cfg: RLFleetConfig, replay, index: int = 0, **options):
         opts = dict(name=f"rlfleet-generator-{index}", num_cpus=cfg.cluster.generator_num_cpus,

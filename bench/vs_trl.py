@@ -145,7 +145,7 @@ def worker_trl_dpo(model: str, steps: int, result: Path) -> None:
     from trl.experimental.bema_for_ref_model import BEMACallback, DPOTrainer
 
     from rlfleet.models import load_tokenizer, resolve_model_path
-    from rlfleet.preference import builtin_prefs
+    from rlfleet.dpo.data import builtin_prefs
 
     path = resolve_model_path(f"builtin:{model}")
     clock = step_clock()

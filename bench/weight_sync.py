@@ -44,7 +44,7 @@ def bench_actor_classes():
     """rlfleet's learner and generation actors plus the timed parts and the old ``dict`` path (bench only)."""
     import ray
 
-    from rlfleet.actors.actor import GenerationActor
+    from rlfleet.generation.actor import GenerationActor
     from rlfleet.learner.actor import LearnerActor
 
     class BenchLearner(LearnerActor):

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
             return 0
         if args.command == "dpo":
-            from rlfleet.cluster.dpo import train_dpo
+            from rlfleet.dpo.job import train_dpo
 
             train_dpo(cfg)
             return 0

@@ -104,8 +104,8 @@ class AlgorithmConfig(Section):
     importance_sampling_cap: float | None = Field(
         3.0,
         gt=0,
-        description="Truncated importance-sampling weight min(pi_old / pi_behaviour, cap) applied when the "
-        "learner's old policy differs from the generator's (num_iterations > 1). None disables it.",
+        description="Truncated importance-sampling weight min(pi_proximal / pi_behaviour, cap) applied when the "
+        "learner's proximal policy differs from the generator's (num_iterations > 1). None disables it.",
     )
     reward_funcs: list[str] = Field(
         default_factory=list,

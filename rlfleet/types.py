@@ -14,7 +14,7 @@ class Group:
 
     ``n`` is the number of completions kept (``num_generations``, or ``num_remains_in_group`` under GFPO) and
     ``T`` the longest kept completion. Completion arrays are right-padded; ``completion_lengths`` gives the real
-    lengths. The behaviour log-probabilities ``old_logprobs`` are those of the sampled tokens under the weights of
+    lengths. The behaviour log-probabilities ``behaviour_logprobs`` are those of the sampled tokens under the weights of
     ``policy_version``, computed on temperature-scaled logits as the learner does.
     """
 
@@ -22,7 +22,7 @@ class Group:
     prompt_ids: np.ndarray  # int32 [P]  prompt token ids (chat template applied)
     completion_ids: np.ndarray  # int32 [n, T]  right-padded with 0
     completion_lengths: np.ndarray  # int32 [n]
-    old_logprobs: np.ndarray  # float32 [n, T]  behaviour log-probs of the sampled tokens, 0 on padding
+    behaviour_logprobs: np.ndarray  # float32 [n, T]  behaviour log-probs of the sampled tokens, 0 on padding
     rewards: np.ndarray  # float32 [n]  weighted reward sum; NaN when no reward function scored the row
     advantages: np.ndarray  # float32 [n]
     truncated: np.ndarray  # bool [n]  hit max_completion_length without EOS
@@ -32,10 +32,10 @@ class Group:
 
     def __post_init__(self) -> None:
         n = len(self.completion_lengths)
-        if self.completion_ids.shape[0] != n or self.old_logprobs.shape != self.completion_ids.shape:
+        if self.completion_ids.shape[0] != n or self.behaviour_logprobs.shape != self.completion_ids.shape:
             raise ValueError(
-                f"Group {self.prompt_id}: completion_ids {self.completion_ids.shape}, old_logprobs "
-                f"{self.old_logprobs.shape} and completion_lengths ({n},) disagree"
+                f"Group {self.prompt_id}: completion_ids {self.completion_ids.shape}, behaviour_logprobs "
+                f"{self.behaviour_logprobs.shape} and completion_lengths ({n},) disagree"
             )
         if self.rewards.shape != (n,) or self.advantages.shape != (n,) or self.truncated.shape != (n,):
             raise ValueError(f"Group {self.prompt_id}: rewards/advantages/truncated must have shape ({n},)")
@@ -78,7 +78,7 @@ def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.nda
 
     Arrays (k groups; P_i prompt lengths, [n_i, T_i] completion shapes; offsets are the cumulative sums):
     ``prompt_lengths`` int64 [k], ``prompt_ids`` int32 [sum P_i], ``completion_shapes`` int64 [k, 2],
-    ``completion_ids`` int32 and ``old_logprobs`` float32 [sum n_i T_i] (row-major), ``completion_lengths`` int32,
+    ``completion_ids`` int32 and ``behaviour_logprobs`` float32 [sum n_i T_i] (row-major), ``completion_lengths`` int32,
     ``rewards`` and ``advantages`` float32, ``truncated`` bool [sum n_i]. Arrays are cast to these wire dtypes.
     Meta: prompt_id, policy_version, reward_std and the entries of ``Group.meta`` that survive a JSON round trip
     unchanged (others, e.g. numpy values, are left out).
@@ -92,7 +92,7 @@ def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.nda
         "prompt_ids": cat([g.prompt_ids for g in groups], np.int32),
         "completion_shapes": np.array([g.completion_ids.shape for g in groups], dtype=np.int64).reshape(-1, 2),
         "completion_ids": cat([g.completion_ids for g in groups], np.int32),
-        "old_logprobs": cat([g.old_logprobs for g in groups], np.float32),
+        "behaviour_logprobs": cat([g.behaviour_logprobs for g in groups], np.float32),
         "completion_lengths": cat([g.completion_lengths for g in groups], np.int32),
         "rewards": cat([g.rewards for g in groups], np.float32),
         "advantages": cat([g.advantages for g in groups], np.float32),
@@ -112,8 +112,10 @@ def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.nda
 
 def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix: str) -> list[Group]:
     """Inverse of :func:`groups_to_arrays`."""
-    names = ("prompt_lengths", "prompt_ids", "completion_shapes", "completion_ids", "old_logprobs")
+    names = ("prompt_lengths", "prompt_ids", "completion_shapes", "completion_ids", "behaviour_logprobs")
     names += ("completion_lengths", "rewards", "advantages", "truncated")
+    if prefix + "behaviour_logprobs" not in arrays and prefix + "old_logprobs" in arrays:  # written before the rename
+        arrays = {**arrays, prefix + "behaviour_logprobs": arrays[prefix + "old_logprobs"]}
     a = {name: np.asarray(arrays[prefix + name]) for name in names}
     if len(a["prompt_lengths"]) != len(metas):
         raise ValueError(f"groups_from_arrays: {len(a['prompt_lengths'])} groups in arrays, {len(metas)} metas")
@@ -127,7 +129,7 @@ def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix:
             prompt_ids=a["prompt_ids"][p0:p1].copy(),  # [P]
             completion_ids=a["completion_ids"][c0:c1].reshape(n, t).copy(),  # [n, T]
             completion_lengths=a["completion_lengths"][r0:r1].copy(),  # [n]
-            old_logprobs=a["old_logprobs"][c0:c1].reshape(n, t).copy(),  # [n, T]
+            behaviour_logprobs=a["behaviour_logprobs"][c0:c1].reshape(n, t).copy(),  # [n, T]
             rewards=a["rewards"][r0:r1].copy(),
             advantages=a["advantages"][r0:r1].copy(),
             truncated=a["truncated"][r0:r1].copy(),

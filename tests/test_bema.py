@@ -9,7 +9,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from rlfleet.config import BEMAConfig
-from rlfleet.learner.bema import BEMA
+from rlfleet.dpo.bema import BEMA
 
 ATOL = 1e-6  # expected values are rounded to 6 decimals (error <= 5e-7); fp32 error at |x| <= 7 is ~5e-7
 

@@ -21,7 +21,7 @@ def _group(pid: str, score: float = 1.0, version: int = 0, n: int = 2, t: int = 
         prompt_ids=np.arange(prompt_len, dtype=np.int32),
         completion_ids=np.full((n, t), 7, np.int32),
         completion_lengths=np.full(n, t, np.int32),
-        old_logprobs=np.full((n, t), -0.5, np.float32),
+        behaviour_logprobs=np.full((n, t), -0.5, np.float32),
         rewards=advantages.copy(),
         advantages=advantages,
         truncated=np.zeros(n, bool),
@@ -40,7 +40,7 @@ def _ids(groups) -> list[str]:
 
 def _same(g: Group, h: Group) -> bool:
     """Field-by-field equality: same dtypes and values (NaN equals NaN), same scalars and meta."""
-    arrays = ("prompt_ids", "completion_ids", "completion_lengths", "old_logprobs", "rewards", "advantages")
+    arrays = ("prompt_ids", "completion_ids", "completion_lengths", "behaviour_logprobs", "rewards", "advantages")
     for name in arrays + ("truncated",):
         x, y = getattr(g, name), getattr(h, name)
         if x.dtype != y.dtype or not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):

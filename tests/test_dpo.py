@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from rlfleet.config import BEMAConfig, DataConfig, DPOConfig, LearnerConfig, ModelConfig, load_config
-from rlfleet.learner.dpo import DPOLearner, collate_pairs, sequence_logprobs
+from rlfleet.dpo.learner import DPOLearner, collate_pairs, sequence_logprobs
 from rlfleet.models import PAD_ID, VOCAB_SIZE, load_causal_lm, load_tokenizer
-from rlfleet.preference import PreferencePair, load_preference_dataset, tokenize_preferences
+from rlfleet.dpo.data import PreferencePair, load_preference_dataset, tokenize_preferences
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -348,7 +348,7 @@ def test_rlfleet_dpo_end_to_end_with_resume(ray_cluster, tmp_path):
     after training it must prefer it for at least 80% and at least 0.3 more than at the start, and the implicit-reward
     accuracy against the BEMA reference must exceed its start (0: policy = reference). BEMA events at exactly the
     scheduled steps. Then resume to 65 steps: it continues at 61 and the metrics log holds each step once."""
-    from rlfleet.cluster.dpo import train_dpo
+    from rlfleet.dpo.job import train_dpo
 
     overrides = [f"output_dir={tmp_path}", "logging.log_every=20"]
     summary = train_dpo(load_config(REPO / "deploy" / "dpo_quickstart.yaml", overrides))

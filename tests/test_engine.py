@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from rlfleet.actors.engine import Engine
+from rlfleet.generation.engine import Engine
 from rlfleet.config import GenerationConfig, ModelConfig
 from rlfleet.models import EOS_ID, load_causal_lm
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from rlfleet.actors.actor import make_generation_actor
+from rlfleet.generation.actor import make_generation_actor
 from rlfleet.config import ClusterConfig, DataConfig, GenerationConfig, ModelConfig, ReplayConfig, RLFleetConfig
 from rlfleet.data import PromptStream, load_prompt_dataset
 from rlfleet.models import load_causal_lm
 from rlfleet.replay.actor import make_replay_actor
 from rlfleet.types import Group
-from rlfleet.weight_sync import WeightPacker
+from rlfleet.transport.packed import WeightPacker
 
 pytestmark = pytest.mark.ray
 TIMEOUT_S = 300  # an actor's first call pays vLLM's import and start-up
@@ -21,7 +21,7 @@ def group(i: int, version: int = 0) -> Group:
     a = 0.5 / (2**-0.5 + 1e-4)
     return Group(
         prompt_id=str(i), prompt_ids=np.array([i], np.int32), completion_ids=np.ones((2, 3), np.int32),
-        completion_lengths=np.array([3, 3], np.int32), old_logprobs=np.full((2, 3), -1.0, np.float32),
+        completion_lengths=np.array([3, 3], np.int32), behaviour_logprobs=np.full((2, 3), -1.0, np.float32),
         rewards=np.array([0, 1], np.float32), advantages=np.array([-a, a], np.float32),
         truncated=np.zeros(2, bool), policy_version=version, reward_std=2**-0.5,
     )
@@ -79,7 +79,7 @@ def test_generation_actor_sends_groups_to_replay_and_loads_weights(ray_cluster, 
         assert [g.prompt_id for g in batch] == [r["prompt_id"] for r in records] + [records[0]["prompt_id"]]
         assert [g.policy_version for g in batch] == [0, 0, 0, 1]
         for g in batch:
-            assert g.size == 4 and g.old_logprobs.shape == g.completion_ids.shape
+            assert g.size == 4 and g.behaviour_logprobs.shape == g.completion_ids.shape
             assert np.isfinite(g.rewards).all() and ((g.rewards >= 0) & (g.rewards <= 1)).all()
     finally:
         ray.kill(actor)

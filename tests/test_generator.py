@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from rlfleet.actors.engine import Completion, Engine
-from rlfleet.actors.generator import Generator
-from rlfleet.actors.scoring import group_advantages
+from rlfleet.generation.engine import Completion, Engine
+from rlfleet.generation.generator import Generator
+from rlfleet.generation.scoring import group_advantages
 from rlfleet.config import AlgorithmConfig, DataConfig, GenerationConfig, ModelConfig, RLFleetConfig
 from rlfleet.data import PromptStream, load_prompt_dataset
 from rlfleet.models import EOS_ID, IM_START_ID, load_causal_lm, load_tokenizer
 
 GEN = GenerationConfig(num_generations=4, max_completion_length=16, temperature=1.0)
-LOGGER = "rlfleet.actors.generator"
+LOGGER = "rlfleet.generation.generator"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def even_share(prompts, completions, completion_ids=None, **kwargs):
 @pytest.mark.vllm
 def test_groups_have_consistent_shapes_ids_rewards_and_logprobs(engine, tokenizer, tiny_model_path):
     """target_length (standard prompts, the task's default reward): prompt ids are the prompt's bytes, padding is 0,
-    reward = min(L, N) / max(L, N) recomputed from the lengths, and old_logprobs equal HF's log_softmax(logits / T)
+    reward = min(L, N) / max(L, N) recomputed from the lengths, and behaviour_logprobs equal HF's log_softmax(logits / T)
     at the group's tokens (so the rows line up with the tokens and the prompt)."""
     cfg = RLFleetConfig(generation=GEN, data=DataConfig(dataset="builtin:target_length"))
     gen = Generator.from_config(engine, tokenizer, cfg)
@@ -62,14 +62,14 @@ def test_groups_have_consistent_shapes_ids_rewards_and_logprobs(engine, tokenize
         expected = [min(L, n) / max(L, n) for L in g.completion_lengths]
         np.testing.assert_allclose(g.rewards, expected, rtol=1e-6)
         for row, L in enumerate(g.completion_lengths):
-            assert not g.completion_ids[row, L:].any() and not g.old_logprobs[row, L:].any()
+            assert not g.completion_ids[row, L:].any() and not g.behaviour_logprobs[row, L:].any()
             tokens = g.completion_ids[row, :L].tolist()
             assert g.truncated[row] == (tokens[-1] != EOS_ID)
             ids = torch.tensor([g.prompt_ids.tolist() + tokens])
             with torch.no_grad():
                 logits = hf(ids).logits[0, len(g.prompt_ids) - 1:-1] / GEN.temperature  # [L, V]
             ref = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-            assert (torch.from_numpy(g.old_logprobs[row, :L]) - ref).abs().max() < 1e-4
+            assert (torch.from_numpy(g.behaviour_logprobs[row, :L]) - ref).abs().max() < 1e-4
     assert stats["gen/groups"] == 3 and stats["errors/reward"] == 0 and stats["gen/dropped_groups"] == 0
     assert stats["gen/tokens"] == sum(g.num_tokens for g in groups)
     assert stats["gen/truncated_frac"] == np.mean([g.truncated for g in groups])
@@ -168,7 +168,7 @@ def test_fake_engine_group_arithmetic(tokenizer):
         assert g.reward_std == pytest.approx(2.217356, abs=1e-5) and g.policy_version == 7
         assert g.completion_ids.shape == (4, 7) and g.completion_lengths.tolist() == [5, 2, 7, 3]
         assert g.completion_ids[1].tolist() == [98, EOS_ID, 0, 0, 0, 0, 0]
-        assert g.old_logprobs[1].tolist() == [-0.5, -0.5, 0, 0, 0, 0, 0]
+        assert g.behaviour_logprobs[1].tolist() == [-0.5, -0.5, 0, 0, 0, 0, 0]
     assert stats["gen/tokens"] == 34 and stats["reward/mean"] == 4.25 and stats["reward/by_length/mean"] == 4.25
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlfleet.actors.scoring import group_advantages
+from rlfleet.generation.scoring import group_advantages
 from rlfleet.config import AlgorithmConfig
 from rlfleet.learner.losses import LossResult, PolicyLoss, dpo_loss, loss_normalizer, make_policy_loss
 
@@ -42,13 +42,13 @@ def _random_batch(seed: int, lengths=(7, 3, 0, 5, 1, 6), T: int = 7):
     logprobs = -3 * torch.rand(B, T, generator=g)
     batch = dict(
         logprobs=logprobs,
-        old_logprobs=logprobs + 0.3 * torch.randn(B, T, generator=g),
+        proximal_logprobs=logprobs + 0.3 * torch.randn(B, T, generator=g),
         advantages=torch.randn(B, generator=g),
         mask=mask,
         ref_logprobs=logprobs + 0.2 * torch.randn(B, T, generator=g),
         is_weights=0.5 + torch.rand(B, T, generator=g),
     )
-    for key in ("logprobs", "old_logprobs", "ref_logprobs", "is_weights"):
+    for key in ("logprobs", "proximal_logprobs", "ref_logprobs", "is_weights"):
         batch[key] = torch.where(mask, batch[key], 50.0 * torch.randn(B, T, generator=g))
     return batch
 
@@ -192,7 +192,7 @@ def test_case6_gspo_sequence_ratio_and_clipping():
 
 CASE7 = dict(
     logprobs=torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-0.7, -0.1, 5.0, 5.0]]),
-    old_logprobs=torch.tensor([[-1.1, -1.9, -0.6, -3.0], [-0.6, -0.2, 0.0, 0.0]]),
+    proximal_logprobs=torch.tensor([[-1.1, -1.9, -0.6, -3.0], [-0.6, -0.2, 0.0, 0.0]]),
     advantages=torch.tensor([0.7, -1.3]),
     mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
 )
@@ -229,7 +229,7 @@ def test_gspo_token_differs_from_gspo_with_per_token_advantages():
     GSPO-token: d/dlogp_t = -s A_t / 4 = (-0.256329, 0.256329, -0.128164, -0.051266)."""
     batch = dict(
         logprobs=CASE7["logprobs"][:1],
-        old_logprobs=CASE7["old_logprobs"][:1],
+        proximal_logprobs=CASE7["proximal_logprobs"][:1],
         advantages=torch.tensor([[1.0, -1.0, 0.5, 0.2]]),
         mask=torch.ones(1, 4),
     )
@@ -251,7 +251,7 @@ def test_case14_truncated_completion_masked_by_caller_still_counts_in_grpo_batch
     The truncated row gets zero gradient."""
     lp = torch.tensor([[-1.0, -1.0, -1.0], [-0.5, -0.2, 0.0]])
     mask = torch.tensor([[0, 0, 0], [1, 1, 0]])
-    batch = dict(logprobs=lp, old_logprobs=lp, advantages=torch.tensor([1.0, -1.0]), mask=mask)
+    batch = dict(logprobs=lp, proximal_logprobs=lp, advantages=torch.tensor([1.0, -1.0]), mask=mask)
     for loss_type, value in (("grpo", 0.5), ("dapo", 1.0)):
         out, grad = _run(_loss(loss_type), batch, loss_normalizer(loss_type, mask, 3))
         assert out.loss.item() == pytest.approx(value, abs=1e-6)
@@ -262,7 +262,7 @@ def test_case14_truncated_completion_masked_by_caller_still_counts_in_grpo_batch
 def test_fully_masked_rows_give_finite_zero_contribution(level):
     """A batch whose only row is fully masked: loss 0 (not NaN), gradient 0, ratio/min NaN by definition."""
     lp = torch.randn(1, 3)
-    batch = dict(logprobs=lp, old_logprobs=lp + 1.0, advantages=torch.ones(1), mask=torch.zeros(1, 3))
+    batch = dict(logprobs=lp, proximal_logprobs=lp + 1.0, advantages=torch.ones(1), mask=torch.zeros(1, 3))
     out, grad = _run(_loss("grpo", level, beta=0.1), batch, 1.0, ref_logprobs=lp - 1.0)
     assert out.loss.item() == 0.0 and (grad == 0).all()
     assert out.metrics["clip/frac"] == 0.0 and math.isnan(out.metrics["ratio/min"])
@@ -412,7 +412,7 @@ def _trl_grpo(trainer_cls, loss_type, level, batch, max_len, eps, eps_high, delt
     inputs = dict(
         prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
         completion_ids=torch.zeros(B, T, dtype=torch.long), completion_mask=mask, advantages=batch["advantages"],
-        old_per_token_logps=batch["old_logprobs"], ref_per_token_logps=batch["ref_logprobs"],
+        old_per_token_logps=batch["proximal_logprobs"], ref_per_token_logps=batch["ref_logprobs"],
         num_items_in_batch=mask.sum(), importance_sampling_ratio=is_ratio,
     )  # fmt: skip
     loss = trainer_cls._compute_loss(fake, None, inputs)

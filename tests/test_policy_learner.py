@@ -25,7 +25,7 @@ from rlfleet.learner.policy import (
 )
 from rlfleet.models import PAD_ID, resolve_model_path
 from rlfleet.types import Group
-from rlfleet.weight_sync import unpack
+from rlfleet.transport.packed import unpack
 
 TEMPERATURE = 0.7
 
@@ -67,7 +67,7 @@ def make_group(model, gen: torch.Generator, advantages, prompt_len: int, lengths
         prompt_ids=prompt,
         completion_ids=completions,
         completion_lengths=lengths,
-        old_logprobs=old,
+        behaviour_logprobs=old,
         rewards=rewards,
         advantages=np.asarray(advantages, dtype=np.float32),
         truncated=np.zeros(n, dtype=bool) if truncated is None else np.asarray(truncated),
@@ -133,7 +133,7 @@ def test_collate_left_pads_prompts_right_pads_completions():
     assert b.position_ids.tolist() == [[0, 0, 1, 2, 3, 4], [0, 0, 1, 2, 2, 2], [0, 1, 2, 3, 4, 4]]
     assert b.completion_ids.tolist() == [[3, 4, 5], [6, p, p], [10, 11, p]]
     assert b.mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
-    assert b.old_logprobs.tolist() == [[-1, -2, -3], [-4, 0, 0], [-5, -6, 0]]
+    assert b.behaviour_logprobs.tolist() == [[-1, -2, -3], [-4, 0, 0], [-5, -6, 0]]
     assert b.advantages.tolist() == [0.5, -0.5, 0.0]
     assert collate([g1, g2], pad_id=PAD_ID, mask_truncated_completions=True).mask.tolist() == [
         [0, 0, 0], [1, 0, 0], [1, 1, 0]]
@@ -204,10 +204,10 @@ def test_padding_does_not_change_logprobs():
         alone = completion_logprobs(learner.model, collate([short], PAD_ID), TEMPERATURE)  # [2, 5]
         mixed = completion_logprobs(learner.model, collate([padded, long_prompt], PAD_ID), TEMPERATURE)  # [4, 9]
     for j, L in enumerate(short.completion_lengths):
-        torch.testing.assert_close(alone[j, :L], torch.from_numpy(short.old_logprobs[j, :L]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(alone[j, :L], torch.from_numpy(short.behaviour_logprobs[j, :L]), rtol=0, atol=1e-5)
         torch.testing.assert_close(mixed[j, :L], alone[j, :L], rtol=0, atol=1e-5)
     for j, L in enumerate(long_prompt.completion_lengths):
-        torch.testing.assert_close(mixed[2 + j, :L], torch.from_numpy(long_prompt.old_logprobs[j, :L]),
+        torch.testing.assert_close(mixed[2 + j, :L], torch.from_numpy(long_prompt.behaviour_logprobs[j, :L]),
                                    rtol=0, atol=1e-5)
 
 
@@ -262,8 +262,11 @@ def test_micro_batch_size_does_not_change_gradient(loss_type):
     (g1, m1), (g8, m8) = results
     assert max(g.abs().max().item() for g in g8.values()) > 1e-4  # a real gradient, not an empty comparison
     assert_grads_close(g1, g8)
-    assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-5)
-    assert m1["loss/policy"] == pytest.approx(m8["loss/policy"], rel=1e-5)
+    # On-policy (ratio 1) with advantages that sum to zero, the loss is exactly 0 in exact arithmetic and ~1e-7
+    # in fp32 (summation order): compare it absolutely; a relative comparison of two rounding residues (as here
+    # before) fails on a change of BLAS kernel. The gradients above carry the invariance.
+    assert m1["loss"] == pytest.approx(m8["loss"], abs=1e-6)
+    assert m1["loss/policy"] == pytest.approx(m8["loss/policy"], abs=1e-6)
 
 
 def test_equal_rewards_give_zero_gradient_and_unchanged_weights():
@@ -302,7 +305,7 @@ def test_mask_truncated_completions_equals_dropping_those_rows():
     gen = torch.Generator().manual_seed(4)
     full = make_group(learner.model, gen, [2.0, -0.5, 0.7], 5, [12, 4, 6], truncated=[True, False, False])
     kept = Group(full.prompt_id, full.prompt_ids, full.completion_ids[1:, :6], full.completion_lengths[1:],
-                 full.old_logprobs[1:, :6], full.rewards[1:], full.advantages[1:], full.truncated[1:], 0)
+                 full.behaviour_logprobs[1:, :6], full.rewards[1:], full.advantages[1:], full.truncated[1:], 0)
     grads = captured_grads(learner)
     m_full = learner.train_step([full])
     other = make_learner()
@@ -323,7 +326,7 @@ def test_num_iterations_two_uses_capped_importance_weights():
     Token mean, the same in both passes: (7 * 1.648721 + 44) / 51 = 1.089040."""
     learner = make_learner({"num_iterations": 2})
     groups = two_groups(learner.model)
-    groups[0].old_logprobs[0, :7] -= 0.5
+    groups[0].behaviour_logprobs[0, :7] -= 0.5
     grads = captured_grads(learner)
     m = learner.train_step(groups)
     # two optimizer steps, one published version: staleness is counted in weight publications
@@ -416,7 +419,7 @@ def test_repeated_steps_raise_the_logprob_of_the_positive_advantage_completion()
 
     start = seq_logprobs()
     for _ in range(10):
-        group.old_logprobs[:] = [reference_logprobs(learner.model, group.prompt_ids, c) for c in group.completion_ids]
+        group.behaviour_logprobs[:] = [reference_logprobs(learner.model, group.prompt_ids, c) for c in group.completion_ids]
         learner.train_step([group])
     end = seq_logprobs()
     assert end[0] > start[0] + 1.0

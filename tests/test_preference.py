@@ -1,4 +1,4 @@
-"""rlfleet.preference: the three TRL preference formats, their errors, tokenization and ``builtin:prefs``.
+"""rlfleet.dpo.data: the three TRL preference formats, their errors, tokenization and ``builtin:prefs``.
 
 Token ids are derived by hand from the tiny tokenizer: token id == byte value, ``<|im_start|>`` 258, ``<|im_end|>``
 (EOS) 259, and the chat template ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` (+ ``<|im_start|>assistant\\n`` as
@@ -14,7 +14,7 @@ import pytest
 
 from rlfleet.config import DataConfig
 from rlfleet.models import EOS_ID, IM_START_ID, load_tokenizer
-from rlfleet.preference import (
+from rlfleet.dpo.data import (
     PREFS_ALPHABET,
     PreferencePair,
     extract_prompt,

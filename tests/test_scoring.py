@@ -1,4 +1,4 @@
-"""rlfleet.actors.scoring: reward combination, group advantages, GFPO selection, function resolution.
+"""rlfleet.generation.scoring: reward combination, group advantages, GFPO selection, function resolution.
 
 Expected values come from hand arithmetic in the docstrings (reference/trl-algorithms.md section 7 cases 1, 2, 9)
 or from an independent re-statement of TRL's formula with TRL's own ``nanstd``.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rlfleet.actors.scoring import (
+from rlfleet.generation.scoring import (
     BUILTIN_GROUP_FILTERS,
     combine_rewards,
     group_advantages,

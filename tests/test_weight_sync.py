@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlfleet.weight_sync import ALIGN, PackedWeights, WeightPacker, unpack
+from rlfleet.transport.packed import ALIGN, PackedWeights, WeightPacker, unpack
 
 
 def tied_state() -> dict[str, torch.Tensor]:

@@ -113,8 +113,8 @@ class StepWindow:
 
 def preflight(cfg: RLFleetConfig):
     """Checks that need files or imports but no actors: model path, dataset, reward and filter functions."""
-    from rlfleet.actors.generator import prompt_token_ids, resolve_reward_funcs
-    from rlfleet.actors.scoring import BUILTIN_GROUP_FILTERS, resolve_function
+    from rlfleet.generation.generator import prompt_token_ids, resolve_reward_funcs
+    from rlfleet.generation.scoring import BUILTIN_GROUP_FILTERS, resolve_function
     from rlfleet.data import load_prompt_dataset
     from rlfleet.models import load_tokenizer, resolve_model_path
 
@@ -273,7 +273,7 @@ class TrainingRun:
     """One life of the run's actors: start (or restore), the loop, the final checkpoint."""
 
     def __init__(self, cfg: RLFleetConfig, dataset, placement, recoveries: int = 0):
-        from rlfleet.actors.actor import make_generation_actor
+        from rlfleet.generation.actor import make_generation_actor
         from rlfleet.data import PromptStream
         from rlfleet.learner.actor import make_learner_actor
         from rlfleet.replay.actor import make_replay_actor

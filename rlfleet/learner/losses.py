@@ -180,16 +180,16 @@ class PolicyLoss:
     def __call__(
         self,
         logprobs: torch.Tensor,  # [B, T] current policy, differentiable
-        old_logprobs: torch.Tensor,  # [B, T] behaviour policy
+        proximal_logprobs: torch.Tensor,  # [B, T] the ratio's base: behaviour policy (mu == 1) or the learner's pre-step policy
         advantages: torch.Tensor,  # [B] or [B, T]
         mask: torch.Tensor,  # [B, T] bool or 0/1
         normalizer: float,  # from loss_normalizer over the whole optimizer-step batch
         ref_logprobs: torch.Tensor | None = None,  # [B, T] reference policy (needed when beta > 0)
         is_weights: torch.Tensor | None = None,  # [B, T] or [B] truncated IS weights, detached here
     ) -> LossResult:
-        if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+        if logprobs.shape != proximal_logprobs.shape or logprobs.shape != mask.shape:
             raise ValueError(
-                f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
+                f"logprobs {tuple(logprobs.shape)}, proximal_logprobs {tuple(proximal_logprobs.shape)} and mask "
                 f"{tuple(mask.shape)} must have the same [B, T] shape"
             )
         if self.beta > 0 and ref_logprobs is None:
@@ -200,7 +200,7 @@ class PolicyLoss:
         # Every [B, T] input is zeroed off the mask first (A = 0 there zeroes the policy term), so garbage off the
         # mask (even NaN) reaches neither the loss nor the gradient.
         adv = torch.where(valid, _broadcastable(advantages).detach(), 0.0)  # [B, T]
-        log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), 0.0)  # [B, T]
+        log_ratio = torch.where(valid, logprobs - proximal_logprobs.detach(), 0.0)  # [B, T]
 
         w = torch.exp(self._log_weights(log_ratio, logprobs, valid))  # [B, T] or [B, 1]
         w_clipped = w.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)

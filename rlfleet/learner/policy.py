@@ -9,18 +9,19 @@ One ``train_step(groups)``:
    only, so padding changes no log-probability.
 2. **Log-probabilities** of the completion tokens, ``log softmax(logits / temperature)`` at the sampled tokens
    (:func:`completion_logprobs`), the same temperature-scaled distribution the generator's behaviour log-probs
-   ``old_logprobs`` were taken from.
+   ``behaviour_logprobs`` were taken from.
 3. **One normaliser** for the whole optimizer step (``loss_normalizer`` over the full batch's mask), so the
    micro-batch losses of ``learner.micro_batch_size`` sequences sum to the full-batch loss and the gradient does
    not depend on micro-batching. Backward per micro-batch, then gradient clipping and one optimizer step.
 4. ``num_iterations`` (mu) passes over the same batch, each ending with an optimizer step (decoupled PPO):
 
-   * mu == 1: the ratio's "old" policy is the behaviour policy itself, ``old = old_logprobs`` from the generator,
+   * mu == 1: the ratio's base (the *proximal* policy) is the behaviour policy itself, ``behaviour_logprobs`` from
+     the generator,
      and no importance weights are used: the clipped ratio pi_theta / pi_behaviour does the off-policy correction.
-   * mu > 1: "old" is the learner's own policy before the first update (log-probs computed without gradient,
+   * mu > 1: the proximal policy is the learner's own policy before the first update (log-probs computed without gradient,
      detached), so the first pass has ratio 1 and later passes are clipped against the learner's proximal policy,
      as in PPO. The gap between that proximal policy and the (possibly stale) behaviour policy is corrected by
-     truncated importance weights ``min(pi_old / pi_behaviour, importance_sampling_cap)`` on the policy term
+     truncated importance weights ``min(pi_proximal / pi_behaviour, importance_sampling_cap)`` on the policy term
      (:func:`importance_weights`; per token, or per sequence for the sequence levels), when the cap is set.
 
    The lr schedule advances once per ``train_step``: ``max_steps`` and ``warmup_steps`` count train steps, and
@@ -53,7 +54,7 @@ from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, Mod
 from rlfleet.learner.losses import loss_normalizer, make_policy_loss
 from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.types import Group
-from rlfleet.weight_sync import PackedWeights, WeightPacker, unpack
+from rlfleet.transport.packed import PackedWeights, WeightPacker, unpack
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class Batch:
     position_ids: Tensor  # [B, P+T] long  0-based index among the row's real tokens
     completion_ids: Tensor  # [B, T] long
     mask: Tensor  # [B, T] float  1 on completion tokens that are trained on
-    old_logprobs: Tensor  # [B, T] float  behaviour log-probs, 0 on padding
+    behaviour_logprobs: Tensor  # [B, T] float  behaviour log-probs, 0 on padding
     advantages: Tensor  # [B] float
 
     @property
@@ -104,13 +105,13 @@ def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool =
     input_ids = np.full((B, P + T), pad_id, dtype=np.int64)  # [B, P+T]
     attention_mask = np.zeros((B, P + T), dtype=np.int64)  # [B, P+T]
     completion_ids = np.full((B, T), pad_id, dtype=np.int64)  # [B, T]
-    old_logprobs = np.zeros((B, T), dtype=np.float32)  # [B, T]
+    behaviour_logprobs = np.zeros((B, T), dtype=np.float32)  # [B, T]
     row = 0
     for g in groups:
         for j in range(g.size):
             n, prompt = int(g.completion_lengths[j]), g.prompt_ids
             completion_ids[row, :n] = g.completion_ids[j, :n]
-            old_logprobs[row, :n] = g.old_logprobs[j, :n]
+            behaviour_logprobs[row, :n] = g.behaviour_logprobs[j, :n]
             input_ids[row, P - len(prompt) : P] = prompt
             input_ids[row, P : P + n] = completion_ids[row, :n]
             attention_mask[row, P - len(prompt) : P + n] = 1
@@ -125,7 +126,7 @@ def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool =
         position_ids=(attention.cumsum(-1) - 1).clamp(min=0),  # [B, P+T]
         completion_ids=torch.from_numpy(completion_ids),
         mask=torch.from_numpy(mask),
-        old_logprobs=torch.from_numpy(old_logprobs),
+        behaviour_logprobs=torch.from_numpy(behaviour_logprobs),
         advantages=torch.from_numpy(np.concatenate([g.advantages for g in groups]).astype(np.float32)),
     )
 
@@ -151,16 +152,16 @@ def completion_logprobs(model: torch.nn.Module, batch: Batch, temperature: float
 
 
 def importance_weights(
-    old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, level: str, cap: float
+    proximal_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, level: str, cap: float
 ) -> Tensor:
-    """Truncated importance weights of the learner's old policy against the behaviour policy, ``[B, T]``.
+    """Truncated importance weights of the learner's proximal policy against the behaviour policy, ``[B, T]``.
 
-    token level:                 w_{i,t} = min(exp(old_{i,t} - beh_{i,t}), cap)
-    sequence / sequence_token:   w_i     = min(exp(sum_t m_{i,t} (old_{i,t} - beh_{i,t})), cap), same on every t
+    token level:                 w_{i,t} = min(exp(prox_{i,t} - beh_{i,t}), cap)
+    sequence / sequence_token:   w_i     = min(exp(sum_t m_{i,t} (prox_{i,t} - beh_{i,t})), cap), same on every t
     (the sequence probability ratio, as TRL's ``sequence_truncate`` vLLM correction). Padding contributes a log
     ratio of 0. No gradient flows (both inputs are detached log-probs).
     """
-    log_ratio = (old_logprobs - behaviour_logprobs) * mask  # [B, T]
+    log_ratio = (proximal_logprobs - behaviour_logprobs) * mask  # [B, T]
     if level != "token":
         log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(mask)  # [B, T]
     return log_ratio.clamp(max=math.log(cap)).exp()  # [B, T]
@@ -292,22 +293,22 @@ class PolicyLearner:
         micro = batch.split(self.cfg.micro_batch_size)
         refs = self._detached_logprobs(self.ref_model, micro) if self.ref_model is not None else [None] * len(micro)
         if alg.num_iterations == 1:
-            olds, weights = [mb.old_logprobs for mb in micro], [None] * len(micro)
+            proximals, weights = [mb.behaviour_logprobs for mb in micro], [None] * len(micro)
         else:
-            olds = self._detached_logprobs(self.model, micro)
+            proximals = self._detached_logprobs(self.model, micro)
             weights = [
-                importance_weights(old, mb.old_logprobs, mb.mask, alg.importance_sampling_level,
+                importance_weights(proximal, mb.behaviour_logprobs, mb.mask, alg.importance_sampling_level,
                                    alg.importance_sampling_cap) if alg.importance_sampling_cap else None
-                for old, mb in zip(olds, micro)
+                for proximal, mb in zip(proximals, micro)
             ]
         version_before = self.policy_version
         lr = self.optimizer.param_groups[0]["lr"]
         records: list[tuple[dict[str, float], float]] = []  # (loss metrics, valid tokens) per micro-batch pass
         total_loss = total_grad_norm = 0.0
         for _ in range(alg.num_iterations):
-            for mb, old, ref, w in zip(micro, olds, refs, weights):
+            for mb, proximal, ref, w in zip(micro, proximals, refs, weights):
                 logprobs = self._logprobs(self.model, mb)  # [b, T]
-                result = self.loss_fn(logprobs, old, mb.advantages, mb.mask, normalizer,
+                result = self.loss_fn(logprobs, proximal, mb.advantages, mb.mask, normalizer,
                                       ref_logprobs=ref, is_weights=w)
                 result.loss.backward()
                 total_loss += result.loss.item()

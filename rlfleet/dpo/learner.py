@@ -1,6 +1,6 @@
 """The DPO learner: sigmoid DPO on preference pairs, with BEMA updates of the reference model.
 
-Plain class, no Ray: :class:`~rlfleet.learner.dpo_actor.DPOLearnerActor` wraps it, and tests run it in-process.
+Plain class, no Ray: :class:`~rlfleet.dpo.actor.DPOLearnerActor` wraps it, and tests run it in-process.
 
 One ``train_step(pairs)`` (Rafailov et al., arXiv 2305.18290; TRL's ``DPOTrainer`` with ``loss_type="sigmoid"``):
 
@@ -42,11 +42,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from rlfleet.config import DPOConfig, LearnerConfig, ModelConfig
-from rlfleet.learner.bema import BEMA
+from rlfleet.dpo.bema import BEMA
 from rlfleet.learner.losses import dpo_loss
 from rlfleet.learner.policy import completion_logprobs, make_optimizer, prepare_for_training, resolve_device
 from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
-from rlfleet.preference import PreferencePair
+from rlfleet.dpo.data import PreferencePair
 
 # ----------------------------------------------------------------------------------------------------------------
 # Collation and sequence log-probabilities

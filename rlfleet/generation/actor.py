@@ -1,4 +1,4 @@
-"""The generation actor: a thin Ray shell around :class:`~rlfleet.actors.generator.Generator` and its vLLM engine.
+"""The generation actor: a thin Ray shell around :class:`~rlfleet.generation.generator.Generator` and its vLLM engine.
 
 The class carries no ``@ray.remote`` decorator: resources come from the config at launch
 (:func:`make_generation_actor`). Groups go straight to the replay actor; the caller gets a small stats dict.
@@ -11,11 +11,11 @@ import time
 
 import ray
 
-from rlfleet.actors.engine import Engine
-from rlfleet.actors.generator import Generator
+from rlfleet.generation.engine import Engine
+from rlfleet.generation.generator import Generator
 from rlfleet.config import RLFleetConfig
 from rlfleet.models import load_tokenizer
-from rlfleet.weight_sync import PackedWeights, unpack
+from rlfleet.transport.packed import PackedWeights, unpack
 
 
 class GenerationActor:

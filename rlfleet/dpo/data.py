@@ -13,7 +13,7 @@ A preference dataset is a ``datasets.Dataset`` in one of TRL's formats:
 Tokenization follows TRL's ``DPOTrainer``: the completion starts where the tokenized prompt and the tokenized
 prompt + completion diverge (a BPE may merge tokens across the boundary), and rows whose prompt alone fills
 ``max_length`` are dropped (truncation keeps the start, so no completion token would be left). Collation truncates
-longer rows to ``max_length`` (``rlfleet.learner.dpo.collate_pairs``).
+longer rows to ``max_length`` (``rlfleet.dpo.learner.collate_pairs``).
 
 ``builtin:prefs`` is generated from a seed per split (no download): a prompt asking to capitalize a letter ``c`` of
 ``abcdefgh``; chosen is ``C`` repeated ``n`` (1 to 3) times, rejected another capital repeated ``n`` times (same

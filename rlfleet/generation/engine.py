@@ -85,7 +85,7 @@ class Engine:
         if generation.top_p < 1 or generation.top_k not in (None, -1):
             logger.warning(
                 "generation.top_p=%s / top_k=%s: behaviour log-probs are those of the truncated sampling "
-                "distribution and exceed the learner's full-vocabulary log-probs (see rlfleet.actors.engine).",
+                "distribution and exceed the learner's full-vocabulary log-probs (see rlfleet.generation.engine).",
                 generation.top_p,
                 generation.top_k,
             )

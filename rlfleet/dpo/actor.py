@@ -1,4 +1,4 @@
-"""Ray wrapper of :class:`~rlfleet.learner.dpo.DPOLearner`. Each method delegates in one line; the logic lives in
+"""Ray wrapper of :class:`~rlfleet.dpo.learner.DPOLearner`. Each method delegates in one line; the logic lives in
 ``dpo.py``. Preference pairs arrive from the driver (a few KB per step); nothing else crosses the wire."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 import ray
 
 from rlfleet.config import RLFleetConfig
-from rlfleet.learner.dpo import DPOLearner
-from rlfleet.preference import PreferencePair
+from rlfleet.dpo.learner import DPOLearner
+from rlfleet.dpo.data import PreferencePair
 
 
 class DPOLearnerActor:

@@ -4,7 +4,7 @@ Phases, top to bottom (the conventions of ``rlfleet train``, :mod:`rlfleet.clust
 1. validate what can be checked without actors (tokenizer, preference data, tokenized lengths), write the resolved
    ``config.json``;
 2. connect to Ray (``cluster.address``, ``RAY_ADDRESS``, else a local cluster), reserve the learner's resources,
-   start the :class:`~rlfleet.learner.dpo_actor.DPOLearnerActor`, restore the latest checkpoint when resuming;
+   start the :class:`~rlfleet.dpo.actor.DPOLearnerActor`, restore the latest checkpoint when resuming;
 3. the loop: ``dpo.batch_size`` pairs per step from a seeded, checkpointed stream over the training split; one line
    of ``metrics.jsonl`` per step (loss, rewards chosen / rejected, margins, accuracies, BEMA events), held-out
    metrics (``eval/*``) at step 0 and every ``dpo.eval_steps``; a checkpoint every ``checkpoint.save_steps``;
@@ -12,7 +12,7 @@ Phases, top to bottom (the conventions of ``rlfleet train``, :mod:`rlfleet.clust
    ``summary.json`` and a clean shutdown (also on Ctrl-C / SIGTERM / ``ray job stop``).
 
 A checkpoint ``checkpoints/step-N/`` holds ``learner/`` (policy in HF format, optimizer, scheduler, reference model,
-BEMA state: see :meth:`~rlfleet.learner.dpo.DPOLearner.save`) and ``driver.json`` (step, stream cursor).
+BEMA state: see :meth:`~rlfleet.dpo.learner.DPOLearner.save`) and ``driver.json`` (step, stream cursor).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from rlfleet.cluster.metrics import MetricsLog, plot
 from rlfleet.cluster.runtime import connect, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
 from rlfleet.data import PromptStream
-from rlfleet.preference import PreferencePair, load_preference_dataset, tokenize_preferences
+from rlfleet.dpo.data import PreferencePair, load_preference_dataset, tokenize_preferences
 
 PLOT_KEYS = ("loss", "eval/rewards/accuracies", "eval/policy_accuracy")
 
@@ -60,7 +60,7 @@ def preflight_dpo(cfg: RLFleetConfig):
 
 def train_dpo(cfg: RLFleetConfig) -> dict:
     """Run ``rlfleet dpo``. Returns a small summary (last metrics, output paths)."""
-    from rlfleet.learner.dpo_actor import make_dpo_learner_actor
+    from rlfleet.dpo.actor import make_dpo_learner_actor
 
     # -- 1. validate and record -------------------------------------------------------------------------------
     train_ds, eval_ds = preflight_dpo(cfg)

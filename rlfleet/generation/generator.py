@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rlfleet.actors.engine import Completion
-from rlfleet.actors.scoring import (
+from rlfleet.generation.engine import Completion
+from rlfleet.generation.scoring import (
     BUILTIN_GROUP_FILTERS,
     combine_rewards,
     group_advantages,
@@ -47,7 +47,7 @@ DROPPED = "the groups it was scoring are dropped and counted in errors/reward"
 
 
 class SamplingEngine(Protocol):
-    """What the generator needs from an engine (``rlfleet.actors.engine.Engine``, or a fake in tests)."""
+    """What the generator needs from an engine (``rlfleet.generation.engine.Engine``, or a fake in tests)."""
 
     version: int
     max_model_len: int
@@ -269,16 +269,16 @@ def _make_group(record: dict, prompt_ids: list[int], kept: list[Completion], rew
     """Pack the kept completions of one prompt, right-padded with 0 to the longest: arrays ``[k, T]``."""
     T = max(len(c.token_ids) for c in kept)
     ids = np.zeros((len(kept), T), dtype=np.int32)  # [k, T]
-    old_logprobs = np.zeros((len(kept), T), dtype=np.float32)  # [k, T]
+    behaviour_logprobs = np.zeros((len(kept), T), dtype=np.float32)  # [k, T]
     for row, c in enumerate(kept):
         ids[row, :len(c.token_ids)] = c.token_ids
-        old_logprobs[row, :len(c.logprobs)] = c.logprobs
+        behaviour_logprobs[row, :len(c.logprobs)] = c.logprobs
     return Group(
         prompt_id=str(record["prompt_id"]),
         prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
         completion_ids=ids,
         completion_lengths=np.array([len(c.token_ids) for c in kept], dtype=np.int32),
-        old_logprobs=old_logprobs,
+        behaviour_logprobs=behaviour_logprobs,
         rewards=np.asarray(rewards, dtype=np.float32),
         advantages=advantages,
         truncated=np.array([c.truncated for c in kept], dtype=bool),

@@ -1,0 +1,1 @@
+"""Direct preference optimisation with BEMA reference updates: data, learner, actor and the ``rlfleet dpo`` job."""
