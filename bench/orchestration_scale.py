@@ -43,12 +43,13 @@ STEADY_S = 8.0
 LEARNER_CAP_GUESS = 40.0  # groups/s, only to size the runs
 
 
-DRIVER_PHASES = ("admit", "collect", "finish_step")  # TrainingRun methods timed in the driver
+DRIVER_PHASES = ("admit", "collect", "finish_step")  # RLJob.admit, GeneratorPool.on_ready, RLJob.finish_step
 
 
 def instrument_driver() -> dict[str, float]:
     """Wrap the driver's per-step phases with timers (this process only); returns the cumulative seconds."""
-    from rlfleet.cluster.driver import TrainingRun
+    from rlfleet.cluster.driver import RLJob
+    from rlfleet.cluster.pool import GeneratorPool
 
     seconds = dict.fromkeys(DRIVER_PHASES, 0.0)
 
@@ -61,12 +62,15 @@ def instrument_driver() -> dict[str, float]:
                 seconds[name] += time.perf_counter() - t0
         return wrapper
 
-    for name in DRIVER_PHASES:
-        setattr(TrainingRun, name, timed(name, getattr(TrainingRun, name)))
+    owners = {"admit": (RLJob, "admit"), "collect": (GeneratorPool, "on_ready"), "finish_step": (RLJob, "finish_step")}
+    for name, (cls, method) in owners.items():
+        setattr(cls, method, timed(name, getattr(cls, method)))
     return seconds
 
 
 def run_one(n: int, latency_s: float, workdir: Path, driver_seconds: dict[str, float]) -> dict:
+    from bench.standin import fixed_latency
+
     ideal = n * PROMPTS_PER_REQUEST / latency_s
     steps = SKIP + min(40, max(4, math.ceil(STEADY_S * min(ideal, LEARNER_CAP_GUESS) / GROUPS_PER_STEP)))
     before = dict(driver_seconds)
@@ -75,7 +79,7 @@ def run_one(n: int, latency_s: float, workdir: Path, driver_seconds: dict[str, f
         f"generation.generation_batch_size={PROMPTS_PER_REQUEST * NUM_GENERATIONS}",
         f"generation.num_generations={NUM_GENERATIONS}", f"learner.groups_per_step={GROUPS_PER_STEP}",
         f"learner.micro_batch_size={GROUPS_PER_STEP * NUM_GENERATIONS}", f"replay.max_staleness={MAX_STALENESS}",
-        f"learner.max_steps={steps}"])
+        f"learner.max_steps={steps}"], engine_factory=fixed_latency(latency_s))
     records, total_s = run.records, run.total_s
     steady = records[SKIP:]
     wall = sum(r["time/step_s"] for r in steady)
@@ -105,14 +109,11 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.25, help="stand-in engine seconds per request")
     args = parser.parse_args()
     setup_env()
-    from bench.standin import use_stand_in
-
     counts = pick(args.mode, [1, 4, 8], [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 32])
     order = counts
     print(f"orchestration scale: stand-in engine {args.latency} s per request of {PROMPTS_PER_REQUEST} prompt(s) x "
           f"{NUM_GENERATIONS}; generators {order}; {GROUPS_PER_STEP} groups per learner step (tiny model)",
           flush=True)
-    use_stand_in(args.latency)
     driver_seconds = instrument_driver()
     init_ray(num_cpus=max(counts) + 4)  # more CPUs advertised than cores: the stand-ins mostly sleep
     workdir = Path(tempfile.mkdtemp(prefix="rlfleet-bench-scale-"))

@@ -1,13 +1,11 @@
-"""A fixed-latency stand-in for the vLLM engine, and a generation actor that uses it (benchmarks only).
+"""A fixed-latency stand-in for the vLLM engine (benchmarks only).
 
 The only place a stand-in is right: it isolates rlfleet's own overhead (driver, admission, Ray calls, reward
-functions, group building, replay, learner) from generation compute. :class:`StandInGenerationActor` is rlfleet's
-``GenerationActor`` with its engine swapped: the same ``Generator`` (tokenization, reward functions, advantages,
-``Group`` packing), the same ``generate`` (groups to the replay actor, waiting for its ack), ``update_weights`` (Ray
-still resolves the weights ref; only the engine load is skipped) and ``ready``.
-
-:func:`use_stand_in` makes ``rlfleet train`` (``rlfleet.cluster.driver.train``) start stand-in actors: the driver
-looks ``make_generation_actor`` up in ``rlfleet.generation.actor`` when a run starts.
+functions, group building, replay, learner) from generation compute. It plugs in through the generation actor's
+engine factory (``train(cfg, engine_factory=fixed_latency(0.5))``): the actor is rlfleet's own
+``GenerationActor`` with the same ``Generator`` (tokenization, reward functions, advantages, ``Group`` packing),
+``generate`` (groups to the replay actor, waiting for its ack), ``update_weights`` (the transport still reads the
+weights; only the engine's load is skipped) and ``ready``.
 """
 
 from __future__ import annotations
@@ -17,11 +15,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from rlfleet.generation.actor import GenerationActor
-from rlfleet.generation.engine import Completion
-from rlfleet.generation.generator import Generator
 from rlfleet.config import RLFleetConfig
-from rlfleet.models import load_tokenizer
+from rlfleet.generation.engine import Completion
 
 STAND_IN_LOGPROB = -5.56  # ~log(1/260): what the random-init byte model assigns to a token
 
@@ -51,27 +46,11 @@ class FixedLatencyEngine:
         self.version = int(version)
 
 
-class StandInGenerationActor(GenerationActor):
-    """``GenerationActor`` whose engine is a :class:`FixedLatencyEngine` of ``latency_s`` per request."""
+class fixed_latency:  # noqa: N801  (used like a function: an engine factory)
+    """An engine factory for ``GenerationActor``: a :class:`FixedLatencyEngine` of ``latency_s`` per request."""
 
-    def __init__(self, cfg: RLFleetConfig, replay, index: int = 0, latency_s: float = 0.5):
-        self.cfg = cfg
-        self.replay = replay
-        self.engine = FixedLatencyEngine(cfg.generation.max_completion_length, cfg.model.max_model_len, latency_s,
-                                         seed=cfg.seed + index)
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        self.generator = Generator.from_config(self.engine, tokenizer, cfg)
+    def __init__(self, latency_s: float):
+        self.latency_s = latency_s
 
-
-def use_stand_in(latency_s: float) -> None:
-    """From now on, runs started in this process create stand-in generation actors of ``latency_s``."""
-    import ray
-
-    import rlfleet.generation.actor as actor_module
-
-    def make_stand_in(cfg: RLFleetConfig, replay, index: int = 0, **options):
-        opts = dict(name=f"rlfleet-generator-{index}", num_cpus=cfg.cluster.generator_num_cpus,
-                    num_gpus=cfg.cluster.generator_num_gpus, max_restarts=cfg.cluster.max_restarts) | options
-        return ray.remote(StandInGenerationActor).options(**opts).remote(cfg, replay, index, latency_s)
-
-    actor_module.make_generation_actor = make_stand_in
+    def __call__(self, cfg: RLFleetConfig, seed: int) -> FixedLatencyEngine:
+        return FixedLatencyEngine(cfg.generation.max_completion_length, cfg.model.max_model_len, self.latency_s, seed)

@@ -187,19 +187,52 @@ class DPOConfig(Section):
     bema: BEMAConfig | None = Field(default_factory=BEMAConfig, description="None disables BEMA (frozen ref).")
 
 
+class GeneratorRange(Section):
+    """An elastic fleet: the job starts once ``min`` generators are placed and grows to ``max`` as room appears."""
+
+    min: int = Field(1, ge=1, description="Generators needed to start (and the fleet's size if the cluster is full).")
+    max: int = Field(1, ge=1, description="Generators the job grows to when the cluster has room.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GeneratorRange:
+        if self.min > self.max:
+            raise ValueError(f"cluster.num_generators: min {self.min} is more than max {self.max}; "
+                             "use min <= max")
+        return self
+
+
 class ClusterConfig(Section):
     address: str | None = Field(
         None, description="Ray address; None uses RAY_ADDRESS, else starts a local cluster (the embedded default)."
     )
-    num_generators: int = Field(1, ge=1)
+    num_generators: int | GeneratorRange = Field(
+        1, description="Generation actors: a number, or {min, max} for a fleet that grows and shrinks with the "
+        "cluster (each generator is placed on its own; see README 'Elastic fleets').")
     generator_num_gpus: float = Field(0, ge=0, description="GPUs per generation actor (= tensor_parallel_size).")
     generator_num_cpus: float = Field(1, gt=0)
     learner_num_gpus: float = Field(0, ge=0)
     learner_num_cpus: float = Field(1, gt=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
+        None, description="No longer used: each actor now has a placement group of its own (one bundle), so the "
+        "job starts with the generators that fit and grows; accepted so older job files still load.")
     local_num_cpus: int | None = Field(None, gt=0, description="CPUs a local cluster advertises; None = enough.")
     max_restarts: int = Field(3, ge=0, description="Ray restarts per generation actor.")
     timeout_s: float = Field(600.0, gt=0, description="Timeout of every blocking call on an actor.")
+    weight_transport: Literal["object_store"] = Field(
+        "object_store", description="How weights reach the generators (rlfleet.transport).")
+    job_name: str | None = Field(
+        None, description="Names the job's Ray namespace (rlfleet-<job_name>) for `rlfleet scale --job`; "
+        "None uses the last part of output_dir.")
+
+    @property
+    def min_generators(self) -> int:
+        n = self.num_generators
+        return n if isinstance(n, int) else n.min
+
+    @property
+    def max_generators(self) -> int:
+        n = self.num_generators
+        return n if isinstance(n, int) else n.max
 
 
 class CheckpointConfig(Section):
@@ -378,6 +411,8 @@ def _format_validation_error(err: ValidationError) -> list[str]:
         if e["type"] == "value_error":  # our cross-field checks: already "field: message", one per line
             msg = str(e.get("ctx", {}).get("error", e["msg"]))
             problems.extend(line for line in msg.splitlines() if line)
+        elif e["type"] == "int_type" and isinstance(e.get("input"), dict):
+            continue  # the int branch of `int | {min, max}`: the mapping branch's own error says what is wrong
         elif e["type"] == "extra_forbidden":
             problems.append(f"{loc}: unknown key (check the spelling; `rlfleet config` prints every known key)")
         else:

@@ -10,6 +10,7 @@ from rlfleet.data import PromptStream, load_prompt_dataset
 from rlfleet.models import load_causal_lm
 from rlfleet.replay.actor import make_replay_actor
 from rlfleet.types import Group
+from rlfleet.transport import WeightHandle
 from rlfleet.transport.packed import WeightPacker
 
 pytestmark = pytest.mark.ray
@@ -60,7 +61,7 @@ def test_generation_actor_sends_groups_to_replay_and_loads_weights(ray_cluster, 
     replay = make_replay_actor(cfg.replay, seed=0, name="test-replay-gen")
     actor = make_generation_actor(cfg, replay, index=0)
     try:
-        assert ray.get(actor.ready.remote(), timeout=TIMEOUT_S)
+        assert ray.get(actor.ready.remote(), timeout=TIMEOUT_S) == ray.get_runtime_context().get_node_id()
         assert ray.get_actor("rlfleet-generator-0") is not None
         records = PromptStream(load_prompt_dataset(cfg.data, "train"), seed=0).next_batch(3)
         stats = ray.get(actor.generate.remote(records), timeout=TIMEOUT_S)
@@ -71,7 +72,8 @@ def test_generation_actor_sends_groups_to_replay_and_loads_weights(ray_cluster, 
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1.01)
-        seconds = ray.get(actor.update_weights.remote(ray.put(WeightPacker(torch.float32).pack(model.state_dict())), 1), timeout=TIMEOUT_S)
+        handle = WeightHandle("object_store", 1, ray.put(WeightPacker(torch.float32).pack(model.state_dict())))
+        seconds = ray.get(actor.update_weights.remote(handle), timeout=TIMEOUT_S)
         assert seconds > 0 and ray.get(actor.version.remote(), timeout=TIMEOUT_S) == 1
         ray.get(actor.generate.remote(records[:1]), timeout=TIMEOUT_S)
 

@@ -434,8 +434,8 @@ def test_repeated_steps_raise_the_logprob_of_the_positive_advantage_completion()
 @pytest.mark.ray
 def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_path):
     """The learner actor samples its batch from the replay actor and trains on it (version 0 -> 1; its loss, taken
-    before the update, equals the same step's loss in-process) and publishes one object ref in the same call (wrapped
-    in a list, so the driver gets the ref, not the tensors) whose value equals the actor's weights, read back here
+    before the update, equals the same step's loss in-process) and publishes its weights in the same call (a handle
+    holding one object ref, so the driver gets the ref, not the tensors) whose value equals the actor's weights, read back here
     from its Hugging Face checkpoint; publish_weights() alone gives the same bytes. With an empty replay actor, train_step returns None after its timeout."""
     import ray
 
@@ -455,15 +455,17 @@ def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_
     local = make_learner()
     groups = two_groups(local.model)
     ray.get(replay.add.remote(groups), timeout=60)
-    metrics, refs, version = ray.get(learner.train_step.remote(30.0), timeout=120)
+    result = ray.get(learner.train_step.remote(30.0), timeout=120)
+    metrics, handle = result.metrics, result.weights
+    assert result.prompt_ids == [g.prompt_id for g in groups]  # the learner reports the batch it took
     assert metrics["policy_version"] == 1.0 and metrics["learner/sequences"] == 8.0
     local_metrics = local.train_step(groups)
     assert metrics["loss"] == pytest.approx(local_metrics["loss"], rel=1e-5)
     assert ray.get(learner.version.remote(), timeout=60) == 1
-    assert version == 1 and isinstance(refs[0], ray.ObjectRef)  # the step published its weights
-    again, again_version = ray.get(learner.publish_weights.remote(), timeout=60)
-    assert again_version == 1 and np.array_equal(ray.get(again[0]).buffer, ray.get(refs[0]).buffer)
-    published = unpack(ray.get(refs[0], timeout=60))
+    assert handle.version == 1 and isinstance(handle.payload, ray.ObjectRef)  # the step published its weights
+    again = ray.get(learner.publish_weights.remote(), timeout=60)
+    assert again.version == 1 and np.array_equal(ray.get(again.payload).buffer, ray.get(handle.payload).buffer)
+    published = unpack(ray.get(handle.payload, timeout=60))
     ray.get(learner.save.remote(str(tmp_path / "ckpt")), timeout=60)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").state_dict()
     assert published.keys() == saved.keys()

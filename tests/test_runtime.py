@@ -4,33 +4,40 @@ import time
 
 import pytest
 
-from rlfleet.cluster.runtime import ClusterError, bundles, check_feasible, reserve
+from rlfleet.cluster.runtime import ClusterError, check_feasible, generator_bundle, learner_bundle, reserve
 from rlfleet.config import ClusterConfig
 
 
-def test_bundles_learner_first_then_one_per_generator():
+def test_bundles_one_per_actor():
     cfg = ClusterConfig(num_generators=3, generator_num_gpus=1, learner_num_gpus=2, generator_num_cpus=4)
-    assert bundles(cfg) == [{"CPU": 1, "GPU": 2}] + [{"CPU": 4, "GPU": 1}] * 3
-    assert bundles(cfg, num_generators=0) == [{"CPU": 1, "GPU": 2}]
+    assert learner_bundle(cfg) == {"CPU": 1, "GPU": 2}
+    assert generator_bundle(cfg) == {"CPU": 4, "GPU": 1}
 
 
 def test_feasibility_names_the_missing_resource():
     two_cpu_nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
-    assert check_feasible(ClusterConfig(num_generators=3), two_cpu_nodes) == []  # 4 CPUs in all, 1 per bundle
+    assert check_feasible(ClusterConfig(num_generators=3), two_cpu_nodes) == []  # 4 CPUs in all, 1 per actor
     problems = check_feasible(ClusterConfig(num_generators=4, generator_num_gpus=1), two_cpu_nodes)
-    assert any("needs 4 GPU in all" in p and "the cluster has 0" in p for p in problems)
-    assert any("needs 5 CPU in all" in p for p in problems)
+    assert any("needs 4 GPU in all to start" in p and "the cluster has 0" in p for p in problems)
+    assert any("needs 5 CPU in all to start" in p for p in problems)
     problems = check_feasible(ClusterConfig(num_generators=1, generator_num_cpus=3), two_cpu_nodes)
     assert problems == ["one generator needs 3 CPU on a single node, but the largest node has 2"]
-    assert check_feasible(ClusterConfig(num_generators=2, placement_strategy="STRICT_SPREAD"), two_cpu_nodes) == [
-        "STRICT_SPREAD needs 3 nodes, the cluster has 2"]
+
+
+def test_an_elastic_fleet_needs_only_its_min_to_start():
+    """{min: 1, max: 8}: 1 + 1 CPUs start it on a 2-CPU cluster; the other 7 generators wait for room."""
+    one_node = [{"CPU": 2.0}]
+    assert check_feasible(ClusterConfig(num_generators={"min": 1, "max": 8}), one_node) == []
+    assert check_feasible(ClusterConfig(num_generators={"min": 2, "max": 8}), one_node) == [
+        "the job needs 3 CPU in all to start (learner 1 + 2 generators x 1) but the cluster has 2; lower "
+        "cluster.num_generators (its min) / cluster.*_num_cpus or add nodes"]
 
 
 @pytest.mark.ray
 def test_unsatisfiable_request_fails_fast_on_a_real_cluster(ray_cluster):
     start = time.monotonic()
-    with pytest.raises(ClusterError, match="needs 1 GPU in all"):
-        reserve(ClusterConfig(num_generators=1, generator_num_gpus=1))
-    assert time.monotonic() - start < 10  # no waiting for resources that will never come
-    placement = reserve(ClusterConfig(num_generators=2))  # 3 of the fixture's 4 CPUs
+    with pytest.raises(ClusterError, match="was not placed after 2 s"):
+        reserve({"CPU": 1, "GPU": 1}, "needs-a-gpu", timeout_s=2)
+    assert time.monotonic() - start < 10
+    placement = reserve({"CPU": 3}, "three-of-four")  # 3 of the fixture's 4 CPUs
     placement.release()

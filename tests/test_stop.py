@@ -8,8 +8,7 @@ import threading
 
 import pytest
 
-from rlfleet.cluster.driver import RunStopped, call, stop_on_sigterm, wait_any
-from rlfleet.config import RLFleetConfig
+from rlfleet.cluster.lifecycle import RunStopped, call, stop_on_sigterm, wait_any
 
 pytestmark = pytest.mark.ray
 
@@ -36,8 +35,7 @@ def test_a_signal_during_a_blocking_ray_call_raises_run_stopped(ray_cluster, sig
     """
     ray = ray_cluster
     ref = never_ending(ray)
-    cfg = RLFleetConfig(cluster={"timeout_s": 60})
-    block = {"wait_any": lambda: wait_any([ref], 60.0), "call": lambda: call(ref, cfg, "a task that never ends")}
+    block = {"wait_any": lambda: wait_any([ref], 60.0), "call": lambda: call(ref, 60.0, "a task that never ends")}
     before = signal.getsignal(sig)
     try:
         with stop_on_sigterm():

@@ -20,10 +20,11 @@ def _clean(value):
 
 
 class MetricsLog:
-    """Appends one JSON line per learner step. On resume, lines past the resumed step are dropped first."""
+    """Appends one JSON line per learner step to ``name``. On resume, lines past the resumed step are dropped
+    first."""
 
-    def __init__(self, output_dir: str | Path, resume_step: int | None = None):
-        self.path = Path(output_dir) / "metrics.jsonl"
+    def __init__(self, output_dir: str | Path, resume_step: int | None = None, name: str = "metrics.jsonl"):
+        self.path = Path(output_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -104,6 +105,14 @@ RAY_GAUGES = {
     "rlfleet_sync_seconds": ("sync/seconds", "slowest weight load of the step on a generator"),
     "rlfleet_learner_step_seconds": ("time/learner_s", "learner compute seconds per step"),
     "rlfleet_learner_idle_frac": ("idle/learner_frac", "share of the step the learner waited for data"),
+    "rlfleet_fleet_generators": ("fleet/generators", "generation actors running"),
+    "rlfleet_fleet_added": ("fleet/added", "generation actors that joined while the job ran (cumulative)"),
+    "rlfleet_fleet_removed": ("fleet/removed", "generation actors that left: scaled down, node lost, restarts used"),
+    "rlfleet_generator_restarts": ("faults/generator_restarts", "generation actors restarted by Ray (cumulative)"),
+    "rlfleet_recoveries": ("faults/recoveries", "restarts of the job's actors from a checkpoint (cumulative)"),
+    "rlfleet_dpo_accuracy": ("rewards/accuracies", "DPO: share of pairs whose chosen reward is higher"),
+    "rlfleet_dpo_margin": ("rewards/margins", "DPO: mean chosen - rejected reward"),
+    "rlfleet_dpo_eval_accuracy": ("eval/rewards/accuracies", "DPO: held-out reward accuracy"),
 }
 RAY_COUNTERS = {  # name -> (record key of the per-step increment, description)
     "rlfleet_replay_substituted": ("replay/substituted_step", "zero-variance groups replaced from the reservoir"),

@@ -1,9 +1,14 @@
-"""Connecting to Ray and reserving the run's resources.
+"""Connecting to Ray and placing the run's actors.
 
 ``connect`` joins the cluster at ``cluster.address`` or ``RAY_ADDRESS`` (set by ``ray job submit``), else starts a
-local cluster quietly: the embedded default. ``reserve`` creates one placement group: bundle 0 for the learner,
-bundles 1..N for the generation actors; a request the cluster can never satisfy fails at once with a message naming
-the missing resource, and one that does not become ready within the timeout fails instead of hanging.
+local cluster quietly (the embedded default), in the job's own namespace ``rlfleet-<job name>``: its named actors
+(``rlfleet-learner``, ``rlfleet-generator-<i>``, ``rlfleet-control``) do not clash with another job's, and
+``rlfleet scale --job NAME`` finds them.
+
+Every actor that needs resources gets a placement group of its own, one bundle: the learner's is reserved before
+the job starts (a request the cluster can never satisfy fails at once, naming the missing resource); the
+generation actors' are requested one by one by the generator pool, which starts each actor as its group becomes
+ready, so a job starts with ``min`` generators and grows as the cluster gains room.
 """
 
 from __future__ import annotations
@@ -11,101 +16,128 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlfleet.config import ClusterConfig
+from rlfleet.config import ClusterConfig, RLFleetConfig
 from rlfleet.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
-def connect(cfg: ClusterConfig) -> str:
-    """Connect to (or start) Ray. Returns a short description of where the job runs."""
+
+def job_name(cfg: RLFleetConfig) -> str:
+    return cfg.cluster.job_name or Path(cfg.output_dir).resolve().name
+
+
+def job_namespace(name: str) -> str:
+    return f"rlfleet-{name}"
+
+
+def connect(cfg: ClusterConfig, namespace: str) -> str:
+    """Connect to (or start) Ray in ``namespace``. Returns a short description of where the job runs. In a Ray
+    session that is already initialised (tests, notebooks) its namespace is kept."""
     if ray.is_initialized():
         return "existing Ray session"
     # No runtime_env here: under `ray job submit` the job's own (deploy/runtime_env.yaml) applies, and Ray refuses
     # to merge a second one; the engine sets its vLLM environment defaults itself inside each actor.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=True)
         return f"Ray cluster at {address}"
-    needed = cfg.learner_num_cpus + cfg.num_generators * cfg.generator_num_cpus
+    needed = cfg.learner_num_cpus + cfg.max_generators * cfg.generator_num_cpus
     num_cpus = cfg.local_num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False, logging_level=logging.WARNING)
     return f"local Ray cluster ({num_cpus} CPUs)"
 
 
-@dataclass
-class Placement:
-    """The run's placement group; bundle 0 is the learner, bundle 1 + i generator i."""
-
-    group: PlacementGroup
-
-    def learner(self) -> dict:
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=0)}
-
-    def generator(self, index: int) -> dict:
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            self.group, placement_group_bundle_index=1 + index)}
-
-    def release(self) -> None:
-        remove_placement_group(self.group)
+def bundle(cpus: float, gpus: float) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
 
-def bundles(cfg: ClusterConfig, num_generators: int | None = None) -> list[dict[str, float]]:
-    def bundle(cpus: float, gpus: float) -> dict[str, float]:
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+def learner_bundle(cfg: ClusterConfig) -> dict[str, float]:
+    return bundle(cfg.learner_num_cpus, cfg.learner_num_gpus)
 
-    return [bundle(cfg.learner_num_cpus, cfg.learner_num_gpus)] + [
-        bundle(cfg.generator_num_cpus, cfg.generator_num_gpus)
-        for _ in range(cfg.num_generators if num_generators is None else num_generators)
-    ]
+
+def generator_bundle(cfg: ClusterConfig) -> dict[str, float]:
+    return bundle(cfg.generator_num_cpus, cfg.generator_num_gpus)
 
 
 def check_feasible(cfg: ClusterConfig, nodes: list[dict[str, float]], num_generators: int | None = None) -> list[str]:
-    """Problems that make the request impossible on a cluster whose nodes have ``nodes`` total resources."""
-    wanted = bundles(cfg, num_generators)
-    n_gen = len(wanted) - 1
+    """Problems that make starting the job impossible on a cluster whose nodes have ``nodes`` total resources:
+    the learner plus ``num_generators`` (default ``cfg.min_generators``, what the job needs to start)."""
+    n_gen = cfg.min_generators if num_generators is None else num_generators
+    wanted = [learner_bundle(cfg)] + [generator_bundle(cfg)] * n_gen
     problems = []
     for resource in ("CPU", "GPU"):
         need = sum(b.get(resource, 0) for b in wanted)
         have = sum(n.get(resource, 0) for n in nodes)
-        per_learner, per_generator = wanted[0].get(resource, 0), wanted[-1].get(resource, 0) if n_gen else 0
+        per_learner, per_generator = wanted[0].get(resource, 0), generator_bundle(cfg).get(resource, 0)
         if need > have:
             problems.append(
-                f"the job needs {need:g} {resource} in all (learner {per_learner:g} + {n_gen} generators x "
-                f"{per_generator:g}) but the cluster has {have:g}; lower cluster.num_generators / "
+                f"the job needs {need:g} {resource} in all to start (learner {per_learner:g} + {n_gen} generators "
+                f"x {per_generator:g}) but the cluster has {have:g}; lower cluster.num_generators (its min) / "
                 f"cluster.*_num_{resource.lower()}s or add nodes"
             )
     biggest = {r: max((n.get(r, 0) for n in nodes), default=0) for r in ("CPU", "GPU")}
-    for name, b in (("learner", wanted[0]), ("generator", wanted[-1])):
+    for name, b in (("learner", wanted[0]), ("generator", generator_bundle(cfg))):
+        if name == "generator" and not n_gen:
+            continue
         for resource, amount in b.items():
             if amount > biggest[resource]:
                 problems.append(
                     f"one {name} needs {amount:g} {resource} on a single node, but the largest node has "
                     f"{biggest[resource]:g}"
                 )
-    if cfg.placement_strategy == "STRICT_SPREAD" and len(wanted) > len(nodes):
-        problems.append(f"STRICT_SPREAD needs {len(wanted)} nodes, the cluster has {len(nodes)}")
     return problems
 
 
-def reserve(cfg: ClusterConfig, num_generators: int | None = None, timeout_s: float = 60.0) -> Placement:
-    """Reserve every actor's resources before any actor starts; fail fast when impossible. ``num_generators``
-    overrides the config's count (the DPO job reserves the learner's bundle only)."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    problems = check_feasible(cfg, nodes, num_generators)
+def alive_nodes() -> list[dict]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def preflight_cluster(cfg: ClusterConfig, num_generators: int | None = None) -> None:
+    """Fail before any actor starts when the cluster can never hold the learner and the generators to start with."""
+    problems = check_feasible(cfg, [n["Resources"] for n in alive_nodes()], num_generators)
     if problems:
         raise ClusterError("cannot place the job:\n" + "\n".join(f"  - {p}" for p in problems))
-    group = placement_group(bundles(cfg, num_generators), strategy=cfg.placement_strategy, name="rlfleet")
-    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+
+
+@dataclass
+class Placement:
+    """One actor's placement group (a single bundle)."""
+
+    group: PlacementGroup
+
+    @classmethod
+    def request(cls, resources: dict[str, float], name: str) -> Placement:
+        """Ask for the bundle; returns at once (``ready()`` resolves when the cluster has placed it)."""
+        return cls(placement_group([resources], name=name))
+
+    def ready(self) -> ray.ObjectRef:
+        return self.group.ready()
+
+    def options(self) -> dict:
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=0)}
+
+    def release(self) -> None:
+        try:
+            remove_placement_group(self.group)
+        except Exception:  # already removed (its job or the cluster went away)
+            pass
+
+
+def reserve(resources: dict[str, float], name: str, timeout_s: float = 60.0) -> Placement:
+    """Place one bundle and wait until it is ready; a request that is not ready within ``timeout_s`` fails naming
+    the cluster's free resources instead of hanging."""
+    placement = Placement.request(resources, name)
+    ready, _ = ray.wait([placement.ready()], timeout=timeout_s)
     if not ready:
-        remove_placement_group(group)
+        placement.release()
         raise ClusterError(
-            f"the placement group {bundles(cfg, num_generators)} ({cfg.placement_strategy}) was not ready after "
-            f"{timeout_s:.0f} s: "
-            f"the cluster's free resources are {ray.available_resources()}; free them or ask for less"
+            f"{name}: the bundle {resources} was not placed after {timeout_s:.0f} s; the cluster's free resources "
+            f"are {ray.available_resources()}; free them or ask for less"
         )
-    return Placement(group)
+    return placement

@@ -1,30 +1,41 @@
-"""The generation actor: a thin Ray shell around :class:`~rlfleet.generation.generator.Generator` and its vLLM engine.
+"""The generation actor: a thin Ray shell around :class:`~rlfleet.generation.generator.Generator` and its engine.
 
 The class carries no ``@ray.remote`` decorator: resources come from the config at launch
-(:func:`make_generation_actor`). Groups go straight to the replay actor; the caller gets a small stats dict.
+(:func:`make_generation_actor`); the engine comes from a factory (the vLLM :class:`Engine` by default; benchmarks
+pass a stand-in, :mod:`bench.standin`). Groups go straight to the replay actor; the caller gets a small stats dict.
 Ray runs one method at a time on the actor, so a weight update never lands in the middle of a generation.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
+from rlfleet.config import RLFleetConfig
 from rlfleet.generation.engine import Engine
 from rlfleet.generation.generator import Generator
-from rlfleet.config import RLFleetConfig
 from rlfleet.models import load_tokenizer
-from rlfleet.transport.packed import PackedWeights, unpack
+from rlfleet.transport import WeightHandle, make_receiver
+
+EngineFactory = Callable[[RLFleetConfig, int], Any]  # (cfg, seed) -> an engine with sample / update_weights
+
+
+def vllm_engine(cfg: RLFleetConfig, seed: int) -> Engine:
+    return Engine(cfg.model, cfg.generation, seed=seed)
 
 
 class GenerationActor:
-    """One vLLM engine with the policy's weights (seeded ``cfg.seed + index``), its generator and a replay handle."""
+    """One engine with the policy's weights (seeded ``cfg.seed + index``), its generator and a replay handle."""
 
-    def __init__(self, cfg: RLFleetConfig, replay: ray.actor.ActorHandle, index: int = 0):
+    def __init__(self, cfg: RLFleetConfig, replay: ray.actor.ActorHandle, index: int = 0,
+                 engine_factory: EngineFactory = vllm_engine):
         self.cfg = cfg
         self.replay = replay
-        self.engine = Engine(cfg.model, cfg.generation, seed=cfg.seed + index)
+        self.engine = engine_factory(cfg, cfg.seed + index)
+        self.receiver = make_receiver(cfg.cluster.weight_transport)
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         self.generator = Generator.from_config(self.engine, tokenizer, cfg)
 
@@ -35,21 +46,22 @@ class GenerationActor:
             ray.get(self.replay.add.remote(groups), timeout=self.cfg.cluster.timeout_s)
         return stats
 
-    def update_weights(self, weights: PackedWeights, version: int) -> float:
-        """Load weights in place (the driver passes an ObjectRef; Ray resolves it to a view of the object store);
-        returns the seconds it took."""
+    def update_weights(self, handle: WeightHandle) -> float:
+        """Load the published weights in place through the transport; returns the seconds it took."""
         start = time.perf_counter()
-        self.engine.update_weights(unpack(weights), version)
+        self.receiver.apply(handle, self.engine)
         return time.perf_counter() - start
 
     def version(self) -> int:
         return self.engine.version
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        """The engine is loaded; returns the id of the node the actor runs on (the pool watches that node)."""
+        return ray.get_runtime_context().get_node_id()
 
 
-def make_generation_actor(cfg: RLFleetConfig, replay: ray.actor.ActorHandle, index: int = 0, **options):
+def make_generation_actor(cfg: RLFleetConfig, replay: ray.actor.ActorHandle, index: int = 0,
+                          engine_factory: EngineFactory = vllm_engine, **options):
     """Start ``GenerationActor`` number ``index`` named ``rlfleet-generator-{index}``, resources from ``cfg.cluster``.
 
     ``options`` override the ``.options()`` defaults (e.g. a placement-group scheduling strategy).
@@ -60,4 +72,4 @@ def make_generation_actor(cfg: RLFleetConfig, replay: ray.actor.ActorHandle, ind
         num_gpus=cfg.cluster.generator_num_gpus,
         max_restarts=cfg.cluster.max_restarts,
     ) | options
-    return ray.remote(GenerationActor).options(**opts).remote(cfg, replay, index)
+    return ray.remote(GenerationActor).options(**opts).remote(cfg, replay, index, engine_factory)

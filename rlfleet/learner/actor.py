@@ -1,14 +1,31 @@
 """Ray wrapper of :class:`~rlfleet.learner.policy.PolicyLearner`: pulls batches from the replay actor, publishes
-weights through the object store. Each method delegates in a line or two; the logic lives in ``policy.py``."""
+weights through the configured transport (:mod:`rlfleet.transport`). Each method delegates in a line or two; the
+logic lives in ``policy.py``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from rlfleet.config import RLFleetConfig
 from rlfleet.learner.policy import PolicyLearner
+from rlfleet.transport import WeightHandle, make_publisher
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One learner step as the driver sees it: metrics, the published weights, and the batch the learner took
+    (``prompt_ids`` of its groups, in order): the learner's own report of what it trained."""
+
+    metrics: dict[str, float]
+    weights: WeightHandle
+    prompt_ids: list[str]
+
+    @property
+    def version(self) -> int:
+        return self.weights.version
 
 
 class LearnerActor:
@@ -16,27 +33,26 @@ class LearnerActor:
 
     def __init__(self, cfg: RLFleetConfig, replay: Any):
         self.learner = PolicyLearner(cfg.model, cfg.algorithm, cfg.learner, cfg.generation, cfg.seed)
+        self.publisher = make_publisher(cfg.cluster.weight_transport, self.learner.compute_dtype)
         self.replay = replay
         self.groups_per_step = cfg.learner.groups_per_step
         self.rpc_timeout_s = cfg.cluster.timeout_s
 
-    def train_step(self, timeout_s: float) -> tuple[dict[str, float], list[ray.ObjectRef], int] | None:
+    def train_step(self, timeout_s: float) -> StepResult | None:
         """Sample ``groups_per_step`` groups from the replay actor (waiting up to ``timeout_s``), train on them and
-        publish the new weights: ``(metrics, [weights ref], policy_version)``, one call per step so the driver can
-        start the next step at once. None when the replay actor has no full batch in time; the driver decides what
-        to do then."""
+        publish the new weights, one call per step so the driver can start the next step at once. None when the
+        replay actor has no full batch in time; the driver decides what to do then."""
         request = self.replay.sample.remote(self.groups_per_step, self.learner.policy_version, timeout_s)
         groups = ray.get(request, timeout=timeout_s + self.rpc_timeout_s)
         if groups is None:
             return None
         metrics = self.learner.train_step(groups)
-        return metrics, *self.publish_weights()
+        return StepResult(metrics, self.publish_weights(), [g.prompt_id for g in groups])
 
-    def publish_weights(self) -> tuple[list[ray.ObjectRef], int]:
-        """One ``ray.put`` of the packed state dict (one copy into the object store), returned as ``([ref],
-        policy_version)``: the driver's ``ray.get`` of this call yields the ref (nested refs are never resolved), so
-        bulk data never passes through it."""
-        return [ray.put(self.learner.packed_weights())], self.learner.policy_version
+    def publish_weights(self) -> WeightHandle:
+        """Publish the current policy through the transport. The driver's ``ray.get`` of this call yields the small
+        handle (object refs inside it are never resolved), so bulk data never passes through the driver."""
+        return self.publisher.publish(self.learner.model.state_dict(), self.learner.policy_version)
 
     def save(self, directory: str) -> None:
         self.learner.save(directory)

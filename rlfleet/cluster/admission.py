@@ -1,0 +1,37 @@
+"""Admission control: how many groups the driver may request now without breaking the staleness bound. Pure.
+
+The learner trains on fresh groups in the order they reach the replay actor, ``groups_per_step`` (g) per step;
+the batch it takes at version v (its ``b``-th, counting from 0, is taken at version ``b``) is trained at version v.
+A group sampled at version ``s`` and trained at version ``t`` has staleness ``t - s``; ``replay.max_staleness``
+(S) bounds it.
+
+Call a group *live* from the moment it is requested until it is known never to reach training (dropped by a
+generator or the replay actor, or lost with a generator that died): live groups are trained, queued, or being
+generated. A new group is consumed after at most every group that was live when it was requested, plus groups
+requested later that reach the replay actor before it. So if every request made at version ``V`` keeps
+
+    live + m <= (min(V, oldest version still being generated) + 1 + S) * g
+
+then a group requested at ``V`` is among the first ``(V + 1 + S) * g`` groups consumed, i.e. in batch ``V + S`` at
+the latest, trained at version ``<= V + S``: staleness ``<= S``. The minimum over versions still being generated is
+what keeps a slow request's groups from being pushed back by faster later ones (with ``V`` alone, a request made at
+a higher version could fill the slots an older, slower one counted on: the property test finds such orders).
+
+The bound needs no count of the batches the learner has taken: it cancels (``ahead = live - taken * g`` and
+``lag = taken - V`` in the earlier formulation of the same rule). ``max_staleness: 0`` is synchronous on-policy
+training. Drops only move groups forward, so a drop the driver has not learnt of yet makes it admit less, never
+more.
+"""
+
+from __future__ import annotations
+
+
+def admission_budget(version: int, oldest_in_flight: int | None, live_groups: int, groups_per_step: int,
+                     max_staleness: int) -> int:
+    """Groups that may be requested now, sampled at ``version`` (>= 0; 0 means none).
+
+    ``oldest_in_flight``: the lowest policy version among requests still being generated (None when none is);
+    ``live_groups``: groups requested so far and not known to be dropped or lost (trained ones included).
+    """
+    base = version if oldest_in_flight is None else min(version, oldest_in_flight)
+    return max(0, (base + 1 + max_staleness) * groups_per_step - live_groups)

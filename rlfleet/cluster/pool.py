@@ -1,0 +1,263 @@
+"""The generator pool: the job's generation actors as one object that grows, shrinks and heals while the job runs.
+
+Each member is one generation actor in a placement group of its own (one bundle). A member moves through
+
+    placing --(its group is placed)--> starting --(engine loaded: ready())--> active <--> restarting
+                                                                               |
+                                                     removed: scaled down, node lost, restarts used up
+
+The pool keeps ``target`` members (``cluster.num_generators``' max, or what ``rlfleet scale`` asked for): it asks
+for placement groups until it has that many, and each starts its actor as soon as the cluster places it, so new
+nodes are used while the job runs. Scaling down cancels placements not yet made, then stops idle actors, then
+lets busy ones finish their request first (draining): nothing they generate is lost.
+
+A member whose request fails has its prompts re-issued (``retry``, handed out before new prompts) and is either
+restarted by Ray (``cluster.max_restarts``; the pool sends it the current weights before its next request) or, if
+its node is gone, removed; a replacement is placed when the cluster has room. Every member gets the latest weights
+before its first request. The pool does not decide how much to generate: the driver passes a budget from
+:func:`rlfleet.cluster.admission.admission_budget`; the pool reports the versions and counts that function needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+
+from rlfleet.cluster.runtime import Placement
+from rlfleet.errors import ClusterError
+from rlfleet.transport import WeightHandle
+
+log = logging.getLogger("rlfleet")
+
+PLACING, STARTING, ACTIVE, RESTARTING = "placing", "starting", "active", "restarting"
+
+
+@dataclass
+class Member:
+    """One generation actor as the pool sees it."""
+
+    index: int
+    placement: Placement
+    state: str = PLACING
+    handle: ray.actor.ActorHandle | None = None
+    node_id: str | None = None
+    waiting: ray.ObjectRef | None = None  # placement ready / ready() / a restart's ready()
+    version: int = -1  # weights version the actor holds (or will, once its queued update runs)
+    future: ray.ObjectRef | None = None  # the generate() in flight
+    request_version: int = -1  # the weights version that request samples with
+    sync_future: ray.ObjectRef | None = None  # the update_weights() queued before it
+    records: list[dict] = field(default_factory=list)  # the prompts of the request in flight
+    draining: bool = False  # scaled down: removed once its request returns
+
+    @property
+    def name(self) -> str:
+        return f"rlfleet-generator-{self.index}"
+
+
+StartActor = Callable[[int, dict], ray.actor.ActorHandle]  # (index, ray options) -> a GenerationActor handle
+
+
+class GeneratorPool:
+    """``start_actor(index, options)`` starts generation actor ``index`` with the given placement options;
+    ``bundle`` is one generator's resources; ``prompts_per_request`` caps each request."""
+
+    def __init__(self, start_actor: StartActor, bundle: dict[str, float], target: int, prompts_per_request: int,
+                 timeout_s: float):
+        self.start_actor, self.bundle = start_actor, bundle
+        self.target, self.prompts_per_request, self.timeout_s = target, prompts_per_request, timeout_s
+        self.members: list[Member] = []
+        self.next_index = 0
+        self.retry: list[dict] = []  # prompts of requests that died: issued again before new ones
+        self.counts = {"fleet/added": 0, "fleet/removed": 0, "faults/generator_restarts": 0,
+                       "faults/lost_groups": 0}
+        self.requested = self.dropped = 0  # groups requested, and dropped by the generators (never delivered)
+
+    # -- size --------------------------------------------------------------------------------------------------
+
+    def active(self) -> list[Member]:
+        return [m for m in self.members if m.state == ACTIVE]
+
+    def busy(self) -> bool:
+        """Something may still deliver groups or become able to: a request in flight, an actor (re)starting."""
+        return any(m.future is not None or m.state in (STARTING, RESTARTING) for m in self.members)
+
+    def start(self, minimum: int) -> None:
+        """Ask for ``target`` members and wait until ``minimum`` of them are active (engines loaded)."""
+        self.reconcile()
+        deadline_refs = None
+        while len(self.active()) < minimum:
+            refs = self.refs()
+            if not refs:
+                break
+            ready, _ = ray.wait(refs, num_returns=1, timeout=self.timeout_s)
+            if not ready:
+                deadline_refs = refs
+                break
+            self.on_ready(set(ready))
+        if len(self.active()) < minimum:
+            waiting = sum(m.state == PLACING for m in self.members)
+            raise ClusterError(
+                f"only {len(self.active())} of the {minimum} generation actors needed to start are running after "
+                f"{self.timeout_s:g} s ({waiting} still waiting for {self.bundle} each); the cluster's free "
+                f"resources are {ray.available_resources()}. Lower cluster.num_generators (its min) or add nodes"
+                if deadline_refs is not None else
+                f"the generation actors failed to start ({self.counts['fleet/removed']} removed); see the "
+                "generator logs")
+
+    def scale(self, target: int) -> None:
+        """Set the number of generators the pool keeps (``rlfleet scale``); takes effect in :meth:`reconcile`."""
+        self.target = max(0, int(target))
+
+    def reconcile(self) -> None:
+        """Bring the pool to ``target``: remove members whose node died while Ray restarts them, place new ones,
+        or cancel / stop / drain the newest."""
+        if any(m.state == RESTARTING for m in self.members):
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            for m in [m for m in self.members if m.state == RESTARTING and m.node_id not in alive]:
+                self._remove(m, f"its node {m.node_id} is gone")
+        kept = [m for m in self.members if not m.draining]
+        for _ in range(self.target - len(kept)):
+            m = Member(self.next_index, Placement.request(self.bundle, f"rlfleet-generator-{self.next_index}"))
+            m.waiting = m.placement.ready()
+            self.next_index += 1
+            self.members.append(m)
+        excess = len(kept) - self.target
+        order = {PLACING: 0, STARTING: 1, RESTARTING: 2, ACTIVE: 3}  # cheapest to give up first, newest first
+        for m in sorted(kept, key=lambda m: (order[m.state], m.future is not None, -m.index))[:max(excess, 0)]:
+            if m.future is None:
+                self._remove(m, "scaled down")
+            else:
+                m.draining = True  # its request finishes first; removed in on_ready
+
+    # -- events ------------------------------------------------------------------------------------------------
+
+    def refs(self) -> list[ray.ObjectRef]:
+        """Everything the driver should wait on for this pool."""
+        return [r for m in self.members for r in (m.waiting, m.future) if r is not None]
+
+    def on_ready(self, ready: set[ray.ObjectRef]) -> list[tuple[int, dict]]:
+        """Handle every ref of :meth:`refs` in ``ready``; returns ``(index, stats)`` of each finished request."""
+        finished = []
+        for m in list(self.members):
+            if m.waiting is not None and m.waiting in ready:
+                self._waited(m)
+            if m.future is not None and m.future in ready:
+                stats = self._collect(m)
+                if stats is not None:
+                    finished.append((m.index, stats))
+        return finished
+
+    def _waited(self, m: Member) -> None:
+        ref, m.waiting = m.waiting, None
+        if m.state == PLACING:  # its bundle is placed: start the actor there
+            m.handle, m.state = self.start_actor(m.index, m.placement.options()), STARTING
+            m.waiting = m.handle.ready.remote()
+            return
+        try:
+            m.node_id = ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.RayActorError as err:
+            if m.state == RESTARTING:
+                self.target = max(0, self.target - 1)  # restarts used up: not replaced
+                self._remove(m, f"it died more than cluster.max_restarts times ({type(err).__name__})")
+            else:
+                self._remove(m, f"its engine failed to start ({type(err).__name__}: {err})")
+            return
+        if m.state == STARTING:
+            self.counts["fleet/added"] += 1
+            print(f"rlfleet: {m.name} joined the fleet ({len(self.active()) + 1} running)", flush=True)
+        m.state, m.version = ACTIVE, -1  # current weights go out before its next request
+
+    def _collect(self, m: Member) -> dict | None:
+        """A generate() finished: its stats, or None if the actor died (its prompts are re-issued)."""
+        try:
+            stats = ray.get(m.future, timeout=self.timeout_s)
+            if m.sync_future is not None:
+                stats["sync/seconds"] = ray.get(m.sync_future, timeout=self.timeout_s)
+        except ray.exceptions.RayActorError as err:
+            self.counts["faults/lost_groups"] += len(m.records)
+            self.retry.extend(m.records)
+            m.future, m.sync_future, m.records = None, None, []
+            if m.draining or not self._node_alive(m.node_id):
+                self._remove(m, "its node is gone" if not m.draining else "it died while draining")
+            else:  # Ray restarts it (cluster.max_restarts); ready() is retried until the new actor answers
+                self.counts["faults/generator_restarts"] += 1
+                m.state, m.version = RESTARTING, -1
+                m.waiting = m.handle.ready.options(max_task_retries=-1).remote()
+                print(f"rlfleet: {m.name} died ({type(err).__name__}); its prompts are re-issued", flush=True)
+            return None
+        self.dropped += int(stats.get("gen/dropped_groups", 0))
+        if stats.get("policy_version", m.version) != m.version:  # restarted while idle: initial weights again
+            self.counts["faults/generator_restarts"] += 1
+            m.version = -1
+        m.future, m.sync_future, m.records = None, None, []
+        if m.draining:
+            self._remove(m, "scaled down")
+        return stats
+
+    def _remove(self, m: Member, why: str) -> None:
+        if m.future is not None:  # prompts of a request that will never be collected
+            self.counts["faults/lost_groups"] += len(m.records)
+            self.retry.extend(m.records)
+        if m.handle is not None:
+            try:
+                ray.kill(m.handle, no_restart=True)
+            except Exception:  # already gone
+                pass
+        m.placement.release()
+        self.members.remove(m)
+        if m.state != PLACING:
+            self.counts["fleet/removed"] += 1
+            print(f"rlfleet: {m.name} left the fleet: {why} ({len(self.active())} running)", flush=True)
+
+    @staticmethod
+    def _node_alive(node_id: str | None) -> bool:
+        return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
+
+    # -- requests ----------------------------------------------------------------------------------------------
+
+    def oldest_in_flight(self) -> int | None:
+        """The lowest weights version a request in flight samples with (None when nothing is in flight)."""
+        return min((m.request_version for m in self.members if m.future is not None), default=None)
+
+    def lost(self) -> int:
+        return self.counts["faults/lost_groups"]
+
+    def dispatch(self, budget: int, weights: WeightHandle, take: Callable[[int], list[dict]]) -> int:
+        """Start requests on idle active members, ``budget`` prompts at most in all; re-issued prompts go first.
+        Returns the number of prompts requested."""
+        launched = 0
+        for m in self.active():
+            n = min(self.prompts_per_request, budget - launched)
+            if n <= 0:
+                break
+            if m.future is not None or m.draining:
+                continue
+            if m.version != weights.version:  # runs before generate(): an actor's methods execute in order
+                m.sync_future = m.handle.update_weights.remote(weights)
+                m.version = weights.version
+            records, self.retry = self.retry[:n], self.retry[n:]
+            records += take(n - len(records))
+            m.future, m.records, m.request_version = m.handle.generate.remote(records), records, weights.version
+            launched += n
+        self.requested += launched
+        return launched
+
+    def quiesce(self) -> list[tuple[int, dict]]:
+        """Wait for every request in flight (before a checkpoint); returns their stats as :meth:`on_ready`."""
+        futures = {m.future for m in self.members if m.future is not None}
+        if futures:
+            ray.wait(list(futures), num_returns=len(futures), timeout=self.timeout_s)
+        return self.on_ready(futures)
+
+    def shutdown(self) -> None:
+        for m in list(self.members):
+            if m.handle is not None:
+                try:
+                    ray.kill(m.handle, no_restart=True)
+                except Exception:
+                    pass
+            m.placement.release()
+        self.members = []

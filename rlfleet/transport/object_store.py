@@ -1,0 +1,31 @@
+"""Weights through Ray's object store: the state dict packed into one host buffer (:mod:`rlfleet.transport.packed`),
+one ``ray.put`` by the learner, a zero-copy read of shared memory by every generator on the same node."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import ray
+from torch import Tensor
+
+from rlfleet.transport import WeightHandle, WeightLoader
+from rlfleet.transport.packed import WeightPacker, unpack
+
+NAME = "object_store"
+
+
+class ObjectStorePublisher:
+    """Packs into one reusable buffer (warm pages; the copy doubles as the cast to the engines' dtype and the
+    device-to-host transfer) and puts it: one copy into the object store per publication."""
+
+    def __init__(self, dtype):
+        self.packer = WeightPacker(dtype)
+
+    def publish(self, state: Mapping[str, Tensor], version: int) -> WeightHandle:
+        return WeightHandle(NAME, int(version), ray.put(self.packer.pack(state)))
+
+
+class ObjectStoreReceiver:
+    def apply(self, handle: WeightHandle, engine: WeightLoader) -> None:
+        packed = ray.get(handle.payload)  # a read-only view of shared memory on the learner's node
+        engine.update_weights(unpack(packed), handle.version)
