@@ -1,9 +1,10 @@
-"""`rlfleet train | dpo | config | tiny-model`: the command line.
+"""`rlfleet train | dpo | scale | config | tiny-model`: the command line.
 
 ``rlfleet train job.yaml learner.learning_rate=1e-5 generation.num_generations=8`` loads defaults < file <
 overrides, validates everything before Ray starts, and runs the job (on the cluster at ``cluster.address`` or
 ``RAY_ADDRESS``, else on a local Ray cluster it starts itself). ``ray job submit -- rlfleet train job.yaml`` runs the
-same program as the job's driver.
+same program as the job's driver. ``rlfleet scale --address ADDR --job NAME --generators N`` changes the size of a
+running job's generator fleet.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_job_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
+    p = sub.add_parser("scale", help="set the number of generation actors of a running job")
+    p.add_argument("--address", default=None,
+                   help="the Ray cluster (as for `ray job submit`); default RAY_ADDRESS, else the local cluster")
+    p.add_argument("--job", required=True, help="the job's name: cluster.job_name, else the last part of output_dir")
+    p.add_argument("--generators", type=int, required=True, help="generation actors to keep (>= 1)")
+
     p = sub.add_parser("config", help="print the resolved config (or its errors) without starting Ray")
     _add_job_args(p)
 
@@ -62,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             out = build_tiny_model(args.out_dir, size=args.size, seed=args.seed)
             print(f"wrote {args.size} model and tokenizer to {out}")
             return 0
+        if args.command == "scale":
+            return _scale(args)
         cfg = _load(args)
         if args.command == "config":
             print(dump_config(cfg))
@@ -83,6 +92,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlfleet {args.command}: {err}", file=sys.stderr)
         return 2
     return 1
+
+
+def _scale(args: argparse.Namespace) -> int:
+    import os
+
+    from rlfleet.cluster.control import scale
+
+    if args.generators < 1:
+        print("rlfleet scale: --generators must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        status = scale(args.address or os.environ.get("RAY_ADDRESS"), args.job, args.generators)
+    except (ValueError, ConnectionError) as err:
+        print(f"rlfleet scale: {err}", file=sys.stderr)
+        return 2
+    running = status.get("generators", "?")
+    print(f"rlfleet scale: job {args.job!r} asked for {args.generators} generator(s); {running} running at its last "
+          f"step ({status.get('step', 0)}); watch fleet/generators in metrics.jsonl or the dashboard")
+    return 0
 
 
 if __name__ == "__main__":

@@ -378,3 +378,42 @@ def test_rlfleet_dpo_end_to_end_with_resume(ray_cluster, tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(66))
     assert json.loads((tmp_path / "summary.json").read_text())["last"]["bema/updated"] == 1.0  # 65 = 13 * 5
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rlfleet_dpo_recovers_from_a_killed_learner(ray_cluster, tmp_path):
+    """The DPO job shares rlfleet train's lifecycle: a learner killed mid-run is recreated from the latest checkpoint
+    (every 3 steps here), training continues from there with each step logged once, and the recovery is counted.
+    The run is ended by a stop request to its rlfleet-control actor, not by a step count that might race the kill."""
+    import ray
+
+    from tests.test_faults import records_of, train_in_thread, wait_for
+
+    cfg = load_config(REPO / "deploy" / "dpo_quickstart.yaml", [
+        f"output_dir={tmp_path}", "learner.max_steps=100000", "checkpoint.save_steps=3", "logging.plot=false",
+        "logging.log_every=1000"])
+    thread, result = train_in_thread(cfg, train_dpo_job=True)
+    try:
+        wait_for(lambda: len(records_of(tmp_path)) >= 5 or not thread.is_alive(), 300, "four DPO steps")
+        assert thread.is_alive(), result
+        ray.kill(ray.get_actor("rlfleet-dpo-learner"), no_restart=True)
+        wait_for(lambda: records_of(tmp_path)[-1].get("faults/recoveries") == 1 or not thread.is_alive(), 300,
+                 "a step after the recovery")
+        assert thread.is_alive(), result
+    finally:
+        if thread.is_alive():
+            ray.get(ray.get_actor("rlfleet-control").stop.remote(), timeout=60)
+        thread.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    records = records_of(tmp_path)
+    assert [r["step"] for r in records] == list(range(len(records)))  # step 0 is the held-out baseline
+    assert records[-1]["faults/recoveries"] == 1
+    saved = json.loads((ckpt_dir := ckpt_latest(tmp_path)).joinpath("driver.json").read_text())
+    assert saved["step"] == records[-1]["step"], ckpt_dir
+
+
+def ckpt_latest(out):
+    from rlfleet.cluster.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(out)

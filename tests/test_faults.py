@@ -93,10 +93,28 @@ def test_incompatible_format_is_refused(tmp_path):
         ckpt.read_state(final)
 
 
-def test_replay_arrays_load_without_pickle(tmp_path):
-    final = write_checkpoint(tmp_path, 2)
-    with np.load(final / "replay.npz", allow_pickle=False) as npz:  # would raise if an object array were stored
-        assert set(npz.files) == {"fresh.rewards"}
+def test_a_real_replay_state_loads_without_pickle(tmp_path):
+    """The replay buffer's own state (fresh queue and reservoir, groups of different shapes with metadata) is
+    written as numeric arrays plus JSON: np.load(allow_pickle=False) reads every array back (it raises on an object
+    array), and the groups it rebuilds equal the ones that went in."""
+    from rlfleet.config import ReplayConfig
+    from rlfleet.replay.buffer import ReplayBuffer
+    from tests.test_buffer import _group, _same
+
+    buffer = ReplayBuffer(ReplayConfig(replay_buffer_size=4, zero_variance="replay", max_staleness=10), seed=0)
+    groups = [_group("a", 1.0, n=2, t=3), _group("b", 2.0, n=3, t=5), _group("c", 0.0, n=2, t=1)]
+    buffer.add(groups)
+    buffer.sample(1, current_version=0)  # "a" is trained and offered to the reservoir
+    staging = ckpt.staging_dir(tmp_path, 1)
+    ckpt.write_state(staging, buffer.state_dict(), {"step": 1})
+    with np.load(staging / "replay.npz", allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    assert all(a.dtype != object for a in arrays.values())
+    restored = ReplayBuffer(ReplayConfig(replay_buffer_size=4, zero_variance="replay", max_staleness=10), seed=0)
+    restored.load_state_dict(arrays, json.loads((staging / "replay.json").read_text()))
+    assert [g.prompt_id for g in restored._fresh] == ["b", "c"]
+    assert all(_same(x, y) for x, y in zip(restored._fresh, groups[1:]))
+    assert [g.prompt_id for g in restored.reservoir] == ["a"]
 
 
 # -- bad input: one clear message each, before any actor starts ----------------------------------------------------
@@ -139,24 +157,32 @@ def test_bad_dataset_files(tmp_path, capsys, rows, needle):
 
 
 def test_resume_refuses_corrupt_checkpoint(tmp_path, capsys):
+    """``rlfleet train --resume`` on a corrupt latest checkpoint: exit 2 with a message naming the file, before Ray
+    or any actor starts."""
+    import ray
+
     final = write_checkpoint(tmp_path, 2)
     (final / "policy" / "model.safetensors").write_bytes(b"")
-    cfg = load_config(DEPLOY / "quickstart.yaml", [f"output_dir={tmp_path}", "checkpoint.resume=true"])
-    with pytest.raises(CheckpointError, match="corrupt"):
-        ckpt.read_state(ckpt.latest_checkpoint(cfg.output_dir))
+    code = main(["train", str(DEPLOY / "quickstart.yaml"), f"output_dir={tmp_path}", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "corrupt: policy/model.safetensors" in err, err
+    assert not ray.is_initialized()
 
 
 # -- crashed actors and interrupted runs (real actors on a local Ray cluster) ---------------------------------------
 
 
-def train_in_thread(cfg):
+def train_in_thread(cfg, train_dpo_job: bool = False):
+    """``rlfleet train`` (or ``rlfleet dpo``) in a thread; returns the thread and a dict that receives its summary
+    or its error."""
     from rlfleet.cluster.driver import train
+    from rlfleet.dpo.job import train_dpo
 
     result: dict = {}
 
     def target():
         try:
-            result["summary"] = train(cfg)
+            result["summary"] = (train_dpo if train_dpo_job else train)(cfg)
         except BaseException as err:  # surfaced by the test after join
             result["error"] = err
 

@@ -61,14 +61,21 @@ def test_async_staleness_never_exceeds_bound(ray_cluster, tmp_path):
     records = run(tmp_path, "grpo", "learner.max_steps=8", "replay.max_staleness=2",
                   "generation.generation_batch_size=16", "learner.groups_per_step=2")
     assert max(r["staleness/max"] for r in records) <= 2
-    # (how much overlap there is depends on which stage is faster: bench/async_vs_sync.py measures it)
+    # Asynchrony really happens: a synchronous implementation would train every group at staleness 0. Here the
+    # next request is sent as soon as a generator delivers, before the learner has trained on what it delivered,
+    # so most batches are one version old (bench/async_vs_sync.py measures how much overlap that buys).
+    assert max(r["staleness/max"] for r in records) >= 1
 
 
 def test_several_generation_actors_share_the_work(ray_cluster, tmp_path):
     records = run(tmp_path, "grpo", "learner.max_steps=6", "cluster.num_generators=2", "replay.max_staleness=2",
                   "generation.generation_batch_size=16", "learner.groups_per_step=2")
     assert [r["step"] for r in records] == list(range(1, 7))
-    assert max(r["gen/active_generators"] for r in records) == 2  # both engines delivered groups in one step
+    # Both engines are given work: idle generators are served least recently used first, and the first admission
+    # (window (2 + 1) * 2 = 6 groups, 2 per request) reaches both. (Which one delivers the groups a given step
+    # trains on is up to the scheduler, so that is not asserted: the old assertion failed on a clean clone.)
+    assert records[0]["gen/requests/0"] >= 1 and records[0]["gen/requests/1"] >= 1
+    assert records[-1]["gen/requests/0"] + records[-1]["gen/requests/1"] >= 6 * 2 / 2  # 6 steps x 2 groups
     assert max(r["staleness/max"] for r in records) <= 2
 
 
@@ -86,7 +93,9 @@ def test_resume_continues_step_count_and_buffer(ray_cluster, tmp_path):
     assert resumed[4]["replay/added"] > first[-1]["replay/added"]
     assert resumed[4]["replay/sampled"] == first[-1]["replay/sampled"] + 4  # one more batch of groups_per_step
     assert json.loads((ckpt.latest_checkpoint(tmp_path / "gspo_token") / "driver.json").read_text())["step"] == 6
-    assert replay_meta  # the replay state was written
+    # the checkpoint holds the replay state of step 4 itself, not an empty or later one
+    assert replay_meta["counts"]["sampled"] == first[-1]["replay/sampled"]
+    assert replay_meta["counts"]["added"] == first[-1]["replay/added"]
 
 
 def test_reward_rises_on_builtin_task(ray_cluster, tmp_path):

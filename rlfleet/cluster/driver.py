@@ -31,7 +31,6 @@ from pathlib import Path
 
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.admission import admission_budget
-from rlfleet.cluster.control import start_control
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job, wait_any
 from rlfleet.cluster.metrics import MetricsLog, Progress, RayMetrics, plot
 from rlfleet.cluster.pool import GeneratorPool
@@ -143,7 +142,7 @@ def train(cfg: RLFleetConfig, engine_factory=None) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(dump_config(cfg))
-    return run_job(cfg, lambda recoveries: RLJob(cfg, dataset, recoveries, engine_factory),
+    return run_job(cfg, lambda recoveries, control: RLJob(cfg, dataset, control, recoveries, engine_factory),
                    cfg.cluster.min_generators)
 
 
@@ -152,11 +151,11 @@ class RLJob:
 
     label = "rlfleet"
 
-    def __init__(self, cfg: RLFleetConfig, dataset, recoveries: int = 0, engine_factory=None):
-        self.cfg, self.dataset, self.engine_factory = cfg, dataset, engine_factory
+    def __init__(self, cfg: RLFleetConfig, dataset, control, recoveries: int = 0, engine_factory=None):
+        self.cfg, self.dataset, self.control, self.engine_factory = cfg, dataset, control, engine_factory
         self.out = Path(cfg.output_dir)
         self.recoveries = recoveries
-        self.replay = self.learner = self.control = self.learner_placement = self.pool = None
+        self.replay = self.learner = self.learner_placement = self.pool = None
         self.learner_future = None  # the train_step in flight
 
     def _timeout(self) -> float:
@@ -170,7 +169,6 @@ class RLJob:
         from rlfleet.replay.actor import make_replay_actor
 
         cfg, c, t = self.cfg, self.cfg.cluster, self._timeout()
-        self.control = start_control()
         self.replay = make_replay_actor(cfg.replay, cfg.seed, name=None, num_cpus=0)
         self.learner_placement = reserve(learner_bundle(c), "rlfleet-learner", timeout_s=min(t, 120.0))
         self.learner = make_learner_actor(cfg, self.replay, name="rlfleet-learner", **self.learner_placement.options())
@@ -201,7 +199,7 @@ class RLJob:
         self.live_before = self.weights.version * cfg.learner.groups_per_step + int(stats["replay/fresh_size"])
         self.replay_drops_before = sum(stats[k] for k in REPLAY_DROPS)
         self.substituted_before = stats["replay/substituted"]
-        self.control_seen, self.control_future = 0, self.control.next_request.remote(0)
+        self.control_seen, self.control_future = 0, self.control.next_request.remote(0)  # any request so far
         self.window, self.last_record, self.t_step = StepWindow(), {}, time.perf_counter()
         self.groups_attempted = self.groups_failed = 0
 
@@ -217,9 +215,10 @@ class RLJob:
         pull_s = min(t, 5.0)  # the learner returns None after this long: the driver stays in charge
         waiting_said = False
         while self.step < cfg.learner.max_steps:
-            if self.learner_future is None:  # first, so the learner never waits for admission's calls
+            new_step = self.learner_future is None
+            if new_step:  # first, so the learner never waits for admission's calls
                 self.learner_future = self.learner.train_step.remote(pull_s)
-            self.pool.reconcile()
+            self.pool.reconcile(check_nodes=new_step)  # an idle generator's lost node is noticed once per step
             if not self.pool.members:
                 raise RuntimeError("every generation actor is gone (each died more than cluster.max_restarts "
                                    "times); see the generator logs")
@@ -296,6 +295,7 @@ class RLJob:
                   "replay/substituted_step": stats["replay/substituted"] - substituted_last,
                   **self.window.metrics(wall_s, generators), **self.pool.counts,
                   "faults/recoveries": self.recoveries, "fleet/generators": len(generators),
+                  **{f"gen/requests/{i}": n for i, n in self.pool.requests_by_generator.items()},
                   "time/step_s": wall_s, "time/learner_s": learner_s,
                   "idle/learner_frac": max(0.0, 1.0 - learner_s / wall_s), "learner/groups": gps}
         self.ray_metrics.publish(record, self.window.per_generator(wall_s, generators))
@@ -341,6 +341,6 @@ class RLJob:
     def teardown(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
-        kill(self.learner, self.replay, self.control)
+        kill(self.learner, self.replay)
         if self.learner_placement is not None:
             self.learner_placement.release()

@@ -6,7 +6,8 @@ for both:
 1. connect to Ray in the job's namespace and check that the cluster can ever hold the job (before any actor);
 2. ``job.start(checkpoint)``: start the actors, restore the latest checkpoint when resuming;
 3. ``job.loop()`` until ``learner.max_steps``, inside :func:`stop_on_sigterm`: Ctrl-C, SIGTERM (``ray job stop``)
-   and a stop request end the loop at the next wait;
+   and a stop request to the job's ``rlfleet-control`` actor (:mod:`rlfleet.cluster.control`) end the loop at the
+   next wait;
 4. ``job.settle()`` (a step in flight changes the weights: count it), ``job.save()`` (the final checkpoint),
    ``job.finish()`` (plot, summary), and ``job.teardown()`` on every path;
 5. if an actor the job cannot run without dies (:class:`ActorLost`: the learner, the replay actor), the job is
@@ -26,6 +27,7 @@ from typing import Protocol
 import ray
 
 from rlfleet.cluster import checkpoint as ckpt
+from rlfleet.cluster.control import start_control
 from rlfleet.cluster.runtime import connect, job_name, job_namespace, preflight_cluster
 from rlfleet.config import RLFleetConfig
 
@@ -117,16 +119,22 @@ class Job(Protocol):
     def teardown(self) -> None: ...
 
 
-def run_job(cfg: RLFleetConfig, make_job: Callable[[int], Job], generators_to_start: int) -> dict:
-    """Run the job that ``make_job(recoveries)`` builds (a fresh one for every recovery); returns its summary."""
+def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle], Job],
+            generators_to_start: int) -> dict:
+    """Run the job that ``make_job(recoveries, control)`` builds (a fresh one for every recovery; ``control`` is the
+    job's ``rlfleet-control`` actor, which outlives recoveries); returns its summary."""
     out = Path(cfg.output_dir)
+    if cfg.checkpoint.resume and (latest := ckpt.latest_checkpoint(out)) is not None:
+        ckpt.verify(latest)  # a corrupt or incompatible checkpoint is refused before Ray or any actor starts
     where = connect(cfg.cluster, job_namespace(job_name(cfg)))
     resume = cfg.checkpoint.resume
     recoveries = 0
+    control = None
     try:
         preflight_cluster(cfg.cluster, generators_to_start)
+        control = start_control()
         while True:
-            job = make_job(recoveries)
+            job = make_job(recoveries, control)
             if resume and recoveries == 0 and ckpt.latest_checkpoint(out) is None:
                 print(f"{job.label}: no checkpoint in {out / 'checkpoints'}; starting from scratch", flush=True)
             try:
@@ -156,6 +164,7 @@ def run_job(cfg: RLFleetConfig, make_job: Callable[[int], Job], generators_to_st
             finally:
                 job.teardown()
     finally:
+        kill(control)
         if where.startswith("local"):
             ray.shutdown()
 

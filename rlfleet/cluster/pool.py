@@ -51,6 +51,7 @@ class Member:
     sync_future: ray.ObjectRef | None = None  # the update_weights() queued before it
     records: list[dict] = field(default_factory=list)  # the prompts of the request in flight
     draining: bool = False  # scaled down: removed once its request returns
+    last_request: int = -1  # sequence number of its latest request: idle members are served least recent first
 
     @property
     def name(self) -> str:
@@ -74,6 +75,8 @@ class GeneratorPool:
         self.counts = {"fleet/added": 0, "fleet/removed": 0, "faults/generator_restarts": 0,
                        "faults/lost_groups": 0}
         self.requested = self.dropped = 0  # groups requested, and dropped by the generators (never delivered)
+        self.requests = 0  # generate() calls made
+        self.requests_by_generator: dict[int, int] = {}
 
     # -- size --------------------------------------------------------------------------------------------------
 
@@ -111,13 +114,14 @@ class GeneratorPool:
         """Set the number of generators the pool keeps (``rlfleet scale``); takes effect in :meth:`reconcile`."""
         self.target = max(0, int(target))
 
-    def reconcile(self) -> None:
-        """Bring the pool to ``target``: remove members whose node died while Ray restarts them, place new ones,
-        or cancel / stop / drain the newest."""
-        if any(m.state == RESTARTING for m in self.members):
+    def reconcile(self, check_nodes: bool = False) -> None:
+        """Bring the pool to ``target``: remove members whose node is gone (those Ray is restarting always; every
+        member with ``check_nodes``), place new ones, or cancel / stop / drain the newest."""
+        if check_nodes or any(m.state == RESTARTING for m in self.members):
             alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-            for m in [m for m in self.members if m.state == RESTARTING and m.node_id not in alive]:
-                self._remove(m, f"its node {m.node_id} is gone")
+            for m in [m for m in self.members if m.node_id is not None and m.node_id not in alive
+                      and (check_nodes or m.state == RESTARTING)]:
+                self._remove(m, f"its node {m.node_id[:12]} is gone")
         kept = [m for m in self.members if not m.draining]
         for _ in range(self.target - len(kept)):
             m = Member(self.next_index, Placement.request(self.bundle, f"rlfleet-generator-{self.next_index}"))
@@ -229,12 +233,15 @@ class GeneratorPool:
         """Start requests on idle active members, ``budget`` prompts at most in all; re-issued prompts go first.
         Returns the number of prompts requested."""
         launched = 0
-        for m in self.active():
+        for m in sorted(self.active(), key=lambda m: m.last_request):
             n = min(self.prompts_per_request, budget - launched)
             if n <= 0:
                 break
             if m.future is not None or m.draining:
                 continue
+            self.requests += 1
+            m.last_request = self.requests
+            self.requests_by_generator[m.index] = self.requests_by_generator.get(m.index, 0) + 1
             if m.version != weights.version:  # runs before generate(): an actor's methods execute in order
                 m.sync_future = m.handle.update_weights.remote(weights)
                 m.version = weights.version

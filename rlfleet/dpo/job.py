@@ -25,7 +25,7 @@ from pathlib import Path
 import ray
 
 from rlfleet.cluster import checkpoint as ckpt
-from rlfleet.cluster.lifecycle import call, kill, run_job
+from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job
 from rlfleet.cluster.metrics import MetricsLog, RayMetrics, plot
 from rlfleet.cluster.runtime import learner_bundle, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
@@ -65,7 +65,8 @@ def train_dpo(cfg: RLFleetConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(dump_config(cfg))
-    return run_job(cfg, lambda recoveries: DPOJob(cfg, train_ds, eval_ds, recoveries), generators_to_start=0)
+    return run_job(cfg, lambda recoveries, control: DPOJob(cfg, train_ds, eval_ds, control, recoveries),
+                   generators_to_start=0)
 
 
 class DPOJob:
@@ -73,8 +74,9 @@ class DPOJob:
 
     label = "rlfleet dpo"
 
-    def __init__(self, cfg: RLFleetConfig, train_ds, eval_ds, recoveries: int = 0):
+    def __init__(self, cfg: RLFleetConfig, train_ds, eval_ds, control, recoveries: int = 0):
         self.cfg, self.train_ds, self.eval_ds, self.recoveries = cfg, train_ds, eval_ds, recoveries
+        self.control = control
         self.out = Path(cfg.output_dir)
         self.learner = self.placement = self.future = None  # future: the train_step in flight
 
@@ -102,6 +104,7 @@ class DPOJob:
         self.ray_metrics = RayMetrics(self.out.resolve().name)
         self.last_record: dict = {}
         self.start_step, self.t0 = self.step, time.perf_counter()
+        self.control_future = self.control.next_request.remote(0)  # a stop request (rlfleet-control)
         print(f"rlfleet dpo: {len(self.train_ds)} training pairs", flush=True)
         if self.step == 0 and self.eval_pairs is not None:  # the baseline the held-out accuracy is compared with
             self.last_record = {"step": 0, **self.evaluate()}
@@ -124,6 +127,10 @@ class DPOJob:
                              or self.step + 1 == max_steps)
             if self.step % cfg.checkpoint.save_steps == 0 and self.step < max_steps:
                 self.save()
+            if ray.wait([self.control_future], timeout=0)[0]:
+                _, request = call(self.control_future, cfg.cluster.timeout_s, "the rlfleet-control actor")
+                if request.get("stop"):
+                    raise RunStopped("stop requested through rlfleet-control")
 
     def finish_step(self, metrics: dict, with_eval: bool) -> None:
         max_steps = self.cfg.learner.max_steps
