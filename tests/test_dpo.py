@@ -175,13 +175,16 @@ def test_micro_batches_give_the_same_loss_and_gradient(pairs):
 
 
 def test_evaluate_at_the_start_and_without_side_effects(pairs):
-    """Policy = reference: every margin is 0, so eval/loss = log 2 and eval/rewards/accuracies = 0; evaluating changes
-    no parameter and no step."""
+    """Policy = reference: every margin is 0 in exact arithmetic, so eval/loss = log 2; evaluating changes no parameter
+    and no step. In floating point the two forward passes may round differently (seen: 1e-6 in a log-prob on one
+    CPU, from the same weights at another address), so margins are compared to 0 within 1e-5 and the accuracy (the
+    share of margins > 0, here the sign of rounding noise) is not asserted; before, it was, and it failed there."""
     learner = make_learner(bema=dict(update_freq=1, ref_model_update_freq=1))
     before = params(learner.model)
     out = learner.evaluate(pairs[:10])
     assert out["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert out["eval/rewards/accuracies"] == 0 and out["eval/rewards/margins"] == 0
+    assert out["eval/rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert out["eval/rewards/chosen"] == pytest.approx(0, abs=1e-5)
     assert 0 <= out["eval/policy_accuracy"] <= 1
     assert_same(params(learner.model), before)
     assert learner.step == 0
@@ -346,8 +349,8 @@ def test_rlfleet_dpo_end_to_end_with_resume(ray_cluster, tmp_path):
     """deploy/dpo_quickstart.yaml (60 steps of 8 pairs, beta 0.5, BEMA phi=5, ref phi=20, checkpoints every 30) on a
     local Ray cluster. At step 0 the policy prefers the chosen completion for a share of held-out pairs near chance;
     after training it must prefer it for at least 80% and at least 0.3 more than at the start, and the implicit-reward
-    accuracy against the BEMA reference must exceed its start (0: policy = reference). BEMA events at exactly the
-    scheduled steps. Then resume to 65 steps: it continues at 61 and the metrics log holds each step once."""
+    accuracy against the BEMA reference must exceed 0.6 (at the start, policy = reference: margins 0). BEMA events at
+    exactly the scheduled steps. Then resume to 65 steps: it continues at 61 and the metrics log holds each step once."""
     from rlfleet.dpo.job import train_dpo
 
     overrides = [f"output_dir={tmp_path}", "logging.log_every=20"]
@@ -357,7 +360,7 @@ def test_rlfleet_dpo_end_to_end_with_resume(ray_cluster, tmp_path):
     evals = {r["step"]: r for r in records if "eval/policy_accuracy" in r}
     assert sorted(evals) == [0, 10, 20, 30, 40, 50, 60]
     start, end = evals[0], evals[60]
-    assert start["eval/rewards/accuracies"] == 0
+    assert start["eval/rewards/margins"] == pytest.approx(0, abs=1e-5)  # policy = reference (see above)
     assert end["eval/policy_accuracy"] >= max(0.8, start["eval/policy_accuracy"] + 0.3)
     assert end["eval/rewards/accuracies"] > 0.6
     trained = [r for r in records if r["step"] > 0]

@@ -264,9 +264,10 @@ class DPOLearner:
             params[name].copy_(value)
 
     @torch.no_grad()
+    @torch.no_grad()
     def evaluate(self, pairs: list[PreferencePair]) -> dict[str, float]:
         """Held-out metrics, means over ``pairs``: ``eval/loss``, ``eval/rewards/*``, ``eval/logps/*``,
-        ``eval/policy_accuracy``; no parameter changes."""
+        ``eval/policy_accuracy``; no parameter changes, no autograd graph."""
         records = []
         for batch in self._micro_batches(pairs):
             loss, metrics = self._loss(batch, normalizer=float(batch.num_pairs))  # the micro-batch mean
