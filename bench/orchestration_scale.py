@@ -14,7 +14,7 @@ min(ideal, learner_cap)``.
 The staleness window is set wide enough (``(max_staleness + 1) * groups_per_step`` groups >= every generator's
 request in flight) that admission control never idles a generator below saturation. Runs go 1, 2, 4, ... generators
 (32 with --full: starting 32 actor processes alone takes minutes on 2 cores); each runs long enough for ~8 s of
-steady steps; its first steps are left out. The driver's per-step phases are timed in this process
+steady steps; its first steps are left out. The driver's per-step phases, as the driver times them itself
 (``admit``: replay stats + launching requests and weight updates; ``collect``: finished requests;
 ``finish_step``: replay stats + the metrics line; the weights are published at the end of the learner's step), to account for ``learner_wait_ms``, the
 learner's idle time per step.
@@ -43,37 +43,14 @@ STEADY_S = 8.0
 LEARNER_CAP_GUESS = 40.0  # groups/s, only to size the runs
 
 
-DRIVER_PHASES = ("admit", "collect", "finish_step")  # RLJob.admit, GeneratorPool.on_ready, RLJob.finish_step
+DRIVER_PHASES = ("admit", "collect", "finish_step")  # the driver's timed phases: time/driver/<phase>_s
 
 
-def instrument_driver() -> dict[str, float]:
-    """Wrap the driver's per-step phases with timers (this process only); returns the cumulative seconds."""
-    from rlfleet.cluster.driver import RLJob
-    from rlfleet.cluster.pool import GeneratorPool
-
-    seconds = dict.fromkeys(DRIVER_PHASES, 0.0)
-
-    def timed(name: str, method):
-        def wrapper(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                seconds[name] += time.perf_counter() - t0
-        return wrapper
-
-    owners = {"admit": (RLJob, "admit"), "collect": (GeneratorPool, "on_ready"), "finish_step": (RLJob, "finish_step")}
-    for name, (cls, method) in owners.items():
-        setattr(cls, method, timed(name, getattr(cls, method)))
-    return seconds
-
-
-def run_one(n: int, latency_s: float, workdir: Path, driver_seconds: dict[str, float]) -> dict:
+def run_one(n: int, latency_s: float, workdir: Path) -> dict:
     from bench.standin import fixed_latency
 
     ideal = n * PROMPTS_PER_REQUEST / latency_s
     steps = SKIP + min(40, max(4, math.ceil(STEADY_S * min(ideal, LEARNER_CAP_GUESS) / GROUPS_PER_STEP)))
-    before = dict(driver_seconds)
     run = train_quickstart(workdir / f"gen{n}-{time.monotonic_ns()}", [
         f"cluster.num_generators={n}", "cluster.max_restarts=0",
         f"generation.generation_batch_size={PROMPTS_PER_REQUEST * NUM_GENERATIONS}",
@@ -93,7 +70,9 @@ def run_one(n: int, latency_s: float, workdir: Path, driver_seconds: dict[str, f
         "generator_idle": mean(r["idle/generator_frac"] for r in steady),
         "staleness_max": max(r["staleness/max"] for r in steady),
         "learner_wait_ms": 1e3 * (wall / len(steady) - t_learn),  # the learner's idle time per step
-        **{f"{name}_ms": 1e3 * (driver_seconds[name] - before[name]) / len(records) for name in DRIVER_PHASES},
+        **{f"{name}_ms": 1e3 * (steady[-1].get(f"time/driver/{name}_s", 0.0)
+                                 - records[SKIP - 1].get(f"time/driver/{name}_s", 0.0)) / len(steady)
+           for name in DRIVER_PHASES},
         "total_s": total_s, "busy_cores": run.load["busy_cores"], "other_busy_cores": run.load["other_busy_cores"],
     }
     row["bound"] = min(ideal, row["learner_cap"])
@@ -114,13 +93,12 @@ def main() -> None:
     print(f"orchestration scale: stand-in engine {args.latency} s per request of {PROMPTS_PER_REQUEST} prompt(s) x "
           f"{NUM_GENERATIONS}; generators {order}; {GROUPS_PER_STEP} groups per learner step (tiny model)",
           flush=True)
-    driver_seconds = instrument_driver()
     init_ray(num_cpus=max(counts) + 4)  # more CPUs advertised than cores: the stand-ins mostly sleep
     workdir = Path(tempfile.mkdtemp(prefix="rlfleet-bench-scale-"))
     runs = []
     with LoadMonitor() as load:
         for n in order:
-            runs.append(run_one(n, args.latency, workdir, driver_seconds))
+            runs.append(run_one(n, args.latency, workdir))
     shutil.rmtree(workdir, ignore_errors=True)
     rows = []
     for n in counts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,6 +16,23 @@ def tiny_model_path() -> str:
     return resolve_model_path("builtin:tiny")
 
 
+@contextmanager
+def ray_test_env():
+    """The environment of a test Ray cluster, restored afterwards: no token auth (tests do not exercise it;
+    platform-notes) and no hub (inherited by the workers: tests never touch it)."""
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster in this process for one test module (4 CPUs, no dashboard, no token auth).
@@ -23,16 +41,9 @@ def ray_cluster():
     """
     import ray
 
-    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE")}
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests do not exercise Ray's token auth (platform-notes)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # inherited by the workers: tests never touch the hub
-    ray.init(num_cpus=4, include_dashboard=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with ray_test_env():
+        ray.init(num_cpus=4, include_dashboard=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()

@@ -391,7 +391,7 @@ def test_rlfleet_dpo_recovers_from_a_killed_learner(ray_cluster, tmp_path):
     The run is ended by a stop request to its rlfleet-control actor, not by a step count that might race the kill."""
     import ray
 
-    from tests.test_faults import records_of, train_in_thread, wait_for
+    from tests.test_faults import records_of, stop_and_join, train_in_thread, wait_for
 
     cfg = load_config(REPO / "deploy" / "dpo_quickstart.yaml", [
         f"output_dir={tmp_path}", "learner.max_steps=100000", "checkpoint.save_steps=3", "logging.plot=false",
@@ -405,9 +405,7 @@ def test_rlfleet_dpo_recovers_from_a_killed_learner(ray_cluster, tmp_path):
                  "a step after the recovery")
         assert thread.is_alive(), result
     finally:
-        if thread.is_alive():
-            ray.get(ray.get_actor("rlfleet-control").stop.remote(), timeout=60)
-        thread.join(timeout=600)
+        stop_and_join(thread)
     assert "error" not in result, result.get("error")
     records = records_of(tmp_path)
     assert [r["step"] for r in records] == list(range(len(records)))  # step 0 is the held-out baseline

@@ -11,7 +11,6 @@ waiting to be re-issued (the final checkpoint).
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import pytest
 
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.config import load_config
-from tests.test_faults import records_of, train_in_thread, wait_for
+from tests.conftest import ray_test_env
+from tests.test_faults import records_of, stop_and_join, train_in_thread, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -30,21 +30,14 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE")}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    ray.init(address=cluster.address)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with ray_test_env():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        ray.init(address=cluster.address)
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def issued_prompts(cfg, stream_state: dict) -> list[str]:
@@ -83,14 +76,8 @@ def test_fleet_grows_with_a_new_node_and_loses_nothing_when_it_leaves(cluster, t
         wait_for(lambda: len(records_of(tmp_path)) >= left_at + 3 or not thread.is_alive(), 300,
                  "three more steps on the remaining generator")
         assert thread.is_alive(), result
-        ray.get(ray.get_actor("rlfleet-control").stop.remote(), timeout=60)
     finally:
-        if thread.is_alive():  # whatever happened above, let the run end
-            try:
-                ray.get(ray.get_actor("rlfleet-control").stop.remote(), timeout=60)
-            except Exception:
-                pass
-        thread.join(timeout=600)
+        stop_and_join(thread)
     assert "error" not in result, result.get("error")
 
     records = records_of(tmp_path)

@@ -191,6 +191,19 @@ def train_in_thread(cfg, train_dpo_job: bool = False):
     return thread, result
 
 
+def stop_and_join(thread: threading.Thread, timeout_s: float = 600) -> None:
+    """End a run started with a huge max_steps: a stop request to its rlfleet-control actor (a final checkpoint
+    follows), then wait for its thread."""
+    import ray
+
+    if thread.is_alive():
+        try:
+            ray.get(ray.get_actor("rlfleet-control").stop.remote(), timeout=60)
+        except ValueError:  # the run ended (or never started its control actor): nothing to stop
+            pass
+    thread.join(timeout=timeout_s)
+
+
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow

@@ -93,9 +93,10 @@ def test_resume_continues_step_count_and_buffer(ray_cluster, tmp_path):
     assert resumed[4]["replay/added"] > first[-1]["replay/added"]
     assert resumed[4]["replay/sampled"] == first[-1]["replay/sampled"] + 4  # one more batch of groups_per_step
     assert json.loads((ckpt.latest_checkpoint(tmp_path / "gspo_token") / "driver.json").read_text())["step"] == 6
-    # the checkpoint holds the replay state of step 4 itself, not an empty or later one
+    # the checkpoint holds the replay state after step 4: its batches, plus the groups of the requests in flight at
+    # the end, which the final checkpoint waits for (nothing generated is lost)
     assert replay_meta["counts"]["sampled"] == first[-1]["replay/sampled"]
-    assert replay_meta["counts"]["added"] == first[-1]["replay/added"]
+    assert replay_meta["counts"]["added"] >= first[-1]["replay/added"]
 
 
 def test_reward_rises_on_builtin_task(ray_cluster, tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,6 +203,7 @@ class RLJob:
         self.control_seen, self.control_future = 0, self.control.next_request.remote(0)  # any request so far
         self.window, self.last_record, self.t_step = StepWindow(), {}, time.perf_counter()
         self.groups_attempted = self.groups_failed = 0
+        self.driver_s: dict[str, float] = {}  # the driver's own seconds by phase (timed)
 
     @property
     def version(self) -> int:
@@ -222,7 +224,8 @@ class RLJob:
             if not self.pool.members:
                 raise RuntimeError("every generation actor is gone (each died more than cluster.max_restarts "
                                    "times); see the generator logs")
-            self.admit()
+            with self.timed("admit"):
+                self.admit()
             if not self.pool.active() and not waiting_said:
                 print("rlfleet: no generation actor is running; waiting for the cluster to place one", flush=True)
             waiting_said = not self.pool.active()
@@ -230,9 +233,10 @@ class RLJob:
             ready = set(wait_any([self.learner_future, self.control_future, *self.pool.refs()], t))
             if not ready:
                 raise RuntimeError(f"no actor finished work within cluster.timeout_s={t:g} s")
-            for index, stats in self.pool.on_ready(ready):
-                self.window.add(index, stats)
-                self.check_reward_errors(stats)
+            with self.timed("collect"):
+                for index, stats in self.pool.on_ready(ready):
+                    self.window.add(index, stats)
+                    self.check_reward_errors(stats)
             if self.control_future in ready:
                 self.on_control()
             if self.learner_future in ready:
@@ -240,9 +244,20 @@ class RLJob:
                 self.learner_future = None
                 if result is None:  # no batch within pull_s: admission runs again with fresh replay stats
                     continue
-                self.finish_step(result)
+                with self.timed("finish_step"):
+                    self.finish_step(result)
                 if self.step % cfg.checkpoint.save_steps == 0 and self.step < cfg.learner.max_steps:
                     self.save()
+
+    @contextmanager
+    def timed(self, phase: str):
+        """Adds the block's seconds to the driver's own time in ``phase`` (``time/driver/<phase>_s`` in each
+        record, cumulative: bench/orchestration_scale.py reads the driver's share of a step from it)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.driver_s[phase] = self.driver_s.get(phase, 0.0) + time.perf_counter() - start
 
     def live_groups(self, replay_stats: dict) -> int:
         """Groups requested and not known to be dropped or lost: admission's count (see rlfleet.cluster.admission)."""
@@ -296,6 +311,7 @@ class RLJob:
                   **self.window.metrics(wall_s, generators), **self.pool.counts,
                   "faults/recoveries": self.recoveries, "fleet/generators": len(generators),
                   **{f"gen/requests/{i}": n for i, n in self.pool.requests_by_generator.items()},
+                  **{f"time/driver/{phase}_s": sec for phase, sec in self.driver_s.items()},
                   "time/step_s": wall_s, "time/learner_s": learner_s,
                   "idle/learner_frac": max(0.0, 1.0 - learner_s / wall_s), "learner/groups": gps}
         self.ray_metrics.publish(record, self.window.per_generator(wall_s, generators))
