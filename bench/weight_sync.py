@@ -4,8 +4,8 @@
 
 The real path of ``rlfleet train``, with rlfleet's own actors: ``LearnerActor.publish_weights()`` (the end of
 every ``train_step``) packs the state dict into the learner's reusable host buffer in the compute dtype
-(``rlfleet/weight_sync.py``) and ``ray.put``\ s it; every ``GenerationActor.update_weights(ref, version)`` gets a
-read-only view of the object store from Ray, unpacks it into tensor views and loads them into its vLLM engine in
+(``rlfleet/transport/packed.py``) and ``ray.put``\ s it (the ``object_store`` transport); every
+``GenerationActor.update_weights(handle)`` gets a read-only view of the object store from Ray, unpacks it into tensor views and loads them into its vLLM engine in
 place (``collective_rpc("reload_weights")``, then a prefix-cache reset). Timed from the driver: ``sync_s`` =
 publish call -> the last generator's update returned;
 parts: ``publish_s`` (learner pack + put, as the driver sees it), ``pack_s`` and ``put_s`` (the same two as the
@@ -95,6 +95,7 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
 
     from rlfleet.config import load_config
     from rlfleet.replay.actor import make_replay_actor
+    from rlfleet.transport import WeightHandle
 
     path = model_path(size)
     params = param_count(path)
@@ -119,8 +120,11 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
         t0 = time.perf_counter()
         refs, pack_s, put_s = ray.get(learner.publish_timed.remote(path_name), timeout=600)
         t1 = time.perf_counter()
-        update = {"packed": "update_weights", "dict": "update_weights_dict"}[path_name]
-        loads = ray.get([getattr(g, update).remote(refs[0], version) for g in gens[:n]], timeout=600)
+        if path_name == "packed":  # the object_store transport's handle, as the driver passes it
+            handle = WeightHandle("object_store", version, refs[0])
+            loads = ray.get([g.update_weights.remote(handle) for g in gens[:n]], timeout=600)
+        else:
+            loads = ray.get([g.update_weights_dict.remote(refs[0], version) for g in gens[:n]], timeout=600)
         t2 = time.perf_counter()
         ok = ray.get([g.version.remote() for g in gens[:n]], timeout=600) == [version] * n
         return {"size": size, "path": path_name, "generators": n, "sync_s": t2 - t0, "publish_s": t1 - t0,
