@@ -13,12 +13,17 @@ import argparse
 import sys
 
 from rlfleet.config import ConfigError, dump_config, load_config
-from rlfleet.errors import CheckpointError, ClusterError
+from rlfleet.errors import CheckpointError, ClusterError, RunFailed
+
+# Exit codes: 0 done (or stopped after a final checkpoint), 2 bad input (config, data, cluster too small, checkpoint),
+# 3 a run that had to stop (RunFailed), 130 stopped before anything was trained.
+EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_STOPPED = 2, 3, 130
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML job config (defaults are used for anything it omits)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.learning_rate=1e-5")
+    p.add_argument("--debug", action="store_true", help="on a run that had to stop, show the traceback too")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,22 +80,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(dump_config(cfg))
             return 0
-        if args.command == "train":
-            from rlfleet.cluster.driver import train
-
-            train(cfg)
-            return 0
-        if args.command == "dpo":
-            from rlfleet.dpo.job import train_dpo
-
-            train_dpo(cfg)
-            return 0
-    except ConfigError as err:
+        if args.command in ("train", "dpo"):
+            if args.command == "train":
+                from rlfleet.cluster.driver import train as run
+            else:
+                from rlfleet.dpo.job import train_dpo as run
+            summary = run(cfg)
+            return EXIT_STOPPED if summary.get("stopped") and summary.get("step") is None else 0
+    except (ConfigError, ClusterError, CheckpointError) as err:
         print(f"rlfleet {args.command}: {err}", file=sys.stderr)
-        return 2
-    except (ClusterError, CheckpointError) as err:
-        print(f"rlfleet {args.command}: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except RunFailed as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"rlfleet {args.command}: the run stopped: {err}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except KeyboardInterrupt:  # Ctrl-C before the run installed its own handler (config, data, model checks)
+        print(f"\nrlfleet {args.command}: interrupted while checking the job; nothing was started", file=sys.stderr)
+        return EXIT_STOPPED
     return 1
 
 

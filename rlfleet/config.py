@@ -439,7 +439,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:
-            raise ConfigError([f"config file {str(p)!r} is not valid YAML: {err}"]) from None
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+            raise ConfigError([f"config file {str(p)!r}{where}: not valid YAML: {what or err}"]) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}"])
         data = loaded or {}

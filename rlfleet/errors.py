@@ -7,3 +7,8 @@ class ClusterError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt or incompatible."""
+
+
+class RunFailed(RuntimeError):
+    """A run that had to stop for a reason the user can act on (reward functions failing, actors past their restarts,
+    no progress within the timeout). The CLI prints it as one message (exit 3); ``--debug`` keeps the traceback."""

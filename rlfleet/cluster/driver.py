@@ -37,6 +37,7 @@ from rlfleet.cluster.metrics import MetricsLog, Progress, RayMetrics, plot
 from rlfleet.cluster.pool import GeneratorPool
 from rlfleet.cluster.runtime import generator_bundle, learner_bundle, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
+from rlfleet.errors import RunFailed
 
 log = logging.getLogger("rlfleet")
 REPLAY_DROPS = ("replay/dropped_stale", "replay/dropped_zero_variance", "replay/dropped_overflow")
@@ -144,13 +145,13 @@ def train(cfg: RLFleetConfig, engine_factory=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(dump_config(cfg))
     return run_job(cfg, lambda recoveries, control: RLJob(cfg, dataset, control, recoveries, engine_factory),
-                   cfg.cluster.min_generators)
+                   cfg.cluster.min_generators, with_reference=cfg.algorithm.beta > 0)
 
 
 class RLJob:
     """One life of the RL job's actors: start (or restore), the loop, the final checkpoint (see :class:`Job`)."""
 
-    label = "rlfleet"
+    label, command, phase = "rlfleet", "rlfleet train", "starting the actors"
 
     def __init__(self, cfg: RLFleetConfig, dataset, control, recoveries: int = 0, engine_factory=None):
         self.cfg, self.dataset, self.control, self.engine_factory = cfg, dataset, control, engine_factory
@@ -170,6 +171,7 @@ class RLJob:
         from rlfleet.replay.actor import make_replay_actor
 
         cfg, c, t = self.cfg, self.cfg.cluster, self._timeout()
+        self.phase = "placing the learner"
         self.replay = make_replay_actor(cfg.replay, cfg.seed, name=None, num_cpus=0)
         self.learner_placement = reserve(learner_bundle(c), "rlfleet-learner", timeout_s=min(t, 120.0))
         self.learner = make_learner_actor(cfg, self.replay, name="rlfleet-learner", **self.learner_placement.options())
@@ -181,6 +183,7 @@ class RLJob:
         self.stream = PromptStream(self.dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.step = 0
         if resume_from is not None:
+            self.phase = f"restoring {resume_from}"
             replay_state, driver_state = ckpt.read_state(resume_from)
             call(self.learner.load.remote(str(resume_from / "policy")), t, "the learner (loading a checkpoint)")
             call(self.replay.load_state_dict.remote(*replay_state), t, "the replay actor (loading a checkpoint)")
@@ -188,7 +191,12 @@ class RLJob:
             self.pool.retry = list(driver_state.get("retry", []))
             self.step = driver_state["step"]
             print(f"rlfleet: resumed from {resume_from} at step {self.step}", flush=True)
+        self.phase = "starting the generation actors (placing them, loading their engines)"
+        print(f"rlfleet: starting {c.min_generators} generation actor(s)"
+              + (f", up to {c.max_generators} as the cluster has room" if c.max_generators > c.min_generators else ""),
+              flush=True)
         self.pool.start(c.min_generators)
+        self.phase = "publishing the first weights"
         self.metrics_log = MetricsLog(self.out, resume_step=self.step if resume_from else None)
         self.batches_log = MetricsLog(self.out, resume_step=self.step if resume_from else None, name="batches.jsonl")
         self.progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every, start=self.step)
@@ -222,7 +230,7 @@ class RLJob:
                 self.learner_future = self.learner.train_step.remote(pull_s)
             self.pool.reconcile(check_nodes=new_step)  # an idle generator's lost node is noticed once per step
             if not self.pool.members:
-                raise RuntimeError("every generation actor is gone (each died more than cluster.max_restarts "
+                raise RunFailed("every generation actor is gone (each died more than cluster.max_restarts "
                                    "times); see the generator logs")
             with self.timed("admit"):
                 self.admit()
@@ -232,7 +240,7 @@ class RLJob:
 
             ready = set(wait_any([self.learner_future, self.control_future, *self.pool.refs()], t))
             if not ready:
-                raise RuntimeError(f"no actor finished work within cluster.timeout_s={t:g} s")
+                raise RunFailed(f"no actor finished work within cluster.timeout_s={t:g} s")
             with self.timed("collect"):
                 for index, stats in self.pool.on_ready(ready):
                     self.window.add(index, stats)
@@ -289,7 +297,7 @@ class RLJob:
         self.groups_failed += int(stats.get("errors/reward", 0))
         limit = self.cfg.algorithm.max_reward_error_frac
         if self.groups_attempted >= 16 and self.groups_failed > limit * self.groups_attempted:
-            raise RuntimeError(
+            raise RunFailed(
                 f"reward or group-filter functions failed on {self.groups_failed} of {self.groups_attempted} groups "
                 f"(more than algorithm.max_reward_error_frac={limit:g}); the generator logs name the function and "
                 "its error. Fix the function, or raise the limit")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import ray
 
 from rlfleet.cluster.runtime import Placement
+from rlfleet.cluster.signals import wait_any
 from rlfleet.errors import ClusterError
 from rlfleet.transport import WeightHandle
 
@@ -95,7 +96,7 @@ class GeneratorPool:
             refs = self.refs()
             if not refs:
                 break
-            ready, _ = ray.wait(refs, num_returns=1, timeout=self.timeout_s)
+            ready = wait_any(refs, self.timeout_s)  # raises RunStopped soon after a stop request
             if not ready:
                 deadline_refs = refs
                 break

@@ -22,6 +22,8 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlfleet.cluster.memory import GIB, MemoryEstimate, memory_problems
+from rlfleet.cluster.signals import RunStopped, wait_any
 from rlfleet.config import ClusterConfig, RLFleetConfig
 from rlfleet.errors import ClusterError
 
@@ -47,10 +49,37 @@ def connect(cfg: ClusterConfig, namespace: str) -> str:
     if address:
         ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=True)
         return f"Ray cluster at {address}"
-    needed = cfg.learner_num_cpus + cfg.max_generators * cfg.generator_num_cpus
-    num_cpus = cfg.local_num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
+    num_cpus = local_cpus(cfg)  # the machine's cores: generators beyond them wait for room (see preflight_local)
+    print(f"rlfleet: starting a local Ray cluster ({num_cpus} CPUs)", flush=True)
     ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False, logging_level=logging.WARNING)
     return f"local Ray cluster ({num_cpus} CPUs)"
+
+
+def starts_local_cluster(cfg: ClusterConfig) -> bool:
+    return not ray.is_initialized() and not cfg.address and not os.environ.get("RAY_ADDRESS")
+
+
+def local_cpus(cfg: ClusterConfig) -> int:
+    return cfg.local_num_cpus or os.cpu_count() or 1
+
+
+def preflight_local(cfg: ClusterConfig, generators: int, memory: MemoryEstimate) -> None:
+    """When rlfleet starts its own Ray cluster, refuse (before Ray starts) a job this machine cannot hold: the
+    learner and ``generators`` need more cores than it has, or more memory than is available now."""
+    import psutil
+
+    need = cfg.learner_num_cpus + generators * cfg.generator_num_cpus
+    problems = []
+    if need > local_cpus(cfg):
+        problems.append(
+            f"the job needs {need:g} CPUs to start (learner {cfg.learner_num_cpus:g} + {generators} generators x "
+            f"{cfg.generator_num_cpus:g}) but this machine has {local_cpus(cfg)}; lower cluster.num_generators "
+            "(or give it a range, {min, max}, to grow where there is room), or set cluster.local_num_cpus to "
+            "oversubscribe the cores on purpose")
+    problems += memory_problems(memory, generators, psutil.virtual_memory().available / GIB,
+                                "this machine (available now)")
+    if problems:
+        raise ClusterError("cannot start the job on this machine:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def bundle(cpus: float, gpus: float) -> dict[str, float]:
@@ -98,9 +127,16 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def preflight_cluster(cfg: ClusterConfig, num_generators: int | None = None) -> None:
-    """Fail before any actor starts when the cluster can never hold the learner and the generators to start with."""
-    problems = check_feasible(cfg, [n["Resources"] for n in alive_nodes()], num_generators)
+def preflight_cluster(cfg: ClusterConfig, num_generators: int | None = None,
+                      memory: MemoryEstimate | None = None) -> None:
+    """Fail before any actor starts when the cluster can never hold the learner and the generators to start with
+    (their resources; with ``memory``, also the memory its nodes report)."""
+    nodes = [n["Resources"] for n in alive_nodes()]
+    problems = check_feasible(cfg, nodes, num_generators)
+    if memory is not None:
+        have = sum(n.get("memory", 0) for n in nodes) / GIB
+        problems += memory_problems(memory, cfg.min_generators if num_generators is None else num_generators,
+                                    have, "the cluster's nodes (Ray's memory resource)")
     if problems:
         raise ClusterError("cannot place the job:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -133,7 +169,11 @@ def reserve(resources: dict[str, float], name: str, timeout_s: float = 60.0) -> 
     """Place one bundle and wait until it is ready; a request that is not ready within ``timeout_s`` fails naming
     the cluster's free resources instead of hanging."""
     placement = Placement.request(resources, name)
-    ready, _ = ray.wait([placement.ready()], timeout=timeout_s)
+    try:
+        ready = wait_any([placement.ready()], timeout_s)  # raises RunStopped soon after a stop request
+    except RunStopped:
+        placement.release()
+        raise
     if not ready:
         placement.release()
         raise ClusterError(

@@ -66,13 +66,14 @@ def train_dpo(cfg: RLFleetConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(dump_config(cfg))
     return run_job(cfg, lambda recoveries, control: DPOJob(cfg, train_ds, eval_ds, control, recoveries),
-                   generators_to_start=0)
+                   generators_to_start=0, with_reference=True)
 
 
 class DPOJob:
     """One life of the DPO learner actor: start (or restore), the loop, the final checkpoint and BEMA weights."""
 
-    label = "rlfleet dpo"
+    label = command = "rlfleet dpo"
+    phase = "starting the DPO learner"
 
     def __init__(self, cfg: RLFleetConfig, train_ds, eval_ds, control, recoveries: int = 0):
         self.cfg, self.train_ds, self.eval_ds, self.recoveries = cfg, train_ds, eval_ds, recoveries

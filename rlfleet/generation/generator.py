@@ -133,7 +133,9 @@ class Generator:
     def _log_once(self, key: str, message: str, err: BaseException | None = None) -> None:
         if key not in self._logged:
             self._logged.add(key)
-            logger.warning("%s (logged once)", message, exc_info=err)
+            logger.warning("%s (logged once)", message)
+            if err is not None:  # the traceback, for a bug report, only where debug logging is on
+                logger.debug("traceback of: %s", message, exc_info=err)
 
     def _score(self, prompts: list, completions: list, completion_ids: list[list[int]], columns: dict[str, list],
                num_groups: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,82 @@
+"""How much memory a job needs, estimated from the model and the config before anything starts. Pure arithmetic
+(plus reading the model's config, never its weights).
+
+Per generation actor: the engine process (``ENGINE_PROCESS_GIB``: Python, torch, vLLM; measured 0.7 GiB with the
+tiny model on CPU), its KV cache (``generation.kv_cache_space_gib`` on CPU; on GPU vLLM takes a share of the GPU
+instead), and the weights twice (the engine's copy and an update in flight). Learner: its process
+(``LEARNER_PROCESS_GIB``), float32 master weights, gradients and AdamW's two moments (16 bytes a parameter), and a
+frozen reference model in the compute dtype when one is kept (``beta > 0``, DPO). Activations are not counted: the
+estimate is a floor, used to refuse jobs that cannot fit, not to promise that one will.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+ENGINE_PROCESS_GIB = 0.75
+LEARNER_PROCESS_GIB = 0.8
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: int
+    generator_gib: float
+    learner_gib: float
+
+    def total_gib(self, generators: int) -> float:
+        return self.learner_gib + generators * self.generator_gib
+
+
+def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """Parameters of the model at ``name_or_path``, from its config alone (built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlfleet.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())  # tied weights are counted once
+
+
+def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, reference_bytes_per_param: int,
+             generator_on_gpu: bool = False, learner_on_gpu: bool = False) -> MemoryEstimate:
+    """Host memory. ``engine_bytes_per_param``: 4 for float32 engines, 2 for bfloat16; ``reference_bytes_per_param``:
+    0 without a reference model. An actor on a GPU keeps its weights, KV cache and optimizer state there: only its
+    process counts here."""
+    generator = ENGINE_PROCESS_GIB
+    if not generator_on_gpu:
+        generator += kv_cache_gib + 2 * params * engine_bytes_per_param / GIB
+    learner = LEARNER_PROCESS_GIB
+    if not learner_on_gpu:
+        learner += params * (16 + reference_bytes_per_param) / GIB
+    return MemoryEstimate(params, generator, learner)
+
+
+def job_estimate(cfg, with_reference: bool) -> MemoryEstimate:
+    """:func:`estimate` for an :class:`~rlfleet.config.RLFleetConfig` (the model's config is read, not its
+    weights)."""
+    import torch
+
+    from rlfleet.models import torch_dtype
+
+    c = cfg.cluster
+    engine_dtype = torch_dtype(cfg.model.dtype, "cuda" if c.generator_num_gpus else "cpu")
+    learner_dtype = torch_dtype(cfg.model.dtype, "cuda" if c.learner_num_gpus else "cpu")
+    size = torch.empty((), dtype=engine_dtype).element_size()
+    ref_size = torch.empty((), dtype=learner_dtype).element_size() if with_reference else 0
+    return estimate(count_parameters(cfg.model.name_or_path, cfg.model.trust_remote_code), size,
+                    cfg.generation.kv_cache_space_gib, ref_size, c.generator_num_gpus > 0, c.learner_num_gpus > 0)
+
+
+def memory_problems(need: MemoryEstimate, generators: int, have_gib: float, where: str) -> list[str]:
+    """A problem naming the numbers and the fix when the learner and ``generators`` cannot fit ``have_gib``."""
+    total = need.total_gib(generators)
+    if total <= have_gib:
+        return []
+    return [f"the job needs about {total:.1f} GiB of memory to start (learner {need.learner_gib:.1f} + {generators} "
+            f"generators x {need.generator_gib:.1f}, for a {need.params / 1e6:.1f}M-parameter model) but {where} has "
+            f"{have_gib:.1f} GiB; lower cluster.num_generators (its min) or generation.kv_cache_space_gib, or use "
+            "a machine or cluster with more memory"]

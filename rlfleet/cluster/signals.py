@@ -1,0 +1,90 @@
+"""Stop requests and waits on actors: the driver's blocking calls, each with a timeout, a stop check and an error
+that names the actor. Used by the job lifecycle, the generator pool and placement."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from contextlib import contextmanager
+
+import ray
+
+from rlfleet.errors import RunFailed
+
+
+class RunStopped(Exception):
+    """SIGTERM (``ray job stop``), Ctrl-C or a stop request: stop after a final checkpoint."""
+
+
+class ActorLost(RuntimeError):
+    """An actor the job cannot run without died: the job restarts its actors from the latest checkpoint."""
+
+
+STOP_POLL_S = 0.5  # how soon a wait inside stop_on_sigterm notices a stop request
+
+_stop_requested = threading.Event()
+
+
+@contextmanager
+def stop_on_sigterm():
+    """Within the block, SIGTERM (``ray job stop``) and SIGINT (Ctrl-C) request a stop: the next :func:`call` or
+    :func:`wait_any`, within ``STOP_POLL_S``, raises :class:`RunStopped`, so the run can write a final checkpoint.
+
+    The handler only sets a flag. Raising from it, as Python's default SIGINT handler does, lands the exception in the
+    middle of Ray's Cython ``ray.wait`` / ``ray.get``, which then fails with ``SystemError: ... returned a result
+    with an exception set`` instead of the exception, and the run dies without its checkpoint. Signals reach the main
+    thread only: elsewhere (a run started from a thread) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        _stop_requested.set()
+
+    _stop_requested.clear()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_requested.clear()
+
+
+def clear_stop() -> None:
+    """Forget a stop request that has been acted on (the run is writing its final checkpoint); a new one still
+    counts."""
+    _stop_requested.clear()
+
+
+def check_stop() -> None:
+    if _stop_requested.is_set():
+        raise RunStopped("stop requested (SIGTERM or SIGINT)")
+
+
+def call(ref, timeout_s: float, what: str):
+    """ray.get with a timeout and an error that names the actor; inside :func:`stop_on_sigterm` it raises
+    :class:`RunStopped` soon after a stop request, and :class:`ActorLost` when the actor died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        check_stop()
+        try:
+            return ray.get(ref, timeout=min(STOP_POLL_S, max(deadline - time.monotonic(), 0.0)))
+        except ray.exceptions.GetTimeoutError:
+            if time.monotonic() >= deadline:
+                raise RunFailed(f"{what} did not answer within cluster.timeout_s={timeout_s:g} s") from None
+        except ray.exceptions.RayActorError as err:
+            raise ActorLost(f"{what} died: {err}") from err
+
+
+def wait_any(refs: list[ray.ObjectRef], timeout_s: float) -> list[ray.ObjectRef]:
+    """The refs of ``refs`` that are ready, as soon as one is (empty after ``timeout_s``); inside
+    :func:`stop_on_sigterm` it raises :class:`RunStopped` soon after a stop request."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        check_stop()
+        ready, _ = ray.wait(refs, num_returns=1, timeout=min(STOP_POLL_S, max(deadline - time.monotonic(), 0.0)))
+        if ready or time.monotonic() >= deadline:
+            return ready
