@@ -5,8 +5,8 @@
 The real path of ``rlfleet train``, with rlfleet's own actors: ``LearnerActor.publish_weights()`` (the end of
 every ``train_step``) packs the state dict into the learner's reusable host buffer in the compute dtype
 (``rlfleet/transport/packed.py``) and ``ray.put``\ s it (the ``object_store`` transport); every
-``GenerationActor.update_weights(handle)`` gets a read-only view of the object store from Ray, unpacks it into tensor views and loads them into its vLLM engine in
-place (``collective_rpc("reload_weights")``, then a prefix-cache reset). Timed from the driver: ``sync_s`` =
+``GenerationActor.update_weights(handle)`` gets a read-only view of the object store from Ray, unpacks it into
+tensor views and loads them into its vLLM engine in place (``collective_rpc("reload_weights")``, then a prefix-cache reset). Timed from the driver: ``sync_s`` =
 publish call -> the last generator's update returned;
 parts: ``publish_s`` (learner pack + put, as the driver sees it), ``pack_s`` and ``put_s`` (the same two as the
 learner times them), ``load_s`` (the slowest generator's engine load, as it reports it) and ``transfer_s`` (the

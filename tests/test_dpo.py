@@ -350,7 +350,8 @@ def test_rlfleet_dpo_end_to_end_with_resume(ray_cluster, tmp_path):
     local Ray cluster. At step 0 the policy prefers the chosen completion for a share of held-out pairs near chance;
     after training it must prefer it for at least 80% and at least 0.3 more than at the start, and the implicit-reward
     accuracy against the BEMA reference must exceed 0.6 (at the start, policy = reference: margins 0). BEMA events at
-    exactly the scheduled steps. Then resume to 65 steps: it continues at 61 and the metrics log holds each step once."""
+    exactly the scheduled steps. Then resume to 65 steps: it continues at 61 and the metrics log holds each step
+    once."""
     from rlfleet.dpo.job import train_dpo
 
     overrides = [f"output_dir={tmp_path}", "logging.log_every=20"]

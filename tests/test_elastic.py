@@ -51,8 +51,6 @@ def issued_prompts(cfg, stream_state: dict) -> list[str]:
 
 
 def test_fleet_grows_with_a_new_node_and_loses_nothing_when_it_leaves(cluster, tmp_path):
-    import ray
-
     cfg = load_config(DEPLOY / "grpo.yaml", [
         f"output_dir={tmp_path}", "learner.max_steps=100000", "checkpoint.save_steps=100000", "logging.plot=false",
         "cluster.num_generators={min: 1, max: 3}", "replay.zero_variance=keep", "replay.max_staleness=2",

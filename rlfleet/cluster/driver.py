@@ -304,7 +304,7 @@ class RLJob:
 
     def finish_step(self, result) -> None:
         """Record a finished learner step; its weights go to each generator before its next request."""
-        cfg, gps = self.cfg, self.cfg.learner.groups_per_step
+        gps = self.cfg.learner.groups_per_step
         self.step += 1
         self.weights = result.weights
         stats = call(self.replay.stats.remote(), self._timeout(), "the replay actor")

@@ -20,7 +20,6 @@ before its first request. The pool does not decide how much to generate: the dri
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,8 +29,6 @@ from rlfleet.cluster.runtime import Placement
 from rlfleet.cluster.signals import wait_any
 from rlfleet.errors import ClusterError
 from rlfleet.transport import WeightHandle
-
-log = logging.getLogger("rlfleet")
 
 PLACING, STARTING, ACTIVE, RESTARTING = "placing", "starting", "active", "restarting"
 

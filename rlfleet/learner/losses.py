@@ -180,7 +180,7 @@ class PolicyLoss:
     def __call__(
         self,
         logprobs: torch.Tensor,  # [B, T] current policy, differentiable
-        proximal_logprobs: torch.Tensor,  # [B, T] the ratio's base: behaviour policy (mu == 1) or the learner's pre-step policy
+        proximal_logprobs: torch.Tensor,  # [B, T] the ratio's base: behaviour (mu == 1) or pre-step learner policy
         advantages: torch.Tensor,  # [B] or [B, T]
         mask: torch.Tensor,  # [B, T] bool or 0/1
         normalizer: float,  # from loss_normalizer over the whole optimizer-step batch

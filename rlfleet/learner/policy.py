@@ -16,16 +16,17 @@ One ``train_step(groups)``:
 4. ``num_iterations`` (mu) passes over the same batch, each ending with an optimizer step (decoupled PPO):
 
    * mu == 1: the ratio's base (the *proximal* policy) is the behaviour policy itself, ``behaviour_logprobs`` from
-     the generator,
-     and no importance weights are used: the clipped ratio pi_theta / pi_behaviour does the off-policy correction.
-   * mu > 1: the proximal policy is the learner's own policy before the first update (log-probs computed without gradient,
-     detached), so the first pass has ratio 1 and later passes are clipped against the learner's proximal policy,
-     as in PPO. The gap between that proximal policy and the (possibly stale) behaviour policy is corrected by
-     truncated importance weights ``min(pi_proximal / pi_behaviour, importance_sampling_cap)`` on the policy term
+     the generator, and no importance weights are used: the clipped ratio pi_theta / pi_behaviour does the
+     off-policy correction.
+   * mu > 1: the proximal policy is the learner's own policy before the first update (log-probs computed without
+     gradient, detached), so the first pass has ratio 1 and later passes are clipped against it, as in PPO. The
+     gap between that proximal policy and the (possibly stale) behaviour policy is corrected by truncated
+     importance weights ``min(pi_proximal / pi_behaviour, importance_sampling_cap)`` on the policy term
      (:func:`importance_weights`; per token, or per sequence for the sequence levels), when the cap is set.
 
    The lr schedule advances once per ``train_step``: ``max_steps`` and ``warmup_steps`` count train steps, and
-   the mu passes over one batch share its lr. ``policy_version`` counts train steps, i.e. weight publications: the staleness bound is in these units.
+   the mu passes over one batch share its lr. ``policy_version`` counts train steps, i.e. weight publications: the
+   staleness bound is in these units.
 
 Parameters are kept in float32 (master weights). When ``model.dtype`` resolves to bfloat16/float16 (GPU with
 "auto") the forward passes run under autocast in that dtype: AdamW updates of ~lr * 1 = 1e-6 on bfloat16 weights of
