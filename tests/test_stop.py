@@ -59,3 +59,19 @@ def test_without_a_stop_request_wait_any_returns_ready_refs_and_times_out_empty(
             assert wait_any([pending], 1.2) == []
     finally:
         ray.cancel(pending, force=True)
+
+
+def test_take_back_signals_restores_the_stop_handler_that_ray_init_replaced():
+    """ray.init installs its own SIGTERM handler (it logs the signal and ends the process: ``ray job stop`` then left
+    no checkpoint). Within stop_on_sigterm, take_back_signals puts the stop handler back; outside it, nothing
+    changes."""
+    from rlfleet.cluster.lifecycle import take_back_signals
+
+    with stop_on_sigterm():
+        ours = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init does, in effect
+        take_back_signals()
+        assert signal.getsignal(signal.SIGTERM) is ours
+    before = signal.getsignal(signal.SIGTERM)
+    take_back_signals()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -30,7 +30,7 @@ from rlfleet.cluster.memory import job_estimate
 from rlfleet.cluster.runtime import (connect, job_name, job_namespace, preflight_cluster, preflight_local,
                                      starts_local_cluster)
 from rlfleet.cluster.signals import (ActorLost, RunStopped, call, check_stop, clear_stop,  # noqa: F401
-                                    stop_on_sigterm, wait_any)
+                                    stop_on_sigterm, take_back_signals, wait_any)
 from rlfleet.config import RLFleetConfig
 from rlfleet.errors import RunFailed
 
@@ -74,6 +74,7 @@ def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle],
     with stop_on_sigterm():
         try:
             where = connect(cfg.cluster, job_namespace(job_name(cfg)))
+            take_back_signals()  # ray.init replaced our SIGTERM handler with its own
             check_stop()  # a signal that arrived while ray.init ran
             phase = "checking the cluster's resources"
             preflight_cluster(cfg.cluster, generators_to_start, memory)

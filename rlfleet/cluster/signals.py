@@ -24,6 +24,19 @@ class ActorLost(RuntimeError):
 STOP_POLL_S = 0.5  # how soon a wait inside stop_on_sigterm notices a stop request
 
 _stop_requested = threading.Event()
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _on_signal(signum, frame) -> None:
+    _stop_requested.set()
+
+
+def take_back_signals() -> None:
+    """Within :func:`stop_on_sigterm`, after ``ray.init``: Ray installs its own SIGTERM handler when it connects (it
+    logs the signal and ends the process, so ``ray job stop`` would leave no checkpoint); this puts ours back."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _on_signal:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _on_signal)
 
 
 @contextmanager
@@ -39,12 +52,8 @@ def stop_on_sigterm():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def on_signal(signum, frame):
-        _stop_requested.set()
-
     _stop_requested.clear()
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
