@@ -392,6 +392,7 @@ def test_rlfleet_dpo_recovers_from_a_killed_learner(ray_cluster, tmp_path):
     The run is ended by a stop request to its rlfleet-control actor, not by a step count that might race the kill."""
     import ray
 
+    from rlfleet.cluster.checkpoint import latest_checkpoint
     from tests.test_faults import records_of, stop_and_join, train_in_thread, wait_for
 
     cfg = load_config(REPO / "deploy" / "dpo_quickstart.yaml", [
@@ -411,11 +412,5 @@ def test_rlfleet_dpo_recovers_from_a_killed_learner(ray_cluster, tmp_path):
     records = records_of(tmp_path)
     assert [r["step"] for r in records] == list(range(len(records)))  # step 0 is the held-out baseline
     assert records[-1]["faults/recoveries"] == 1
-    saved = json.loads((ckpt_dir := ckpt_latest(tmp_path)).joinpath("driver.json").read_text())
-    assert saved["step"] == records[-1]["step"], ckpt_dir
-
-
-def ckpt_latest(out):
-    from rlfleet.cluster.checkpoint import latest_checkpoint
-
-    return latest_checkpoint(out)
+    saved = json.loads((latest_checkpoint(tmp_path) / "driver.json").read_text())
+    assert saved["step"] == records[-1]["step"]

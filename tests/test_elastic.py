@@ -50,6 +50,21 @@ def issued_prompts(cfg, stream_state: dict) -> list[str]:
     return [str(r["prompt_id"]) for r in stream.next_batch(total)]
 
 
+def prompt_ledger(cfg, out: Path) -> dict:
+    """Where every prompt of a finished run is, by independent sources: ``trained`` (the learner's report,
+    batches.jsonl), ``queued`` (the replay buffer) and ``to_reissue`` (the driver's state) in the final checkpoint,
+    ``issued`` (what the stream handed out, recomputed from the checkpointed cursor); ``step`` of the checkpoint."""
+    (_, replay_meta), driver = ckpt.read_state(ckpt.latest_checkpoint(out))
+    return {
+        "step": driver["step"],
+        "trained": [p for line in (out / "batches.jsonl").read_text().splitlines()
+                    for p in json.loads(line)["prompt_ids"]],
+        "queued": [g["prompt_id"] for g in replay_meta["fresh"]],
+        "to_reissue": [str(r["prompt_id"]) for r in driver["retry"]],
+        "issued": issued_prompts(cfg, driver["stream"]),
+    }
+
+
 def test_fleet_grows_with_a_new_node_and_loses_nothing_when_it_leaves(cluster, tmp_path):
     cfg = load_config(DEPLOY / "grpo.yaml", [
         f"output_dir={tmp_path}", "learner.max_steps=100000", "checkpoint.save_steps=100000", "logging.plot=false",
@@ -86,14 +101,9 @@ def test_fleet_grows_with_a_new_node_and_loses_nothing_when_it_leaves(cluster, t
     assert max(r["staleness/max"] for r in records) <= 2
     assert last["replay/dropped_stale"] == 0  # admission kept every group within the bound: none was wasted
 
-    final = ckpt.latest_checkpoint(tmp_path)
-    (_, replay_meta), driver = ckpt.read_state(final)
-    assert driver["step"] == last["step"]
-    trained = [p for line in (tmp_path / "batches.jsonl").read_text().splitlines()
-               for p in json.loads(line)["prompt_ids"]]
-    queued = [g["prompt_id"] for g in replay_meta["fresh"]]
-    to_reissue = [str(r["prompt_id"]) for r in driver["retry"]]
-    issued = issued_prompts(cfg, driver["stream"])
-    assert len(trained) == last["step"] * 2
+    ledger = prompt_ledger(cfg, tmp_path)
+    assert ledger["step"] == last["step"]
+    assert len(ledger["trained"]) == last["step"] * 2
     # every prompt handed out is trained, queued or waiting to be re-issued: once, nothing lost, nothing twice
-    assert Counter(trained) + Counter(queued) + Counter(to_reissue) == Counter(issued)
+    assert Counter(ledger["trained"]) + Counter(ledger["queued"]) + Counter(ledger["to_reissue"]) == \
+        Counter(ledger["issued"])

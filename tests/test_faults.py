@@ -172,9 +172,9 @@ def test_resume_refuses_corrupt_checkpoint(tmp_path, capsys):
 # -- crashed actors and interrupted runs (real actors on a local Ray cluster) ---------------------------------------
 
 
-def train_in_thread(cfg, train_dpo_job: bool = False):
+def train_in_thread(cfg, train_dpo_job: bool = False, **train_kwargs):
     """``rlfleet train`` (or ``rlfleet dpo``) in a thread; returns the thread and a dict that receives its summary
-    or its error."""
+    or its error. ``train_kwargs`` go to ``train`` (e.g. ``engine_factory``)."""
     from rlfleet.cluster.driver import train
     from rlfleet.dpo.job import train_dpo
 
@@ -182,7 +182,7 @@ def train_in_thread(cfg, train_dpo_job: bool = False):
 
     def target():
         try:
-            result["summary"] = (train_dpo if train_dpo_job else train)(cfg)
+            result["summary"] = train_dpo(cfg) if train_dpo_job else train(cfg, **train_kwargs)
         except BaseException as err:  # surfaced by the test after join
             result["error"] = err
 

@@ -8,7 +8,6 @@ command line finds it by name from another process.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -16,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.runtime import job_namespace
 from rlfleet.config import load_config
-from tests.test_elastic import issued_prompts
 from tests.conftest import ray_test_env
-from tests.test_faults import records_of, stop_and_join, wait_for
+from tests.test_elastic import prompt_ledger
+from tests.test_faults import records_of, stop_and_join, train_in_thread, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +45,6 @@ def rlfleet_scale(address: str, generators: int, job: str = JOB) -> subprocess.C
 
 def test_rlfleet_scale_shrinks_and_grows_a_running_job(job_cluster, tmp_path):
     from bench.standin import fixed_latency
-    from rlfleet.cluster.driver import train
 
     cfg = load_config(ROOT / "deploy" / "grpo.yaml", [
         f"output_dir={tmp_path / 'run'}", f"cluster.job_name={JOB}", "learner.max_steps=100000",
@@ -59,17 +56,7 @@ def test_rlfleet_scale_shrinks_and_grows_a_running_job(job_cluster, tmp_path):
     missing = rlfleet_scale(job_cluster, 1, job="no-such-job")
     assert missing.returncode == 2 and "no running rlfleet job named 'no-such-job'" in missing.stderr, missing
 
-    result: dict = {}
-    import threading
-
-    def target():
-        try:
-            result["summary"] = train(cfg, engine_factory=fixed_latency(0.2))
-        except BaseException as err:
-            result["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    thread, result = train_in_thread(cfg, engine_factory=fixed_latency(0.2))
     try:
         wait_for(lambda: len(records_of(out)) >= 2 or not thread.is_alive(), 300, "two steps on two generators")
         assert thread.is_alive(), result
@@ -98,9 +85,6 @@ def test_rlfleet_scale_shrinks_and_grows_a_running_job(job_cluster, tmp_path):
     assert last["faults/lost_groups"] == 0  # draining lets a busy generator finish its request
     assert max(r["staleness/max"] for r in records) <= 2
 
-    (_, replay_meta), driver = ckpt.read_state(ckpt.latest_checkpoint(out))
-    trained = [p for line in (out / "batches.jsonl").read_text().splitlines()
-               for p in json.loads(line)["prompt_ids"]]
-    queued = [g["prompt_id"] for g in replay_meta["fresh"]]
-    assert driver["retry"] == []
-    assert Counter(trained) + Counter(queued) == Counter(issued_prompts(cfg, driver["stream"]))
+    ledger = prompt_ledger(cfg, out)
+    assert ledger["to_reissue"] == []
+    assert Counter(ledger["trained"]) + Counter(ledger["queued"]) == Counter(ledger["issued"])
