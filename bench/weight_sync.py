@@ -102,10 +102,11 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
     cfg = load_config(Path(__file__).resolve().parents[1] / "deploy" / "quickstart.yaml",
                       [f"model.name_or_path={path}", "cluster.max_restarts=0"])
     t0 = time.perf_counter()
-    replay = make_replay_actor(cfg.replay, cfg.seed, name=None)
+    replay_name = "bench-weight-sync-replay"
+    replay = make_replay_actor(cfg.replay, cfg.seed, name=replay_name)
     learner_cls, generator_cls = bench_actor_classes()
-    learner = ray.remote(learner_cls).options(num_cpus=cfg.cluster.learner_num_cpus).remote(cfg, replay)
-    gens = [ray.remote(generator_cls).options(num_cpus=cfg.cluster.generator_num_cpus).remote(cfg, replay, i)
+    learner = ray.remote(learner_cls).options(num_cpus=cfg.cluster.learner_num_cpus).remote(cfg, replay_name)
+    gens = [ray.remote(generator_cls).options(num_cpus=cfg.cluster.generator_num_cpus).remote(cfg, replay_name, i)
             for i in range(max(gen_counts))]
     ray.get([g.ready.remote() for g in gens] + [learner.version.remote()], timeout=600)
     start_s = time.perf_counter() - t0

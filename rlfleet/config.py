@@ -245,6 +245,24 @@ class LoggingConfig(Section):
     progress: Literal["auto", "bar", "plain"] = Field("auto", description="'auto': a bar on a TTY, lines otherwise.")
     log_every: int = Field(1, gt=0)
     plot: bool = True
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Loggers fed each step's record besides metrics.jsonl: 'tensorboard' "
+        "(event files in output_dir/tensorboard), 'wandb' (needs the wandb package; WANDB_MODE=offline works "
+        "without network).")
+    wandb_project: str = "rlfleet"
+    engine_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Level of vLLM's own log lines in the generation actors (INFO shows every engine "
+        "start and weight reload).")
+
+    @model_validator(mode="after")
+    def _loggers_installed(self) -> LoggingConfig:
+        import importlib.util
+
+        missing = [name for name in self.report_to if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"report_to: {missing} need the package(s) of that name; install them "
+                             f"(pip install {' '.join(missing)}) or remove them from logging.report_to")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -145,7 +145,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                    trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars: noise in an actor's log
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
     )

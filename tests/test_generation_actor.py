@@ -59,7 +59,7 @@ def test_generation_actor_sends_groups_to_replay_and_loads_weights(ray_cluster, 
         cluster=ClusterConfig(generator_num_cpus=1),
     )
     replay = make_replay_actor(cfg.replay, seed=0, name="test-replay-gen")
-    actor = make_generation_actor(cfg, replay, index=0)
+    actor = make_generation_actor(cfg, "test-replay-gen", index=0)
     try:
         assert ray.get(actor.ready.remote(), timeout=TIMEOUT_S) == ray.get_runtime_context().get_node_id()
         assert ray.get_actor("rlfleet-generator-0") is not None

@@ -450,7 +450,7 @@ def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_
         replay={"max_staleness": 4},
     )
     replay = make_replay_actor(cfg.replay, seed=0, name="test-policy-learner-replay")
-    learner = make_learner_actor(cfg, replay, num_cpus=0)
+    learner = make_learner_actor(cfg, "test-policy-learner-replay", num_cpus=0)
     assert ray.get(learner.train_step.remote(0.2), timeout=60) is None
     local = make_learner()
     groups = two_groups(local.model)

@@ -33,13 +33,15 @@ from pathlib import Path
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.admission import admission_budget
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job, wait_any
-from rlfleet.cluster.metrics import MetricsLog, Progress, RayMetrics, plot
+from rlfleet.cluster.metrics import (RL_GENERATOR_SERIES, MetricsLog, Progress, RayMetrics, Reporters, plot,
+                                    rl_series)
 from rlfleet.cluster.pool import GeneratorPool
 from rlfleet.cluster.runtime import generator_bundle, learner_bundle, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
 from rlfleet.errors import RunFailed
 
 log = logging.getLogger("rlfleet")
+REPLAY_NAME = "rlfleet-replay"
 REPLAY_DROPS = ("replay/dropped_stale", "replay/dropped_zero_variance", "replay/dropped_overflow")
 
 
@@ -157,7 +159,7 @@ class RLJob:
         self.cfg, self.dataset, self.control, self.engine_factory = cfg, dataset, control, engine_factory
         self.out = Path(cfg.output_dir)
         self.recoveries = recoveries
-        self.replay = self.learner = self.learner_placement = self.pool = None
+        self.replay = self.learner = self.learner_placement = self.pool = self.reporters = None
         self.learner_future = None  # the train_step in flight
 
     def _timeout(self) -> float:
@@ -172,16 +174,16 @@ class RLJob:
 
         cfg, c, t = self.cfg, self.cfg.cluster, self._timeout()
         self.phase = "placing the learner"
-        self.replay = make_replay_actor(cfg.replay, cfg.seed, name=None, num_cpus=0)
+        self.replay = make_replay_actor(cfg.replay, cfg.seed, name=REPLAY_NAME, num_cpus=0)
         self.learner_placement = reserve(learner_bundle(c), "rlfleet-learner", timeout_s=min(t, 120.0))
-        self.learner = make_learner_actor(cfg, self.replay, name="rlfleet-learner", **self.learner_placement.options())
+        self.learner = make_learner_actor(cfg, REPLAY_NAME, name="rlfleet-learner", **self.learner_placement.options())
         factory = self.engine_factory or vllm_engine
         self.pool = GeneratorPool(
-            lambda index, options: make_generation_actor(cfg, self.replay, index, factory, **options),
+            lambda index, options: make_generation_actor(cfg, REPLAY_NAME, index, factory, **options),
             generator_bundle(c), c.max_generators,
             cfg.generation.generation_batch_size // cfg.generation.num_generations, t)
         self.stream = PromptStream(self.dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
-        self.step = 0
+        self.step, reward_errors_total = 0, 0
         if resume_from is not None:
             self.phase = f"restoring {resume_from}"
             replay_state, driver_state = ckpt.read_state(resume_from)
@@ -190,6 +192,7 @@ class RLJob:
             self.stream.load_state_dict(driver_state["stream"])
             self.pool.retry = list(driver_state.get("retry", []))
             self.step = driver_state["step"]
+            reward_errors_total = int(driver_state.get("reward_errors_total", 0))
             print(f"rlfleet: resumed from {resume_from} at step {self.step}", flush=True)
         self.phase = "starting the generation actors (placing them, loading their engines)"
         print(f"rlfleet: starting {c.min_generators} generation actor(s)"
@@ -200,7 +203,10 @@ class RLJob:
         self.metrics_log = MetricsLog(self.out, resume_step=self.step if resume_from else None)
         self.batches_log = MetricsLog(self.out, resume_step=self.step if resume_from else None, name="batches.jsonl")
         self.progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every, start=self.step)
-        self.ray_metrics = RayMetrics(self.out.resolve().name)
+        run = self.out.resolve().name
+        self.ray_metrics = RayMetrics(run, rl_series(cfg.algorithm.beta), RL_GENERATOR_SERIES)
+        self.reporters = Reporters(cfg.logging, self.out, run, cfg.model_dump(mode="json"),
+                                   self.step if resume_from else None)
 
         self.weights = call(self.learner.publish_weights.remote(), t, "the learner (publishing)")
         stats = call(self.replay.stats.remote(), t, "the replay actor")
@@ -210,7 +216,8 @@ class RLJob:
         self.substituted_before = stats["replay/substituted"]
         self.control_seen, self.control_future = 0, self.control.next_request.remote(0)  # any request so far
         self.window, self.last_record, self.t_step = StepWindow(), {}, time.perf_counter()
-        self.groups_attempted = self.groups_failed = 0
+        self.groups_attempted = self.groups_failed = 0  # since the driver (re)started: the error-rate check
+        self.reward_errors_total = reward_errors_total  # over the run, checkpointed (errors/reward_total)
         self.driver_s: dict[str, float] = {}  # the driver's own seconds by phase (timed)
 
     @property
@@ -295,6 +302,7 @@ class RLJob:
         """Stop when reward / filter functions fail on more than algorithm.max_reward_error_frac of the groups."""
         self.groups_attempted += int(stats.get("gen/groups", 0) + stats.get("errors/reward", 0))
         self.groups_failed += int(stats.get("errors/reward", 0))
+        self.reward_errors_total += int(stats.get("errors/reward", 0))
         limit = self.cfg.algorithm.max_reward_error_frac
         if self.groups_attempted >= 16 and self.groups_failed > limit * self.groups_attempted:
             raise RunFailed(
@@ -317,6 +325,7 @@ class RLJob:
                   "replay/size": stats["replay/fresh_size"] + stats["replay/reservoir_size"],
                   "replay/substituted_step": stats["replay/substituted"] - substituted_last,
                   **self.window.metrics(wall_s, generators), **self.pool.counts,
+                  "errors/reward_total": self.reward_errors_total,
                   "faults/recoveries": self.recoveries, "fleet/generators": len(generators),
                   **{f"gen/requests/{i}": n for i, n in self.pool.requests_by_generator.items()},
                   **{f"time/driver/{phase}_s": sec for phase, sec in self.driver_s.items()},
@@ -325,6 +334,7 @@ class RLJob:
         self.ray_metrics.publish(record, self.window.per_generator(wall_s, generators))
         self.t_step, self.window, self.last_record = now, StepWindow(), record
         self.metrics_log.write(record)
+        self.reporters.log(record, result.samples)
         self.batches_log.write({"step": self.step, "policy_version": self.version, "prompt_ids": result.prompt_ids})
         self.progress.update(record)
         self.control.report.remote({"step": self.step, "generators": len(generators), "target": self.pool.target,
@@ -350,7 +360,8 @@ class RLJob:
         call(self.learner.save.remote(str(staging / "policy")), t, "the learner (saving)")
         replay_state = call(self.replay.state_dict.remote(), t, "the replay actor (saving)")
         ckpt.write_state(staging, replay_state, {"step": self.step, "policy_version": self.version,
-                                                 "stream": self.stream.state_dict(), "retry": self.pool.retry})
+                                                 "stream": self.stream.state_dict(), "retry": self.pool.retry,
+                                                 "reward_errors_total": self.reward_errors_total})
         return ckpt.commit(staging, self.step, self.cfg.checkpoint.keep_last)
 
     def finish(self, final: Path) -> dict:
@@ -363,6 +374,8 @@ class RLJob:
         return summary
 
     def teardown(self) -> None:
+        if self.reporters is not None:
+            self.reporters.close()
         if self.pool is not None:
             self.pool.shutdown()
         kill(self.learner, self.replay)

@@ -27,11 +27,12 @@ import ray
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.control import start_control
 from rlfleet.cluster.memory import job_estimate
+from rlfleet.cluster.metrics import logger_problems
 from rlfleet.cluster.runtime import (connect, job_name, job_namespace, preflight_cluster, preflight_local,
                                      starts_local_cluster)
 from rlfleet.cluster.signals import (ActorLost, RunStopped, call, check_stop, clear_stop,  # noqa: F401
                                     stop_on_sigterm, take_back_signals, wait_any)
-from rlfleet.config import RLFleetConfig
+from rlfleet.config import ConfigError, RLFleetConfig
 from rlfleet.errors import RunFailed
 
 
@@ -64,6 +65,8 @@ def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle],
     cluster shut down on every path.
     """
     out = Path(cfg.output_dir)
+    if problems := logger_problems(cfg.logging):
+        raise ConfigError(problems)
     if cfg.checkpoint.resume and (latest := ckpt.latest_checkpoint(out)) is not None:
         ckpt.verify(latest)  # a corrupt or incompatible checkpoint is refused before Ray or any actor starts
     memory = job_estimate(cfg, with_reference)

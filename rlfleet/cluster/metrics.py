@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
+
+from rlfleet.config import LoggingConfig
 
 REQUIRED_KEYS = ("step", "policy_version", "reward/mean", "reward/std", "loss", "staleness/mean", "replay/size",
                  "frac_reward_zero_std", "time/step_s")
@@ -90,18 +94,110 @@ def plot(records: list[dict], path: str | Path, keys: tuple[str, ...] = ("reward
     return Path(path)
 
 
-# Ray application metrics: exported on each node's Prometheus endpoint (prefixed `ray_`), hence in the dashboard's
-# metrics view and in Grafana (deploy/grafana-dashboard.json). name -> (record key, description); all gauges.
-RAY_GAUGES = {
+class Reporters:
+    """The loggers of ``logging.report_to``, fed the same record as metrics.jsonl at each step.
+
+    - ``tensorboard``: event files in ``output_dir/tensorboard``: every numeric key of the record as a scalar
+      against the step (``reward/mean`` is the reward curve), and the step's sample completions as a text table.
+      On resume, TensorBoard is told to drop the old events past the resumed step (``purge_step``), as metrics.jsonl
+      drops its lines.
+    - ``wandb``: one W&B run per output_dir (its id is kept in ``output_dir/wandb-run-id``, so a resumed job
+      continues it), the resolved config, the scalars, and the samples as a table every ``log_every`` steps.
+      ``WANDB_MODE=offline`` writes under ``output_dir/wandb`` without network.
+    """
+
+    def __init__(self, cfg: LoggingConfig, out: Path, run: str, config: dict, resume_step: int | None):
+        self.log_every = cfg.log_every
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in cfg.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(out / "tensorboard"),
+                                             purge_step=None if resume_step is None else resume_step + 1)
+        if "wandb" in cfg.report_to:
+            import wandb
+
+            id_file = out / "wandb-run-id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=cfg.wandb_project, name=run, id=run_id, dir=str(out), config=config,
+                                    resume="allow")
+
+    def log(self, record: dict, samples: list[dict] = ()) -> None:
+        step = int(record["step"])
+        scalars = {k: float(v) for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        with_samples = bool(samples) and step % self.log_every == 0
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
+            if with_samples:
+                self.tensorboard.add_text("samples", samples_markdown(samples), step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            import wandb
+
+            if with_samples:
+                table = wandb.Table(columns=["prompt_id", "reward", "completion"],
+                                    data=[[s["prompt_id"], s["reward"], s["completion"]] for s in samples])
+                scalars = {**scalars, "samples": table}
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def logger_problems(cfg: LoggingConfig) -> list[str]:
+    """What keeps a logger of ``report_to`` from starting, found before any actor starts: W&B online without a key
+    (wandb would stop the run at its login prompt)."""
+    import netrc
+
+    if "wandb" not in cfg.report_to or os.environ.get("WANDB_MODE", "online") in ("offline", "disabled", "dryrun"):
+        return []
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_BASE_URL"):
+        return []
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):  # where `wandb login` keeps the key
+            return []
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return ["logging.report_to: wandb has no API key on this machine; run `wandb login`, set WANDB_API_KEY, or set "
+            "WANDB_MODE=offline (the run is kept under output_dir/wandb; `wandb sync` uploads it later)"]
+
+
+def samples_markdown(samples: list[dict]) -> str:
+    """A Markdown table (TensorBoard's text panel renders it) of sample completions."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = [f"| {cell(str(s['prompt_id']))} | {s['reward']:.3f} | {cell(s['completion'])} |" for s in samples]
+    return "\n".join(["| prompt | reward | completion |", "|---|---|---|", *rows])
+
+
+# -- Ray application metrics -------------------------------------------------------------------------------------
+# Published through ``ray.util.metrics``, so each node's Prometheus endpoint exports them with Ray's prefix
+# (``ray_rlfleet_reward_mean`` ...), tagged with the run (the name of ``output_dir``). Every series of the job is set at
+# every step, from the first. All are gauges, the cumulative totals too (``*_total``, ``fleet_added`` ...): Ray's
+# Counter cannot hold 0 (``inc`` refuses it), so a healthy run would export no series and a chart would say "No data";
+# and a total taken from the job's own state (the replay buffer's counts are checkpointed) survives a driver recovery.
+# name -> (the metrics.jsonl key it carries, description)
+RL_SERIES = {
     "rlfleet_step": ("step", "learner steps completed"),
     "rlfleet_reward_mean": ("reward/mean", "mean reward of the trained batch"),
     "rlfleet_reward_std": ("reward/std", "reward std of the trained batch"),
     "rlfleet_loss": ("loss", "total loss"),
-    "rlfleet_kl": ("loss/kl", "mean k3 KL to the reference model"),
+    "rlfleet_kl": ("loss/kl", "mean k3 KL to the reference model (jobs with algorithm.beta > 0)"),
     "rlfleet_clip_frac": ("clip/frac", "share of clipped tokens"),
     "rlfleet_staleness_mean": ("staleness/mean", "policy versions between sampling and training"),
     "rlfleet_replay_fresh_size": ("replay/fresh_size", "groups queued for training"),
     "rlfleet_replay_reservoir_size": ("replay/reservoir_size", "high-variance groups held for replay"),
+    "rlfleet_replay_substituted_total": ("replay/substituted", "zero-variance groups replaced from the reservoir"),
+    "rlfleet_reward_errors_total": ("errors/reward_total", "groups dropped because a reward or filter function failed"),
     "rlfleet_sync_seconds": ("sync/seconds", "slowest weight load of the step on a generator"),
     "rlfleet_learner_step_seconds": ("time/learner_s", "learner compute seconds per step"),
     "rlfleet_learner_idle_frac": ("idle/learner_frac", "share of the step the learner waited for data"),
@@ -110,43 +206,50 @@ RAY_GAUGES = {
     "rlfleet_fleet_removed": ("fleet/removed", "generation actors that left: scaled down, node lost, restarts used"),
     "rlfleet_generator_restarts": ("faults/generator_restarts", "generation actors restarted by Ray (cumulative)"),
     "rlfleet_recoveries": ("faults/recoveries", "restarts of the job's actors from a checkpoint (cumulative)"),
-    "rlfleet_dpo_accuracy": ("rewards/accuracies", "DPO: share of pairs whose chosen reward is higher"),
-    "rlfleet_dpo_margin": ("rewards/margins", "DPO: mean chosen - rejected reward"),
-    "rlfleet_dpo_eval_accuracy": ("eval/rewards/accuracies", "DPO: held-out reward accuracy"),
 }
-RAY_COUNTERS = {  # name -> (record key of the per-step increment, description)
-    "rlfleet_replay_substituted": ("replay/substituted_step", "zero-variance groups replaced from the reservoir"),
-    "rlfleet_reward_errors": ("errors/reward", "groups dropped because a reward or filter function failed"),
-}
-RAY_GENERATOR_GAUGES = {  # tagged by generator
+RL_GENERATOR_SERIES = {  # tagged by generator as well; the driver computes them for every running generator
     "rlfleet_gen_tokens_per_s": "generated tokens per second while busy",
     "rlfleet_generator_idle_frac": "share of the step the generator had no request",
 }
+DPO_SERIES = {
+    "rlfleet_step": ("step", "learner steps completed"),
+    "rlfleet_loss": ("loss", "DPO loss"),
+    "rlfleet_dpo_accuracy": ("rewards/accuracies", "share of pairs whose chosen reward is higher"),
+    "rlfleet_dpo_margin": ("rewards/margins", "mean chosen - rejected reward"),
+    "rlfleet_dpo_eval_accuracy": ("eval/rewards/accuracies", "held-out reward accuracy (jobs with an eval split; "
+                                  "from step 0, then every dpo.eval_steps)"),
+    "rlfleet_recoveries": ("faults/recoveries", "restarts of the job's actors from a checkpoint (cumulative)"),
+}
+
+
+def rl_series(beta: float) -> dict[str, tuple[str, str]]:
+    """The series an ``rlfleet train`` job exports: all of RL_SERIES, KL only when there is a reference model."""
+    return {n: v for n, v in RL_SERIES.items() if beta > 0 or n != "rlfleet_kl"}
+
+
+def dpo_series(with_eval: bool) -> dict[str, tuple[str, str]]:
+    return {n: v for n, v in DPO_SERIES.items() if with_eval or n != "rlfleet_dpo_eval_accuracy"}
 
 
 class RayMetrics:
-    """Publishes each step's record through ``ray.util.metrics``, tagged with the run's name."""
+    """Publishes each step's record through ``ray.util.metrics``, tagged with the run's name. A series whose key a
+    record lacks keeps its last value (the DPO held-out accuracy between evaluations)."""
 
-    def __init__(self, run: str):
-        from ray.util.metrics import Counter, Gauge
+    def __init__(self, run: str, series: dict[str, tuple[str, str]],
+                 per_generator: dict[str, str] | None = None):
+        from ray.util.metrics import Gauge
 
         self.tags = {"run": run}
-        self.gauges = {n: (k, Gauge(n, description=d, tag_keys=("run",))) for n, (k, d) in RAY_GAUGES.items()}
-        self.counters = {n: (k, Counter(n, description=d, tag_keys=("run",))) for n, (k, d) in RAY_COUNTERS.items()}
+        self.gauges = {n: (key, Gauge(n, description=d, tag_keys=("run",))) for n, (key, d) in series.items()}
         self.per_generator = {n: Gauge(n, description=d, tag_keys=("run", "generator"))
-                              for n, d in RAY_GENERATOR_GAUGES.items()}
+                              for n, d in (per_generator or {}).items()}
 
-    def publish(self, record: dict, generators: dict[int, dict[str, float]]) -> None:
+    def publish(self, record: dict, generators: dict[int, dict[str, float]] | None = None) -> None:
         for key, gauge in self.gauges.values():
             value = record.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 gauge.set(float(value), tags=self.tags)
-        for key, counter in self.counters.values():
-            value = record.get(key, 0)
-            if value:
-                counter.inc(float(value), tags=self.tags)
-        for index, figures in generators.items():
+        for index, figures in (generators or {}).items():
             tags = {**self.tags, "generator": str(index)}
             for name, gauge in self.per_generator.items():
-                if name in figures:
-                    gauge.set(figures[name], tags=tags)
+                gauge.set(figures[name], tags=tags)

@@ -24,16 +24,20 @@ EngineFactory = Callable[[RLFleetConfig, int], Any]  # (cfg, seed) -> an engine 
 
 
 def vllm_engine(cfg: RLFleetConfig, seed: int) -> Engine:
-    return Engine(cfg.model, cfg.generation, seed=seed)
+    return Engine(cfg.model, cfg.generation, seed=seed, log_level=cfg.logging.engine_log_level)
 
 
 class GenerationActor:
-    """One engine with the policy's weights (seeded ``cfg.seed + index``), its generator and a replay handle."""
+    """One engine with the policy's weights (seeded ``cfg.seed + index``), its generator, and the replay actor
+    looked up by name (``replay``) in the job's namespace.
 
-    def __init__(self, cfg: RLFleetConfig, replay: ray.actor.ActorHandle, index: int = 0,
-                 engine_factory: EngineFactory = vllm_engine):
+    The replay actor is passed by name, not by handle: Ray keeps an actor handle given to a restartable actor's
+    constructor as an argument in the object store (and warns that a restart fails once it goes out of scope,
+    ray#53727); a name is looked up again on every restart."""
+
+    def __init__(self, cfg: RLFleetConfig, replay: str, index: int = 0, engine_factory: EngineFactory = vllm_engine):
         self.cfg = cfg
-        self.replay = replay
+        self.replay = ray.get_actor(replay)
         self.engine = engine_factory(cfg, cfg.seed + index)
         self.receiver = make_receiver(cfg.cluster.weight_transport)
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -60,9 +64,10 @@ class GenerationActor:
         return ray.get_runtime_context().get_node_id()
 
 
-def make_generation_actor(cfg: RLFleetConfig, replay: ray.actor.ActorHandle, index: int = 0,
+def make_generation_actor(cfg: RLFleetConfig, replay: str, index: int = 0,
                           engine_factory: EngineFactory = vllm_engine, **options):
-    """Start ``GenerationActor`` number ``index`` named ``rlfleet-generator-{index}``, resources from ``cfg.cluster``.
+    """Start ``GenerationActor`` number ``index`` named ``rlfleet-generator-{index}``, resources from ``cfg.cluster``,
+    sending its groups to the replay actor named ``replay``.
 
     ``options`` override the ``.options()`` defaults (e.g. a placement-group scheduling strategy).
     """

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -62,15 +63,57 @@ def set_cpu_env_defaults(generation: GenerationConfig, model_path: str) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+# vLLM's warnings that are expected in rlfleet's use of the engine, by the module logger that emits them; below
+# logging.engine_log_level=INFO they are dropped (a user takes "Failed to load weights" at every step for a fault).
+BENIGN_ENGINE_WARNINGS = {
+    # every in-place weight reload: the rotary embedding's cos/sin cache is computed, not loaded, so vLLM keeps the
+    # one it has (correct: it does not depend on the trained weights)
+    "vllm.model_executor.model_loader.reload.layerwise": ("RotaryEmbedding: Failed to load weights",),
+    # CPU: vLLM binds its threads at start and declines later set_num_threads calls; allocator hints
+    "vllm.v1.worker.cpu_worker": ("torch.set_num_threads", "is not found in LD_PRELOAD"),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+    "vllm.triton_utils.importing": ("doesn't include CPU backend",),
+    # the settings rlfleet chose: eager mode on CPU, a seeded in-process engine
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
+    "vllm.engine.arg_utils": ("The global random seed is set",),
+}
+
+
+class _DropBenign(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING or not any(f in record.getMessage() for f in self.fragments)
+
+
+def quiet_engine_logs(level: str) -> None:
+    """vLLM's log level in this process (``logging.engine_log_level``; a user's VLLM_LOGGING_LEVEL wins: vLLM
+    configures its logger from it when the engine starts, and an engine subprocess inherits it), and, unless the
+    level asks for everything (INFO, DEBUG), :data:`BENIGN_ENGINE_WARNINGS` dropped. The filters sit on the
+    emitting loggers, which vLLM's own logging set-up leaves alone (it replaces the handlers)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+    effective = logging.getLevelName(os.environ["VLLM_LOGGING_LEVEL"].upper())  # an int for a known level name
+    if isinstance(effective, int) and effective >= logging.WARNING:
+        for name, fragments in BENIGN_ENGINE_WARNINGS.items():
+            emitter = logging.getLogger(name)
+            if not any(isinstance(f, _DropBenign) for f in emitter.filters):
+                emitter.addFilter(_DropBenign(fragments))
+    # vLLM's Triton shim touches a deprecated torch alias at import (a FutureWarning per kernel lookup)
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", category=FutureWarning)
+
+
 class Engine:
     """``vllm.LLM`` built from the model and generation sections; tracks the policy version of its weights."""
 
-    def __init__(self, model: ModelConfig, generation: GenerationConfig, seed: int):
+    def __init__(self, model: ModelConfig, generation: GenerationConfig, seed: int, log_level: str = "WARNING"):
         path = resolve_model_path(model.name_or_path)
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             set_cpu_env_defaults(generation, path)
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        quiet_engine_logs(log_level)
         from vllm import LLM, SamplingParams
 
         dtype = torch_dtype(model.dtype, "cuda" if on_gpu else "cpu")  # auto: bfloat16 on GPU, float32 on CPU
@@ -97,6 +140,7 @@ class Engine:
             enforce_eager=generation.enforce_eager,
             trust_remote_code=model.trust_remote_code,
             logprobs_mode="processed_logprobs",
+            use_tqdm_on_load=False,
             **gpu_kwargs,
         )
         self._sampling_params_cls = SamplingParams

@@ -4,7 +4,7 @@ logic lives in ``policy.py``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -12,6 +12,9 @@ import ray
 from rlfleet.config import RLFleetConfig
 from rlfleet.learner.policy import PolicyLearner
 from rlfleet.transport import WeightHandle, make_publisher
+
+
+SAMPLES_PER_STEP = 4
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class StepResult:
     metrics: dict[str, float]
     weights: WeightHandle
     prompt_ids: list[str]
+    samples: list[dict] = field(default_factory=list)  # a few groups' first completion, for the loggers
 
     @property
     def version(self) -> int:
@@ -29,12 +33,13 @@ class StepResult:
 
 
 class LearnerActor:
-    """Created with :func:`make_learner_actor`; ``replay`` is the handle of the replay actor."""
+    """Created with :func:`make_learner_actor`; ``replay`` is the name of the replay actor (as for the generation
+    actors: a name survives a restart, a constructor argument handle may not)."""
 
-    def __init__(self, cfg: RLFleetConfig, replay: Any):
+    def __init__(self, cfg: RLFleetConfig, replay: str):
         self.learner = PolicyLearner(cfg.model, cfg.algorithm, cfg.learner, cfg.generation, cfg.seed)
         self.publisher = make_publisher(cfg.cluster.weight_transport, self.learner.compute_dtype)
-        self.replay = replay
+        self.replay = ray.get_actor(replay)
         self.groups_per_step = cfg.learner.groups_per_step
         self.rpc_timeout_s = cfg.cluster.timeout_s
 
@@ -47,7 +52,9 @@ class LearnerActor:
         if groups is None:
             return None
         metrics = self.learner.train_step(groups)
-        return StepResult(metrics, self.publish_weights(), [g.prompt_id for g in groups])
+        samples = [{"prompt_id": g.prompt_id, "reward": float(g.rewards[0]), "completion": g.meta.get("completion", "")}
+                   for g in groups[:SAMPLES_PER_STEP]]
+        return StepResult(metrics, self.publish_weights(), [g.prompt_id for g in groups], samples)
 
     def publish_weights(self) -> WeightHandle:
         """Publish the current policy through the transport. The driver's ``ray.get`` of this call yields the small
@@ -64,8 +71,8 @@ class LearnerActor:
         return self.learner.policy_version
 
 
-def make_learner_actor(cfg: RLFleetConfig, replay_handle: Any, **options: Any) -> ray.actor.ActorHandle:
+def make_learner_actor(cfg: RLFleetConfig, replay: str, **options: Any) -> ray.actor.ActorHandle:
     """Start a :class:`LearnerActor` with the learner's resources from ``cfg.cluster``; ``options`` (any
     ``ray.remote`` option: name, scheduling_strategy, num_gpus ...) override them."""
     options = {"num_cpus": cfg.cluster.learner_num_cpus, "num_gpus": cfg.cluster.learner_num_gpus, **options}
-    return ray.remote(LearnerActor).options(**options).remote(cfg, replay_handle)
+    return ray.remote(LearnerActor).options(**options).remote(cfg, replay)
