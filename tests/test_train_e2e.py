@@ -13,8 +13,9 @@ import pytest
 
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.driver import train
-from rlfleet.cluster.metrics import REQUIRED_KEYS
+from rlfleet.cluster.metrics import REQUIRED_KEYS, rl_series
 from rlfleet.config import load_config
+from tests.test_reporting import tensorboard_scalars, tensorboard_texts
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
@@ -36,6 +37,9 @@ def test_every_algorithm_config_trains(ray_cluster, tmp_path, job):
     for r in records:
         assert all(k in r for k in REQUIRED_KEYS), set(REQUIRED_KEYS) - set(r)
         assert math.isfinite(r["loss"]), r
+        # every Ray series of the job has its value at every step, the first included (README: "from the first step")
+        for name, (key, _) in rl_series(cfg.algorithm.beta).items():
+            assert key in r and math.isfinite(r[key]), (name, key)
         assert r["staleness/max"] <= cfg.replay.max_staleness
         assert r["learner/sequences"] == cfg.learner.groups_per_step * cfg.group_size  # GFPO: k per group
     # weights reached the generators: the version advanced and later groups were sampled by newer weights
@@ -80,12 +84,15 @@ def test_several_generation_actors_share_the_work(ray_cluster, tmp_path):
 
 
 def test_resume_continues_step_count_and_buffer(ray_cluster, tmp_path):
-    first = run(tmp_path, "gspo_token", "learner.max_steps=4", "checkpoint.save_steps=2")
+    """Also: logging.report_to: [tensorboard] over both runs shows every step once, with metrics.jsonl's values."""
+    first = run(tmp_path, "gspo_token", "learner.max_steps=4", "checkpoint.save_steps=2",
+                "logging.report_to=[tensorboard]")
     saved = ckpt.latest_checkpoint(tmp_path / "gspo_token")
     driver_state = json.loads((saved / "driver.json").read_text())
     replay_meta = json.loads((saved / "replay.json").read_text())
     assert driver_state["step"] == 4 and driver_state["policy_version"] == 4
-    resumed = run(tmp_path, "gspo_token", "learner.max_steps=6", "checkpoint.save_steps=2", "checkpoint.resume=true")
+    resumed = run(tmp_path, "gspo_token", "learner.max_steps=6", "checkpoint.save_steps=2", "checkpoint.resume=true",
+                  "logging.report_to=[tensorboard]")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # metrics.jsonl kept the first run's lines
     assert resumed[:4] == first
     assert [r["policy_version"] for r in resumed[4:]] == [5, 6]
@@ -97,6 +104,12 @@ def test_resume_continues_step_count_and_buffer(ray_cluster, tmp_path):
     # the end, which the final checkpoint waits for (nothing generated is lost)
     assert replay_meta["counts"]["sampled"] == first[-1]["replay/sampled"]
     assert replay_meta["counts"]["added"] >= first[-1]["replay/added"]
+    scalars = tensorboard_scalars(tmp_path / "gspo_token" / "tensorboard")
+    for key in ("reward/mean", "loss", "staleness/mean", "replay/added"):
+        assert scalars[key] == pytest.approx({r["step"]: r[key] for r in resumed}, rel=1e-6), key  # float32 in TB
+    samples = tensorboard_texts(tmp_path / "gspo_token" / "tensorboard")
+    assert sorted(samples) == [1, 2, 3, 4, 5, 6]  # log_every 1: the batch's first completions at every step
+    assert all(len(text.splitlines()) == 2 + 4 for text in samples.values())  # header + one row per group (4)
 
 
 def test_reward_rises_on_builtin_task(ray_cluster, tmp_path):

@@ -173,7 +173,7 @@ def logger_problems(cfg: LoggingConfig) -> list[str]:
 def samples_markdown(samples: list[dict]) -> str:
     """A Markdown table (TensorBoard's text panel renders it) of sample completions."""
     def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
+        return " ".join(filter(None, text.replace("|", "\\|").splitlines()))  # any line break: \r, \x0b ...
 
     rows = [f"| {cell(str(s['prompt_id']))} | {s['reward']:.3f} | {cell(s['completion'])} |" for s in samples]
     return "\n".join(["| prompt | reward | completion |", "|---|---|---|", *rows])
