@@ -160,6 +160,10 @@ class LearnerConfig(Section):
     groups_per_step: int = Field(4, gt=0, description="Groups in one learner step's batch.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward pass.")
     gradient_checkpointing: bool = False
+    logprob_chunk_tokens: int = Field(
+        1024, ge=0, description="Completion positions whose logits are built at once (output layer + log-softmax, "
+        "rebuilt in the backward pass); 0 builds a micro-batch's [B, T, V] logits whole. With a 151,936-token "
+        "vocabulary, 1024 positions are 0.6 GB of float32 logits.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, ModelConfig, RLFleetConfig
 from rlfleet.learner.policy import (
+    _decoder_and_head,
     PolicyLearner,
     collate,
     combine_loss_metrics,
@@ -209,6 +210,45 @@ def test_padding_does_not_change_logprobs():
     for j, L in enumerate(long_prompt.completion_lengths):
         torch.testing.assert_close(mixed[2 + j, :L], torch.from_numpy(long_prompt.behaviour_logprobs[j, :L]),
                                    rtol=0, atol=1e-5)
+
+
+def test_chunked_logprobs_equal_the_whole_computation():
+    """learner.logprob_chunk_tokens: the output layer and log-softmax on 5 positions at a time (96 positions, so
+    chunks cross rows and the last is short) give the whole [B, T, V] computation's log-probs (1e-6: only the
+    matmul's blocking differs) and, through activation checkpointing, its gradient."""
+    learner = make_learner()
+    batch = collate(two_groups(learner.model), PAD_ID)
+    weights = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for chunk in (0, 5):
+        learner.model.zero_grad()
+        logprobs = completion_logprobs(learner.model, batch, TEMPERATURE, chunk)  # [8, 12]
+        (logprobs * weights * batch.mask).sum().backward()
+        results.append((logprobs.detach(), {n: p.grad.clone() for n, p in learner.model.named_parameters()}))
+    (whole, g_whole), (chunked, g_chunked) = results
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    assert max(g.abs().max().item() for g in g_whole.values()) > 1e-3  # a real gradient
+    assert_grads_close(g_chunked, g_whole)
+    with torch.no_grad():  # the no-grad path (proximal / reference log-probs) skips checkpointing
+        torch.testing.assert_close(completion_logprobs(learner.model, batch, TEMPERATURE, 7), whole, rtol=0,
+                                   atol=1e-6)
+
+
+def test_chunked_logprobs_train_step_matches_and_soft_capped_models_are_computed_whole():
+    results = []
+    for chunk in (0, 7):
+        learner = make_learner({"loss_type": "dapo"}, {"logprob_chunk_tokens": chunk})
+        grads = captured_grads(learner)
+        metrics = learner.train_step(two_groups(learner.model))
+        results.append((grads[0], metrics))
+    (g0, m0), (g7, m7) = results
+    assert_grads_close(g7, g0)
+    assert m7["loss"] == pytest.approx(m0["loss"], abs=1e-6)
+    # a model whose logits are not exactly head(hidden) (Gemma-2's soft-capping) is never split
+    learner = make_learner()
+    assert _decoder_and_head(learner.model) is not None
+    learner.model.config.final_logit_softcapping = 30.0
+    assert _decoder_and_head(learner.model) is None
 
 
 def test_on_policy_step_has_unit_ratio_updates_weights_and_reports_metrics():

@@ -61,6 +61,26 @@ def test_without_a_stop_request_wait_any_returns_ready_refs_and_times_out_empty(
         ray.cancel(pending, force=True)
 
 
+def test_an_actor_killed_for_memory_is_an_actor_lost_that_names_the_cause(ray_cluster):
+    """Ray reports a process its memory monitor killed with OutOfMemoryError, not an actor error: call() turns it
+    into ActorLost (the job recovers from its checkpoint) with a message that says memory, not a raw traceback. The
+    error is raised here by the actor itself, which reaches the caller with the same type."""
+    from rlfleet.cluster.lifecycle import ActorLost
+
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    class Starved:
+        def work(self):
+            raise ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory.")
+
+    actor = Starved.remote()
+    with stop_on_sigterm(), pytest.raises(ActorLost) as err:
+        call(actor.work.remote(), 60, "the learner")
+    assert str(err.value).startswith("the learner was killed by Ray's memory monitor: its node ran out of memory")
+    ray.kill(actor)
+
+
 def test_take_back_signals_restores_the_stop_handler_that_ray_init_replaced():
     """ray.init installs its own SIGTERM handler (it logs the signal and ends the process: ``ray job stop`` then left
     no checkpoint). Within stop_on_sigterm, take_back_signals puts the stop handler back; outside it, nothing

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import ray
 
 from rlfleet.cluster.runtime import Placement
-from rlfleet.cluster.signals import wait_any
+from rlfleet.cluster.signals import OUT_OF_MEMORY, wait_any
 from rlfleet.errors import ClusterError
 from rlfleet.transport import WeightHandle
 
@@ -160,7 +160,7 @@ class GeneratorPool:
             return
         try:
             m.node_id = ray.get(ref, timeout=self.timeout_s)
-        except ray.exceptions.RayActorError as err:
+        except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
             if m.state == RESTARTING:
                 self.target = max(0, self.target - 1)  # restarts used up: not replaced
                 self._remove(m, f"it died more than cluster.max_restarts times ({type(err).__name__})")
@@ -178,7 +178,7 @@ class GeneratorPool:
             stats = ray.get(m.future, timeout=self.timeout_s)
             if m.sync_future is not None:
                 stats["sync/seconds"] = ray.get(m.sync_future, timeout=self.timeout_s)
-        except ray.exceptions.RayActorError as err:
+        except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
             self.counts["faults/lost_groups"] += len(m.records)
             self.retry.extend(m.records)
             m.future, m.sync_future, m.records = None, None, []
@@ -188,7 +188,9 @@ class GeneratorPool:
                 self.counts["faults/generator_restarts"] += 1
                 m.state, m.version = RESTARTING, -1
                 m.waiting = m.handle.ready.options(max_task_retries=-1).remote()
-                print(f"rlfleet: {m.name} died ({type(err).__name__}); its prompts are re-issued", flush=True)
+                why = (f"was killed by Ray's memory monitor: {OUT_OF_MEMORY}"
+                       if isinstance(err, ray.exceptions.OutOfMemoryError) else f"died ({type(err).__name__})")
+                print(f"rlfleet: {m.name} {why}; its prompts are re-issued", flush=True)
             return None
         self.dropped += int(stats.get("gen/dropped_groups", 0))
         if stats.get("policy_version", m.version) != m.version:  # restarted while idle: initial weights again

@@ -68,6 +68,11 @@ def clear_stop() -> None:
     _stop_requested.clear()
 
 
+OUT_OF_MEMORY = ("its node ran out of memory. Lower the memory the job needs on that node (fewer generators per "
+                 "node, generation.kv_cache_space_gib, a smaller micro-batch, learner.logprob_chunk_tokens) or give "
+                 "it more")
+
+
 def check_stop() -> None:
     if _stop_requested.is_set():
         raise RunStopped("stop requested (SIGTERM or SIGINT)")
@@ -86,6 +91,8 @@ def call(ref, timeout_s: float, what: str):
                 raise RunFailed(f"{what} did not answer within cluster.timeout_s={timeout_s:g} s") from None
         except ray.exceptions.RayActorError as err:
             raise ActorLost(f"{what} died: {err}") from err
+        except ray.exceptions.OutOfMemoryError as err:  # Ray's memory monitor killed the actor's process
+            raise ActorLost(f"{what} was killed by Ray's memory monitor: {OUT_OF_MEMORY}") from err
 
 
 def wait_any(refs: list[ray.ObjectRef], timeout_s: float) -> list[ray.ObjectRef]:

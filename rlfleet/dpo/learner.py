@@ -113,9 +113,10 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, max_length: int) -> 
     )
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: PairBatch) -> Tensor:
-    """``sum_t mask * log softmax(logits)`` at each row's completion tokens, float32, ``[2B]``."""
-    return (completion_logprobs(model, batch, temperature=1.0) * batch.mask).sum(-1)  # [2B]
+def sequence_logprobs(model: torch.nn.Module, batch: PairBatch, chunk_tokens: int = 0) -> Tensor:
+    """``sum_t mask * log softmax(logits)`` at each row's completion tokens, float32, ``[2B]`` (``chunk_tokens``: see
+    :func:`~rlfleet.learner.policy.completion_logprobs`)."""
+    return (completion_logprobs(model, batch, 1.0, chunk_tokens) * batch.mask).sum(-1)  # [2B]
 
 
 def frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -195,7 +196,7 @@ class DPOLearner:
     def _logps(self, model: torch.nn.Module, batch: PairBatch) -> Tensor:
         """[2B] sequence log-probs, under autocast when the compute dtype is not float32."""
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
-            return sequence_logprobs(model, batch)
+            return sequence_logprobs(model, batch, self.learner_cfg.logprob_chunk_tokens)
 
     def _loss(self, batch: PairBatch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
         """DPO loss of one micro-batch (``/ normalizer``) and its metrics (means over the micro-batch)."""

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, ModelConfig
 from rlfleet.learner.losses import loss_normalizer, make_policy_loss
@@ -132,24 +133,60 @@ def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool =
     )
 
 
-def completion_logprobs(model: torch.nn.Module, batch: Batch, temperature: float) -> Tensor:
+def completion_logprobs(model: torch.nn.Module, batch: Batch, temperature: float, chunk_tokens: int = 0) -> Tensor:
     """``log softmax(logits / temperature)`` at each completion token, float32, ``[B, T]``.
 
     Completions start at column ``P`` of ``input_ids``, so the logits of the last ``T + 1`` positions, minus the
     last, predict the ``T`` completion tokens (HF's ``logits_to_keep``: only ``[B, T, V]`` logits are built).
     Values on padding are finite and meaningless; the mask removes them.
+
+    With ``chunk_tokens`` > 0 and more than that many completion positions, the full ``[B, T, V]`` logits are never
+    built: the model's decoder gives the hidden states, and the output layer and the log-softmax run on
+    ``chunk_tokens`` positions at a time, each chunk under activation checkpointing (its logits are rebuilt in the
+    backward pass instead of kept), so the peak holds one chunk's logits. Same values up to float rounding.
     """
-    T = batch.completion_ids.shape[1]
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=T + 1,
-    )
-    logits = out.logits[:, :-1].float() / temperature  # [B, T, V]
-    chosen = logits.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    return chosen - logits.logsumexp(-1)  # [B, T]
+    B, T = batch.completion_ids.shape
+    split = _decoder_and_head(model) if 0 < chunk_tokens < B * T else None
+    if split is None:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    use_cache=False, logits_to_keep=T + 1)
+        return token_logprobs(out.logits[:, :-1], batch.completion_ids, temperature)  # [B, T]
+    decoder, head = split
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                     use_cache=False).last_hidden_state[:, -(T + 1):-1]  # [B, T, H]
+    flat_hidden, flat_ids = hidden.reshape(B * T, -1), batch.completion_ids.reshape(B * T)
+    parts = []
+    for start in range(0, B * T, chunk_tokens):
+        h, ids = flat_hidden[start:start + chunk_tokens], flat_ids[start:start + chunk_tokens]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_head_logprobs, head, h, ids, temperature, use_reentrant=False))
+        else:
+            parts.append(_head_logprobs(head, h, ids, temperature))
+    return torch.cat(parts).view(B, T)
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float) -> Tensor:
+    """``log softmax(logits / temperature)`` at ``token_ids``, in float32: ``[..., V], [...] -> [...]``."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _head_logprobs(head: torch.nn.Module, hidden: Tensor, token_ids: Tensor, temperature: float) -> Tensor:
+    return token_logprobs(head(hidden), token_ids, temperature)
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """The decoder (hidden states) and the output layer of a Hugging Face causal LM whose logits are exactly
+    ``head(hidden)``; None for models that transform the logits further (soft-capping, scaling), which are then
+    computed whole."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    config = getattr(model, "config", None)
+    if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is model:
+        return None
+    if any(getattr(config, name, None) not in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale")):
+        return None
+    return decoder, head
 
 
 def importance_weights(
@@ -255,6 +292,7 @@ class PolicyLearner:
     ):
         self.model_cfg, self.algorithm = model_cfg, algorithm_cfg
         self.cfg, self.generation = learner_cfg, generation_cfg
+        self.logprob_chunk_tokens = learner_cfg.logprob_chunk_tokens
         self.seed = seed
         self.device = resolve_device(learner_cfg.device)
         self.compute_dtype = torch_dtype(model_cfg.dtype, self.device.type)
@@ -276,7 +314,7 @@ class PolicyLearner:
         """[B, T] completion log-probs, under autocast when the compute dtype is not float32."""
         with torch.autocast(self.device.type, dtype=self.compute_dtype,
                             enabled=self.compute_dtype != torch.float32):
-            return completion_logprobs(model, batch, self.generation.temperature)
+            return completion_logprobs(model, batch, self.generation.temperature, self.logprob_chunk_tokens)
 
     @torch.no_grad()
     def _detached_logprobs(self, model: torch.nn.Module, micro: list[Batch]) -> list[Tensor]:
