@@ -55,7 +55,7 @@ class Job(Protocol):
 
 
 def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle], Job],
-            generators_to_start: int, with_reference: bool) -> dict:
+            generators_to_start: int, with_reference: bool, dpo: bool = False) -> dict:
     """Run the job that ``make_job(recoveries, control)`` builds (a fresh one for every recovery; ``control`` is the
     job's ``rlfleet-control`` actor, which outlives recoveries); returns its summary.
 
@@ -69,7 +69,7 @@ def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle],
         raise ConfigError(problems)
     if cfg.checkpoint.resume and (latest := ckpt.latest_checkpoint(out)) is not None:
         ckpt.verify(latest)  # a corrupt or incompatible checkpoint is refused before Ray or any actor starts
-    memory = job_estimate(cfg, with_reference)
+    memory = job_estimate(cfg, with_reference, dpo)
     if starts_local_cluster(cfg.cluster):
         preflight_local(cfg.cluster, generators_to_start, memory)  # before Ray starts any process
     resume, recoveries = cfg.checkpoint.resume, 0

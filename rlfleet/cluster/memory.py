@@ -5,8 +5,11 @@ Per generation actor: the engine process (``ENGINE_PROCESS_GIB``: Python, torch,
 tiny model on CPU), its KV cache (``generation.kv_cache_space_gib`` on CPU; on GPU vLLM takes a share of the GPU
 instead), and the weights twice (the engine's copy and an update in flight). Learner: its process
 (``LEARNER_PROCESS_GIB``), float32 master weights, gradients and AdamW's two moments (16 bytes a parameter), and a
-frozen reference model in the compute dtype when one is kept (``beta > 0``, DPO). Activations are not counted: the
-estimate is a floor, used to refuse jobs that cannot fit, not to promise that one will.
+frozen reference model in the compute dtype when one is kept (``beta > 0``, DPO), and the log-prob pass's logits:
+``LOGIT_COPIES`` float32 copies of one chunk's ``[positions, vocabulary]`` logits (a micro-batch's completion
+positions, at most ``learner.logprob_chunk_tokens`` when chunking; bench/logprob_memory.py measured 4.6 copies at
+the peak with whole logits). Other activations are not counted: the estimate is a floor, used to refuse jobs that
+cannot fit, not to promise that one will.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 GIB = 2**30
 ENGINE_PROCESS_GIB = 0.75
 LEARNER_PROCESS_GIB = 0.8
+LOGIT_COPIES = 4  # logits, their temperature-scaled float32 copy, the softmax's exp, their gradient
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,9 @@ class MemoryEstimate:
         return self.learner_gib + generators * self.generator_gib
 
 
-def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> int:
-    """Parameters of the model at ``name_or_path``, from its config alone (built on the meta device)."""
+def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> tuple[int, int]:
+    """Parameters and vocabulary size of the model at ``name_or_path``, from its config alone (built on the meta
+    device)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -38,24 +43,27 @@ def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> int:
     config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return sum(p.numel() for p in model.parameters()), vocab  # tied weights are counted once
 
 
 def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, reference_bytes_per_param: int,
-             generator_on_gpu: bool = False, learner_on_gpu: bool = False) -> MemoryEstimate:
+             generator_on_gpu: bool = False, learner_on_gpu: bool = False, logit_positions: int = 0,
+             vocab: int = 0) -> MemoryEstimate:
     """Host memory. ``engine_bytes_per_param``: 4 for float32 engines, 2 for bfloat16; ``reference_bytes_per_param``:
-    0 without a reference model. An actor on a GPU keeps its weights, KV cache and optimizer state there: only its
-    process counts here."""
+    0 without a reference model; ``logit_positions``: the completion positions whose logits the learner builds at
+    once. An actor on a GPU keeps its weights, KV cache, optimizer state and activations there: only its process
+    counts here."""
     generator = ENGINE_PROCESS_GIB
     if not generator_on_gpu:
         generator += kv_cache_gib + 2 * params * engine_bytes_per_param / GIB
     learner = LEARNER_PROCESS_GIB
     if not learner_on_gpu:
-        learner += params * (16 + reference_bytes_per_param) / GIB
+        learner += params * (16 + reference_bytes_per_param) / GIB + LOGIT_COPIES * logit_positions * vocab * 4 / GIB
     return MemoryEstimate(params, generator, learner)
 
 
-def job_estimate(cfg, with_reference: bool) -> MemoryEstimate:
+def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate:
     """:func:`estimate` for an :class:`~rlfleet.config.RLFleetConfig` (the model's config is read, not its
     weights)."""
     import torch
@@ -67,8 +75,18 @@ def job_estimate(cfg, with_reference: bool) -> MemoryEstimate:
     learner_dtype = torch_dtype(cfg.model.dtype, "cuda" if c.learner_num_gpus else "cpu")
     size = torch.empty((), dtype=engine_dtype).element_size()
     ref_size = torch.empty((), dtype=learner_dtype).element_size() if with_reference else 0
-    return estimate(count_parameters(cfg.model.name_or_path, cfg.model.trust_remote_code), size,
-                    cfg.generation.kv_cache_space_gib, ref_size, c.generator_num_gpus > 0, c.learner_num_gpus > 0)
+    params, vocab = count_parameters(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    return estimate(params, size, cfg.generation.kv_cache_space_gib, ref_size, c.generator_num_gpus > 0,
+                    c.learner_num_gpus > 0, logit_positions(cfg, dpo), vocab)
+
+
+def logit_positions(cfg, dpo: bool) -> int:
+    """Completion positions of one learner micro-batch (DPO: its sequences x dpo.max_length, a bound), capped at
+    ``learner.logprob_chunk_tokens`` when the learner builds the logits in chunks."""
+    length = cfg.dpo.max_length if dpo else cfg.generation.max_completion_length
+    positions = cfg.learner.micro_batch_size * length
+    chunk = cfg.learner.logprob_chunk_tokens
+    return min(positions, chunk) if chunk > 0 else positions
 
 
 def memory_problems(need: MemoryEstimate, generators: int, have_gib: float, where: str) -> list[str]:

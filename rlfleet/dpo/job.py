@@ -66,7 +66,7 @@ def train_dpo(cfg: RLFleetConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(dump_config(cfg))
     return run_job(cfg, lambda recoveries, control: DPOJob(cfg, train_ds, eval_ds, control, recoveries),
-                   generators_to_start=0, with_reference=True)
+                   generators_to_start=0, with_reference=True, dpo=True)
 
 
 class DPOJob:
