@@ -177,10 +177,12 @@ def test_prometheus_charts_a_running_job_then_job_stop_checkpoints(head, tmp_pat
         if job_status(head, job_id) in ("FAILED", "STOPPED", "SUCCEEDED"):
             pytest.fail(job_logs(head, job_id)[-3000:])
         steps = samples(head, "rlfleet_step", run)
+        # 3 scrapes of every series (1 s apart while the job runs, which is until we stop it): rate() and increase()
+        # in the dashboard's queries need 2 samples in their window
         return (steps and max(v for _, v in steps) >= 3
-                and all(samples(head, name, run) for name in series))
+                and all(len(samples(head, name, run)) >= 3 for name in series))
 
-    wait_for(every_series_scraped, 300, "Prometheus to hold every rlfleet series of the run")
+    wait_for(every_series_scraped, 300, "Prometheus to hold 3 scrapes of every rlfleet series of the run")
     # every process of the head (GCS, raylet, agents, workers, the job's driver, Prometheus) listens on loopback
     listening = head_status(head)["listening"]
     assert {s["port"] for s in listening} >= {int(head["address"].rsplit(":", 1)[1]), head["metrics"]}
