@@ -16,14 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_estimate_by_hand():
-    """1M parameters, float32 engine, 1 GiB KV cache, bfloat16 reference, 2048 logit positions x 1000 tokens:
-    generator = 0.75 + 1 + 2 x 4 MB; learner = 0.8 + (16 + 2) MB + 4 x 2048 x 1000 x 4 B."""
-    e = estimate(10**6, 4, 1.0, 2, logit_positions=2048, vocab=1000)
+    """1M parameters, float32 engine, 1 GiB KV cache, bfloat16 reference and compute, 2048 logit positions x 1000
+    tokens: generator = 0.75 + 1 + 2 x 4 MB; learner = 0.8 + (16 + 2) MB + 4 x 2048 x 1000 x 4 B + 2 x 2 MB
+    published. On GPUs only the processes and the published host copies remain."""
+    e = estimate(10**6, 4, 1.0, 2, logit_positions=2048, vocab=1000, publish_bytes_per_param=2)
     assert e.generator_gib == pytest.approx(ENGINE_PROCESS_GIB + 1.0 + 8e6 / GIB)
-    assert e.learner_gib == pytest.approx(LEARNER_PROCESS_GIB + 18e6 / GIB + 4 * 2048 * 1000 * 4 / GIB)
+    assert e.learner_gib == pytest.approx(LEARNER_PROCESS_GIB + 18e6 / GIB + 4 * 2048 * 1000 * 4 / GIB + 4e6 / GIB)
     assert e.total_gib(3) == pytest.approx(e.learner_gib + 3 * e.generator_gib)
-    on_gpus = estimate(10**6, 2, 1.0, 2, generator_on_gpu=True, learner_on_gpu=True, logit_positions=2048, vocab=1000)
-    assert (on_gpus.generator_gib, on_gpus.learner_gib) == (ENGINE_PROCESS_GIB, LEARNER_PROCESS_GIB)
+    on_gpus = estimate(10**6, 2, 1.0, 2, generator_on_gpu=True, learner_on_gpu=True, logit_positions=2048, vocab=1000,
+                       publish_bytes_per_param=2)
+    assert on_gpus.generator_gib == ENGINE_PROCESS_GIB
+    assert on_gpus.learner_gib == pytest.approx(LEARNER_PROCESS_GIB + 4e6 / GIB)
 
 
 def test_logit_positions_follow_micro_batch_length_and_chunk():

@@ -8,7 +8,9 @@ instead), and the weights twice (the engine's copy and an update in flight). Lea
 frozen reference model in the compute dtype when one is kept (``beta > 0``, DPO), and the log-prob pass's logits:
 ``LOGIT_COPIES`` float32 copies of one chunk's ``[positions, vocabulary]`` logits (a micro-batch's completion
 positions, at most ``learner.logprob_chunk_tokens`` when chunking; bench/logprob_memory.py measured 4.6 copies at
-the peak with whole logits). Other activations are not counted: the estimate is a floor, used to refuse jobs that
+the peak with whole logits). Publishing weights holds two host copies in the compute dtype, even for a learner on a
+GPU: the learner's packed buffer and the object-store object made from it (:mod:`rlfleet.transport.packed`). Other
+activations are not counted: the estimate is a floor, used to refuse jobs that
 cannot fit, not to promise that one will.
 """
 
@@ -49,15 +51,16 @@ def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> tupl
 
 def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, reference_bytes_per_param: int,
              generator_on_gpu: bool = False, learner_on_gpu: bool = False, logit_positions: int = 0,
-             vocab: int = 0) -> MemoryEstimate:
+             vocab: int = 0, publish_bytes_per_param: int = 0) -> MemoryEstimate:
     """Host memory. ``engine_bytes_per_param``: 4 for float32 engines, 2 for bfloat16; ``reference_bytes_per_param``:
     0 without a reference model; ``logit_positions``: the completion positions whose logits the learner builds at
-    once. An actor on a GPU keeps its weights, KV cache, optimizer state and activations there: only its process
-    counts here."""
+    once; ``publish_bytes_per_param``: the compute dtype's size (0: the learner publishes nothing). An actor on a
+    GPU keeps its weights, KV cache, optimizer state and activations there: its process and the host copies of the
+    published weights count here."""
     generator = ENGINE_PROCESS_GIB
     if not generator_on_gpu:
         generator += kv_cache_gib + 2 * params * engine_bytes_per_param / GIB
-    learner = LEARNER_PROCESS_GIB
+    learner = LEARNER_PROCESS_GIB + 2 * params * publish_bytes_per_param / GIB
     if not learner_on_gpu:
         learner += params * (16 + reference_bytes_per_param) / GIB + LOGIT_COPIES * logit_positions * vocab * 4 / GIB
     return MemoryEstimate(params, generator, learner)
@@ -77,7 +80,8 @@ def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate
     ref_size = torch.empty((), dtype=learner_dtype).element_size() if with_reference else 0
     params, vocab = count_parameters(cfg.model.name_or_path, cfg.model.trust_remote_code)
     return estimate(params, size, cfg.generation.kv_cache_space_gib, ref_size, c.generator_num_gpus > 0,
-                    c.learner_num_gpus > 0, logit_positions(cfg, dpo), vocab)
+                    c.learner_num_gpus > 0, logit_positions(cfg, dpo), vocab,
+                    0 if dpo else torch.empty((), dtype=learner_dtype).element_size())
 
 
 def logit_positions(cfg, dpo: bool) -> int:
