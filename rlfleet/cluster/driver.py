@@ -33,8 +33,7 @@ from pathlib import Path
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.admission import admission_budget
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job, wait_any
-from rlfleet.cluster.metrics import (RL_GENERATOR_SERIES, MetricsLog, Progress, RayMetrics, Reporters, plot,
-                                    rl_series)
+from rlfleet.cluster.metrics import RL_GENERATOR_SERIES, MetricsLog, Progress, StepOutputs, plot, rl_series
 from rlfleet.cluster.pool import GeneratorPool
 from rlfleet.cluster.runtime import generator_bundle, learner_bundle, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
@@ -159,7 +158,7 @@ class RLJob:
         self.cfg, self.dataset, self.control, self.engine_factory = cfg, dataset, control, engine_factory
         self.out = Path(cfg.output_dir)
         self.recoveries = recoveries
-        self.replay = self.learner = self.learner_placement = self.pool = self.reporters = None
+        self.replay = self.learner = self.learner_placement = self.pool = self.outputs = None
         self.learner_future = None  # the train_step in flight
 
     def _timeout(self) -> float:
@@ -200,13 +199,10 @@ class RLJob:
               flush=True)
         self.pool.start(c.min_generators)
         self.phase = "publishing the first weights"
-        self.metrics_log = MetricsLog(self.out, resume_step=self.step if resume_from else None)
+        self.outputs = StepOutputs(cfg, rl_series(cfg.algorithm.beta), self.step if resume_from else None,
+                                   RL_GENERATOR_SERIES)
         self.batches_log = MetricsLog(self.out, resume_step=self.step if resume_from else None, name="batches.jsonl")
         self.progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every, start=self.step)
-        run = self.out.resolve().name
-        self.ray_metrics = RayMetrics(run, rl_series(cfg.algorithm.beta), RL_GENERATOR_SERIES)
-        self.reporters = Reporters(cfg.logging, self.out, run, cfg.model_dump(mode="json"),
-                                   self.step if resume_from else None)
 
         self.weights = call(self.learner.publish_weights.remote(), t, "the learner (publishing)")
         stats = call(self.replay.stats.remote(), t, "the replay actor")
@@ -331,10 +327,8 @@ class RLJob:
                   **{f"time/driver/{phase}_s": sec for phase, sec in self.driver_s.items()},
                   "time/step_s": wall_s, "time/learner_s": learner_s,
                   "idle/learner_frac": max(0.0, 1.0 - learner_s / wall_s), "learner/groups": gps}
-        self.ray_metrics.publish(record, self.window.per_generator(wall_s, generators))
+        self.outputs.write(record, result.samples, self.window.per_generator(wall_s, generators))
         self.t_step, self.window, self.last_record = now, StepWindow(), record
-        self.metrics_log.write(record)
-        self.reporters.log(record, result.samples)
         self.batches_log.write({"step": self.step, "policy_version": self.version, "prompt_ids": result.prompt_ids})
         self.progress.update(record)
         self.control.report.remote({"step": self.step, "generators": len(generators), "target": self.pool.target,
@@ -365,17 +359,17 @@ class RLJob:
         return ckpt.commit(staging, self.step, self.cfg.checkpoint.keep_last)
 
     def finish(self, final: Path) -> dict:
-        records = self.metrics_log.read()
+        records = self.outputs.log.read()
         png = plot(records, self.out / "reward.png") if self.cfg.logging.plot else None
-        summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.metrics_log.path),
+        summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.outputs.log.path),
                    "plot": str(png) if png else None, "last": self.last_record}
         (self.out / "summary.json").write_text(json.dumps(summary, default=str, indent=2))
         print(f"rlfleet: done at step {self.step}; checkpoint {final}", flush=True)
         return summary
 
     def teardown(self) -> None:
-        if self.reporters is not None:
-            self.reporters.close()
+        if self.outputs is not None:
+            self.outputs.close()
         if self.pool is not None:
             self.pool.shutdown()
         kill(self.learner, self.replay)

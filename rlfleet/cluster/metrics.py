@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlfleet.config import LoggingConfig
+from rlfleet.config import LoggingConfig, RLFleetConfig
 
 REQUIRED_KEYS = ("step", "policy_version", "reward/mean", "reward/std", "loss", "staleness/mean", "replay/size",
                  "frac_reward_zero_std", "time/step_s")
@@ -150,6 +150,27 @@ class Reporters:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+class StepOutputs:
+    """Where each step's record goes: ``metrics.jsonl`` (``.log``), the Ray series of ``series``, and the loggers of
+    ``logging.report_to``. ``resume_step``: the step a resumed job continues from (later lines are rewritten)."""
+
+    def __init__(self, cfg: RLFleetConfig, series: dict[str, tuple[str, str]], resume_step: int | None,
+                 per_generator: dict[str, str] | None = None):
+        out = Path(cfg.output_dir)
+        run = out.resolve().name  # the `run` tag of the series
+        self.log = MetricsLog(out, resume_step=resume_step)
+        self.ray = RayMetrics(run, series, per_generator)
+        self.reporters = Reporters(cfg.logging, out, run, cfg.model_dump(mode="json"), resume_step)
+
+    def write(self, record: dict, samples: list[dict] = (), generators: dict[int, dict[str, float]] | None = None):
+        self.log.write(record)
+        self.ray.publish(record, generators)
+        self.reporters.log(record, samples)
+
+    def close(self) -> None:
+        self.reporters.close()
 
 
 def logger_problems(cfg: LoggingConfig) -> list[str]:

@@ -26,7 +26,7 @@ import ray
 
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job
-from rlfleet.cluster.metrics import MetricsLog, RayMetrics, Reporters, dpo_series, plot
+from rlfleet.cluster.metrics import StepOutputs, dpo_series, plot
 from rlfleet.cluster.runtime import learner_bundle, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
 from rlfleet.data import PromptStream
@@ -79,7 +79,7 @@ class DPOJob:
         self.cfg, self.train_ds, self.eval_ds, self.recoveries = cfg, train_ds, eval_ds, recoveries
         self.control = control
         self.out = Path(cfg.output_dir)
-        self.learner = self.placement = self.future = self.reporters = None  # future: the train_step in flight
+        self.learner = self.placement = self.future = self.outputs = None  # future: the train_step in flight
 
     def start(self, resume_from: Path | None) -> None:
         from rlfleet.dpo.actor import make_dpo_learner_actor
@@ -101,20 +101,14 @@ class DPOJob:
             print(f"rlfleet dpo: resumed from {resume_from} at step {self.step}", flush=True)
         if call(self.learner.step.remote(), t, "the DPO learner (starting)") != self.step:
             raise RuntimeError(f"the DPO learner is at a different step than the driver's {self.step}")
-        self.metrics_log = MetricsLog(self.out, resume_step=self.step if resume_from else None)
-        run = self.out.resolve().name
-        self.ray_metrics = RayMetrics(run, dpo_series(self.eval_pairs is not None))
-        self.reporters = Reporters(self.cfg.logging, self.out, run, self.cfg.model_dump(mode="json"),
-                                   self.step if resume_from else None)
+        self.outputs = StepOutputs(cfg, dpo_series(self.eval_pairs is not None), self.step if resume_from else None)
         self.last_record: dict = {}
         self.start_step, self.t0 = self.step, time.perf_counter()
         self.control_future = self.control.next_request.remote(0)  # a stop request (rlfleet-control)
         print(f"rlfleet dpo: {len(self.train_ds)} training pairs", flush=True)
         if self.step == 0 and self.eval_pairs is not None:  # the baseline the held-out accuracy is compared with
             self.last_record = {"step": 0, **self.evaluate(), "faults/recoveries": self.recoveries}
-            self.metrics_log.write(self.last_record)
-            self.ray_metrics.publish(self.last_record)
-            self.reporters.log(self.last_record)
+            self.outputs.write(self.last_record)
 
     def evaluate(self) -> dict:
         if self.eval_pairs is None:
@@ -145,9 +139,7 @@ class DPOJob:
             raise RuntimeError(f"the DPO learner reports step {metrics['step']:g}, the driver expected {self.step}")
         record = {**metrics, **(self.evaluate() if with_eval else {}), "step": self.step,
                   "faults/recoveries": self.recoveries}
-        self.metrics_log.write(record)
-        self.ray_metrics.publish(record)
-        self.reporters.log(record)
+        self.outputs.write(record)
         self.last_record = record
         if self.step % self.cfg.logging.log_every == 0 or self.step == max_steps:
             rate = (self.step - self.start_step) / max(time.perf_counter() - self.t0, 1e-9)
@@ -179,8 +171,8 @@ class DPOJob:
             bema_dir = out / "bema"
             call(self.learner.save_bema.remote(str(bema_dir)), cfg.cluster.timeout_s,
                  "the DPO learner (saving the BEMA weights)")
-        png = plot(self.metrics_log.read(), out / "dpo.png", keys=PLOT_KEYS) if cfg.logging.plot else None
-        summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.metrics_log.path),
+        png = plot(self.outputs.log.read(), out / "dpo.png", keys=PLOT_KEYS) if cfg.logging.plot else None
+        summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.outputs.log.path),
                    "bema": str(bema_dir) if bema_dir else None, "plot": str(png) if png else None,
                    "last": self.last_record}
         (out / "summary.json").write_text(json.dumps(summary, default=str, indent=2))
@@ -188,8 +180,8 @@ class DPOJob:
         return summary
 
     def teardown(self) -> None:
-        if self.reporters is not None:
-            self.reporters.close()
+        if self.outputs is not None:
+            self.outputs.close()
         kill(self.learner)
         if self.placement is not None:
             self.placement.release()
