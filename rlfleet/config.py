@@ -216,6 +216,9 @@ class ClusterConfig(Section):
     generator_num_cpus: float = Field(1, gt=0)
     learner_num_gpus: float = Field(0, ge=0)
     learner_num_cpus: float = Field(1, gt=0)
+    learner_workers: int = Field(
+        1, ge=1, description="Learner ranks: one torch.distributed group (gloo on CPU, NCCL on GPU), each rank holding "
+        "an FSDP2 shard of the model and optimizer state and learner_num_cpus / learner_num_gpus of its own.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
         None, description="No longer used: each actor now has a placement group of its own (one bundle), so the "
         "job starts with the generators that fit and grows; accepted so older job files still load.")

@@ -138,7 +138,7 @@ def test_collate_left_pads_prompts_right_pads_completions():
     assert b.advantages.tolist() == [0.5, -0.5, 0.0]
     assert collate([g1, g2], pad_id=PAD_ID, mask_truncated_completions=True).mask.tolist() == [
         [0, 0, 0], [1, 0, 0], [1, 1, 0]]
-    assert [mb.size for mb in b.split(2)] == [2, 1]
+    assert [(mb.size, real) for mb, real in b.split(2)] == [(2, True), (1, True)]
 
 
 def test_importance_weights_token_and_sequence():

@@ -35,7 +35,7 @@ from rlfleet.cluster.admission import admission_budget
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job, wait_any
 from rlfleet.cluster.metrics import RL_GENERATOR_SERIES, MetricsLog, Progress, StepOutputs, plot, rl_series
 from rlfleet.cluster.pool import GeneratorPool
-from rlfleet.cluster.runtime import generator_bundle, learner_bundle, reserve
+from rlfleet.cluster.runtime import generator_bundle, learner_bundles, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
 from rlfleet.errors import RunFailed
 
@@ -174,7 +174,7 @@ class RLJob:
         cfg, c, t = self.cfg, self.cfg.cluster, self._timeout()
         self.phase = "placing the learner"
         self.replay = make_replay_actor(cfg.replay, cfg.seed, name=REPLAY_NAME, num_cpus=0)
-        self.learner_placement = reserve(learner_bundle(c), "rlfleet-learner", timeout_s=min(t, 120.0))
+        self.learner_placement = reserve(learner_bundles(c), "rlfleet-learner", timeout_s=min(t, 120.0))
         self.learner = make_learner_actor(cfg, REPLAY_NAME, name="rlfleet-learner", **self.learner_placement.options())
         factory = self.engine_factory or vllm_engine
         self.pool = GeneratorPool(

@@ -9,7 +9,10 @@ frozen reference model in the compute dtype when one is kept (``beta > 0``, DPO)
 ``LOGIT_COPIES`` float32 copies of one chunk's ``[positions, vocabulary]`` logits (a micro-batch's completion
 positions, at most ``learner.logprob_chunk_tokens`` when chunking; bench/logprob_memory.py measured 4.6 copies at
 the peak with whole logits). Publishing weights holds two host copies in the compute dtype, even for a learner on a
-GPU: the learner's packed buffer and the object-store object made from it (:mod:`rlfleet.transport.packed`). Other
+GPU: the learner's packed buffer and the object-store object made from it (:mod:`rlfleet.transport.packed`). A
+learner group of K ranks (``cluster.learner_workers``) splits the weights, gradients, optimizer state and
+reference model K ways, while each rank has its own process and logits, and each rank holds one more gathered copy
+of the weights while they are published (:func:`rlfleet.learner.distributed.full_state_dict`). Other
 activations are not counted: the estimate is a floor, used to refuse jobs that
 cannot fit, not to promise that one will.
 """
@@ -51,18 +54,20 @@ def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> tupl
 
 def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, reference_bytes_per_param: int,
              generator_on_gpu: bool = False, learner_on_gpu: bool = False, logit_positions: int = 0,
-             vocab: int = 0, publish_bytes_per_param: int = 0) -> MemoryEstimate:
+             vocab: int = 0, publish_bytes_per_param: int = 0, learner_ranks: int = 1) -> MemoryEstimate:
     """Host memory. ``engine_bytes_per_param``: 4 for float32 engines, 2 for bfloat16; ``reference_bytes_per_param``:
     0 without a reference model; ``logit_positions``: the completion positions whose logits the learner builds at
     once; ``publish_bytes_per_param``: the compute dtype's size (0: the learner publishes nothing). An actor on a
     GPU keeps its weights, KV cache, optimizer state and activations there: its process and the host copies of the
-    published weights count here."""
+    published weights count here. ``learner_gib`` is the whole learner group's (``learner_ranks`` processes)."""
     generator = ENGINE_PROCESS_GIB
     if not generator_on_gpu:
         generator += kv_cache_gib + 2 * params * engine_bytes_per_param / GIB
-    learner = LEARNER_PROCESS_GIB + 2 * params * publish_bytes_per_param / GIB
+    k = learner_ranks
+    copies = 2 + (k if k > 1 else 0)  # packed buffer + object-store object, + one gathered copy per rank of a group
+    learner = k * LEARNER_PROCESS_GIB + copies * params * publish_bytes_per_param / GIB
     if not learner_on_gpu:
-        learner += params * (16 + reference_bytes_per_param) / GIB + LOGIT_COPIES * logit_positions * vocab * 4 / GIB
+        learner += params * (16 + reference_bytes_per_param) / GIB + k * LOGIT_COPIES * logit_positions * vocab * 4 / GIB
     return MemoryEstimate(params, generator, learner)
 
 
@@ -81,7 +86,7 @@ def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate
     params, vocab = count_parameters(cfg.model.name_or_path, cfg.model.trust_remote_code)
     return estimate(params, size, cfg.generation.kv_cache_space_gib, ref_size, c.generator_num_gpus > 0,
                     c.learner_num_gpus > 0, logit_positions(cfg, dpo), vocab,
-                    0 if dpo else torch.empty((), dtype=learner_dtype).element_size())
+                    0 if dpo else torch.empty((), dtype=learner_dtype).element_size(), c.learner_workers)
 
 
 def logit_positions(cfg, dpo: bool) -> int:

@@ -68,11 +68,13 @@ def preflight_local(cfg: ClusterConfig, generators: int, memory: MemoryEstimate)
     learner and ``generators`` need more cores than it has, or more memory than is available now."""
     import psutil
 
-    need = cfg.learner_num_cpus + generators * cfg.generator_num_cpus
+    need = cfg.learner_workers * cfg.learner_num_cpus + generators * cfg.generator_num_cpus
+    learner = (f"learner {cfg.learner_num_cpus:g}" if cfg.learner_workers == 1
+               else f"{cfg.learner_workers} learner ranks x {cfg.learner_num_cpus:g}")
     problems = []
     if need > local_cpus(cfg):
         problems.append(
-            f"the job needs {need:g} CPUs to start (learner {cfg.learner_num_cpus:g} + {generators} generators x "
+            f"the job needs {need:g} CPUs to start ({learner} + {generators} generators x "
             f"{cfg.generator_num_cpus:g}) but this machine has {local_cpus(cfg)}; lower cluster.num_generators "
             "(or give it a range, {min, max}, to grow where there is room), or set cluster.local_num_cpus to "
             "oversubscribe the cores on purpose")
@@ -87,7 +89,13 @@ def bundle(cpus: float, gpus: float) -> dict[str, float]:
 
 
 def learner_bundle(cfg: ClusterConfig) -> dict[str, float]:
+    """One learner rank's resources."""
     return bundle(cfg.learner_num_cpus, cfg.learner_num_gpus)
+
+
+def learner_bundles(cfg: ClusterConfig) -> list[dict[str, float]]:
+    """The learner group's placement: one bundle per rank (bundle r for rank r)."""
+    return [learner_bundle(cfg)] * cfg.learner_workers
 
 
 def generator_bundle(cfg: ClusterConfig) -> dict[str, float]:
@@ -98,17 +106,20 @@ def check_feasible(cfg: ClusterConfig, nodes: list[dict[str, float]], num_genera
     """Problems that make starting the job impossible on a cluster whose nodes have ``nodes`` total resources:
     the learner plus ``num_generators`` (default ``cfg.min_generators``, what the job needs to start)."""
     n_gen = cfg.min_generators if num_generators is None else num_generators
-    wanted = [learner_bundle(cfg)] + [generator_bundle(cfg)] * n_gen
+    wanted = learner_bundles(cfg) + [generator_bundle(cfg)] * n_gen
     problems = []
     for resource in ("CPU", "GPU"):
         need = sum(b.get(resource, 0) for b in wanted)
         have = sum(n.get(resource, 0) for n in nodes)
         per_learner, per_generator = wanted[0].get(resource, 0), generator_bundle(cfg).get(resource, 0)
+        learner = (f"learner {per_learner:g}" if cfg.learner_workers == 1
+                   else f"{cfg.learner_workers} learner ranks x {per_learner:g}")
         if need > have:
             problems.append(
-                f"the job needs {need:g} {resource} in all to start (learner {per_learner:g} + {n_gen} generators "
+                f"the job needs {need:g} {resource} in all to start ({learner} + {n_gen} generators "
                 f"x {per_generator:g}) but the cluster has {have:g}; lower cluster.num_generators (its min) / "
-                f"cluster.*_num_{resource.lower()}s or add nodes"
+                f"cluster.*_num_{resource.lower()}s{' / cluster.learner_workers' if cfg.learner_workers > 1 else ''} "
+                "or add nodes"
             )
     biggest = {r: max((n.get(r, 0) for n in nodes), default=0) for r in ("CPU", "GPU")}
     for name, b in (("learner", wanted[0]), ("generator", generator_bundle(cfg))):
@@ -143,14 +154,16 @@ def preflight_cluster(cfg: ClusterConfig, num_generators: int | None = None,
 
 @dataclass
 class Placement:
-    """One actor's placement group (a single bundle)."""
+    """One actor's placement group: a single bundle, or one per rank of a learner group (packed onto as few nodes
+    as hold them)."""
 
     group: PlacementGroup
 
     @classmethod
-    def request(cls, resources: dict[str, float], name: str) -> Placement:
-        """Ask for the bundle; returns at once (``ready()`` resolves when the cluster has placed it)."""
-        return cls(placement_group([resources], name=name))
+    def request(cls, resources: dict[str, float] | list[dict[str, float]], name: str) -> Placement:
+        """Ask for the bundle(s); returns at once (``ready()`` resolves when the cluster has placed them)."""
+        bundles = resources if isinstance(resources, list) else [resources]
+        return cls(placement_group(bundles, strategy="PACK", name=name))
 
     def ready(self) -> ray.ObjectRef:
         return self.group.ready()
@@ -165,8 +178,8 @@ class Placement:
             pass
 
 
-def reserve(resources: dict[str, float], name: str, timeout_s: float = 60.0) -> Placement:
-    """Place one bundle and wait until it is ready; a request that is not ready within ``timeout_s`` fails naming
+def reserve(resources: dict[str, float] | list[dict[str, float]], name: str, timeout_s: float = 60.0) -> Placement:
+    """Place the bundle(s) and wait until it is ready; a request that is not ready within ``timeout_s`` fails naming
     the cluster's free resources instead of hanging."""
     placement = Placement.request(resources, name)
     try:

@@ -1,5 +1,6 @@
 """Ray wrapper of :class:`~rlfleet.dpo.learner.DPOLearner`. Each method delegates in one line; the logic lives in
-``dpo.py``. Preference pairs arrive from the driver (a few KB per step); nothing else crosses the wire."""
+``dpo/learner.py``. Preference pairs arrive from the driver (a few KB per step); nothing else crosses the wire. With
+``cluster.learner_workers`` > 1 this actor is rank 0 of a learner group (:mod:`rlfleet.cluster.learner_group`)."""
 
 from __future__ import annotations
 
@@ -7,31 +8,43 @@ from typing import Any
 
 import ray
 
+from rlfleet.cluster.learner_group import LearnerGroup, follow
 from rlfleet.config import RLFleetConfig
 from rlfleet.dpo.learner import DPOLearner
 from rlfleet.dpo.data import PreferencePair
+from rlfleet.learner.distributed import Rank
+from rlfleet.learner.policy import resolve_device
 
 
 class DPOLearnerActor:
     """Created with :func:`make_dpo_learner_actor`."""
 
-    def __init__(self, cfg: RLFleetConfig):
-        self.learner = DPOLearner(cfg.model, cfg.dpo, cfg.learner, cfg.seed)
+    def __init__(self, cfg: RLFleetConfig, rank: Rank | None = None, rendezvous=None):
+        self.group = LearnerGroup(DPOLearnerActor, (cfg,), cfg.cluster, resolve_device(cfg.learner.device),
+                                  rendezvous, rank)
+        self.learner = DPOLearner(cfg.model, cfg.dpo, cfg.learner, cfg.seed, rank=self.group.rank)
+
+    def _all(self, method: str, *args):
+        """``method(*args)`` of the learner on every rank; rank 0's result."""
+        return self.group.run(method, args, lambda: getattr(self.learner, method)(*args))
 
     def train_step(self, pairs: list[PreferencePair]) -> dict[str, float]:
-        return self.learner.train_step(pairs)
+        return self._all("train_step", pairs)
 
     def evaluate(self, pairs: list[PreferencePair]) -> dict[str, float]:
-        return self.learner.evaluate(pairs)
+        return self._all("evaluate", pairs)
 
     def save(self, directory: str) -> None:
-        self.learner.save(directory)
+        self._all("save", directory)
 
     def load(self, directory: str) -> None:
-        self.learner.load(directory)
+        self._all("load", directory)
 
     def save_bema(self, directory: str) -> None:
-        self.learner.save_bema(directory)
+        self._all("save_bema", directory)
+
+    def follow(self, method: str, *args) -> None:
+        follow(self.learner, method, *args)
 
     def step(self) -> int:
         return self.learner.step

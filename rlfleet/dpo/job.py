@@ -27,7 +27,7 @@ import ray
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job
 from rlfleet.cluster.metrics import StepOutputs, dpo_series, plot
-from rlfleet.cluster.runtime import learner_bundle, reserve
+from rlfleet.cluster.runtime import learner_bundles, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
 from rlfleet.data import PromptStream
 from rlfleet.dpo.data import PreferencePair, load_preference_dataset, tokenize_preferences
@@ -85,7 +85,7 @@ class DPOJob:
         from rlfleet.dpo.actor import make_dpo_learner_actor
 
         cfg, t = self.cfg, self.cfg.cluster.timeout_s
-        self.placement = reserve(learner_bundle(cfg.cluster), "rlfleet-dpo-learner", timeout_s=min(t, 120.0))
+        self.placement = reserve(learner_bundles(cfg.cluster), "rlfleet-dpo-learner", timeout_s=min(t, 120.0))
         self.learner = make_dpo_learner_actor(cfg, name="rlfleet-dpo-learner", **self.placement.options())
         self.stream = PromptStream(self.train_ds, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.eval_pairs = None

@@ -43,8 +43,12 @@ from torch import Tensor
 
 from rlfleet.config import DPOConfig, LearnerConfig, ModelConfig
 from rlfleet.dpo.bema import BEMA
+from rlfleet.learner import distributed as dist_
+from rlfleet.learner.distributed import SINGLE, Rank, micro_batches
 from rlfleet.learner.losses import dpo_loss
-from rlfleet.learner.policy import completion_logprobs, make_optimizer, prepare_for_training, resolve_device
+from rlfleet.learner.policy import (completion_logprobs, load_policy, make_optimizer, prepare_for_training,
+                                    resolve_device, save_policy)
+from rlfleet.learner.state_files import load_optimizer, save_optimizer
 from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.dpo.data import PreferencePair
 
@@ -129,26 +133,6 @@ def frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Optimizer / scheduler state as safetensors + JSON
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def optimizer_state_to_files(state: dict) -> tuple[dict[str, Tensor], dict]:
-    """``optimizer.state_dict()`` -> (tensors ``"<param index>.<key>"``, JSON: param groups, state keys)."""
-    tensors = {f"{i}.{k}": v.detach().to("cpu").contiguous() for i, s in state["state"].items() for k, v in s.items()}
-    keys = {str(i): list(s) for i, s in state["state"].items()}
-    return tensors, {"param_groups": state["param_groups"], "state_keys": keys}
-
-
-def optimizer_state_from_files(tensors: dict[str, Tensor], meta: dict) -> dict:
-    """Inverse of :func:`optimizer_state_to_files` (JSON lists back to tuples, e.g. AdamW's ``betas``)."""
-    state = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
-    groups = [{k: (v if k == "params" or not isinstance(v, list) else tuple(v)) for k, v in g.items()}
-              for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The learner
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -168,8 +152,8 @@ class DPOLearner:
     """
 
     def __init__(self, model_cfg: ModelConfig, dpo_cfg: DPOConfig, learner_cfg: LearnerConfig, seed: int = 0,
-                 model: torch.nn.Module | None = None):
-        self.model_cfg, self.cfg, self.learner_cfg, self.seed = model_cfg, dpo_cfg, learner_cfg, seed
+                 model: torch.nn.Module | None = None, rank: Rank = SINGLE):
+        self.model_cfg, self.cfg, self.learner_cfg, self.seed, self.rank = model_cfg, dpo_cfg, learner_cfg, seed, rank
         self.device = resolve_device(learner_cfg.device)
         self.compute_dtype = torch_dtype(model_cfg.dtype, self.device.type)
         self.tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
@@ -178,20 +162,29 @@ class DPOLearner:
         self.model = model.to(self.device)
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
         self.ref_model = frozen_copy(self.model, self.compute_dtype)
+        if rank.sharded:  # policy and reference sharded alike; BEMA then tracks each rank's shard
+            dist_.shard_model(self.model)
+            dist_.shard_model(self.ref_model)
         self.optimizer, self.scheduler = make_optimizer(self.trainable().values(), learner_cfg)
         self.bema = BEMA(self.trainable(), dpo_cfg.bema, device="cpu") if dpo_cfg.bema is not None else None
         self.pairs_per_micro_batch = max(1, learner_cfg.micro_batch_size // 2)
         self.step = 0
 
     def trainable(self) -> dict[str, Tensor]:
-        """The policy's parameters with ``requires_grad``, by name (tied parameters once)."""
-        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        """The policy's parameters with ``requires_grad``, by name (tied parameters once); this rank's shards in a
+        learner group (what BEMA tracks: its arithmetic is per element)."""
+        return {name: dist_.local(p) for name, p in self.model.named_parameters() if p.requires_grad}
 
-    def _micro_batches(self, pairs: list[PreferencePair]) -> list[PairBatch]:
-        m = self.pairs_per_micro_batch
+    def _micro_batches(self, pairs: list[PreferencePair]) -> list[tuple[PairBatch, bool]]:
+        """This rank's micro-batches, each with ``real`` (False: a filler whose loss counts 0, see
+        :func:`~rlfleet.learner.distributed.micro_batches`)."""
         pad = self.tokenizer.pad_token_id
-        return [collate_pairs(pairs[i : i + m], pad, self.cfg.max_length).to(self.device)
-                for i in range(0, len(pairs), m)]
+        return [(collate_pairs(pairs[m.start:m.stop], pad, self.cfg.max_length).to(self.device), m.real)
+                for m in micro_batches(len(pairs), self.pairs_per_micro_batch, self.rank)]
+
+    def _gather(self, records: list) -> list:
+        """Every rank's micro-batch records, in rank order."""
+        return [r for part in dist_.gather_objects(records, self.rank) for r in part]
 
     def _logps(self, model: torch.nn.Module, batch: PairBatch) -> Tensor:
         """[2B] sequence log-probs, under autocast when the compute dtype is not float32."""
@@ -221,14 +214,19 @@ class DPOLearner:
         start = time.perf_counter()
         micro = self._micro_batches(pairs)
         lr = self.optimizer.param_groups[0]["lr"]
-        records, total_loss = [], 0.0
-        for batch in micro:
+        records, total_loss, tokens = [], 0.0, 0.0
+        for batch, real in micro:
             loss, metrics = self._loss(batch, normalizer=float(len(pairs)))
-            loss.backward()
-            total_loss += loss.item()
-            records.append((metrics, batch.num_pairs))
+            (loss if real else loss * 0.0).backward()
+            if real:
+                total_loss += loss.item()
+                tokens += batch.mask.sum().item()
+                records.append((metrics, batch.num_pairs))
+        records = self._gather(records)
+        total_loss, tokens = dist_.all_reduce_sum([total_loss, tokens], self.rank)
         max_norm = self.learner_cfg.max_grad_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable().values(), max_norm)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = dist_.full(torch.nn.utils.clip_grad_norm_(params, max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -239,7 +237,7 @@ class DPOLearner:
             "grad_norm": grad_norm.item(),
             "lr": lr,
             "learner/pairs": float(len(pairs)),
-            "learner/tokens": float(sum(b.mask.sum().item() for b in micro)),
+            "learner/tokens": tokens,
             "time/step_s": time.perf_counter() - start,
             "step": float(self.step),
         })
@@ -262,69 +260,67 @@ class DPOLearner:
         """Copy ``weights`` (a subset of the parameter names) into the reference model, cast to its dtype."""
         params = dict(self.ref_model.named_parameters())
         for name, value in weights.items():
-            params[name].copy_(value)
+            dist_.local(params[name]).copy_(value)
 
-    @torch.no_grad()
     @torch.no_grad()
     def evaluate(self, pairs: list[PreferencePair]) -> dict[str, float]:
         """Held-out metrics, means over ``pairs``: ``eval/loss``, ``eval/rewards/*``, ``eval/logps/*``,
         ``eval/policy_accuracy``; no parameter changes, no autograd graph."""
         records = []
-        for batch in self._micro_batches(pairs):
+        for batch, real in self._micro_batches(pairs):
             loss, metrics = self._loss(batch, normalizer=float(batch.num_pairs))  # the micro-batch mean
-            records.append((metrics | {"loss": loss.item()}, batch.num_pairs))
+            if real:
+                records.append((metrics | {"loss": loss.item()}, batch.num_pairs))
+        records = self._gather(records)
         return {f"eval/{key}": value for key, value in _mean_by_pairs(records).items()}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:
-        """``policy/`` (HF model + tokenizer), ``optimizer.safetensors`` + ``optimizer.json``, ``scheduler.json``,
-        ``reference.safetensors``, ``bema.safetensors`` + ``bema.json`` (with BEMA), ``learner.json`` (step)."""
+        """``policy/`` (HF model + tokenizer), the optimizer's state (``optimizer.safetensors`` + ``.json``, one per
+        rank in a learner group) and ``scheduler.json``, ``reference.safetensors``, ``bema.safetensors`` +
+        ``bema.json`` (with BEMA; the reference and BEMA files per rank too), ``learner.json`` (step). Every rank
+        of a group calls it with the same directory."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path / "policy")
-        self.tokenizer.save_pretrained(path / "policy")
-        tensors, meta = optimizer_state_to_files(self.optimizer.state_dict())
-        save_file(tensors, path / "optimizer.safetensors")
-        (path / "optimizer.json").write_text(json.dumps(meta))
-        (path / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
-        save_file({n: p.detach().to("cpu").contiguous() for n, p in self.ref_model.named_parameters()},
-                  path / "reference.safetensors")
+        save_policy(self.model, self.tokenizer, path / "policy", self.rank)
+        save_optimizer(self.optimizer, self.scheduler, path, self.rank)
+        save_file({n: dist_.local(p).detach().to("cpu").contiguous() for n, p in self.ref_model.named_parameters()},
+                  dist_.shard_file(path, "reference", self.rank, "safetensors"))
         if self.bema is not None:
             tensors, meta = self.bema.state_dict()
-            save_file({k: v.contiguous() for k, v in tensors.items()}, path / "bema.safetensors")
-            (path / "bema.json").write_text(json.dumps(meta))
-        (path / "learner.json").write_text(json.dumps({"step": self.step}))
+            save_file({k: v.contiguous() for k, v in tensors.items()},
+                      dist_.shard_file(path, "bema", self.rank, "safetensors"))
+            if self.rank.leader:
+                (path / "bema.json").write_text(json.dumps(meta))
+        if self.rank.leader:
+            (path / "learner.json").write_text(json.dumps({"step": self.step}))
 
     def load(self, directory: str | Path) -> None:
-        """Restore what :meth:`save` wrote, exactly (no unpickling anywhere)."""
+        """Restore what :meth:`save` wrote, exactly (no unpickling anywhere), with a learner group of the size that
+        wrote it."""
         path = Path(directory)
-        saved = load_causal_lm(str(path / "policy"), torch.float32, "cpu", self.model_cfg.trust_remote_code)
-        self.model.load_state_dict(saved.state_dict())
-        del saved
-        tensors = load_file(path / "optimizer.safetensors")  # on CPU: AdamW keeps "step" there, moves the rest
-        meta = json.loads((path / "optimizer.json").read_text())
-        self.optimizer.load_state_dict(optimizer_state_from_files(tensors, meta))
-        self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-        reference = load_file(path / "reference.safetensors")
+        load_policy(self.model, path / "policy", self.model_cfg.trust_remote_code)
+        load_optimizer(self.optimizer, self.scheduler, path, self.rank)
+        dist_.check_shards(path, "reference", self.rank)
+        reference = load_file(dist_.shard_file(path, "reference", self.rank, "safetensors"))
         names = [n for n, _ in self.ref_model.named_parameters()]
         if sorted(reference) != sorted(names):
-            raise ValueError(f"{path / 'reference.safetensors'}: parameter names differ from the reference model's")
+            raise ValueError(f"{path}: the reference file's parameter names differ from the reference model's")
         self._load_reference(reference)
         if self.bema is not None:
             meta = json.loads((path / "bema.json").read_text())
-            self.bema.load_state_dict(load_file(path / "bema.safetensors"), meta)
+            self.bema.load_state_dict(load_file(dist_.shard_file(path, "bema", self.rank, "safetensors")), meta)
         self.step = int(json.loads((path / "learner.json").read_text())["step"])
 
     def save_bema(self, directory: str | Path) -> None:
         """The BEMA-averaged weights in Hugging Face format (frozen parameters as in the policy), with the tokenizer;
-        TRL's ``output_dir/bema``."""
+        TRL's ``output_dir/bema``. Every rank of a group calls it."""
         if self.bema is None:
             raise ValueError("save_bema: dpo.bema is None, so there are no BEMA weights")
-        model = copy.deepcopy(self.model)
+        state = dist_.full_state_dict(self.model, copy=True)
+        params = dict(self.model.named_parameters())
         with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name, value in self.bema.weights().items():
-                params[name].copy_(value)
-        model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+            for name, value in self.bema.weights().items():  # this rank's shard of each: gathered whole
+                state[name].copy_(dist_.full(dist_.like_shard(value, params[name])))
+        save_policy(self.model, self.tokenizer, Path(directory), self.rank, state=state)

@@ -1,6 +1,7 @@
 """Ray wrapper of :class:`~rlfleet.learner.policy.PolicyLearner`: pulls batches from the replay actor, publishes
 weights through the configured transport (:mod:`rlfleet.transport`). Each method delegates in a line or two; the
-logic lives in ``policy.py``."""
+logic lives in ``policy.py``. With ``cluster.learner_workers`` > 1 this actor is rank 0 of a learner group
+(:mod:`rlfleet.cluster.learner_group`) and fans each call out to the other ranks."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 import ray
 
+from rlfleet.cluster.learner_group import LearnerGroup, follow
 from rlfleet.config import RLFleetConfig
-from rlfleet.learner.policy import PolicyLearner
+from rlfleet.learner.distributed import Rank
+from rlfleet.learner.policy import PolicyLearner, resolve_device
 from rlfleet.transport import WeightHandle, make_publisher
 
 
@@ -36,8 +39,10 @@ class LearnerActor:
     """Created with :func:`make_learner_actor`; ``replay`` is the name of the replay actor (as for the generation
     actors: a name survives a restart, a constructor argument handle may not)."""
 
-    def __init__(self, cfg: RLFleetConfig, replay: str):
-        self.learner = PolicyLearner(cfg.model, cfg.algorithm, cfg.learner, cfg.generation, cfg.seed)
+    def __init__(self, cfg: RLFleetConfig, replay: str, rank: Rank | None = None, rendezvous=None):
+        self.group = LearnerGroup(LearnerActor, (cfg, replay), cfg.cluster, resolve_device(cfg.learner.device),
+                                  rendezvous, rank)
+        self.learner = PolicyLearner(cfg.model, cfg.algorithm, cfg.learner, cfg.generation, cfg.seed, self.group.rank)
         self.publisher = make_publisher(cfg.cluster.weight_transport, self.learner.compute_dtype)
         self.replay = ray.get_actor(replay)
         self.groups_per_step = cfg.learner.groups_per_step
@@ -51,7 +56,7 @@ class LearnerActor:
         groups = ray.get(request, timeout=timeout_s + self.rpc_timeout_s)
         if groups is None:
             return None
-        metrics = self.learner.train_step(groups)
+        metrics = self.group.run("train_step", (groups,), lambda: self.learner.train_step(groups))
         samples = [{"prompt_id": g.prompt_id, "reward": float(g.rewards[0]), "completion": g.meta.get("completion", "")}
                    for g in groups[:SAMPLES_PER_STEP]]
         return StepResult(metrics, self.publish_weights(), [g.prompt_id for g in groups], samples)
@@ -59,13 +64,18 @@ class LearnerActor:
     def publish_weights(self) -> WeightHandle:
         """Publish the current policy through the transport. The driver's ``ray.get`` of this call yields the small
         handle (object refs inside it are never resolved), so bulk data never passes through the driver."""
-        return self.publisher.publish(self.learner.model.state_dict(), self.learner.policy_version)
+        state = self.group.run("state_dict", (), self.learner.state_dict)
+        return self.publisher.publish(state, self.learner.policy_version)
 
     def save(self, directory: str) -> None:
-        self.learner.save(directory)
+        self.group.run("save", (directory,), lambda: self.learner.save(directory))
 
     def load(self, directory: str) -> None:
-        self.learner.load(directory)
+        self.group.run("load", (directory,), lambda: self.learner.load(directory))
+
+    def follow(self, method: str, *args) -> None:
+        """A group call's part on a rank > 0 (:class:`~rlfleet.cluster.learner_group.LearnerGroup`)."""
+        follow(self.learner, method, *args)
 
     def version(self) -> int:
         return self.learner.policy_version

@@ -53,9 +53,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, ModelConfig
+from rlfleet.learner import distributed as dist_
+from rlfleet.learner.distributed import SINGLE, Rank, micro_batches
 from rlfleet.learner.losses import loss_normalizer, make_policy_loss
 from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.types import Group
+from rlfleet.learner.state_files import load_optimizer, save_optimizer
 from rlfleet.transport.packed import PackedWeights, WeightPacker, unpack
 
 
@@ -83,12 +86,13 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def split(self, micro_batch_size: int) -> list[Batch]:
-        """Consecutive row slices of at most ``micro_batch_size`` sequences."""
-        return [
-            Batch(**{f.name: getattr(self, f.name)[i : i + micro_batch_size] for f in fields(self)})
-            for i in range(0, self.size, micro_batch_size)
-        ]
+    def rows(self, start: int, stop: int) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
+
+    def split(self, micro_batch_size: int, rank: Rank = SINGLE) -> list[tuple[Batch, bool]]:
+        """This rank's micro-batches of at most ``micro_batch_size`` sequences, each with ``real`` (False for a
+        filler whose loss counts 0: :func:`~rlfleet.learner.distributed.micro_batches`)."""
+        return [(self.rows(m.start, m.stop), m.real) for m in micro_batches(self.size, micro_batch_size, rank)]
 
 
 def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool = False) -> Batch:
@@ -289,11 +293,12 @@ class PolicyLearner:
         learner_cfg: LearnerConfig,
         generation_cfg: GenerationConfig,
         seed: int = 0,
+        rank: Rank = SINGLE,
     ):
         self.model_cfg, self.algorithm = model_cfg, algorithm_cfg
         self.cfg, self.generation = learner_cfg, generation_cfg
         self.logprob_chunk_tokens = learner_cfg.logprob_chunk_tokens
-        self.seed = seed
+        self.seed, self.rank = seed, rank
         self.device = resolve_device(learner_cfg.device)
         self.compute_dtype = torch_dtype(model_cfg.dtype, self.device.type)
         self.packer = WeightPacker(self.compute_dtype)
@@ -305,6 +310,10 @@ class PolicyLearner:
         if algorithm_cfg.beta > 0:
             self.ref_model = load_causal_lm(model_cfg.name_or_path, self.compute_dtype, str(self.device),
                                             model_cfg.trust_remote_code).eval().requires_grad_(False)
+        if rank.sharded:  # after gradient checkpointing is set up, before the optimizer sees the parameters
+            dist_.shard_model(self.model)
+            if self.ref_model is not None:
+                dist_.shard_model(self.ref_model)
         self.loss_fn = make_policy_loss(algorithm_cfg)
         self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), learner_cfg)
         self.policy_version = 0
@@ -320,6 +329,11 @@ class PolicyLearner:
     def _detached_logprobs(self, model: torch.nn.Module, micro: list[Batch]) -> list[Tensor]:
         return [self._logprobs(model, mb) for mb in micro]
 
+    def _gather_records(self, records: list, total_loss: float) -> tuple[list, float]:
+        """Every rank's loss records and summed loss (the step's, as one process on the whole batch had them)."""
+        parts = dist_.gather_objects((records, total_loss), self.rank)
+        return [r for part, _ in parts for r in part], sum(loss for _, loss in parts)
+
     def train_step(self, groups: list[Group]) -> dict[str, float]:
         """mu optimizer steps on ``groups``; returns namespaced metrics: the loss's (see
         :func:`combine_loss_metrics`), ``loss``, ``grad_norm`` (before clipping; both averaged over the mu passes),
@@ -329,7 +343,7 @@ class PolicyLearner:
         alg = self.algorithm
         batch = collate(groups, self.tokenizer.pad_token_id, alg.mask_truncated_completions).to(self.device)
         normalizer = loss_normalizer(alg.loss_type, batch.mask, self.generation.max_completion_length)
-        micro = batch.split(self.cfg.micro_batch_size)
+        micro, real = zip(*batch.split(self.cfg.micro_batch_size, self.rank))  # this rank's rows
         refs = self._detached_logprobs(self.ref_model, micro) if self.ref_model is not None else [None] * len(micro)
         if alg.num_iterations == 1:
             proximals, weights = [mb.behaviour_logprobs for mb in micro], [None] * len(micro)
@@ -345,15 +359,16 @@ class PolicyLearner:
         records: list[tuple[dict[str, float], float]] = []  # (loss metrics, valid tokens) per micro-batch pass
         total_loss = total_grad_norm = 0.0
         for _ in range(alg.num_iterations):
-            for mb, proximal, ref, w in zip(micro, proximals, refs, weights):
+            for mb, is_real, proximal, ref, w in zip(micro, real, proximals, refs, weights):
                 logprobs = self._logprobs(self.model, mb)  # [b, T]
                 result = self.loss_fn(logprobs, proximal, mb.advantages, mb.mask, normalizer,
                                       ref_logprobs=ref, is_weights=w)
-                result.loss.backward()
-                total_loss += result.loss.item()
-                records.append((result.metrics, mb.mask.sum().item()))
+                (result.loss if is_real else result.loss * 0.0).backward()
+                if is_real:
+                    total_loss += result.loss.item()
+                    records.append((result.metrics, mb.mask.sum().item()))
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
-            total_grad_norm += grad_norm.item()
+            total_grad_norm += dist_.full(grad_norm).item()  # the norm over every rank's shard
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -361,6 +376,7 @@ class PolicyLearner:
         self.step += 1
 
         mu, num_tokens = alg.num_iterations, batch.mask.sum().item()
+        records, total_loss = self._gather_records(records, total_loss)
         metrics = combine_loss_metrics(records, mu)
         metrics.update(_batch_metrics(groups, version_before))
         metrics.update({
@@ -374,11 +390,19 @@ class PolicyLearner:
         })
         return metrics
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The policy's whole state dict under Hugging Face names: ``model.state_dict()`` itself with one rank; with a
+        learner group, gathered one tensor at a time in the compute dtype (a collective: every rank calls it, in the
+        same order, and every rank gets the tensors)."""
+        if not self.rank.sharded:
+            return self.model.state_dict()
+        return dist_.full_state_dict(self.model, self.compute_dtype)
+
     def packed_weights(self) -> PackedWeights:
         """The policy's state dict in the compute dtype, packed into the learner's reusable host buffer under Hugging
         Face names (every name of ``model.state_dict()``; tied ``lm_head.weight`` shares the embedding's bytes, and
         vLLM's loader skips the alias of a tied weight). Valid until the next call: ``ray.put`` it first."""
-        return self.packer.pack(self.model.state_dict())
+        return self.packer.pack(self.state_dict())
 
     def weights(self) -> dict[str, Tensor]:
         """A snapshot of :meth:`packed_weights` as CPU tensors (loads into a fresh HF model with ``strict=True``)."""
@@ -386,26 +410,48 @@ class PolicyLearner:
         return unpack(PackedWeights(packed.buffer.copy(), packed.slots))
 
     def save(self, directory: str | Path) -> None:
-        """Policy and tokenizer in HF format, ``optimizer.pt`` and ``scheduler.pt`` (state dicts of tensors and
-        numbers), ``learner.json`` (policy_version, step)."""
+        """Policy and tokenizer in HF format (float32, whole: a learner group gathers it), the optimizer's state
+        (one safetensors file per rank) and ``scheduler.json`` (:mod:`rlfleet.learner.state_files`),
+        ``learner.json`` (policy_version, step). Every rank of a group calls it with the same directory."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
-        (path / "learner.json").write_text(json.dumps({"policy_version": self.policy_version, "step": self.step}))
+        save_policy(self.model, self.tokenizer, path, self.rank)
+        save_optimizer(self.optimizer, self.scheduler, path, self.rank)
+        if self.rank.leader:
+            (path / "learner.json").write_text(json.dumps({"policy_version": self.policy_version, "step": self.step}))
 
     def load(self, directory: str | Path) -> None:
-        """Restore what :meth:`save` wrote. Tensors are read with ``weights_only=True`` (no arbitrary unpickling)."""
+        """Restore what :meth:`save` wrote, with no unpickling. Checkpoints of earlier versions (``optimizer.pt``,
+        ``scheduler.pt``) are read with ``torch.load(weights_only=True)``."""
         path = Path(directory)
-        saved = load_causal_lm(str(path), torch.float32, str(self.device), self.model_cfg.trust_remote_code)
-        self.model.load_state_dict(saved.state_dict())
-        del saved
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        load_policy(self.model, path, self.model_cfg.trust_remote_code)
+        if (path / "optimizer.pt").exists() and not self.rank.sharded:
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
+                                                      weights_only=True))
+            self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        else:
+            load_optimizer(self.optimizer, self.scheduler, path, self.rank)
         state = json.loads((path / "learner.json").read_text())
         self.policy_version, self.step = int(state["policy_version"]), int(state["step"])
+
+
+def save_policy(model: torch.nn.Module, tokenizer, path: Path, rank: Rank = SINGLE,
+                state: dict[str, Tensor] | None = None) -> None:
+    """``model`` (or ``state``, its weights under its names) and the tokenizer in Hugging Face format, from the
+    leader; a learner group gathers the sharded weights first (every rank calls this)."""
+    if state is None and rank.sharded:
+        state = dist_.full_state_dict(model)
+    if rank.leader:
+        model.save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
+
+
+def load_policy(model: torch.nn.Module, path: Path, trust_remote_code: bool) -> None:
+    """Load Hugging Face weights into ``model``; into each rank's shard when it is FSDP-sharded."""
+    saved = load_causal_lm(str(path), torch.float32, "cpu", trust_remote_code).state_dict()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            dist_.local(value).copy_(dist_.shard_of(saved[name], value))
 
 
 def _batch_metrics(groups: list[Group], policy_version: int) -> dict[str, float]:
