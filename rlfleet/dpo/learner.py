@@ -165,7 +165,8 @@ class DPOLearner:
         if rank.sharded:  # policy and reference sharded alike; BEMA then tracks each rank's shard
             dist_.shard_model(self.model)
             dist_.shard_model(self.ref_model)
-        self.optimizer, self.scheduler = make_optimizer(self.trainable().values(), learner_cfg)
+        self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
+                                                        learner_cfg)
         self.bema = BEMA(self.trainable(), dpo_cfg.bema, device="cpu") if dpo_cfg.bema is not None else None
         self.pairs_per_micro_batch = max(1, learner_cfg.micro_batch_size // 2)
         self.step = 0

@@ -74,7 +74,10 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in layer_classes:
             fully_shard(module)
-    fully_shard(model)
+    # The root too is resharded after each forward (FSDP2 keeps a root unsharded until backward by default): a
+    # frozen reference model has no backward, and a no-grad pass (evaluation, proximal log-probs) must not leave the
+    # policy's root gathered for the state dict or the optimizer.
+    fully_shard(model, reshard_after_forward=True)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

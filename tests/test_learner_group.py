@@ -1,0 +1,296 @@
+"""A learner group (issue 14): K processes in one torch.distributed group over gloo, each holding an FSDP2 shard of
+the real tiny model, compute the update of one process on the whole batch.
+
+Each case runs K spawned processes (the group, here without Ray: ``_spawn``) and one plain in-process learner (the
+baseline) on the same batch, and compares the loss, the gradient norm, every parameter's gradient right before
+each optimizer step (gathered whole), the metrics, and the parameters after the step. Parameters after AdamW are
+compared where its update is well conditioned: Adam divides by |g|, so summation-order noise in gradients of size
+~1e-9 flips their update (platform-notes, "Compare gradients ..."); the gradients themselves are compared everywhere.
+The Ray side (rank 0 starting the others in the learner's placement group, recovery) is in the end-to-end tests
+at the bottom.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+from rlfleet.config import AlgorithmConfig, BEMAConfig, DataConfig, DPOConfig, GenerationConfig, LearnerConfig, ModelConfig
+from rlfleet.dpo.data import PreferencePair, load_preference_dataset, tokenize_preferences
+from rlfleet.dpo.learner import DPOLearner
+from rlfleet.learner import distributed as dist_
+from rlfleet.learner.distributed import SINGLE, Rank, micro_batches
+from rlfleet.learner.policy import PolicyLearner
+from rlfleet.models import load_tokenizer
+
+TEMPERATURE = 0.7
+
+
+# ---------------------------------------------------------------------------------------------- harness
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(r: int, world: int, port: int, queue, fn, args) -> None:
+    torch.set_num_threads(1)
+    rank = Rank(r, world)
+    try:
+        dist_.init_process_group(rank, "127.0.0.1", port, torch.device("cpu"), 120)
+        out = fn(rank, *args)
+        if rank.leader:
+            queue.put(("ok", out))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        queue.put(("error", f"rank {r}: {traceback.format_exc()}"))
+    finally:
+        dist_.destroy_process_group()
+
+
+def _spawn(world: int, fn, *args):
+    """``fn(rank, *args)`` on ``world`` spawned processes forming one gloo group; rank 0's result."""
+    ctx = multiprocessing.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, queue, fn, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        status, out = queue.get(timeout=600)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert status == "ok", out
+    return out
+
+
+def _local(fn, *args):
+    """The baseline: ``fn`` on one plain process, no process group."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(SINGLE, *args)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy().copy() for k, v in state.items()}
+
+
+def _record_grads(learner, model) -> list[dict[str, np.ndarray]]:
+    """Every parameter's whole gradient right before each optimizer step (a collective in a group)."""
+    grads: list[dict[str, np.ndarray]] = []
+    learner.optimizer.register_step_pre_hook(lambda *_: grads.append(
+        {n: dist_.full(p.grad).numpy().copy() for n, p in model.named_parameters() if p.grad is not None}))
+    return grads
+
+
+def assert_grads_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """Equal up to float summation order (the tolerance of the micro-batching test in test_policy_learner.py)."""
+    assert actual.keys() == expected.keys()
+    for name, g in expected.items():
+        np.testing.assert_allclose(actual[name], g, rtol=1e-4, atol=1e-5 * np.abs(g).max(), err_msg=name)
+
+
+def assert_updates_close(after: dict[str, np.ndarray], expected: dict[str, np.ndarray],
+                         grads: list[dict[str, np.ndarray]], lr: float = 1e-3) -> None:
+    """Parameters after the optimizer steps whose gradients are ``grads`` (from the same start): the updates agree
+    to 0.1% of their size, lr per step, wherever Adam's bias-corrected first moment m = sum_i 0.1 * 0.9^(n-i) g_i /
+    (1 - 0.9^n) is 1000 times the gradients' summation-order noise (assert_grads_close's atol) at every step n, so
+    that noise moves
+    Adam's scale-free update m / sqrt(v) by at most about 0.1% of lr; where m is tiny (the key projection's
+    bias: its true gradient is 0 under softmax; successive gradients that cancel) noise decides it, and the
+    updates may differ by at most 2 lr per step (a flipped update)."""
+    compared = total = 0
+    for name, p in expected.items():
+        m, well = np.zeros_like(p), np.ones_like(p, dtype=bool)
+        for k, g in enumerate(grads, start=1):  # every step's update well conditioned
+            m = 0.9 * m + 0.1 * g.get(name, np.zeros_like(p))
+            noise = 1e-5 * (np.abs(g[name]).max() if name in g else 0.0)  # assert_grads_close's atol
+            well &= np.abs(m / (1 - 0.9 ** k)) > 1e3 * noise
+        np.testing.assert_allclose(after[name][well], p[well], rtol=0, atol=1e-3 * lr * len(grads), err_msg=name)
+        assert np.abs(after[name] - p).max() <= 2 * lr * len(grads) + 1e-6, name
+        compared, total = compared + int(well.sum()), total + well.size
+    assert compared > 0.5 * total  # not vacuous (measured: 60-90% of the entries; absent tokens have no gradient)
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+
+
+def _policy_learner(rank: Rank, algorithm: dict, learner: dict) -> PolicyLearner:
+    return PolicyLearner(
+        ModelConfig(dtype="float32"), AlgorithmConfig(**algorithm),
+        LearnerConfig(**{"device": "cpu", "learning_rate": 1e-3, "max_grad_norm": 1.0, **learner}),
+        GenerationConfig(num_generations=4, generation_batch_size=8, max_completion_length=12,
+                         temperature=TEMPERATURE),
+        rank=rank)
+
+
+def _policy_case(rank: Rank, algorithm: dict, learner: dict, groups, checkpoint: str | None = None) -> dict:
+    model = _policy_learner(rank, algorithm, learner)
+    grads = _record_grads(model, model.model)
+    metrics = model.train_step(groups)
+    out = {"metrics": metrics, "grads": list(grads), "after": _numpy(dist_.full_state_dict(model.model)),
+           "published": _numpy(model.state_dict())}
+    if checkpoint is not None:  # save, then a fresh group loads it and takes the next step like the original
+        model.save(checkpoint)
+        resumed = _policy_learner(rank, algorithm, learner)
+        resumed.load(checkpoint)
+        out["next"] = (model.train_step(groups)["loss"], resumed.train_step(groups)["loss"])
+        out["next_params"] = (_numpy(dist_.full_state_dict(model.model)), _numpy(dist_.full_state_dict(resumed.model)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def groups():
+    from tests.test_policy_learner import make_learner, two_groups
+
+    return two_groups(make_learner().model)
+
+
+def _compare(group: dict, one: dict, keys=("loss", "grad_norm")) -> None:
+    for key in keys:
+        assert group["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5), key
+    assert len(group["grads"]) == len(one["grads"])
+    for g, e in zip(group["grads"], one["grads"]):
+        assert_grads_close(g, e)
+    assert_updates_close(group["after"], one["after"], one["grads"])
+    metric_keys = {k for k in one["metrics"] if not k.startswith("time/")}
+    assert metric_keys == {k for k in group["metrics"] if not k.startswith("time/")}
+    for key in metric_keys:
+        assert group["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-6, nan_ok=True), key
+
+
+@pytest.mark.slow
+def test_two_ranks_dapo_token_level_and_checkpoint_round_trip(groups, tmp_path):
+    """dapo normalisation, token-level ratios, micro-batches of 3 (rank 0: rows 0-3, rank 1: rows 4-7); then the
+    sharded checkpoint: a fresh 2-rank group that loads it takes the same next step."""
+    algorithm, learner = {"loss_type": "dapo"}, {"micro_batch_size": 3}
+    one = _local(_policy_case, algorithm, learner, groups)
+    two = _spawn(2, _policy_case, algorithm, learner, groups, str(tmp_path / "ckpt"))
+    _compare(two, one)
+    for name, value in one["after"].items():  # what generators get: the whole policy, as one process has it
+        np.testing.assert_array_equal(two["published"][name], two["after"][name])
+    assert two["next"][0] == two["next"][1]
+    for name in two["next_params"][0]:
+        np.testing.assert_array_equal(two["next_params"][0][name], two["next_params"][1][name], err_msg=name)
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert {"optimizer-rank0-of-2.safetensors", "optimizer-rank1-of-2.safetensors", "scheduler.json",
+            "model.safetensors", "learner.json"} <= set(files)
+    from rlfleet.models import load_causal_lm  # the policy is a whole Hugging Face model, loadable alone
+    saved = load_causal_lm(str(tmp_path / "ckpt"), torch.float32, "cpu", False).state_dict()
+    assert set(saved) == set(one["after"])
+    for name, value in saved.items():  # written after the first step: the policy then
+        np.testing.assert_array_equal(value.numpy(), two["after"][name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_ranks_grpo_sequence_token_two_iterations_with_reference(groups):
+    """grpo normalisation (per-sequence means over the whole batch's sequences), GSPO-token ratios, mu = 2 with
+    capped importance weights, and beta > 0: the reference model is sharded too."""
+    algorithm = {"loss_type": "grpo", "importance_sampling_level": "sequence_token", "num_iterations": 2,
+                 "importance_sampling_cap": 3.0, "beta": 0.04}
+    one = _local(_policy_case, algorithm, {"micro_batch_size": 2}, groups)
+    two = _spawn(2, _policy_case, algorithm, {"micro_batch_size": 2}, groups)
+    _compare(two, one)
+
+
+@pytest.mark.slow
+def test_three_ranks_with_a_filler_micro_batch(groups):
+    """8 rows on 3 ranks in micro-batches of 2: rank 2 holds rows 6-7 only and runs a filler pass (loss x 0) to
+    meet the others' collectives; sequence-level ratios."""
+    assert [m.real for m in micro_batches(8, 2, Rank(2, 3))] == [True, False]
+    algorithm = {"loss_type": "dapo", "importance_sampling_level": "sequence"}
+    one = _local(_policy_case, algorithm, {"micro_batch_size": 2}, groups)
+    three = _spawn(3, _policy_case, algorithm, {"micro_batch_size": 2}, groups)
+    _compare(three, one)
+
+
+def test_micro_batches_cover_every_row_once_and_align_the_ranks():
+    """Pure: every row of the batch is trained by exactly one rank, and every rank runs the same number of passes."""
+    for rows in range(1, 12):
+        for world in range(1, 5):
+            for size in range(1, 5):
+                plans = [micro_batches(rows, size, Rank(r, world)) for r in range(world)]
+                covered = sorted(i for plan in plans for m in plan if m.real for i in range(m.start, m.stop))
+                assert covered == list(range(rows))
+                assert len({len(plan) for plan in plans}) == 1
+                assert all(0 < m.stop - m.start <= size for plan in plans for m in plan)
+    assert micro_batches(5, 2) == [dist_.MicroBatch(0, 2), dist_.MicroBatch(2, 4), dist_.MicroBatch(4, 5)]
+
+
+# ---------------------------------------------------------------------------------------------- DPO
+
+
+def _dpo_pairs(n: int) -> list[PreferencePair]:
+    ds = tokenize_preferences(load_preference_dataset(DataConfig(dataset="builtin:prefs"), "train"),
+                              load_tokenizer("builtin:tiny"), max_length=64)
+    return [PreferencePair.from_record(r) for r in ds.select(range(n))]
+
+
+def _dpo_learner(rank: Rank) -> DPOLearner:
+    return DPOLearner(ModelConfig(dtype="float32"),
+                      DPOConfig(beta=0.5, max_length=64, bema=BEMAConfig(update_freq=1, ref_model_update_freq=1)),
+                      LearnerConfig(device="cpu", learning_rate=1e-3, max_steps=20, micro_batch_size=4), rank=rank)
+
+
+def _dpo_case(rank: Rank, pairs: list[PreferencePair], checkpoint: str | None = None) -> dict:
+    learner = _dpo_learner(rank)
+    grads = _record_grads(learner, learner.model)
+    steps = [learner.train_step(pairs[i * 6:(i + 1) * 6]) for i in range(2)]  # 6 pairs: 3 + 3, micro 2 pairs
+    ref = _numpy({n: dist_.full(p.detach()) for n, p in learner.ref_model.named_parameters()})
+    bema = {n: dist_.full(dist_.like_shard(w, dict(learner.model.named_parameters())[n])).numpy().copy()
+            for n, w in learner.bema.weights().items()}
+    out = {"metrics": steps[-1], "first": steps[0], "grads": list(grads), "after": _numpy(dist_.full_state_dict(learner.model)),
+           "ref": ref, "bema": bema, "eval": learner.evaluate(pairs[12:19])}
+    if checkpoint is not None:
+        learner.save(checkpoint)
+        learner.save_bema(checkpoint + "-bema")
+        resumed = _dpo_learner(rank)
+        resumed.load(checkpoint)
+        out["next"] = (learner.train_step(pairs[:6])["loss"], resumed.train_step(pairs[:6])["loss"])
+    return out
+
+
+@pytest.mark.slow
+def test_two_rank_dpo_with_bema_equals_one_process(tmp_path):
+    """Two DPO steps with BEMA updating the (sharded) reference after each: loss, gradients, parameters, the
+    reference and the BEMA weights equal one process's; evaluation of 7 pairs (rank 1 gets 3 and a filler pass)
+    agrees; a sharded checkpoint resumes to the same next step; save_bema writes the whole BEMA model."""
+    pairs = _dpo_pairs(19)
+    one = _local(_dpo_case, pairs)
+    two = _spawn(2, _dpo_case, pairs, str(tmp_path / "ckpt"))
+    _compare(two, one)
+    _compare({**two, "metrics": two["first"], "grads": two["grads"][:1], "after": one["after"]},
+             {**one, "metrics": one["first"], "grads": one["grads"][:1]})
+    for name, value in one["ref"].items():
+        np.testing.assert_allclose(two["ref"][name], value, rtol=1e-5, atol=2e-3 + 1e-6, err_msg=name)
+    for name, value in one["bema"].items():
+        np.testing.assert_allclose(two["bema"][name], value, rtol=1e-5, atol=2e-3 + 1e-6, err_msg=name)
+    for key, value in one["eval"].items():
+        assert two["eval"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert two["next"][0] == two["next"][1]
+    assert (tmp_path / "ckpt" / "reference-rank1-of-2.safetensors").exists()
+    from rlfleet.models import load_causal_lm
+    saved = load_causal_lm(str(tmp_path / "ckpt-bema"), torch.float32, "cpu", False).state_dict()
+    np.testing.assert_allclose(saved["model.norm.weight"].numpy(), two["bema"]["model.norm.weight"], rtol=1e-6)
+
+
+def test_resuming_with_another_group_size_is_refused(tmp_path):
+    """A checkpoint of a 2-rank group cannot be loaded by one rank: the error names both sizes and the fix."""
+    (tmp_path / "optimizer-rank0-of-2.safetensors").write_bytes(b"")
+    (tmp_path / "optimizer-rank1-of-2.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"learner_workers=1.*optimizer-rank0-of-2.*resume with the learner_workers"):
+        dist_.check_shards(tmp_path, "optimizer", SINGLE)
+    with pytest.raises(ValueError, match=r"learner_workers=3"):
+        dist_.check_shards(tmp_path, "optimizer", Rank(0, 3))
+    dist_.check_shards(tmp_path, "optimizer", Rank(1, 2))
