@@ -61,8 +61,13 @@ class LearnerGroup:
         if self.rank.leader:
             rendezvous = rendezvous_address()
             options = {"num_cpus": cfg.learner_num_cpus, "num_gpus": cfg.learner_num_gpus}
+            # rank r is "<rank 0's name>-rank<r>-<rank 0's id>": found by operators and tests, and unique to this
+            # group, so a recovered job's new group never waits for the old one's names to be released
+            context = ray.get_runtime_context()
+            name, life = context.get_actor_name(), context.get_actor_id()[:8]
             for r in range(1, self.rank.world):
-                self.workers.append(ray.remote(actor_cls).options(**options, **rank_bundle_options(r)).remote(
+                named = {"name": f"{name}-rank{r}-{life}"} if name else {}
+                self.workers.append(ray.remote(actor_cls).options(**options, **named, **rank_bundle_options(r)).remote(
                     *args, rank=Rank(r, self.rank.world), rendezvous=rendezvous))
         init_process_group(self.rank, *rendezvous, device, self.timeout_s)
 
