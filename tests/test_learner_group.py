@@ -13,9 +13,6 @@ at the bottom.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import socket
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -36,42 +33,14 @@ TEMPERATURE = 0.7
 # ---------------------------------------------------------------------------------------------- harness
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(r: int, world: int, port: int, queue, fn, args) -> None:
-    torch.set_num_threads(1)
-    rank = Rank(r, world)
-    try:
-        dist_.init_process_group(rank, "127.0.0.1", port, torch.device("cpu"), 120)
-        out = fn(rank, *args)
-        if rank.leader:
-            queue.put(("ok", out))
-    except BaseException:  # noqa: BLE001 - the parent reports it
-        queue.put(("error", f"rank {r}: {traceback.format_exc()}"))
-    finally:
-        dist_.destroy_process_group()
-
-
 def _spawn(world: int, fn, *args):
     """``fn(rank, *args)`` on ``world`` spawned processes forming one gloo group; rank 0's result."""
-    ctx = multiprocessing.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, queue, fn, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        status, out = queue.get(timeout=600)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    assert status == "ok", out
-    return out
+    return dist_.spawn_group(world, _one_thread, fn, *args)[0]
+
+
+def _one_thread(rank: Rank, fn, *args):
+    torch.set_num_threads(1)
+    return fn(rank, *args)
 
 
 def _local(fn, *args):
@@ -196,13 +165,16 @@ def test_two_ranks_dapo_token_level_and_checkpoint_round_trip(groups, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_grpo_sequence_token_two_iterations_with_reference(groups):
+def test_two_ranks_grpo_sequence_token_two_iterations_with_reference_and_chunked_logprobs(groups):
     """grpo normalisation (per-sequence means over the whole batch's sequences), GSPO-token ratios, mu = 2 with
-    capped importance weights, and beta > 0: the reference model is sharded too."""
+    capped importance weights, and beta > 0: the reference model is sharded too. Log-probs in chunks of 5 positions
+    (the chunked pass calls the decoder and the output layer itself: FSDP must gather the root's parameters for it
+    as for forward)."""
     algorithm = {"loss_type": "grpo", "importance_sampling_level": "sequence_token", "num_iterations": 2,
                  "importance_sampling_cap": 3.0, "beta": 0.04}
-    one = _local(_policy_case, algorithm, {"micro_batch_size": 2}, groups)
-    two = _spawn(2, _policy_case, algorithm, {"micro_batch_size": 2}, groups)
+    learner = {"micro_batch_size": 2, "logprob_chunk_tokens": 5}
+    one = _local(_policy_case, algorithm, learner, groups)
+    two = _spawn(2, _policy_case, algorithm, learner, groups)
     _compare(two, one)
 
 
@@ -242,7 +214,8 @@ def _dpo_pairs(n: int) -> list[PreferencePair]:
 def _dpo_learner(rank: Rank) -> DPOLearner:
     return DPOLearner(ModelConfig(dtype="float32"),
                       DPOConfig(beta=0.5, max_length=64, bema=BEMAConfig(update_freq=1, ref_model_update_freq=1)),
-                      LearnerConfig(device="cpu", learning_rate=1e-3, max_steps=20, micro_batch_size=4), rank=rank)
+                      LearnerConfig(device="cpu", learning_rate=1e-3, max_steps=20, micro_batch_size=4,
+                                    logprob_chunk_tokens=64), rank=rank)  # chunks: some micro-batches have more
 
 
 def _dpo_case(rank: Rank, pairs: list[PreferencePair], checkpoint: str | None = None) -> dict:

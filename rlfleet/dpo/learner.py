@@ -47,7 +47,7 @@ from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import SINGLE, Rank, micro_batches
 from rlfleet.learner.losses import dpo_loss
 from rlfleet.learner.policy import (completion_logprobs, load_policy, make_optimizer, prepare_for_training,
-                                    resolve_device, save_policy)
+                                    resolve_device, save_policy, shard_for_learning)
 from rlfleet.learner.state_files import load_optimizer, save_optimizer
 from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.dpo.data import PreferencePair
@@ -163,8 +163,8 @@ class DPOLearner:
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
         self.ref_model = frozen_copy(self.model, self.compute_dtype)
         if rank.sharded:  # policy and reference sharded alike; BEMA then tracks each rank's shard
-            dist_.shard_model(self.model)
-            dist_.shard_model(self.ref_model)
+            shard_for_learning(self.model)
+            shard_for_learning(self.ref_model)
         self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
                                                         learner_cfg)
         self.bema = BEMA(self.trainable(), dpo_cfg.bema, device="cpu") if dpo_cfg.bema is not None else None

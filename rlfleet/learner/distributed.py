@@ -18,6 +18,7 @@ With one worker (the default) none of this runs: :data:`SINGLE` is the rank and 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -210,3 +211,52 @@ def gather_objects(value, rank: Rank) -> list:
     out = [None] * rank.world
     dist.all_gather_object(out, value)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A group of local processes without Ray (tests and benchmarks; jobs start their ranks as Ray actors)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _spawned_rank(r: int, world: int, port: int, device: str, queue, fn, args) -> None:
+    import traceback
+
+    rank = Rank(r, world)
+    try:
+        local_device = torch.device(f"cuda:{r}") if device == "cuda" else torch.device("cpu")
+        init_process_group(rank, "127.0.0.1", port, local_device, 300)
+        out = fn(rank, *args)
+        queue.put((r, "ok", out))
+    except BaseException:  # noqa: BLE001 - reported by spawn_group
+        queue.put((r, "error", traceback.format_exc()))
+    finally:
+        destroy_process_group()
+
+
+def spawn_group(world: int, fn, *args, device: str = "cpu", timeout_s: float = 900) -> list:
+    """``fn(rank, *args)`` on ``world`` spawned local processes forming one process group (gloo on CPU; NCCL with
+    ``device="cuda"``, rank r on GPU r); every rank's result, in rank order. ``fn`` must be importable (a module's
+    top-level function). Raises with the failing rank's traceback."""
+    import multiprocessing
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_spawned_rank, args=(r, world, port, device, queue, fn, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    try:
+        for _ in range(world):
+            r, status, out = queue.get(timeout=timeout_s)
+            if status != "ok":
+                raise RuntimeError(f"rank {r} of {world} failed:\n{out}")
+            results[r] = out
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]

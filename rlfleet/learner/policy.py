@@ -45,6 +45,7 @@ import math
 import time
 from dataclasses import dataclass, fields
 from functools import partial
+from types import MethodType
 from pathlib import Path
 
 import numpy as np
@@ -155,10 +156,24 @@ def completion_logprobs(model: torch.nn.Module, batch: Batch, temperature: float
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                     use_cache=False, logits_to_keep=T + 1)
         return token_logprobs(out.logits[:, :-1], batch.completion_ids, temperature)  # [B, T]
-    decoder, head = split
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+    run = getattr(model, CHUNKED_METHOD, None) or partial(chunked_logprobs, model)  # FSDP-registered when sharded
+    return run(batch.input_ids, batch.attention_mask, batch.position_ids, batch.completion_ids, temperature,
+               chunk_tokens)
+
+
+CHUNKED_METHOD = "rlfleet_chunked_logprobs"
+
+
+def chunked_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                     completion_ids: Tensor, temperature: float, chunk_tokens: int) -> Tensor:
+    """:func:`completion_logprobs`'s chunked pass: the decoder's hidden states, then the output layer and the
+    log-softmax ``chunk_tokens`` positions at a time. On an FSDP2-sharded model it runs as a registered forward
+    method (:func:`shard_for_learning`), so the root's parameters (embeddings, output layer) are gathered for it."""
+    B, T = completion_ids.shape
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state[:, -(T + 1):-1]  # [B, T, H]
-    flat_hidden, flat_ids = hidden.reshape(B * T, -1), batch.completion_ids.reshape(B * T)
+    flat_hidden, flat_ids = hidden.reshape(B * T, -1), completion_ids.reshape(B * T)
     parts = []
     for start in range(0, B * T, chunk_tokens):
         h, ids = flat_hidden[start:start + chunk_tokens], flat_ids[start:start + chunk_tokens]
@@ -260,6 +275,18 @@ def resolve_device(name: str) -> torch.device:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def shard_for_learning(model: torch.nn.Module) -> None:
+    """FSDP2-shard ``model`` (:func:`~rlfleet.learner.distributed.shard_model`) and register the chunked log-prob
+    pass as one of its forward methods: it calls the decoder and the output layer directly, which the root's
+    ``forward`` hooks (gathering embeddings and output layer, reducing their gradients) would otherwise miss."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    dist_.shard_model(model)
+    if _decoder_and_head(model) is not None:
+        setattr(model, CHUNKED_METHOD, MethodType(chunked_logprobs, model))
+        register_fsdp_forward_method(model, CHUNKED_METHOD)
+
+
 def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
     """Dropout off (the loss compares log-probs with the engine's, which has none), optional gradient
     checkpointing, train mode (HF applies gradient checkpointing in train mode only)."""
@@ -311,9 +338,9 @@ class PolicyLearner:
             self.ref_model = load_causal_lm(model_cfg.name_or_path, self.compute_dtype, str(self.device),
                                             model_cfg.trust_remote_code).eval().requires_grad_(False)
         if rank.sharded:  # after gradient checkpointing is set up, before the optimizer sees the parameters
-            dist_.shard_model(self.model)
+            shard_for_learning(self.model)
             if self.ref_model is not None:
-                dist_.shard_model(self.ref_model)
+                shard_for_learning(self.ref_model)
         self.loss_fn = make_policy_loss(algorithm_cfg)
         self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), learner_cfg)
         self.policy_version = 0
