@@ -59,7 +59,7 @@ def one_rank(rank, model: str, device: str, steps: int, micro: int, groups) -> d
         torch.set_num_threads(max(1, (torch.get_num_threads()) // rank.world))
     learner = PolicyLearner(
         ModelConfig(name_or_path=model, dtype="auto"), AlgorithmConfig(loss_type="dapo"),
-        LearnerConfig(device=f"cuda:{rank.rank}" if device == "cuda" else "cpu", learning_rate=1e-6,
+        LearnerConfig(device=device,  # cuda: spawn_group set this rank's GPU current learning_rate=1e-6,
                       micro_batch_size=micro, max_steps=steps + 1),
         GenerationConfig(num_generations=groups[0].size, generation_batch_size=groups[0].size * len(groups),
                          max_completion_length=groups[0].completion_ids.shape[1], temperature=1.0),

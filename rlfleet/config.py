@@ -164,6 +164,9 @@ class LearnerConfig(Section):
         1024, ge=0, description="Completion positions whose logits are built at once (output layer + log-softmax, "
         "rebuilt in the backward pass); 0 builds a micro-batch's [B, T, V] logits whole. With a 151,936-token "
         "vocabulary, 1024 positions are 0.6 GB of float32 logits.")
+    pack_sequences: bool = Field(
+        False, description="Concatenate a micro-batch's sequences into one row without padding (positions restart "
+        "per sequence; Hugging Face's masks keep each sequence to itself): no compute on padding when lengths differ.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -96,12 +96,14 @@ def test_collate_pairs_layout_truncation_and_empty_prompt():
 def test_sequence_logprobs_equal_unpadded_sums(tiny_model_path, pairs):
     """Independent computation: each (prompt + completion) alone, unpadded; logp = sum over the completion positions
     of log_softmax(logits[t - 1])[token t]. Padding, batching and computing the logits 3 positions at a time
-    (learner.logprob_chunk_tokens) must not change it (fp32, 1e-5)."""
+    (learner.logprob_chunk_tokens) or packing the rows into one (learner.pack_sequences) must not change it (fp32,
+    1e-5)."""
     model = load_causal_lm(tiny_model_path).eval()
     sample = pairs[:5]
     with torch.no_grad():
         got = sequence_logprobs(model, collate_pairs(sample, PAD_ID, 64))  # [10]
         chunked = sequence_logprobs(model, collate_pairs(sample, PAD_ID, 64), chunk_tokens=3)  # [10]
+        packed = [sequence_logprobs(model, collate_pairs(sample, PAD_ID, 64), chunk_tokens=c, pack=True) for c in (0, 3)]
         expected = []
         for completions in ([p.chosen_ids for p in sample], [p.rejected_ids for p in sample]):
             for p, c in zip(sample, completions):
@@ -110,6 +112,8 @@ def test_sequence_logprobs_equal_unpadded_sums(tiny_model_path, pairs):
                 expected.append(sum(logp[len(p.prompt_ids) - 1 + k, tok].item() for k, tok in enumerate(c)))
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
     assert chunked.tolist() == pytest.approx(expected, abs=1e-5)
+    for values in packed:
+        assert values.tolist() == pytest.approx(expected, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- the DPO step

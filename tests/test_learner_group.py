@@ -181,11 +181,11 @@ def test_two_ranks_grpo_sequence_token_two_iterations_with_reference_and_chunked
 @pytest.mark.slow
 def test_three_ranks_with_a_filler_micro_batch(groups):
     """8 rows on 3 ranks in micro-batches of 2: rank 2 holds rows 6-7 only and runs a filler pass (loss x 0) to
-    meet the others' collectives; sequence-level ratios."""
+    meet the others' collectives; sequence-level ratios; packed micro-batches on the ranks, padded on the baseline."""
     assert [m.real for m in micro_batches(8, 2, Rank(2, 3))] == [True, False]
     algorithm = {"loss_type": "dapo", "importance_sampling_level": "sequence"}
     one = _local(_policy_case, algorithm, {"micro_batch_size": 2}, groups)
-    three = _spawn(3, _policy_case, algorithm, {"micro_batch_size": 2}, groups)
+    three = _spawn(3, _policy_case, algorithm, {"micro_batch_size": 2, "pack_sequences": True}, groups)
     _compare(three, one)
 
 

@@ -234,6 +234,42 @@ def test_chunked_logprobs_equal_the_whole_computation():
                                    atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_packed_logprobs_equal_the_padded_computation(chunk):
+    """learner.pack_sequences: two_groups' 8 rows (prompts of 5 and 9 tokens, completions of 1..12) concatenated
+    into one row of their 107 real tokens (4 x 5 + 4 x 9 prompt + 51 completion), positions restarting per sequence, no attention mask. Each sequence must
+    attend only to itself, so the log-probs and gradients equal the padded batch's (1e-5: attention over a
+    differently shaped mask sums in another order); with whole or chunked logits. If Hugging Face did not keep the
+    sequences apart, later rows would see earlier ones and differ by far more."""
+    learner = make_learner()
+    batch = collate(two_groups(learner.model), PAD_ID)
+    assert int(batch.attention_mask.sum()) == 107 and batch.input_ids.numel() == 8 * 21  # 168 padded
+    weights = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for pack in (False, True):
+        learner.model.zero_grad()
+        logprobs = completion_logprobs(learner.model, batch, TEMPERATURE, chunk, pack)  # [8, 12]
+        (logprobs * weights * batch.mask).sum().backward()
+        results.append((logprobs.detach() * batch.mask, {n: p.grad.clone() for n, p in learner.model.named_parameters()}))
+    (padded, g_padded), (packed, g_packed) = results
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    assert_grads_close(g_packed, g_padded)
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(learner.model, batch, TEMPERATURE, chunk, True) * batch.mask,
+                                   padded, rtol=0, atol=1e-5)
+
+
+def test_packed_train_step_gives_the_padded_gradient():
+    results = []
+    for pack in (False, True):
+        learner = make_learner(learner={"pack_sequences": pack, "micro_batch_size": 3})
+        grads = captured_grads(learner)
+        m = learner.train_step(two_groups(learner.model))
+        results.append((m["loss"], grads[0]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert_grads_close(results[1][1], results[0][1])
+
+
 def test_chunked_logprobs_train_step_matches_and_soft_capped_models_are_computed_whole():
     results = []
     for chunk in (0, 7):

@@ -117,10 +117,10 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, max_length: int) -> 
     )
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: PairBatch, chunk_tokens: int = 0) -> Tensor:
-    """``sum_t mask * log softmax(logits)`` at each row's completion tokens, float32, ``[2B]`` (``chunk_tokens``: see
-    :func:`~rlfleet.learner.policy.completion_logprobs`)."""
-    return (completion_logprobs(model, batch, 1.0, chunk_tokens) * batch.mask).sum(-1)  # [2B]
+def sequence_logprobs(model: torch.nn.Module, batch: PairBatch, chunk_tokens: int = 0, pack: bool = False) -> Tensor:
+    """``sum_t mask * log softmax(logits)`` at each row's completion tokens, float32, ``[2B]`` (``chunk_tokens``,
+    ``pack``: see :func:`~rlfleet.learner.policy.completion_logprobs`)."""
+    return (completion_logprobs(model, batch, 1.0, chunk_tokens, pack) * batch.mask).sum(-1)  # [2B]
 
 
 def frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -158,8 +158,10 @@ class DPOLearner:
         self.compute_dtype = torch_dtype(model_cfg.dtype, self.device.type)
         self.tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
         if model is None:
-            model = load_causal_lm(model_cfg.name_or_path, torch.float32, str(self.device), model_cfg.trust_remote_code)
-        self.model = model.to(self.device)
+            # a sharded learner loads on the host: fully_shard moves only this rank's shard to the device
+            model = load_causal_lm(model_cfg.name_or_path, torch.float32, "cpu" if rank.sharded else str(self.device),
+                                   model_cfg.trust_remote_code)
+        self.model = model if rank.sharded else model.to(self.device)
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
         self.ref_model = frozen_copy(self.model, self.compute_dtype)
         if rank.sharded:  # policy and reference sharded alike; BEMA then tracks each rank's shard
@@ -190,7 +192,8 @@ class DPOLearner:
     def _logps(self, model: torch.nn.Module, batch: PairBatch) -> Tensor:
         """[2B] sequence log-probs, under autocast when the compute dtype is not float32."""
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
-            return sequence_logprobs(model, batch, self.learner_cfg.logprob_chunk_tokens)
+            return sequence_logprobs(model, batch, self.learner_cfg.logprob_chunk_tokens,
+                                     self.learner_cfg.pack_sequences)
 
     def _loss(self, batch: PairBatch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
         """DPO loss of one micro-batch (``/ normalizer``) and its metrics (means over the micro-batch)."""

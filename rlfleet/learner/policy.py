@@ -138,50 +138,74 @@ def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool =
     )
 
 
-def completion_logprobs(model: torch.nn.Module, batch: Batch, temperature: float, chunk_tokens: int = 0) -> Tensor:
+def completion_logprobs(model: torch.nn.Module, batch: Batch, temperature: float, chunk_tokens: int = 0,
+                        pack: bool = False) -> Tensor:
     """``log softmax(logits / temperature)`` at each completion token, float32, ``[B, T]``.
 
     Completions start at column ``P`` of ``input_ids``, so the logits of the last ``T + 1`` positions, minus the
     last, predict the ``T`` completion tokens (HF's ``logits_to_keep``: only ``[B, T, V]`` logits are built).
-    Values on padding are finite and meaningless; the mask removes them.
+    Values on padding are finite and meaningless (0 when packed); the mask removes them.
 
     With ``chunk_tokens`` > 0 and more than that many completion positions, the full ``[B, T, V]`` logits are never
     built: the model's decoder gives the hidden states, and the output layer and the log-softmax run on
     ``chunk_tokens`` positions at a time, each chunk under activation checkpointing (its logits are rebuilt in the
     backward pass instead of kept), so the peak holds one chunk's logits. Same values up to float rounding.
+
+    With ``pack``, the rows' real tokens are concatenated into one row without padding; positions restart at 0 for
+    each sequence and no attention mask is given, from which Hugging Face's mask code builds a block-diagonal
+    causal mask (``find_packed_sequence_indices``): each sequence attends only to itself, as when padded. Logits
+    are built only where they predict a real completion token. Same values up to float rounding.
     """
     B, T = batch.completion_ids.shape
     split = _decoder_and_head(model) if 0 < chunk_tokens < B * T else None
-    if split is None:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                    use_cache=False, logits_to_keep=T + 1)
+    if pack:
+        real = batch.attention_mask.bool()  # [B, P+T]
+        completion = real[:, -T:]  # [B, T] the real completion tokens
+        packed_at = real.flatten().cumsum(0).view(real.shape) - 1  # [B, P+T] each real token's packed index
+        inputs = {"input_ids": batch.input_ids[real][None], "position_ids": batch.position_ids[real][None]}  # [1, N]
+        index = packed_at[:, -T:][completion] - 1  # [K] the packed positions whose logits predict them
+        targets = batch.completion_ids[completion]  # [K]
+    else:
+        inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids,
+                  "attention_mask": batch.attention_mask}
+        S = batch.input_ids.shape[1]
+        index = (torch.arange(B, device=batch.input_ids.device)[:, None] * S + (S - T - 1)
+                 + torch.arange(T, device=batch.input_ids.device)[None, :]).flatten()  # [B*T] in [B*S]
+        targets = batch.completion_ids.flatten()  # [B*T]
+    if split is not None:
+        run = getattr(model, CHUNKED_METHOD, None) or partial(chunked_logprobs, model)  # FSDP-registered if sharded
+        values = run(inputs, index, targets, temperature, chunk_tokens)
+    elif pack:
+        logits = model(**inputs, use_cache=False, logits_to_keep=index).logits[0]  # [K, V]
+        values = token_logprobs(logits, targets, temperature)
+    else:
+        out = model(**inputs, use_cache=False, logits_to_keep=T + 1)
         return token_logprobs(out.logits[:, :-1], batch.completion_ids, temperature)  # [B, T]
-    run = getattr(model, CHUNKED_METHOD, None) or partial(chunked_logprobs, model)  # FSDP-registered when sharded
-    return run(batch.input_ids, batch.attention_mask, batch.position_ids, batch.completion_ids, temperature,
-               chunk_tokens)
+    if not pack:
+        return values.view(B, T)
+    return torch.zeros((B, T), dtype=values.dtype, device=values.device).masked_scatter(completion, values)
 
 
 CHUNKED_METHOD = "rlfleet_chunked_logprobs"
 
 
-def chunked_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                     completion_ids: Tensor, temperature: float, chunk_tokens: int) -> Tensor:
-    """:func:`completion_logprobs`'s chunked pass: the decoder's hidden states, then the output layer and the
-    log-softmax ``chunk_tokens`` positions at a time. On an FSDP2-sharded model it runs as a registered forward
+def chunked_logprobs(model: torch.nn.Module, inputs: dict[str, Tensor], index: Tensor, targets: Tensor,
+                     temperature: float, chunk_tokens: int) -> Tensor:
+    """:func:`completion_logprobs`'s chunked pass: the decoder's hidden states (``inputs``), flattened to
+    ``[rows * positions, H]``; at the positions ``index`` the output layer and the log-softmax of ``targets`` run
+    ``chunk_tokens`` positions at a time; ``[len(index)]``. On an FSDP2-sharded model it runs as a registered forward
     method (:func:`shard_for_learning`), so the root's parameters (embeddings, output layer) are gathered for it."""
-    B, T = completion_ids.shape
     decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state[:, -(T + 1):-1]  # [B, T, H]
-    flat_hidden, flat_ids = hidden.reshape(B * T, -1), completion_ids.reshape(B * T)
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state  # [rows, positions, H]
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])[index]  # [K, H]
     parts = []
-    for start in range(0, B * T, chunk_tokens):
-        h, ids = flat_hidden[start:start + chunk_tokens], flat_ids[start:start + chunk_tokens]
+    for start in range(0, len(index), chunk_tokens):
+        h, ids = flat_hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if torch.is_grad_enabled():
             parts.append(checkpoint(_head_logprobs, head, h, ids, temperature, use_reentrant=False))
         else:
             parts.append(_head_logprobs(head, h, ids, temperature))
-    return torch.cat(parts).view(B, T)
+    return torch.cat(parts) if parts else flat_hidden.new_zeros(0)
 
 
 def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float) -> Tensor:
@@ -330,12 +354,14 @@ class PolicyLearner:
         self.compute_dtype = torch_dtype(model_cfg.dtype, self.device.type)
         self.packer = WeightPacker(self.compute_dtype)
         self.tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
-        self.model = load_causal_lm(model_cfg.name_or_path, torch.float32, str(self.device),
+        # A sharded learner loads on the host: fully_shard moves only this rank's shard to the device.
+        load_on = "cpu" if rank.sharded else str(self.device)
+        self.model = load_causal_lm(model_cfg.name_or_path, torch.float32, load_on,
                                     model_cfg.trust_remote_code)
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
         self.ref_model = None
         if algorithm_cfg.beta > 0:
-            self.ref_model = load_causal_lm(model_cfg.name_or_path, self.compute_dtype, str(self.device),
+            self.ref_model = load_causal_lm(model_cfg.name_or_path, self.compute_dtype, load_on,
                                             model_cfg.trust_remote_code).eval().requires_grad_(False)
         if rank.sharded:  # after gradient checkpointing is set up, before the optimizer sees the parameters
             shard_for_learning(self.model)
@@ -350,7 +376,8 @@ class PolicyLearner:
         """[B, T] completion log-probs, under autocast when the compute dtype is not float32."""
         with torch.autocast(self.device.type, dtype=self.compute_dtype,
                             enabled=self.compute_dtype != torch.float32):
-            return completion_logprobs(model, batch, self.generation.temperature, self.logprob_chunk_tokens)
+            return completion_logprobs(model, batch, self.generation.temperature, self.logprob_chunk_tokens,
+                                       self.cfg.pack_sequences)
 
     @torch.no_grad()
     def _detached_logprobs(self, model: torch.nn.Module, micro: list[Batch]) -> list[Tensor]:
