@@ -28,7 +28,8 @@ QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, nu
                  num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=4096)
 
 
-def one_pass(layers: int, batch: int, prompt: int, completion: int, chunk: int, queue) -> None:
+def one_pass(layers: int, batch: int, prompt: int, completion: int, chunk: int, mixed: bool, pack: bool,
+             queue) -> None:
     import psutil
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -41,8 +42,12 @@ def one_pass(layers: int, batch: int, prompt: int, completion: int, chunk: int, 
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, QWEN3_06B["vocab_size"], (batch, prompt + completion), generator=gen)
     attention = torch.ones_like(ids)
-    data = Batch(input_ids=ids, attention_mask=attention, position_ids=attention.cumsum(-1) - 1,
-                 completion_ids=ids[:, prompt:], mask=torch.ones(batch, completion),
+    if mixed:  # completion lengths spread evenly from T/8 to T, right-padded as collate pads them
+        for row, length in enumerate(torch.linspace(completion / 8, completion, batch).long().tolist()):
+            attention[row, prompt + length:] = 0
+            ids[row, prompt + length:] = 0
+    data = Batch(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                 completion_ids=ids[:, prompt:], mask=attention[:, prompt:].float(),
                  behaviour_logprobs=torch.zeros(batch, completion), advantages=torch.zeros(batch))
     weights = torch.randn(batch, completion, generator=gen)
     proc, peak, done = psutil.Process(), [0], threading.Event()
@@ -56,7 +61,7 @@ def one_pass(layers: int, batch: int, prompt: int, completion: int, chunk: int, 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    logprobs = completion_logprobs(model, data, temperature=1.0, chunk_tokens=chunk)
+    logprobs = completion_logprobs(model, data, temperature=1.0, chunk_tokens=chunk, pack=pack) * data.mask
     (logprobs * weights).sum().backward()
     seconds = time.perf_counter() - start
     done.set()
@@ -66,10 +71,10 @@ def one_pass(layers: int, batch: int, prompt: int, completion: int, chunk: int, 
                "head_grad_norm": head_grad.norm().item(), "head_grad_sample": head_grad[:64, :64].numpy().copy()})
 
 
-def run(layers, batch, prompt, completion, chunk) -> dict:
+def run(layers, batch, prompt, completion, chunk, mixed=False, pack=False) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=one_pass, args=(layers, batch, prompt, completion, chunk, queue))
+    proc = ctx.Process(target=one_pass, args=(layers, batch, prompt, completion, chunk, mixed, pack, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -100,10 +105,22 @@ def main() -> None:
           f"x{chunked['seconds'] / whole['seconds']:.2f}; max |log-prob difference| {lp_diff:.2e}; head gradient "
           f"max relative difference {grad_diff:.2e} (norms {whole['head_grad_norm']:.6g} / "
           f"{chunked['head_grad_norm']:.6g})", flush=True)
+    # Mixed lengths (T/8 .. T): the padded micro-batch computes the decoder on every padded position; packed, on
+    # the real tokens only (learner.pack_sequences). Both with chunked logits.
+    padded = run(args.layers, batch, prompt, completion, chunk, mixed=True)
+    packed = run(args.layers, batch, prompt, completion, chunk, mixed=True, pack=True)
+    pack_diff = float(abs(padded["logprobs"] - packed["logprobs"]).max())
+    pack_rows = [{"micro-batch (mixed lengths)": "padded", "peak_gib": padded["peak_gib"], "seconds": padded["seconds"]},
+                 {"micro-batch (mixed lengths)": "packed", "peak_gib": packed["peak_gib"], "seconds": packed["seconds"]}]
+    pack_table = print_table(pack_rows, ["micro-batch (mixed lengths)", "peak_gib", "seconds"],
+                             f"completion lengths T/8 .. T, chunks of {chunk}: padded vs packed (pack_sequences)")
+    print(f"packed / padded: time x{packed['seconds'] / padded['seconds']:.2f}, peak memory "
+          f"x{packed['peak_gib'] / padded['peak_gib']:.2f}; max |log-prob difference| {pack_diff:.2e}", flush=True)
     save_json("logprob_memory", {
         "machine": machine(), "layers": args.layers, "batch": batch, "prompt": prompt, "completion": completion,
         "chunk_tokens": chunk, "logits_copy_gib": logits_gib, "rows": rows, "peak_ratio": ratio,
-        "max_logprob_diff": lp_diff, "head_grad_rel_diff": grad_diff, "table": table}, args.out)
+        "max_logprob_diff": lp_diff, "head_grad_rel_diff": grad_diff, "table": table,
+        "packing": {"rows": pack_rows, "max_logprob_diff": pack_diff, "table": pack_table}}, args.out)
 
 
 if __name__ == "__main__":

@@ -384,6 +384,14 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
         out.append(f"dpo.bema.update_freq: {bema.update_freq} is less than 1; BEMA needs update_freq >= 1.")
     if gen.top_k is not None and gen.top_k == 0:
         out.append("generation.top_k: 0 is not a valid top-k; use None or -1 to disable it, or a positive value.")
+    c = cfg.cluster
+    if c.learner_workers > 1 and 0 < c.learner_num_gpus < 1:
+        out.append(f"cluster.learner_num_gpus: {c.learner_num_gpus:g} with cluster.learner_workers="
+                   f"{c.learner_workers}; each rank of a learner group needs a GPU of its own for NCCL: use "
+                   "learner_num_gpus: 1 (or 0 for CPU ranks over gloo).")
+    if c.learner_workers > 1 and cfg.learner.device == "cuda" and not c.learner_num_gpus:
+        out.append(f"learner.device: cuda with cluster.learner_workers={c.learner_workers} and "
+                   "cluster.learner_num_gpus: 0; give each rank a GPU (learner_num_gpus: 1) or use device cpu/auto.")
     return out
 
 

@@ -73,6 +73,10 @@ def test_unknown_keys_and_bounds_fail_with_field_path(overrides, needle):
     (["replay.zero_variance=replay"], "replay.zero_variance: 'replay' needs a reservoir"),
     (["dpo.bema.update_freq=0"], "dpo.bema.update_freq: 0 is less than 1"),
     (["algorithm.reward_funcs=[a, b]", "algorithm.reward_weights=[1.0]"], "algorithm.reward_weights: 1 weights"),
+    (["cluster.learner_workers=2", "cluster.learner_num_gpus=0.5"],
+     "cluster.learner_num_gpus: 0.5 with cluster.learner_workers=2; each rank of a learner group needs a GPU"),
+    (["cluster.learner_workers=2", "learner.device=cuda"], "give each rank a GPU (learner_num_gpus: 1)"),
+    (["cluster.learner_workers=0"], "cluster.learner_workers"),
 ])
 def test_cross_field_checks_name_field_value_and_fix(overrides, needle):
     with pytest.raises(ConfigError) as err:

@@ -169,6 +169,27 @@ def test_resume_refuses_corrupt_checkpoint(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_resume_with_another_learner_group_size_is_refused_before_ray(tmp_path, capsys):
+    """A checkpoint whose optimizer state was sharded over 2 learner ranks, resumed with cluster.learner_workers=1:
+    exit 2 naming both sizes and the fix, before Ray starts (the learner would otherwise fail after placement)."""
+    import ray
+
+    staging = ckpt.staging_dir(tmp_path, 2)
+    (staging / "policy").mkdir()
+    for r in range(2):
+        (staging / "policy" / f"optimizer-rank{r}-of-2.safetensors").write_bytes(os.urandom(64))
+    ckpt.write_state(staging, ({"fresh.rewards": np.arange(4, dtype=np.float32)}, {"counts": {}}), {"step": 2})
+    final = ckpt.commit(staging, 2, keep_last=2)
+    ckpt.verify(final, learner_workers=2)  # the size that wrote it resumes
+    assert ckpt.learner_ranks(["policy/optimizer.safetensors"]) == 1 and ckpt.learner_ranks(["replay.json"]) is None
+    code = main(["train", str(DEPLOY / "quickstart.yaml"), f"output_dir={tmp_path}", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "learner group of 2 rank(s)" in err and "cluster.learner_workers=1" in err, err
+    assert "resume with cluster.learner_workers=2" in err, err
+    assert not ray.is_initialized()
+
+
 # -- crashed actors and interrupted runs (real actors on a local Ray cluster) ---------------------------------------
 
 

@@ -27,6 +27,12 @@ def test_estimate_by_hand():
                        publish_bytes_per_param=2)
     assert on_gpus.generator_gib == ENGINE_PROCESS_GIB
     assert on_gpus.learner_gib == pytest.approx(LEARNER_PROCESS_GIB + 4e6 / GIB)
+    # a learner group of 2 ranks: two processes and two micro-batches' logits; the sharded weights, gradients, Adam
+    # moments and reference add up to one model's; publishing gathers a whole bf16 copy on each rank (+2 x 2 MB)
+    group = estimate(10**6, 4, 1.0, 2, logit_positions=2048, vocab=1000, publish_bytes_per_param=2, learner_ranks=2)
+    assert group.learner_gib == pytest.approx(2 * LEARNER_PROCESS_GIB + 18e6 / GIB + 2 * 4 * 2048 * 1000 * 4 / GIB
+                                              + (2 + 2) * 2e6 / GIB)
+    assert group.generator_gib == e.generator_gib
 
 
 def test_logit_positions_follow_micro_batch_length_and_chunk():

@@ -77,8 +77,9 @@ def _manifest(directory: Path) -> dict[str, list]:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MARKER}
 
 
-def verify(directory: Path) -> None:
-    """Refuse an incomplete, corrupt or incompatible checkpoint with a message that says which and why."""
+def verify(directory: Path, learner_workers: int | None = None) -> None:
+    """Refuse an incomplete, corrupt or incompatible checkpoint with a message that says which and why; with
+    ``learner_workers``, also one written by a learner group of another size (its optimizer state is sharded)."""
     marker = directory / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{directory} is not a complete checkpoint (no {MARKER} marker): it was interrupted "
@@ -97,6 +98,20 @@ def verify(directory: Path) -> None:
         if path.stat().st_size != size or _sha256(path) != digest:
             raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its recorded size "
                                   f"({size} bytes) and SHA-256; resume from an earlier checkpoint")
+    written_by = learner_ranks(meta["files"])
+    if learner_workers is not None and written_by is not None and written_by != learner_workers:
+        raise CheckpointError(
+            f"checkpoint {directory} was written by a learner group of {written_by} rank(s) (its optimizer state is "
+            f"sharded per rank) and this job has cluster.learner_workers={learner_workers}; resume with "
+            f"cluster.learner_workers={written_by} (resharding is not supported)")
+
+
+def learner_ranks(names) -> int | None:
+    """The learner group size that wrote the optimizer files among ``names`` (None: no optimizer state)."""
+    ranks = {int(m.group(1)) for n in names if (m := re.search(r"optimizer-rank\d+-of-(\d+)\.safetensors$", n))}
+    if ranks:
+        return max(ranks)
+    return 1 if any(re.search(r"(^|/)optimizer\.(safetensors|pt)$", n) for n in names) else None
 
 
 def commit(staging: Path, step: int, keep_last: int) -> Path:

@@ -68,7 +68,7 @@ def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle],
     if problems := logger_problems(cfg.logging):
         raise ConfigError(problems)
     if cfg.checkpoint.resume and (latest := ckpt.latest_checkpoint(out)) is not None:
-        ckpt.verify(latest)  # a corrupt or incompatible checkpoint is refused before Ray or any actor starts
+        ckpt.verify(latest, cfg.cluster.learner_workers)  # refused before Ray or any actor starts if corrupt / incompatible
     memory = job_estimate(cfg, with_reference, dpo)
     if starts_local_cluster(cfg.cluster):
         preflight_local(cfg.cluster, generators_to_start, memory)  # before Ray starts any process
