@@ -110,8 +110,8 @@ def main() -> None:
     padded = run(args.layers, batch, prompt, completion, chunk, mixed=True)
     packed = run(args.layers, batch, prompt, completion, chunk, mixed=True, pack=True)
     pack_diff = float(abs(padded["logprobs"] - packed["logprobs"]).max())
-    pack_rows = [{"micro-batch (mixed lengths)": "padded", "peak_gib": padded["peak_gib"], "seconds": padded["seconds"]},
-                 {"micro-batch (mixed lengths)": "packed", "peak_gib": packed["peak_gib"], "seconds": packed["seconds"]}]
+    pack_rows = [{"micro-batch (mixed lengths)": name, "peak_gib": r["peak_gib"], "seconds": r["seconds"]}
+                 for name, r in (("padded", padded), ("packed", packed))]
     pack_table = print_table(pack_rows, ["micro-batch (mixed lengths)", "peak_gib", "seconds"],
                              f"completion lengths T/8 .. T, chunks of {chunk}: padded vs packed (pack_sequences)")
     print(f"packed / padded: time x{packed['seconds'] / padded['seconds']:.2f}, peak memory "

@@ -103,7 +103,8 @@ def test_sequence_logprobs_equal_unpadded_sums(tiny_model_path, pairs):
     with torch.no_grad():
         got = sequence_logprobs(model, collate_pairs(sample, PAD_ID, 64))  # [10]
         chunked = sequence_logprobs(model, collate_pairs(sample, PAD_ID, 64), chunk_tokens=3)  # [10]
-        packed = [sequence_logprobs(model, collate_pairs(sample, PAD_ID, 64), chunk_tokens=c, pack=True) for c in (0, 3)]
+        packed = [sequence_logprobs(model, collate_pairs(sample, PAD_ID, 64), chunk_tokens=c, pack=True)
+                  for c in (0, 3)]
         expected = []
         for completions in ([p.chosen_ids for p in sample], [p.rejected_ids for p in sample]):
             for p, c in zip(sample, completions):

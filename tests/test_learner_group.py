@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfleet.config import AlgorithmConfig, BEMAConfig, DataConfig, DPOConfig, GenerationConfig, LearnerConfig, ModelConfig
+from rlfleet.config import (AlgorithmConfig, BEMAConfig, DataConfig, DPOConfig, GenerationConfig, LearnerConfig,
+                            ModelConfig)
 from rlfleet.dpo.data import PreferencePair, load_preference_dataset, tokenize_preferences
 from rlfleet.dpo.learner import DPOLearner
 from rlfleet.learner import distributed as dist_
@@ -225,7 +226,8 @@ def _dpo_case(rank: Rank, pairs: list[PreferencePair], checkpoint: str | None = 
     ref = _numpy({n: dist_.full(p.detach()) for n, p in learner.ref_model.named_parameters()})
     bema = {n: dist_.full(dist_.like_shard(w, dict(learner.model.named_parameters())[n])).numpy().copy()
             for n, w in learner.bema.weights().items()}
-    out = {"metrics": steps[-1], "first": steps[0], "grads": list(grads), "after": _numpy(dist_.full_state_dict(learner.model)),
+    out = {"metrics": steps[-1], "first": steps[0], "grads": list(grads),
+           "after": _numpy(dist_.full_state_dict(learner.model)),
            "ref": ref, "bema": bema, "eval": learner.evaluate(pairs[12:19])}
     if checkpoint is not None:
         learner.save(checkpoint)

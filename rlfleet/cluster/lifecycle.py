@@ -68,7 +68,8 @@ def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle],
     if problems := logger_problems(cfg.logging):
         raise ConfigError(problems)
     if cfg.checkpoint.resume and (latest := ckpt.latest_checkpoint(out)) is not None:
-        ckpt.verify(latest, cfg.cluster.learner_workers)  # refused before Ray or any actor starts if corrupt / incompatible
+        # a corrupt or incompatible checkpoint (another learner group size too) is refused before Ray starts
+        ckpt.verify(latest, cfg.cluster.learner_workers)
     memory = job_estimate(cfg, with_reference, dpo)
     if starts_local_cluster(cfg.cluster):
         preflight_local(cfg.cluster, generators_to_start, memory)  # before Ray starts any process

@@ -67,7 +67,8 @@ def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, refe
     copies = 2 + (k if k > 1 else 0)  # packed buffer + object-store object, + one gathered copy per rank of a group
     learner = k * LEARNER_PROCESS_GIB + copies * params * publish_bytes_per_param / GIB
     if not learner_on_gpu:
-        learner += params * (16 + reference_bytes_per_param) / GIB + k * LOGIT_COPIES * logit_positions * vocab * 4 / GIB
+        learner += params * (16 + reference_bytes_per_param) / GIB
+        learner += k * LOGIT_COPIES * logit_positions * vocab * 4 / GIB
     return MemoryEstimate(params, generator, learner)
 
 
