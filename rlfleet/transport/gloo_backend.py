@@ -172,10 +172,10 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
     init_info_cls = GlooTrainerInitInfo
 
-    def __init__(self, *, client, source: WeightSource, is_sender: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 wire_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, *, client, source: WeightSource, is_sender: bool = True,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         super().__init__(client=client, source=source, is_sender=is_sender)
-        self.bucket_bytes, self.wire_dtype = bucket_bytes, wire_dtype
+        self.bucket_bytes = bucket_bytes
         self.group: dist.ProcessGroup | None = None
 
     @classmethod
