@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from bench.common import (LoadMonitor, arg_parser, init_ray, load_line, machine, median, model_path,  # noqa: E402
                           param_count, pick, print_table, save_json, setup_env)
 
-PATHS = ("packed", "dict")
+PATHS = ("packed", "dict", "broadcast")
 
 
 def bench_actor_classes():
@@ -106,9 +106,14 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
     replay = make_replay_actor(cfg.replay, cfg.seed, name=replay_name)
     learner_cls, generator_cls = bench_actor_classes()
     learner = ray.remote(learner_cls).options(num_cpus=cfg.cluster.learner_num_cpus).remote(cfg, replay_name)
-    gens = [ray.remote(generator_cls).options(num_cpus=cfg.cluster.generator_num_cpus).remote(cfg, replay_name, i)
+    # generators with vLLM's weight-transfer engine (gloo backend): they take object-store handles too
+    bcfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"weight_transport": "broadcast"})})
+    broadcaster = ray.remote(learner_cls).options(num_cpus=cfg.cluster.learner_num_cpus).remote(bcfg, replay_name)
+    gens = [ray.remote(concurrency_groups={"weights": 1})(generator_cls).options(
+                name=f"bench-generator-{i}", num_cpus=cfg.cluster.generator_num_cpus).remote(bcfg, replay_name, i)
             for i in range(max(gen_counts))]
-    ray.get([g.ready.remote() for g in gens] + [learner.version.remote()], timeout=600)
+    ray.get([g.ready.remote() for g in gens] + [learner.version.remote(), broadcaster.version.remote()], timeout=600)
+    group_of = {"n": 0}
     start_s = time.perf_counter() - t0
     nbytes = 4 * params  # float32 on CPU (model.dtype auto); tied embeddings stored once
 
@@ -118,6 +123,20 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
     def sync(path_name: str, n: int) -> dict:
         nonlocal version
         version += 1
+        keys = [f"bench-generator-{i}@0" for i in range(n)]
+        if path_name == "broadcast":
+            if group_of["n"] != n:  # (re)build the weight-transfer group outside the timing
+                ray.get(broadcaster.publish_weights.remote(keys), timeout=600)
+                group_of["n"] = n
+            t0 = time.perf_counter()
+            handle = ray.get(broadcaster.publish_weights.remote(keys), timeout=600)  # the round: all receive
+            t1 = time.perf_counter()
+            loads = ray.get([g.update_weights.remote(handle) for g in gens[:n]], timeout=600)  # load the round
+            t2 = time.perf_counter()
+            held = ray.get([g.version.remote() for g in gens[:n]], timeout=600)
+            return {"size": size, "path": path_name, "generators": n, "sync_s": t2 - t0, "publish_s": t1 - t0,
+                    "pack_s": 0.0, "put_s": 0.0, "load_s": max(loads), "transfer_s": t2 - t1 - max(loads),
+                    "verified": held == [handle.version] * n}
         t0 = time.perf_counter()
         refs, pack_s, put_s = ray.get(learner.publish_timed.remote(path_name), timeout=600)
         t1 = time.perf_counter()
@@ -139,7 +158,7 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
         order = [(p, n) for n in gen_counts for p in PATHS]
         for p, n in order if r % 2 == 0 else order[::-1]:
             samples.append(sync(p, n) | {"copy_s": copy_seconds(nbytes)})
-    for handle in [replay, learner, *gens]:
+    for handle in [replay, learner, broadcaster, *gens]:
         ray.kill(handle, no_restart=True)
     return samples, {"size": size, "params": params, "bytes": nbytes, "start_s": start_s}
 

@@ -228,8 +228,13 @@ class ClusterConfig(Section):
     local_num_cpus: int | None = Field(None, gt=0, description="CPUs a local cluster advertises; None = enough.")
     max_restarts: int = Field(3, ge=0, description="Ray restarts per generation actor.")
     timeout_s: float = Field(600.0, gt=0, description="Timeout of every blocking call on an actor.")
-    weight_transport: Literal["object_store"] = Field(
-        "object_store", description="How weights reach the generators (rlfleet.transport).")
+    weight_transport: Literal["object_store", "broadcast"] = Field(
+        "object_store", description="How weights reach the generators (rlfleet.transport): object_store (one "
+        "packed host buffer through Ray's object store) or broadcast (a collective through vLLM's RL weight-transfer "
+        "API; CPU generators, gloo).")
+    weight_sync_timeout_s: float = Field(
+        120.0, gt=0, description="broadcast: timeout of a round's collectives. A generator that dies during a round "
+        "holds the others' receive until then (gloo does not wake them), after which the group is rebuilt.")
     job_name: str | None = Field(
         None, description="Names the job's Ray namespace (rlfleet-<job_name>) for `rlfleet scale --job`; "
         "None uses the last part of output_dir.")
@@ -385,6 +390,10 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     if gen.top_k is not None and gen.top_k == 0:
         out.append("generation.top_k: 0 is not a valid top-k; use None or -1 to disable it, or a positive value.")
     c = cfg.cluster
+    if c.weight_transport == "broadcast" and c.generator_num_gpus:
+        out.append("cluster.weight_transport: broadcast runs on CPU generators (rlfleet's gloo backend for vLLM's "
+                   "weight-transfer API); GPU generators (vLLM's nccl backend) are not supported yet: use "
+                   "object_store there.")
     if c.learner_workers > 1 and 0 < c.learner_num_gpus < 1:
         out.append(f"cluster.learner_num_gpus: {c.learner_num_gpus:g} with cluster.learner_workers="
                    f"{c.learner_workers}; each rank of a learner group needs a GPU of its own for NCCL: use "

@@ -10,7 +10,9 @@ Reference log-probs come from an independent transformers forward pass of the we
 from __future__ import annotations
 
 import copy
+import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +125,55 @@ def test_a_later_round_replaces_one_not_yet_applied_and_the_handshake_names_a_mi
     send(sender, hf_model, version=4)  # leave the module's engine as it started
     assert engine.apply_received(4) == 4
     assert max_logprob_error(hf_model, [LONG], engine.sample([LONG], n=2)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- jobs on Ray
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_synchronous_job_by_broadcast_is_exactly_on_policy(ray_cluster, tmp_path):
+    """``cluster.weight_transport: broadcast`` with max_staleness 0: every batch was sampled with the weights the
+    learner broadcast, so pi_learner / pi_behaviour is 1 up to float error at every step (a generator holding other
+    weights would move it by an update's size, ~1e-1); no group was rebuilt."""
+    from rlfleet.cluster.driver import train
+    from rlfleet.config import load_config
+
+    train(load_config(REPO / "deploy" / "dapo_sync.yaml", [
+        f"output_dir={tmp_path}", "logging.plot=false", "cluster.weight_transport=broadcast",
+        "replay.zero_variance=keep", "learner.max_steps=4"]))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert abs(r["ratio/min"] - 1) < 1e-4 and abs(r["ratio/max"] - 1) < 1e-4, r
+        assert r["sync/rebuilds"] == 0.0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_restarted_generator_rejoins_the_group_on_current_weights(ray_cluster, tmp_path):
+    """The only generator killed after two steps: Ray restarts it (a new process, so a new group member), the
+    learner rebuilds the weight-transfer group with it and sends it the current weights, and the synchronous run
+    finishes with ratios of exactly 1 after the restart (a generator on its initial weights would produce groups
+    older than the bound, which the replay drops, and the run could not finish)."""
+    import ray
+
+    from rlfleet.config import load_config
+    from tests.test_faults import records_of, train_in_thread, wait_for
+
+    cfg = load_config(REPO / "deploy" / "dapo_sync.yaml", [
+        f"output_dir={tmp_path}", "logging.plot=false", "cluster.weight_transport=broadcast",
+        "replay.zero_variance=keep", "learner.max_steps=8"])
+    thread, result = train_in_thread(cfg)
+    wait_for(lambda: len(records_of(tmp_path)) >= 2 or not thread.is_alive(), 300, "two learner steps")
+    assert thread.is_alive(), result
+    ray.kill(ray.get_actor("rlfleet-generator-0"), no_restart=False)
+    thread.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    records = records_of(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["faults/generator_restarts"] >= 1 and records[-1]["sync/rebuilds"] >= 1
+    after = [r for r in records if r["faults/generator_restarts"] >= 1]
+    assert after and all(abs(r["ratio/max"] - 1) < 1e-4 and abs(r["ratio/min"] - 1) < 1e-4 for r in after)

@@ -204,7 +204,8 @@ class RLJob:
         self.batches_log = MetricsLog(self.out, resume_step=self.step if resume_from else None, name="batches.jsonl")
         self.progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every, start=self.step)
 
-        self.weights = call(self.learner.publish_weights.remote(), t, "the learner (publishing)")
+        self.weights = call(self.learner.publish_weights.remote(self.pool.weight_group()), t,
+                            "the learner (publishing)")
         stats = call(self.replay.stats.remote(), t, "the replay actor")
         # Admission's count of live groups starts with those trained (one batch per version) and those queued.
         self.live_before = self.weights.version * cfg.learner.groups_per_step + int(stats["replay/fresh_size"])
@@ -230,7 +231,7 @@ class RLJob:
         while self.step < cfg.learner.max_steps:
             new_step = self.learner_future is None
             if new_step:  # first, so the learner never waits for admission's calls
-                self.learner_future = self.learner.train_step.remote(pull_s)
+                self.learner_future = self.learner.train_step.remote(pull_s, self.pool.weight_group())
             self.pool.reconcile(check_nodes=new_step)  # an idle generator's lost node is noticed once per step
             if not self.pool.members:
                 raise RunFailed("every generation actor is gone (each died more than cluster.max_restarts "
@@ -254,6 +255,7 @@ class RLJob:
                 result = call(self.learner_future, t, "the learner")
                 self.learner_future = None
                 if result is None:  # no batch within pull_s: admission runs again with fresh replay stats
+                    self.reach_new_members()
                     continue
                 with self.timed("finish_step"):
                     self.finish_step(result)
@@ -282,6 +284,14 @@ class RLJob:
         budget = admission_budget(self.version, self.pool.oldest_in_flight(), self.live_groups(stats),
                                   cfg.learner.groups_per_step, cfg.replay.max_staleness)
         return self.pool.dispatch(budget, self.weights, self.stream.next_batch)
+
+    def reach_new_members(self) -> None:
+        """With a transport that has a membership (broadcast), active generators the last publication did not
+        reach (joined or restarted since) get nothing to do until one does; while no batch comes (they may be the
+        ones to generate it), the current weights are published again to the group as it is now."""
+        if any(not self.weights.reaches(key) for key in self.pool.weight_group()):
+            self.weights = call(self.learner.publish_weights.remote(self.pool.weight_group()), self._timeout(),
+                                "the learner (publishing to the generators that joined)")
 
     def on_control(self) -> None:
         """An operator's request through the rlfleet-control actor (``rlfleet scale``, a stop)."""

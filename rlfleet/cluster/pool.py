@@ -50,10 +50,16 @@ class Member:
     records: list[dict] = field(default_factory=list)  # the prompts of the request in flight
     draining: bool = False  # scaled down: removed once its request returns
     last_request: int = -1  # sequence number of its latest request: idle members are served least recent first
+    incarnation: int = 0  # restarts so far: a restarted actor is a new process (a new weight-group member)
 
     @property
     def name(self) -> str:
         return f"rlfleet-generator-{self.index}"
+
+    @property
+    def key(self) -> str:
+        """``<name>@<incarnation>``: the member as a weight transport with a membership (broadcast) knows it."""
+        return f"{self.name}@{self.incarnation}"
 
 
 StartActor = Callable[[int, dict], ray.actor.ActorHandle]  # (index, ray options) -> a GenerationActor handle
@@ -186,16 +192,19 @@ class GeneratorPool:
                 self._remove(m, "its node is gone" if not m.draining else "it died while draining")
             else:  # Ray restarts it (cluster.max_restarts); ready() is retried until the new actor answers
                 self.counts["faults/generator_restarts"] += 1
-                m.state, m.version = RESTARTING, -1
+                m.state, m.version, m.incarnation = RESTARTING, -1, m.incarnation + 1
                 m.waiting = m.handle.ready.options(max_task_retries=-1).remote()
                 why = (f"was killed by Ray's memory monitor: {OUT_OF_MEMORY}"
                        if isinstance(err, ray.exceptions.OutOfMemoryError) else f"died ({type(err).__name__})")
                 print(f"rlfleet: {m.name} {why}; its prompts are re-issued", flush=True)
             return None
         self.dropped += int(stats.get("gen/dropped_groups", 0))
-        if stats.get("policy_version", m.version) != m.version:  # restarted while idle: initial weights again
+        held = stats.get("policy_version", m.version)
+        if held < m.version:  # restarted while idle: initial weights again
             self.counts["faults/generator_restarts"] += 1
-            m.version = -1
+            m.version, m.incarnation = -1, m.incarnation + 1
+        elif held > m.version:  # a broadcast round newer than its request's arrived first and was loaded
+            m.version = int(held)
         m.future, m.sync_future, m.records = None, None, []
         if m.draining:
             self._remove(m, "scaled down")
@@ -222,6 +231,10 @@ class GeneratorPool:
 
     # -- requests ----------------------------------------------------------------------------------------------
 
+    def weight_group(self) -> list[str]:
+        """The keys of the active members: the group a transport with a membership publishes to."""
+        return [m.key for m in self.active()]
+
     def oldest_in_flight(self) -> int | None:
         """The lowest weights version a request in flight samples with (None when nothing is in flight)."""
         return min((m.request_version for m in self.members if m.future is not None), default=None)
@@ -237,8 +250,8 @@ class GeneratorPool:
             n = min(self.prompts_per_request, budget - launched)
             if n <= 0:
                 break
-            if m.future is not None or m.draining:
-                continue
+            if m.future is not None or m.draining or not weights.reaches(m.key):
+                continue  # busy, leaving, or not yet in the weight-transfer group (joins at the next publication)
             self.requests += 1
             m.last_request = self.requests
             self.requests_by_generator[m.index] = self.requests_by_generator.get(m.index, 0) + 1

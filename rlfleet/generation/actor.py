@@ -3,7 +3,8 @@
 The class carries no ``@ray.remote`` decorator: resources come from the config at launch
 (:func:`make_generation_actor`); the engine comes from a factory (the vLLM :class:`Engine` by default; benchmarks
 pass a stand-in, :mod:`bench.standin`). Groups go straight to the replay actor; the caller gets a small stats dict.
-Ray runs one method at a time on the actor, so a weight update never lands in the middle of a generation.
+Ray runs one method at a time on the actor (its default concurrency group), so a weight update never lands in the
+middle of a generation; only a broadcast round's receive runs beside it (``weights`` group), and it only stages.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ EngineFactory = Callable[[RLFleetConfig, int], Any]  # (cfg, seed) -> an engine 
 
 
 def vllm_engine(cfg: RLFleetConfig, seed: int) -> Engine:
-    return Engine(cfg.model, cfg.generation, seed=seed, log_level=cfg.logging.engine_log_level)
+    transfer = "gloo" if cfg.cluster.weight_transport == "broadcast" else None  # vLLM's weight-transfer backend
+    return Engine(cfg.model, cfg.generation, seed=seed, log_level=cfg.logging.engine_log_level,
+                  weight_transfer=transfer)
 
 
 class GenerationActor:
@@ -39,7 +42,6 @@ class GenerationActor:
         self.cfg = cfg
         self.replay = ray.get_actor(replay)
         self.engine = engine_factory(cfg, cfg.seed + index)
-        self.receiver = make_receiver(cfg.cluster.weight_transport)
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         self.generator = Generator.from_config(self.engine, tokenizer, cfg)
 
@@ -53,8 +55,18 @@ class GenerationActor:
     def update_weights(self, handle: WeightHandle) -> float:
         """Load the published weights in place through the transport; returns the seconds it took."""
         start = time.perf_counter()
-        self.receiver.apply(handle, self.engine)
+        make_receiver(handle.transport).apply(handle, self.engine)  # the handle names its transport
         return time.perf_counter() - start
+
+    @ray.method(concurrency_group="weights")
+    def join_weight_group(self, init_info: dict) -> None:
+        """Join the learner's weight-transfer group (``broadcast`` transport), beside a generation in flight."""
+        self.engine.join_weight_group(init_info)
+
+    @ray.method(concurrency_group="weights")
+    def receive_weights(self, update_info: dict, version: int) -> None:
+        """Take part in a broadcast round (staged; loaded before the next request by ``update_weights``)."""
+        self.engine.receive_weights(update_info, version)
 
     def version(self) -> int:
         return self.engine.version
@@ -77,4 +89,6 @@ def make_generation_actor(cfg: RLFleetConfig, replay: str, index: int = 0,
         num_gpus=cfg.cluster.generator_num_gpus,
         max_restarts=cfg.cluster.max_restarts,
     ) | options
-    return ray.remote(GenerationActor).options(**opts).remote(cfg, replay, index, engine_factory)
+    # the "weights" group takes broadcast rounds beside a generation; other calls run one at a time
+    actor = ray.remote(concurrency_groups={"weights": 1})(GenerationActor)
+    return actor.options(**opts).remote(cfg, replay, index, engine_factory)

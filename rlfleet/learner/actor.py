@@ -43,15 +43,17 @@ class LearnerActor:
         self.group = LearnerGroup(LearnerActor, (cfg, replay), cfg.cluster, resolve_device(cfg.learner.device),
                                   rendezvous, rank)
         self.learner = PolicyLearner(cfg.model, cfg.algorithm, cfg.learner, cfg.generation, cfg.seed, self.group.rank)
-        self.publisher = make_publisher(cfg.cluster.weight_transport, self.learner.compute_dtype)
+        self.publisher = make_publisher(cfg.cluster.weight_transport, self.learner.compute_dtype,
+                                        cfg.cluster.weight_sync_timeout_s)
         self.replay = ray.get_actor(replay)
         self.groups_per_step = cfg.learner.groups_per_step
         self.rpc_timeout_s = cfg.cluster.timeout_s
 
-    def train_step(self, timeout_s: float) -> StepResult | None:
+    def train_step(self, timeout_s: float, generators: list[str] | None = None) -> StepResult | None:
         """Sample ``groups_per_step`` groups from the replay actor (waiting up to ``timeout_s``), train on them and
-        publish the new weights, one call per step so the driver can start the next step at once. None when the
-        replay actor has no full batch in time; the driver decides what to do then."""
+        publish the new weights (to ``generators``, for a transport with a membership), one call per step so the
+        driver can start the next step at once. None when the replay actor has no full batch in time; the driver
+        decides what to do then."""
         request = self.replay.sample.remote(self.groups_per_step, self.learner.policy_version, timeout_s)
         groups = ray.get(request, timeout=timeout_s + self.rpc_timeout_s)
         if groups is None:
@@ -59,12 +61,18 @@ class LearnerActor:
         metrics = self.group.run("train_step", (groups,), lambda: self.learner.train_step(groups))
         samples = [{"prompt_id": g.prompt_id, "reward": float(g.rewards[0]), "completion": g.meta.get("completion", "")}
                    for g in groups[:SAMPLES_PER_STEP]]
-        return StepResult(metrics, self.publish_weights(), [g.prompt_id for g in groups], samples)
+        weights = self.publish_weights(generators)
+        if hasattr(self.publisher, "rebuilds"):  # broadcast: weight-transfer groups rebuilt so far in this life
+            metrics["sync/rebuilds"] = float(self.publisher.rebuilds)
+        return StepResult(metrics, weights, [g.prompt_id for g in groups], samples)
 
-    def publish_weights(self) -> WeightHandle:
-        """Publish the current policy through the transport. The driver's ``ray.get`` of this call yields the small
+    def publish_weights(self, generators: list[str] | None = None) -> WeightHandle:
+        """Publish the current policy through the transport (``broadcast``: to the group of ``generators``, the
+        pool's member keys, rebuilt when they changed). The driver's ``ray.get`` of this call yields the small
         handle (object refs inside it are never resolved), so bulk data never passes through the driver."""
         state = self.group.run("state_dict", (), self.learner.state_dict)
+        if generators is not None and hasattr(self.publisher, "connect"):
+            self.publisher.connect(generators)
         return self.publisher.publish(state, self.learner.policy_version)
 
     def save(self, directory: str) -> None:

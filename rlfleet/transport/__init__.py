@@ -8,6 +8,9 @@ handle back into tensors and loads them into the engine. The driver and the acto
 Implementations:
 - ``object_store`` (:mod:`rlfleet.transport.object_store`): the state dict packed into one host buffer, one
   ``ray.put``; generators on the same node read it zero-copy from shared memory.
+- ``broadcast`` (:mod:`rlfleet.transport.broadcast`): one collective broadcast per publication to a group of the
+  learner and the generators, through vLLM's RL weight-transfer API (gloo backend on CPU,
+  :mod:`rlfleet.transport.gloo_backend`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ class WeightHandle:
     transport: str
     version: int
     payload: Any
+    members: frozenset[str] | None = None  # the generators the publication reached; None: any generator
+
+    def reaches(self, generator: str) -> bool:
+        return self.members is None or generator in self.members
 
 
 class WeightPublisher(Protocol):
@@ -43,15 +50,19 @@ class WeightReceiver(Protocol):
     def apply(self, handle: WeightHandle, engine: WeightLoader) -> None: ...
 
 
-TRANSPORTS = ("object_store",)
+TRANSPORTS = ("object_store", "broadcast")
 
 
-def make_publisher(name: str, dtype) -> WeightPublisher:
+def make_publisher(name: str, dtype, timeout_s: float = 600.0) -> WeightPublisher:
     """The learner side of transport ``name``; ``dtype`` is the engines' compute dtype."""
     if name == "object_store":
         from rlfleet.transport.object_store import ObjectStorePublisher
 
         return ObjectStorePublisher(dtype)
+    if name == "broadcast":
+        from rlfleet.transport.broadcast import BroadcastPublisher
+
+        return BroadcastPublisher(dtype, timeout_s)
     raise ValueError(f"cluster.weight_transport: {name!r} is not one of {TRANSPORTS}")
 
 
@@ -61,4 +72,8 @@ def make_receiver(name: str) -> WeightReceiver:
         from rlfleet.transport.object_store import ObjectStoreReceiver
 
         return ObjectStoreReceiver()
+    if name == "broadcast":
+        from rlfleet.transport.broadcast import BroadcastReceiver
+
+        return BroadcastReceiver()
     raise ValueError(f"cluster.weight_transport: {name!r} is not one of {TRANSPORTS}")
