@@ -77,6 +77,9 @@ def test_unknown_keys_and_bounds_fail_with_field_path(overrides, needle):
      "cluster.learner_num_gpus: 0.5 with cluster.learner_workers=2; each rank of a learner group needs a GPU"),
     (["cluster.learner_workers=2", "learner.device=cuda"], "give each rank a GPU (learner_num_gpus: 1)"),
     (["cluster.learner_workers=0"], "cluster.learner_workers"),
+    (["cluster.weight_transport=broadcast", "cluster.generator_num_gpus=1"],
+     "cluster.weight_transport: broadcast runs on CPU generators"),
+    (["cluster.weight_transport=nccl"], "cluster.weight_transport"),
 ])
 def test_cross_field_checks_name_field_value_and_fix(overrides, needle):
     with pytest.raises(ConfigError) as err:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rlfleet"
 ALLOWED = {"generation/actor.py", "generation/engine.py", "replay/actor.py", "learner/actor.py", "dpo/actor.py",
-           "dpo/job.py", "transport/object_store.py", "transport/gloo_backend.py"}
+           "dpo/job.py", "transport/object_store.py", "transport/gloo_backend.py",
+           "transport/broadcast.py"}
 
 
 def imported_roots(path: Path) -> set[str]:

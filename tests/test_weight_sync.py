@@ -84,3 +84,15 @@ def test_through_the_object_store_the_generator_side_gets_a_read_only_view(ray_c
     writeable, out = ray.get(read.remote(ref), timeout=60)
     assert writeable is False
     assert all(torch.equal(out[n], state[n]) for n in state)
+
+
+def test_a_handle_names_the_generators_it_reached():
+    """The broadcast transport's handle lists the weight-group members (``<actor>@<incarnation>``) that hold its
+    version; the pool sends requests only to those. The object store's reaches every generator."""
+    from rlfleet.transport import WeightHandle
+
+    handle = WeightHandle("broadcast", 3, None, members=frozenset({"rlfleet-generator-0@0"}))
+    assert handle.reaches("rlfleet-generator-0@0")
+    assert not handle.reaches("rlfleet-generator-0@1")  # restarted since: a new process, not in the group yet
+    assert not handle.reaches("rlfleet-generator-1@0")
+    assert WeightHandle("object_store", 3, None).reaches("rlfleet-generator-7@2")
