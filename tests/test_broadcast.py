@@ -158,22 +158,13 @@ def test_a_restarted_generator_rejoins_the_group_on_current_weights(ray_cluster,
     learner rebuilds the weight-transfer group with it and sends it the current weights, and the synchronous run
     finishes with ratios of exactly 1 after the restart (a generator on its initial weights would produce groups
     older than the bound, which the replay drops, and the run could not finish)."""
-    import ray
-
     from rlfleet.config import load_config
-    from tests.test_faults import records_of, train_in_thread, wait_for
+    from tests.test_faults import assert_on_policy_after_the_restart, run_restarting_generator
 
     cfg = load_config(REPO / "deploy" / "dapo_sync.yaml", [
         f"output_dir={tmp_path}", "logging.plot=false", "cluster.weight_transport=broadcast",
         "replay.zero_variance=keep", "learner.max_steps=8"])
-    thread, result = train_in_thread(cfg)
-    wait_for(lambda: len(records_of(tmp_path)) >= 2 or not thread.is_alive(), 300, "two learner steps")
-    assert thread.is_alive(), result
-    ray.kill(ray.get_actor("rlfleet-generator-0"), no_restart=False)
-    thread.join(timeout=600)
-    assert "error" not in result, result.get("error")
-    records = records_of(tmp_path)
+    records = run_restarting_generator(cfg, tmp_path)
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["faults/generator_restarts"] >= 1 and records[-1]["sync/rebuilds"] >= 1
-    after = [r for r in records if r["faults/generator_restarts"] >= 1]
-    assert after and all(abs(r["ratio/max"] - 1) < 1e-4 and abs(r["ratio/min"] - 1) < 1e-4 for r in after)
+    assert_on_policy_after_the_restart(records)

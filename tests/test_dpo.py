@@ -409,26 +409,13 @@ def test_rlfleet_dpo_recovers_from_a_killed_learner(ray_cluster, tmp_path):
     """The DPO job shares rlfleet train's lifecycle: a learner killed mid-run is recreated from the latest checkpoint
     (every 3 steps here), training continues from there with each step logged once, and the recovery is counted.
     The run is ended by a stop request to its rlfleet-control actor, not by a step count that might race the kill."""
-    import ray
-
     from rlfleet.cluster.checkpoint import latest_checkpoint
-    from tests.test_faults import records_of, stop_and_join, train_in_thread, wait_for
+    from tests.test_faults import run_killing
 
     cfg = load_config(REPO / "deploy" / "dpo_quickstart.yaml", [
         f"output_dir={tmp_path}", "learner.max_steps=100000", "checkpoint.save_steps=3", "logging.plot=false",
         "logging.log_every=1000"])
-    thread, result = train_in_thread(cfg, train_dpo_job=True)
-    try:
-        wait_for(lambda: len(records_of(tmp_path)) >= 5 or not thread.is_alive(), 300, "four DPO steps")
-        assert thread.is_alive(), result
-        ray.kill(ray.get_actor("rlfleet-dpo-learner"), no_restart=True)
-        wait_for(lambda: records_of(tmp_path)[-1].get("faults/recoveries") == 1 or not thread.is_alive(), 300,
-                 "a step after the recovery")
-        assert thread.is_alive(), result
-    finally:
-        stop_and_join(thread)
-    assert "error" not in result, result.get("error")
-    records = records_of(tmp_path)
+    records = run_killing(cfg, tmp_path, "rlfleet-dpo-learner", after_records=5, dpo=True)  # 4 steps + step 0
     assert [r["step"] for r in records] == list(range(len(records)))  # step 0 is the held-out baseline
     assert records[-1]["faults/recoveries"] == 1
     saved = json.loads((latest_checkpoint(tmp_path) / "driver.json").read_text())

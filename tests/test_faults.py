@@ -225,6 +225,46 @@ def stop_and_join(thread: threading.Thread, timeout_s: float = 600) -> None:
     thread.join(timeout=timeout_s)
 
 
+def run_killing(cfg, out, victim, after_records: int, dpo: bool = False) -> list[dict]:
+    """Run ``cfg`` (a job with a huge max_steps) in a thread; once ``after_records`` records exist, kill the actor
+    named ``victim`` (or ``victim()``'s name, looked up then) for good; once a record counts the recovery, end the
+    run with a stop request (not a step count, which might race the kill) and return its records."""
+    import ray
+
+    thread, result = train_in_thread(cfg, train_dpo_job=dpo)
+    try:
+        wait_for(lambda: len(records_of(out)) >= after_records or not thread.is_alive(), 300,
+                 f"{after_records} records before the kill")
+        assert thread.is_alive(), result
+        ray.kill(ray.get_actor(victim() if callable(victim) else victim), no_restart=True)
+        wait_for(lambda: records_of(out)[-1].get("faults/recoveries") == 1 or not thread.is_alive(), 300,
+                 "a step after the recovery")
+        assert thread.is_alive(), result
+    finally:
+        stop_and_join(thread)
+    assert "error" not in result, result.get("error")
+    return records_of(out)
+
+
+def run_restarting_generator(cfg, out) -> list[dict]:
+    """Run ``cfg`` (a finite job) in a thread, kill rlfleet-generator-0 after two learner steps and let Ray
+    restart it; return the records once the run ends."""
+    import ray
+
+    thread, result = train_in_thread(cfg)
+    wait_for(lambda: len(records_of(out)) >= 2 or not thread.is_alive(), 300, "two learner steps")
+    assert thread.is_alive(), result
+    ray.kill(ray.get_actor("rlfleet-generator-0"), no_restart=False)
+    thread.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    return records_of(out)
+
+
+def assert_on_policy_after_the_restart(records: list[dict]) -> None:
+    after = [r for r in records if r["faults/generator_restarts"] >= 1]
+    assert after and all(abs(r["ratio/max"] - 1) < 1e-4 and abs(r["ratio/min"] - 1) < 1e-4 for r in after)
+
+
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow
@@ -232,21 +272,12 @@ def test_killed_generator_is_restarted_on_current_weights(ray_cluster, tmp_path)
     """Synchronous mode (max_staleness 0) makes "current weights" checkable: a restarted generator that sampled
     with its initial weights would produce groups older than the bound, which the replay drops forever, and the
     run could not finish; with the driver's re-sync it finishes with ratios of exactly 1."""
-    import ray
-
     cfg = load_config(DEPLOY / "dapo_sync.yaml", [f"output_dir={tmp_path}", "learner.max_steps=8",
                                                   "replay.zero_variance=keep", "logging.plot=false"])
-    thread, result = train_in_thread(cfg)
-    wait_for(lambda: len(records_of(tmp_path)) >= 2 or not thread.is_alive(), 300, "two learner steps")
-    assert thread.is_alive(), result
-    ray.kill(ray.get_actor("rlfleet-generator-0"), no_restart=False)
-    thread.join(timeout=600)
-    assert "error" not in result, result.get("error")
-    records = records_of(tmp_path)
+    records = run_restarting_generator(cfg, tmp_path)
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["faults/generator_restarts"] >= 1
-    after = [r for r in records if r["faults/generator_restarts"] >= 1]
-    assert after and all(abs(r["ratio/max"] - 1) < 1e-4 and abs(r["ratio/min"] - 1) < 1e-4 for r in after)
+    assert_on_policy_after_the_restart(records)
 
 
 @pytest.mark.ray

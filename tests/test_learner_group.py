@@ -342,24 +342,16 @@ def test_a_dead_learner_rank_recovers_the_job(ray_cluster, tmp_path):
     import ray
 
     from rlfleet.config import load_config
-    from tests.test_faults import records_of, stop_and_join, train_in_thread, wait_for
+    from tests.test_faults import run_killing
+
+    def rank1() -> str:
+        [name] = [a for a in ray.util.list_named_actors() if a.startswith("rlfleet-learner-rank1-")]
+        return name
 
     cfg = load_config(REPO / "deploy" / "quickstart.yaml", [
         f"output_dir={tmp_path}", "logging.plot=false", "cluster.learner_workers=2", "learner.max_steps=100000",
         "checkpoint.save_steps=3"])
-    thread, result = train_in_thread(cfg)
-    try:
-        wait_for(lambda: len(records_of(tmp_path)) >= 4 or not thread.is_alive(), 300, "four steps")
-        assert thread.is_alive(), result
-        [rank1] = [a for a in ray.util.list_named_actors() if a.startswith("rlfleet-learner-rank1-")]
-        ray.kill(ray.get_actor(rank1), no_restart=True)
-        wait_for(lambda: records_of(tmp_path)[-1].get("faults/recoveries") == 1 or not thread.is_alive(), 300,
-                 "a step after the recovery")
-        assert thread.is_alive(), result
-    finally:
-        stop_and_join(thread)
-    assert "error" not in result, result.get("error")
-    records = records_of(tmp_path)
+    records = run_killing(cfg, tmp_path, rank1, after_records=4)
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     assert records[-1]["faults/recoveries"] == 1
 
