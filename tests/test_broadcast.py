@@ -168,3 +168,66 @@ def test_a_restarted_generator_rejoins_the_group_on_current_weights(ray_cluster,
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["faults/generator_restarts"] >= 1 and records[-1]["sync/rebuilds"] >= 1
     assert_on_policy_after_the_restart(records)
+
+
+class StandInMember:
+    """A weight-group member without an engine (for the publisher's membership logic): it joins and receives rounds
+    with the gloo backend's own functions, keeps the last round, and dies (``os._exit``) when asked to receive
+    version ``die_at``, in the middle of that round."""
+
+    def __init__(self, die_at: int | None = None):
+        self.die_at, self.held, self.received = die_at, 0, {}
+
+    def join_weight_group(self, init_info: dict) -> None:
+        from rlfleet.transport.gloo_backend import GlooInitInfo, open_group
+
+        info = GlooInitInfo(**init_info)
+        self.bucket_bytes = info.bucket_bytes
+        self.group = open_group(info.master_address, info.master_port, info.rank_offset, info.world_size,
+                                info.timeout_s)
+
+    def receive_weights(self, update_info: dict, version: int) -> None:
+        import os
+
+        from rlfleet.transport.gloo_backend import GlooUpdateInfo, receive_round
+
+        if version == self.die_at:
+            os._exit(1)
+        self.received = {k: v.clone() for k, v in receive_round(self.group, GlooUpdateInfo(**update_info),
+                                                                self.bucket_bytes)}
+        self.held = version
+
+    def version(self) -> int:
+        return self.held
+
+    def value(self, name: str) -> torch.Tensor:
+        return self.received[name]
+
+
+@pytest.mark.ray
+def test_a_member_dying_during_a_round_is_dropped_and_the_round_resent(ray_cluster):
+    """Two members; the second dies in the middle of round 2. The publisher's broadcast fails at once (gloo sees the
+    closed connection); the survivor's receive fails at the round's timeout (gloo does not wake it; 5 s here,
+    cluster.weight_sync_timeout_s); the group is rebuilt without the dead member (``rebuilds`` 1) and the round sent
+    again: the survivor holds version 2's exact tensors, and the handle names only it. No call hangs past the
+    timeout."""
+    import ray
+
+    from rlfleet.transport.broadcast import BroadcastPublisher
+
+    members = {"standin-0@0": None, "standin-1@0": 2}
+    for key, die_at in members.items():
+        ray.remote(StandInMember).options(name=key.split("@")[0], max_restarts=0).remote(die_at)
+    publisher = BroadcastPublisher(torch.float32, timeout_s=5.0)
+    publisher.connect(list(members))
+    first = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(4, dtype=torch.float64)}
+    handle = publisher.publish(first, version=1)
+    assert handle.members == frozenset(members) and publisher.rebuilds == 0
+    second = {"w": torch.full((2, 3), 7.0), "b": torch.zeros(4, dtype=torch.float64)}
+    handle = publisher.publish(second, version=2)
+    assert handle.version == 2 and handle.members == frozenset({"standin-0@0"}) and publisher.rebuilds == 1
+    survivor = ray.get_actor("standin-0")
+    assert ray.get(survivor.version.remote(), timeout=60) == 2
+    assert torch.equal(ray.get(survivor.value.remote("w"), timeout=60), second["w"])
+    assert ray.get(survivor.value.remote("b"), timeout=60).dtype == torch.float32  # sent in the engines' dtype
+    ray.kill(survivor)

@@ -110,6 +110,23 @@ def broadcast(group: dist.ProcessGroup, buffer: torch.Tensor) -> None:
     group.broadcast([buffer], opts).wait()
 
 
+def receive_round(group: dist.ProcessGroup, update_info: GlooUpdateInfo, bucket_bytes: int
+                  ) -> list[tuple[str, torch.Tensor]]:
+    """A member's side of one round: every bucket received, as ``(name, tensor)`` views of the buffers."""
+    metas = [(getattr(torch, d), tuple(s)) for d, s in zip(update_info.dtype_names, update_info.shapes)]
+    received = []
+    for bucket in buckets(metas, bucket_bytes):
+        buffer = torch.empty(sum(_nbytes(*metas[i]) for i in bucket), dtype=torch.uint8)
+        broadcast(group, buffer)
+        offset = 0
+        for i in bucket:
+            dtype, shape = metas[i]
+            n = _nbytes(dtype, shape)
+            received.append((update_info.names[i], buffer[offset:offset + n].view(dtype).view(shape)))
+            offset += n
+    return received
+
+
 class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
     """Engine side (inside vLLM's worker): receive each round's buffers and load them through vLLM's layerwise
     reload, as its NCCL engine does."""
@@ -148,18 +165,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         if self.group is None:
             raise RuntimeError("gloo weight transfer: init_weight_transfer_engine was not called")
-        metas = [(getattr(torch, d), tuple(s)) for d, s in zip(update_info.dtype_names, update_info.shapes)]
-        staged = []
-        for bucket in buckets(metas, self.bucket_bytes):
-            buffer = torch.empty(sum(_nbytes(*metas[i]) for i in bucket), dtype=torch.uint8)
-            broadcast(self.group, buffer)
-            offset = 0
-            for i in bucket:
-                dtype, shape = metas[i]
-                n = _nbytes(dtype, shape)
-                staged.append((update_info.names[i], buffer[offset:offset + n].view(dtype).view(shape)))
-                offset += n
-        self.staged = staged  # whole rounds only: a failed broadcast leaves the previous round staged
+        # whole rounds only: a failed broadcast leaves the previous round staged
+        self.staged = receive_round(self.group, update_info, self.bucket_bytes)
 
     def shutdown(self) -> None:
         self.group = None  # gloo groups close with their last reference
