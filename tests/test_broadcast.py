@@ -134,21 +134,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_synchronous_job_by_broadcast_is_exactly_on_policy(ray_cluster, tmp_path):
+def test_a_synchronous_job_by_broadcast_is_on_policy_and_matches_the_object_store(ray_cluster, tmp_path):
     """``cluster.weight_transport: broadcast`` with max_staleness 0: every batch was sampled with the weights the
     learner broadcast, so pi_learner / pi_behaviour is 1 up to float error at every step (a generator holding other
-    weights would move it by an update's size, ~1e-1); no group was rebuilt."""
+    weights would move it by an update's size, ~1e-1); no group was rebuilt. The same job through the object store
+    samples the same completions (same seeds, same weights) and so logs the same rewards and losses."""
     from rlfleet.cluster.driver import train
     from rlfleet.config import load_config
 
-    train(load_config(REPO / "deploy" / "dapo_sync.yaml", [
-        f"output_dir={tmp_path}", "logging.plot=false", "cluster.weight_transport=broadcast",
-        "replay.zero_variance=keep", "learner.max_steps=4"]))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    runs = {}
+    for transport in ("broadcast", "object_store"):
+        out = tmp_path / transport
+        train(load_config(REPO / "deploy" / "dapo_sync.yaml", [
+            f"output_dir={out}", "logging.plot=false", f"cluster.weight_transport={transport}",
+            "replay.zero_variance=keep", "learner.max_steps=4"]))
+        runs[transport] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = runs["broadcast"]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for r in records:
+    for r, o in zip(records, runs["object_store"]):
         assert abs(r["ratio/min"] - 1) < 1e-4 and abs(r["ratio/max"] - 1) < 1e-4, r
-        assert r["sync/rebuilds"] == 0.0
+        assert r["sync/rebuilds"] == 0.0 and "sync/rebuilds" not in o
+        assert r["reward/mean"] == o["reward/mean"] and r["loss"] == pytest.approx(o["loss"], rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.ray
