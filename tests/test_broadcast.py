@@ -160,54 +160,64 @@ def test_a_synchronous_job_by_broadcast_is_on_policy_and_matches_the_object_stor
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_restarted_generator_rejoins_the_group_on_current_weights(ray_cluster, tmp_path):
-    """The only generator killed after two steps: Ray restarts it (a new process, so a new group member), the
-    learner rebuilds the weight-transfer group with it and sends it the current weights, and the synchronous run
-    finishes with ratios of exactly 1 after the restart (a generator on its initial weights would produce groups
-    older than the bound, which the replay drops, and the run could not finish)."""
+    """The only generator killed after two steps: Ray restarts it (a new process, not in the weight-transfer group).
+    Either the driver sees the restart first (a failed request: a new member key, the group rebuilt with it at the
+    next publication) or the learner's round fails first (the group rebuilt with the restarted process and the round
+    sent again); both rebuild the group (``sync/rebuilds``). The synchronous run then finishes with ratios of exactly
+    1 at every step after the kill: the restarted generator sampled with the current weights (on its initial ones
+    its groups would be older than the bound, which the replay drops, and the run could not finish)."""
     from rlfleet.config import load_config
-    from tests.test_faults import assert_on_policy_after_the_restart, run_restarting_generator
+    from tests.test_faults import run_restarting_generator
 
     cfg = load_config(REPO / "deploy" / "dapo_sync.yaml", [
         f"output_dir={tmp_path}", "logging.plot=false", "cluster.weight_transport=broadcast",
         "replay.zero_variance=keep", "learner.max_steps=8"])
     records = run_restarting_generator(cfg, tmp_path)
     assert [r["step"] for r in records] == list(range(1, 9))
-    assert records[-1]["faults/generator_restarts"] >= 1 and records[-1]["sync/rebuilds"] >= 1
-    assert_on_policy_after_the_restart(records)
+    assert records[-1]["sync/rebuilds"] >= 1
+    for r in records[2:]:  # the kill came after two records
+        assert abs(r["ratio/max"] - 1) < 1e-4 and abs(r["ratio/min"] - 1) < 1e-4, r
 
 
-class StandInMember:
-    """A weight-group member without an engine (for the publisher's membership logic): it joins and receives rounds
-    with the gloo backend's own functions, keeps the last round, and dies (``os._exit``) when asked to receive
-    version ``die_at``, in the middle of that round."""
+def stand_in_member_class():
+    """Defined in a function so that Ray ships the class by value (the workers cannot import the tests package)."""
 
-    def __init__(self, die_at: int | None = None):
-        self.die_at, self.held, self.received = die_at, 0, {}
+    class StandInMember:
+        """A weight-group member without an engine (for the publisher's membership logic): it joins and receives rounds
+        with the gloo backend's own functions, keeps the last round, and dies (``os._exit``) when asked to receive
+        version ``die_at``, in the middle of that round."""
 
-    def join_weight_group(self, init_info: dict) -> None:
-        from rlfleet.transport.gloo_backend import GlooInitInfo, open_group
+        def __init__(self, die_at: int | None = None):
+            import rlfleet.transport.gloo_backend  # noqa: F401 - imports vLLM (seconds), as a generator has
 
-        info = GlooInitInfo(**init_info)
-        self.bucket_bytes = info.bucket_bytes
-        self.group = open_group(info.master_address, info.master_port, info.rank_offset, info.world_size,
-                                info.timeout_s)
+            self.die_at, self.held, self.received = die_at, 0, {}
 
-    def receive_weights(self, update_info: dict, version: int) -> None:
-        import os
+        def join_weight_group(self, init_info: dict) -> None:
+            from rlfleet.transport.gloo_backend import GlooInitInfo, open_group
 
-        from rlfleet.transport.gloo_backend import GlooUpdateInfo, receive_round
+            info = GlooInitInfo(**init_info)
+            self.bucket_bytes = info.bucket_bytes
+            self.group = open_group(info.master_address, info.master_port, info.rank_offset, info.world_size,
+                                    info.timeout_s)
 
-        if version == self.die_at:
-            os._exit(1)
-        self.received = {k: v.clone() for k, v in receive_round(self.group, GlooUpdateInfo(**update_info),
-                                                                self.bucket_bytes)}
-        self.held = version
+        def receive_weights(self, update_info: dict, version: int) -> None:
+            import os
 
-    def version(self) -> int:
-        return self.held
+            from rlfleet.transport.gloo_backend import GlooUpdateInfo, receive_round
 
-    def value(self, name: str) -> torch.Tensor:
-        return self.received[name]
+            if version == self.die_at:
+                os._exit(1)
+            self.received = {k: v.clone() for k, v in receive_round(self.group, GlooUpdateInfo(**update_info),
+                                                                    self.bucket_bytes)}
+            self.held = version
+
+        def version(self) -> int:
+            return self.held
+
+        def value(self, name: str) -> torch.Tensor:
+            return self.received[name]
+
+    return StandInMember
 
 
 @pytest.mark.ray
@@ -221,9 +231,12 @@ def test_a_member_dying_during_a_round_is_dropped_and_the_round_resent(ray_clust
 
     from rlfleet.transport.broadcast import BroadcastPublisher
 
+    StandInMember = stand_in_member_class()
+
     members = {"standin-0@0": None, "standin-1@0": 2}
-    for key, die_at in members.items():
-        ray.remote(StandInMember).options(name=key.split("@")[0], max_restarts=0).remote(die_at)
+    handles = [ray.remote(StandInMember).options(name=key.split("@")[0], max_restarts=0).remote(die_at)
+               for key, die_at in members.items()]  # held: an actor without a handle is gone
+    assert ray.get([h.version.remote() for h in handles], timeout=120) == [0, 0]  # started (as generators are)
     publisher = BroadcastPublisher(torch.float32, timeout_s=5.0)
     publisher.connect(list(members))
     first = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(4, dtype=torch.float64)}
@@ -232,7 +245,7 @@ def test_a_member_dying_during_a_round_is_dropped_and_the_round_resent(ray_clust
     second = {"w": torch.full((2, 3), 7.0), "b": torch.zeros(4, dtype=torch.float64)}
     handle = publisher.publish(second, version=2)
     assert handle.version == 2 and handle.members == frozenset({"standin-0@0"}) and publisher.rebuilds == 1
-    survivor = ray.get_actor("standin-0")
+    survivor = handles[0]
     assert ray.get(survivor.version.remote(), timeout=60) == 2
     assert torch.equal(ray.get(survivor.value.remote("w"), timeout=60), second["w"])
     assert ray.get(survivor.value.remote("b"), timeout=60).dtype == torch.float32  # sent in the engines' dtype

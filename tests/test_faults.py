@@ -260,11 +260,6 @@ def run_restarting_generator(cfg, out) -> list[dict]:
     return records_of(out)
 
 
-def assert_on_policy_after_the_restart(records: list[dict]) -> None:
-    after = [r for r in records if r["faults/generator_restarts"] >= 1]
-    assert after and all(abs(r["ratio/max"] - 1) < 1e-4 and abs(r["ratio/min"] - 1) < 1e-4 for r in after)
-
-
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow
@@ -277,7 +272,8 @@ def test_killed_generator_is_restarted_on_current_weights(ray_cluster, tmp_path)
     records = run_restarting_generator(cfg, tmp_path)
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["faults/generator_restarts"] >= 1
-    assert_on_policy_after_the_restart(records)
+    after = [r for r in records if r["faults/generator_restarts"] >= 1]
+    assert after and all(abs(r["ratio/max"] - 1) < 1e-4 and abs(r["ratio/min"] - 1) < 1e-4 for r in after)
 
 
 @pytest.mark.ray

@@ -48,7 +48,8 @@ class GeneratorsClient:
         self.handles, self.timeout_s, self.version = handles, timeout_s, 0
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._all({name: h.join_weight_group.remote({**init_info, "rank_offset": 1 + i})
+        # retried across a restart: a member restarting now joins once it is back (rank 0 waits for it)
+        self._all({name: h.join_weight_group.options(max_task_retries=-1).remote({**init_info, "rank_offset": 1 + i})
                    for i, (name, h) in enumerate(self.handles.items())}, "joining the weight-transfer group")
 
     def start_weight_update(self) -> None:
@@ -132,11 +133,12 @@ class BroadcastPublisher:
             self.source.state = {}
 
     def _dead(self) -> set[str]:
-        """Members whose actor is gone for good (a restarting one answers once it is back, and rejoins)."""
-        probes = {key: ray.get_actor(actor_name(key)).version.remote() for key in self.members
-                  if _exists(actor_name(key))}
+        """Members to leave out of the rebuilt group: gone for good, or not answering within ``DEAD_GRACE_S`` (a
+        restarting one is back by then, or rejoins under its next key when the driver sees the restart)."""
+        probes = {key: ray.get_actor(actor_name(key)).version.options(max_task_retries=-1).remote()
+                  for key in self.members if _exists(actor_name(key))}
         ready, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=DEAD_GRACE_S)
-        dead = {key for key in self.members if key not in probes}
+        dead = {key for key in self.members if key not in probes or probes[key] not in ready}
         for key, ref in probes.items():
             try:
                 if ref in ready:
