@@ -66,6 +66,11 @@ def bench_actor_classes():
             ref = ray.put(weights)
             return [ref], t1 - t0, time.perf_counter() - t1
 
+        def publish_as(self, generators: list[str], version: int):
+            """``publish_weights`` as if ``version`` steps had been trained (versions must grow across paths)."""
+            self.learner.policy_version = version
+            return self.publish_weights(generators)
+
     class BenchGenerator(GenerationActor):
         def update_weights_dict(self, state_dict: dict, version: int) -> float:
             start = time.perf_counter()
@@ -126,10 +131,13 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
         keys = [f"bench-generator-{i}@0" for i in range(n)]
         if path_name == "broadcast":
             if group_of["n"] != n:  # (re)build the weight-transfer group outside the timing
-                ray.get(broadcaster.publish_weights.remote(keys), timeout=600)
+                ray.get(broadcaster.publish_as.remote(keys, version), timeout=600)
+                ray.get([g.update_weights.remote(handle) for g in gens[:n]
+                         for handle in [WeightHandle("broadcast", version, None)]], timeout=600)
                 group_of["n"] = n
+                version += 1
             t0 = time.perf_counter()
-            handle = ray.get(broadcaster.publish_weights.remote(keys), timeout=600)  # the round: all receive
+            handle = ray.get(broadcaster.publish_as.remote(keys, version), timeout=600)  # the round: all receive
             t1 = time.perf_counter()
             loads = ray.get([g.update_weights.remote(handle) for g in gens[:n]], timeout=600)  # load the round
             t2 = time.perf_counter()
