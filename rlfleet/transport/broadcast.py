@@ -67,7 +67,8 @@ class GeneratorsClient:
         lost = []
         for name, ref in refs.items():
             if ref not in ready:
-                raise TimeoutError(f"{name} did not finish {what} within cluster.timeout_s={self.timeout_s:g} s")
+                raise TimeoutError(f"{name} did not finish {what} within cluster.weight_sync_timeout_s="
+                                   f"{self.timeout_s:g} s")
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError:
@@ -127,7 +128,8 @@ class BroadcastPublisher:
         try:
             self.trainer.send_weights()
         except BaseException:
-            self._close()  # closing rank 0's connections ends the members' blocked receives
+            self._close()  # a group is unusable after a failed collective (members still receiving wait out
+            # its timeout: gloo does not wake them when rank 0 leaves)
             raise
         finally:
             self.source.state = {}
