@@ -62,19 +62,20 @@ def hf_model(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def sender(engine, hf_model):
-    """A trainer engine joined with ``engine`` in a 2-member gloo group; its source is a model the tests fill."""
+    """A trainer engine joined with ``engine`` in a 2-member gloo group; its source is the state the tests set."""
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-    from rlfleet.transport.gloo_backend import GlooTrainerInitInfo, StateDictSource
+    from rlfleet.transport.broadcast import StateSource
+    from rlfleet.transport.gloo_backend import GlooTrainerInitInfo
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    client, model = EngineClient(engine), copy.deepcopy(hf_model)
+    client, source = EngineClient(engine), StateSource()
     trainer = WeightTransferTrainerFactory.trainer_init(
         GlooTrainerInitInfo("127.0.0.1", port, world_size=2, bucket_bytes=2**18, timeout_s=120, rank=0),
-        client=client, source=StateDictSource(model, torch.float32))
-    return trainer, client, model
+        client=client, source=source)
+    return trainer, client, source
 
 
 def perturbed(model, seed: int):
@@ -87,8 +88,8 @@ def perturbed(model, seed: int):
 
 
 def send(sender, weights, version: int) -> None:
-    trainer, client, model = sender
-    model.load_state_dict(weights.state_dict())
+    trainer, client, source = sender
+    source.state = weights.state_dict()  # float32, every name (tied lm_head included), as the learner sends it
     client.version = version
     trainer.send_weights()
 

@@ -20,7 +20,6 @@ during a round fails the round: the group is rebuilt without it and the round se
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Mapping
 
 import ray
@@ -152,6 +151,8 @@ class BroadcastPublisher:
     def _build(self, members: list[str]) -> None:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
+        from rlfleet.cluster.learner_group import rendezvous_address
+
         from rlfleet.transport.gloo_backend import GlooTrainerInitInfo, register
 
         register()
@@ -161,10 +162,7 @@ class BroadcastPublisher:
         self.members = tuple(members)
         if not members:
             return
-        host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
+        host, port = rendezvous_address()
         client = GeneratorsClient({key: ray.get_actor(actor_name(key)) for key in members}, self.timeout_s)
         info = GlooTrainerInitInfo(host, port, world_size=1 + len(members), timeout_s=self.timeout_s, rank=0)
         self.trainer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=self.source)

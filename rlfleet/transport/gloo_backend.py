@@ -255,23 +255,3 @@ def register() -> None:
             factory.register_engine(BACKEND, cls)
         except ValueError:  # already registered in this process
             pass
-
-
-class StateDictSource(WeightSource):
-    """The policy as the engines load it: every name of ``model.state_dict()`` (tied ``lm_head.weight`` included:
-    vLLM's layerwise reload expects each of its layers' weights), each gathered whole when FSDP-sharded and cast to
-    ``dtype`` (the engines' compute dtype) as it is sent."""
-
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
-        self.model, self.dtype = model, dtype
-
-    def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(name, self.dtype if t.is_floating_point() else t.dtype, tuple(t.shape))
-                for name, t in self.model.state_dict().items()]
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        from vllm.distributed.weight_transfer.base import materialize_full_tensor
-
-        for name, t in self.model.state_dict().items():
-            t = materialize_full_tensor(t.detach())
-            yield name, t.to(self.dtype) if t.is_floating_point() else t
