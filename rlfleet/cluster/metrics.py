@@ -148,8 +148,13 @@ class Reporters:
             self.tensorboard.close()
             self.tensorboard = None
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
             self.wandb = None
+            # finish() can return before W&B's service process has written the run's last records (offline, 0.31:
+            # about 1 run in 7 had no history rows when read right after); teardown waits for that process to exit
+            wandb.teardown()
 
 
 class StepOutputs:
