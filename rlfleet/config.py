@@ -83,6 +83,14 @@ class GenerationConfig(Section):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: vLLM's memory share.")
     kv_cache_space_gib: int = Field(1, ge=1, description="CPU only: vLLM KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = Field(True, description="Skip CUDA graphs / torch.compile: faster start, small models.")
+    # multi-turn episodes (algorithm.environment)
+    max_turns: int = Field(
+        1, ge=1, description="Model turns per episode (with algorithm.environment); max_completion_length is per turn."
+    )
+    env_timeout_s: float = Field(
+        30.0, gt=0, description="Longest an environment may take to answer one turn; past it the episode's group is "
+        "dropped and counted in errors/env."
+    )
 
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -123,6 +131,12 @@ class AlgorithmConfig(Section):
     group_filter_func: str | None = Field(
         None, description="GFPO scorer: 'shortest', 'token_efficiency' or 'package.module:function'."
     )
+    environment: str | None = Field(
+        None, description="Multi-turn episodes: 'scripted_user', 'calculator' or 'package.module:Class' (see "
+        "rlfleet.environments); None = one completion per sample."
+    )
+    environment_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the "
+                                               "environment's class.")
 
     @property
     def clip_high(self) -> float:
@@ -355,6 +369,13 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
             f"algorithm.reward_weights: {len(alg.reward_weights)} weights for {len(alg.reward_funcs)} "
             "algorithm.reward_funcs; give one weight per function."
         )
+    if alg.environment is None and (gen.max_turns > 1 or alg.environment_kwargs):
+        field = "generation.max_turns" if gen.max_turns > 1 else "algorithm.environment_kwargs"
+        out.append(f"{field}: set without algorithm.environment; name an environment (e.g. 'scripted_user') or "
+                   "remove it.")
+    elif alg.environment is not None and gen.max_turns < 2:
+        out.append(f"generation.max_turns: {gen.max_turns} gives the environment {alg.environment!r} no turn to "
+                   "answer; set it to 2 or more (the model's turns per episode).")
     if rep.replay_buffer_size < 0:
         out.append(
             f"replay.replay_buffer_size: {rep.replay_buffer_size} is negative; use 0 to disable the reservoir "

@@ -42,12 +42,23 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv
 
 
 def completion_text(completion: str | list[dict]) -> str:
-    """The text of a standard (str) or conversational (``[{"role": "assistant", "content": ...}]``) completion."""
-    return completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+    """The model's text in a standard (str) or conversational completion: the contents of its assistant messages,
+    joined (a multi-turn episode's other messages are the environment's)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m["content"] for m in completion if m.get("role", "assistant") == "assistant")
+
+
+def final_text(completion: str | list[dict]) -> str:
+    """The model's last turn: the completion itself, or its last assistant message's content."""
+    if isinstance(completion, str):
+        return completion
+    return next((m["content"] for m in reversed(completion) if m.get("role", "assistant") == "assistant"), "")
 
 
 def char_count_reward(prompts, completions, completion_ids=None, *, target, **kwargs) -> list[float]:
-    """Share of the completion's UTF-8 bytes equal to ``target``: ``count(target) / max(num_bytes, 1)``, in [0, 1]."""
+    """Share of the completion's UTF-8 bytes equal to ``target``: ``count(target) / max(num_bytes, 1)``, in [0, 1].
+    In a multi-turn episode, over the bytes of all the model's turns."""
     out = []
     for completion, char in zip(completions, target, strict=True):
         data = completion_text(completion).encode("utf-8")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from rlfleet.data import completion_text
+from rlfleet.data import final_text
 
 # An optional minus sign, then digits with optional thousands separators (``1,234,567``: groups of exactly three
 # after each comma, so ``1,2`` is two numbers), then an optional decimal part. ``$18.`` reads as 18.
@@ -55,12 +55,12 @@ def gold_number(answer: str) -> Decimal:
 def gsm8k_accuracy(prompts, completions, completion_ids=None, *, answer, **kwargs) -> list[float]:
     """1.0 where the completion's last number equals the number after ``####`` in ``answer``, else 0.0.
 
-    A completion without any number scores 0.0. ``completions`` are strings or conversational message lists
-    (their contents are joined).
+    A completion without any number scores 0.0. ``completions`` are strings or conversational message lists; in a
+    multi-turn episode only the model's last turn answers (a number in a tool's result does not count).
     """
     out = []
     for completion, gold in zip(completions, answer, strict=True):
-        predicted = last_number(completion_text(completion))
+        predicted = last_number(final_text(completion))
         out.append(float(predicted is not None and predicted == gold_number(gold)))
     return out
 
@@ -71,4 +71,4 @@ def format_reward(prompts, completions, completion_ids=None, **kwargs) -> list[f
     A small weight on it (e.g. 0.2 next to :func:`gsm8k_accuracy`'s 1.0) teaches the model to state an explicit
     final answer; when that line ends the completion, its number is the one :func:`gsm8k_accuracy` reads.
     """
-    return [float(ANSWER_LINE.search(completion_text(c)) is not None) for c in completions]
+    return [float(ANSWER_LINE.search(final_text(c)) is not None) for c in completions]

@@ -14,7 +14,9 @@ class Group:
 
     ``n`` is the number of completions kept (``num_generations``, or ``num_remains_in_group`` under GFPO) and
     ``T`` the longest kept completion. Completion arrays are right-padded; ``completion_lengths`` gives the real
-    lengths. The behaviour log-probabilities ``behaviour_logprobs`` are those of the sampled tokens under the weights of
+    lengths. In a multi-turn episode the "completion" is everything after the prompt: the model's turns and the
+    environment's messages between them, as token ids; ``loss_mask`` marks the model's tokens (1) against the
+    environment's (0), and None means every token is the model's (single-turn). The behaviour log-probabilities ``behaviour_logprobs`` are those of the sampled tokens under the weights of
     ``policy_version``, computed on temperature-scaled logits as the learner does.
     """
 
@@ -29,6 +31,7 @@ class Group:
     policy_version: int  # version of the weights that sampled it
     reward_std: float = 0.0  # unbiased std of the kept rewards (0 when zero-variance)
     meta: dict = field(default_factory=dict)  # small extras for logging (e.g. one decoded completion)
+    loss_mask: np.ndarray | None = None  # bool [n, T]  1 on the model's tokens; None: all of them (0 on padding)
 
     def __post_init__(self) -> None:
         n = len(self.completion_lengths)
@@ -39,6 +42,9 @@ class Group:
             )
         if self.rewards.shape != (n,) or self.advantages.shape != (n,) or self.truncated.shape != (n,):
             raise ValueError(f"Group {self.prompt_id}: rewards/advantages/truncated must have shape ({n},)")
+        if self.loss_mask is not None and self.loss_mask.shape != self.completion_ids.shape:
+            raise ValueError(f"Group {self.prompt_id}: loss_mask {self.loss_mask.shape} and completion_ids "
+                             f"{self.completion_ids.shape} disagree")
 
     @property
     def size(self) -> int:
@@ -56,6 +62,12 @@ class Group:
     def score(self) -> float:
         """Reservoir priority: sum_j |A_j| * std (TRL's grpo_with_replay_buffer)."""
         return float(np.abs(self.advantages).sum() * self.reward_std)
+
+    @property
+    def model_token_mask(self) -> np.ndarray:
+        """bool ``[n, T]``: the model's sampled tokens (the loss mask within each completion's length)."""
+        within = np.arange(self.completion_ids.shape[1])[None, :] < self.completion_lengths[:, None]  # [n, T]
+        return within if self.loss_mask is None else within & self.loss_mask.astype(bool)
 
     @property
     def completion_token_lists(self) -> list[list[int]]:
@@ -79,7 +91,8 @@ def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.nda
     Arrays (k groups; P_i prompt lengths, [n_i, T_i] completion shapes; offsets are the cumulative sums):
     ``prompt_lengths`` int64 [k], ``prompt_ids`` int32 [sum P_i], ``completion_shapes`` int64 [k, 2],
     ``completion_ids`` int32 and ``behaviour_logprobs`` float32 [sum n_i T_i] (row-major), ``completion_lengths`` int32,
-    ``rewards`` and ``advantages`` float32, ``truncated`` bool [sum n_i]. Arrays are cast to these wire dtypes.
+    ``rewards`` and ``advantages`` float32, ``truncated`` bool [sum n_i], ``loss_mask`` bool [sum n_i T_i] (all 1 for
+    a single-turn group). Arrays are cast to these wire dtypes.
     Meta: prompt_id, policy_version, reward_std and the entries of ``Group.meta`` that survive a JSON round trip
     unchanged (others, e.g. numpy values, are left out).
     """
@@ -97,6 +110,7 @@ def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.nda
         "rewards": cat([g.rewards for g in groups], np.float32),
         "advantages": cat([g.advantages for g in groups], np.float32),
         "truncated": cat([g.truncated for g in groups], np.bool_),
+        "loss_mask": cat([g.model_token_mask for g in groups], np.bool_),
     }
     metas = [
         {
@@ -117,6 +131,7 @@ def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix:
     if prefix + "behaviour_logprobs" not in arrays and prefix + "old_logprobs" in arrays:  # written before the rename
         arrays = {**arrays, prefix + "behaviour_logprobs": arrays[prefix + "old_logprobs"]}
     a = {name: np.asarray(arrays[prefix + name]) for name in names}
+    loss_masks = arrays.get(prefix + "loss_mask")  # absent in states written before multi-turn episodes
     if len(a["prompt_lengths"]) != len(metas):
         raise ValueError(f"groups_from_arrays: {len(a['prompt_lengths'])} groups in arrays, {len(metas)} metas")
     groups = []
@@ -124,11 +139,17 @@ def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix:
     for i, m in enumerate(metas):
         n, t = (int(x) for x in a["completion_shapes"][i])
         p1, c1, r1 = p0 + int(a["prompt_lengths"][i]), c0 + n * t, r0 + n
+        lengths = a["completion_lengths"][r0:r1]
+        loss_mask = None  # single-turn: every token within the length is the model's
+        if loss_masks is not None:
+            stored = np.asarray(loss_masks[c0:c1], dtype=bool).reshape(n, t)  # [n, T]
+            if not np.array_equal(stored, np.arange(t)[None, :] < lengths[:, None]):
+                loss_mask = stored.copy()
         group = Group(
             prompt_id=m["prompt_id"],
             prompt_ids=a["prompt_ids"][p0:p1].copy(),  # [P]
             completion_ids=a["completion_ids"][c0:c1].reshape(n, t).copy(),  # [n, T]
-            completion_lengths=a["completion_lengths"][r0:r1].copy(),  # [n]
+            completion_lengths=lengths.copy(),  # [n]
             behaviour_logprobs=a["behaviour_logprobs"][c0:c1].reshape(n, t).copy(),  # [n, T]
             rewards=a["rewards"][r0:r1].copy(),
             advantages=a["advantages"][r0:r1].copy(),
@@ -136,6 +157,7 @@ def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix:
             policy_version=int(m["policy_version"]),
             reward_std=float(m["reward_std"]),
             meta=dict(m["meta"]),
+            loss_mask=loss_mask,
         )
         groups.append(group)
         p0, c0, r0 = p1, c1, r1

@@ -50,7 +50,9 @@ class StepWindow:
 
     groups: int = 0
     reward_errors: int = 0
+    env_errors: int = 0
     dropped: int = 0
+    env: dict[str, float] = field(default_factory=dict)  # env/episodes, env/turns, env/seconds, env/tokens summed
     busy_s: dict[int, float] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
     sync_s: list[float] = field(default_factory=list)
@@ -58,6 +60,10 @@ class StepWindow:
     def add(self, index: int, stats: dict) -> None:
         self.groups += int(stats.get("gen/groups", 0))
         self.reward_errors += int(stats.get("errors/reward", 0))
+        self.env_errors += int(stats.get("errors/env", 0))
+        for key in ("env/episodes", "env/turns", "env/seconds", "env/tokens"):
+            if key in stats:
+                self.env[key] = self.env.get(key, 0.0) + float(stats[key])
         self.dropped += int(stats.get("gen/dropped_groups", 0))
         self.busy_s[index] = self.busy_s.get(index, 0.0) + float(stats.get("gen/seconds", 0.0))
         self.tokens[index] = self.tokens.get(index, 0) + int(stats.get("gen/tokens", 0))
@@ -75,7 +81,13 @@ class StepWindow:
     def metrics(self, wall_s: float, generators: list[int]) -> dict:
         busy, tokens = sum(self.busy_s.values()), sum(self.tokens.values())
         per_gen = self.per_generator(wall_s, generators).values()
-        return {
+        env = {}
+        if self.env.get("env/episodes"):  # multi-turn: per episode, and the environment's share of the tokens
+            env_tokens = self.env["env/tokens"]
+            env = {"env/turns_per_episode": self.env["env/turns"] / self.env["env/episodes"],
+                   "env/seconds": self.env["env/seconds"], "errors/env": self.env_errors,
+                   "env/token_frac": env_tokens / (env_tokens + tokens) if env_tokens + tokens else 0.0}
+        return env | {
             "gen/groups": self.groups,
             "gen/active_generators": sum(1 for t in self.tokens.values() if t > 0),
             "gen/tokens": tokens,
@@ -106,6 +118,18 @@ def preflight(cfg: RLFleetConfig):
     except (ValueError, FileNotFoundError) as err:
         problems.append(f"data.dataset: {err}")
     alg = cfg.algorithm
+    tools = None
+    if alg.environment is not None:
+        from rlfleet.environments import make_environment
+
+        try:
+            tools = getattr(make_environment(alg.environment, alg.environment_kwargs), "tools", None)
+        except ValueError as err:
+            problems.append(str(err))
+        if dataset is not None and len(dataset) and not isinstance(dataset[0]["prompt"], list):
+            problems.append(f"algorithm.environment: {alg.environment!r} needs conversational prompts (lists of "
+                            f"{{'role', 'content'}} messages), and data.dataset {cfg.data.dataset!r} has plain "
+                            "strings; map a messages column to 'prompt' or wrap each string as a user message")
     checks = [lambda: resolve_reward_funcs(alg, cfg.data)]
     if alg.group_filter_func is not None:
         checks.append(lambda: resolve_function(alg.group_filter_func, BUILTIN_GROUP_FILTERS,
@@ -117,7 +141,7 @@ def preflight(cfg: RLFleetConfig):
             problems.append(str(err))
     if dataset is not None and not problems:
         problems += long_prompts(cfg, dataset, load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code),
-                                 prompt_token_ids)
+                                 lambda tokenizer, prompt: prompt_token_ids(tokenizer, prompt, tools))
     if problems:
         raise ConfigError(problems)
     return dataset
@@ -182,7 +206,7 @@ class RLJob:
             generator_bundle(c), c.max_generators,
             cfg.generation.generation_batch_size // cfg.generation.num_generations, t)
         self.stream = PromptStream(self.dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
-        self.step, reward_errors_total = 0, 0
+        self.step, errors_total = 0, {"reward": 0, "env": 0}
         if resume_from is not None:
             self.phase = f"restoring {resume_from}"
             replay_state, driver_state = ckpt.read_state(resume_from)
@@ -191,7 +215,8 @@ class RLJob:
             self.stream.load_state_dict(driver_state["stream"])
             self.pool.retry = list(driver_state.get("retry", []))
             self.step = driver_state["step"]
-            reward_errors_total = int(driver_state.get("reward_errors_total", 0))
+            errors_total = {"reward": int(driver_state.get("reward_errors_total", 0)),
+                            "env": int(driver_state.get("env_errors_total", 0))}
             print(f"rlfleet: resumed from {resume_from} at step {self.step}", flush=True)
         self.phase = "starting the generation actors (placing them, loading their engines)"
         print(f"rlfleet: starting {c.min_generators} generation actor(s)"
@@ -199,7 +224,7 @@ class RLJob:
               flush=True)
         self.pool.start(c.min_generators)
         self.phase = "publishing the first weights"
-        self.outputs = StepOutputs(cfg, rl_series(cfg.algorithm.beta), self.step if resume_from else None,
+        self.outputs = StepOutputs(cfg, rl_series(cfg.algorithm.beta, cfg.algorithm.environment is not None), self.step if resume_from else None,
                                    RL_GENERATOR_SERIES)
         self.batches_log = MetricsLog(self.out, resume_step=self.step if resume_from else None, name="batches.jsonl")
         self.progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every, start=self.step)
@@ -214,7 +239,7 @@ class RLJob:
         self.control_seen, self.control_future = 0, self.control.next_request.remote(0)  # any request so far
         self.window, self.last_record, self.t_step = StepWindow(), {}, time.perf_counter()
         self.groups_attempted = self.groups_failed = 0  # since the driver (re)started: the error-rate check
-        self.reward_errors_total = reward_errors_total  # over the run, checkpointed (errors/reward_total)
+        self.errors_total = errors_total  # over the run, checkpointed (errors/reward_total, errors/env_total)
         self.driver_s: dict[str, float] = {}  # the driver's own seconds by phase (timed)
 
     @property
@@ -305,16 +330,21 @@ class RLJob:
             raise RunStopped("stop requested through rlfleet-control")
 
     def check_reward_errors(self, stats: dict) -> None:
-        """Stop when reward / filter functions fail on more than algorithm.max_reward_error_frac of the groups."""
-        self.groups_attempted += int(stats.get("gen/groups", 0) + stats.get("errors/reward", 0))
-        self.groups_failed += int(stats.get("errors/reward", 0))
-        self.reward_errors_total += int(stats.get("errors/reward", 0))
+        """Stop when reward / filter functions or the environment fail on more than
+        algorithm.max_reward_error_frac of the groups."""
+        failed = {kind: int(stats.get(f"errors/{kind}", 0)) for kind in ("reward", "env")}
+        self.groups_attempted += int(stats.get("gen/groups", 0)) + sum(failed.values())
+        self.groups_failed += sum(failed.values())
+        for kind, n in failed.items():
+            self.errors_total[kind] += n
         limit = self.cfg.algorithm.max_reward_error_frac
         if self.groups_attempted >= 16 and self.groups_failed > limit * self.groups_attempted:
+            what = "reward or group-filter functions" + (" or the environment" if self.cfg.algorithm.environment
+                                                         else "")
             raise RunFailed(
-                f"reward or group-filter functions failed on {self.groups_failed} of {self.groups_attempted} groups "
-                f"(more than algorithm.max_reward_error_frac={limit:g}); the generator logs name the function and "
-                "its error. Fix the function, or raise the limit")
+                f"{what} failed on {self.groups_failed} of {self.groups_attempted} groups (more than "
+                f"algorithm.max_reward_error_frac={limit:g}; {self.errors_total['env']} by the environment in the "
+                "run); the generator logs name the function and its error. Fix it, or raise the limit")
 
     def finish_step(self, result) -> None:
         """Record a finished learner step; its weights go to each generator before its next request."""
@@ -331,7 +361,8 @@ class RLJob:
                   "replay/size": stats["replay/fresh_size"] + stats["replay/reservoir_size"],
                   "replay/substituted_step": stats["replay/substituted"] - substituted_last,
                   **self.window.metrics(wall_s, generators), **self.pool.counts,
-                  "errors/reward_total": self.reward_errors_total,
+                  "errors/reward_total": self.errors_total["reward"],
+                  **({"errors/env_total": self.errors_total["env"]} if self.cfg.algorithm.environment else {}),
                   "faults/recoveries": self.recoveries, "fleet/generators": len(generators),
                   **{f"gen/requests/{i}": n for i, n in self.pool.requests_by_generator.items()},
                   **{f"time/driver/{phase}_s": sec for phase, sec in self.driver_s.items()},
@@ -365,7 +396,8 @@ class RLJob:
         replay_state = call(self.replay.state_dict.remote(), t, "the replay actor (saving)")
         ckpt.write_state(staging, replay_state, {"step": self.step, "policy_version": self.version,
                                                  "stream": self.stream.state_dict(), "retry": self.pool.retry,
-                                                 "reward_errors_total": self.reward_errors_total})
+                                                 "reward_errors_total": self.errors_total["reward"],
+                                                 "env_errors_total": self.errors_total["env"]})
         return ckpt.commit(staging, self.step, self.cfg.checkpoint.keep_last)
 
     def finish(self, final: Path) -> dict:

@@ -224,6 +224,8 @@ RL_SERIES = {
     "rlfleet_replay_reservoir_size": ("replay/reservoir_size", "high-variance groups held for replay"),
     "rlfleet_replay_substituted_total": ("replay/substituted", "zero-variance groups replaced from the reservoir"),
     "rlfleet_reward_errors_total": ("errors/reward_total", "groups dropped because a reward or filter function failed"),
+    "rlfleet_env_errors_total": ("errors/env_total", "groups dropped because the environment failed (multi-turn)"),
+    "rlfleet_env_turns_per_episode": ("env/turns_per_episode", "model turns per episode (multi-turn)"),
     "rlfleet_sync_seconds": ("sync/seconds", "slowest weight load of the step on a generator"),
     "rlfleet_learner_step_seconds": ("time/learner_s", "learner compute seconds per step"),
     "rlfleet_learner_idle_frac": ("idle/learner_frac", "share of the step the learner waited for data"),
@@ -248,9 +250,14 @@ DPO_SERIES = {
 }
 
 
-def rl_series(beta: float) -> dict[str, tuple[str, str]]:
-    """The series an ``rlfleet train`` job exports: all of RL_SERIES, KL only when there is a reference model."""
-    return {n: v for n, v in RL_SERIES.items() if beta > 0 or n != "rlfleet_kl"}
+MULTI_TURN_SERIES = ("rlfleet_env_errors_total", "rlfleet_env_turns_per_episode")
+
+
+def rl_series(beta: float, multi_turn: bool = False) -> dict[str, tuple[str, str]]:
+    """The series an ``rlfleet train`` job exports: all of RL_SERIES, KL only when there is a reference model, the
+    environment's only with one (``algorithm.environment``)."""
+    return {n: v for n, v in RL_SERIES.items()
+            if (beta > 0 or n != "rlfleet_kl") and (multi_turn or n not in MULTI_TURN_SERIES)}
 
 
 def dpo_series(with_eval: bool) -> dict[str, tuple[str, str]]:

@@ -51,6 +51,10 @@ class Completion:
     logprobs: list[float]  # [T] behaviour log-prob of each sampled token (see the module docstring)
     truncated: bool  # stopped by the length limit (vLLM finish_reason == "length"), not by EOS
 
+    @property
+    def model_tokens(self) -> int:
+        return len(self.token_ids)
+
 
 def set_cpu_env_defaults(generation: GenerationConfig, model_path: str) -> None:
     """vLLM-on-CPU settings (platform-notes), each only where the user has not set it.

@@ -18,6 +18,12 @@ For a batch of records (dataset rows with ``prompt`` and ``prompt_id``), :meth:`
 A reward or filter function that raises, returns the wrong number of values, or returns NaN / inf (a filter may
 return -inf: "keep last") spoils the groups it was scoring: they are dropped and counted in ``errors/reward``, and
 the error is logged once per function, with its name. A prompt too long for the engine is dropped and counted too.
+
+With an environment (``algorithm.environment``), step 2 samples multi-turn episodes
+(:class:`~rlfleet.generation.episodes.EpisodeRunner`): a completion is then the episode after the prompt, the
+reward functions receive its messages (the model's and the environment's), GFPO's ``completion_lengths`` count the
+model's tokens, and the groups carry a loss mask. A group whose environment failed is dropped and counted in
+``errors/env`` (logged once per kind of failure).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rlfleet.generation.engine import Completion
+from rlfleet.generation.episodes import Episode, EpisodeRunner
 from rlfleet.generation.scoring import (
     BUILTIN_GROUP_FILTERS,
     combine_rewards,
@@ -81,10 +88,12 @@ def _name(func: Callable) -> str:
     return getattr(func, "__name__", None) or repr(func)
 
 
-def prompt_token_ids(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
-    """Token ids of a standard (string) or conversational (messages; chat template applied) prompt."""
+def prompt_token_ids(tokenizer: Any, prompt: str | list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a standard (string) or conversational (messages; chat template applied, with the
+    environment's ``tools`` if any) prompt."""
     if isinstance(prompt, list):
-        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        kwargs = {"tools": tools} if tools else {}
+        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kwargs)
     return tokenizer(prompt, add_special_tokens=False).input_ids
 
 
@@ -100,6 +109,7 @@ class Generator:
         reward_funcs: Sequence[Callable],
         reward_weights: Sequence[float] | None = None,
         group_filter: Callable | None = None,
+        environment: Any = None,
     ):
         if not reward_funcs:
             raise ValueError("Generator: at least one reward function is needed")
@@ -114,6 +124,9 @@ class Generator:
         self.group_filter = group_filter
         self._filter_takes_lengths = group_filter is not None and _accepts_keyword(group_filter, "completion_lengths")
         self._logged: set[str] = set()  # names of functions whose failure was logged already
+        self.environment = environment
+        self.episodes = None if environment is None else EpisodeRunner(
+            engine, tokenizer, environment, generation.max_turns, generation.env_timeout_s)
 
     @classmethod
     def from_config(cls, engine: SamplingEngine, tokenizer: Any, cfg: RLFleetConfig) -> Generator:
@@ -122,13 +135,18 @@ class Generator:
         group_filter = None
         if alg.num_remains_in_group is not None:
             group_filter = resolve_function(alg.group_filter_func, BUILTIN_GROUP_FILTERS, "algorithm.group_filter_func")
+        environment = None
+        if alg.environment is not None:
+            from rlfleet.environments import make_environment
+
+            environment = make_environment(alg.environment, alg.environment_kwargs)
         return cls(engine, tokenizer, cfg.generation, alg, resolve_reward_funcs(alg, cfg.data), alg.reward_weights,
-                   group_filter)
+                   group_filter, environment)
 
     # ------------------------------------------------------------------------------------------------------------
 
     def _prompt_token_ids(self, prompt: str | list[dict]) -> list[int]:
-        return prompt_token_ids(self.tokenizer, prompt)
+        return prompt_token_ids(self.tokenizer, prompt, getattr(self.environment, "tools", None))
 
     def _log_once(self, key: str, message: str, err: BaseException | None = None) -> None:
         if key not in self._logged:
@@ -195,18 +213,45 @@ class Generator:
             prompt_ids.append(ids)
         return kept, prompt_ids, len(records) - len(kept)
 
+    def _sample_episodes(self, records: list[dict], prompt_ids: list[list[int]], n: int
+                         ) -> tuple[list[list[Episode]], dict[str, float]]:
+        """``n`` episodes per record, and their stats: ``env/episodes``, ``env/turns`` (model turns, summed),
+        ``env/seconds``, ``env/tokens`` (the environment's), ``env/model_tokens``, ``errors/env`` (groups failed)."""
+        episodes, env_s = self.episodes.run(records, prompt_ids, n) if records else ([], 0.0)
+        flat = [ep for group in episodes for ep in group]
+        failed = [group for group in episodes if any(ep.error for ep in group)]
+        for group in failed:
+            error = next(ep.error for ep in group if ep.error)
+            self._log_once("env: " + ": ".join(error.split(": ")[:2]),  # once per method and error type
+                           f"environment {type(self.environment).__name__} failed an episode: {error}; its group is "
+                           "dropped and counted in errors/env")
+        model_tokens = sum(ep.model_tokens for ep in flat)
+        return episodes, {"env/episodes": float(len(flat)), "env/turns": float(sum(ep.turns for ep in flat)),
+                          "env/seconds": env_s, "env/tokens": float(sum(len(ep.token_ids) for ep in flat)
+                                                                    - model_tokens),
+                          "env/model_tokens": float(model_tokens), "errors/env": float(len(failed))}
+
     def generate(self, records: list[dict]) -> tuple[list[Group], dict[str, float]]:
         """Sample, score, filter and compute advantages for ``records``; returns the groups and a stats dict.
 
         Stats: ``gen/*`` (groups, tokens sampled, seconds, tokens_per_s, truncated_frac, dropped_groups,
-        prompts_too_long), ``errors/reward`` (groups dropped for a failing reward or filter function),
+        prompts_too_long), ``errors/reward`` (groups dropped for a failing reward or filter function), with an
+        environment ``env/*`` and ``errors/env`` (:meth:`_sample_episodes`),
         ``reward/mean``, ``reward/std``, ``reward/<function>/mean`` over every sample of the surviving groups
         (before GFPO filtering; absent when nothing was scored), ``reward/frac_zero_std`` and ``policy_version``.
         """
         start = time.perf_counter()
         G = self.generation.num_generations
         kept_records, prompt_ids, too_long = self._encode_prompts(records)
-        samples = self.engine.sample(prompt_ids, G) if prompt_ids else []  # [num_groups][G]
+        env_stats: dict[str, float] = {}
+        if self.episodes is None:
+            samples = self.engine.sample(prompt_ids, G) if prompt_ids else []  # [num_groups][G]
+            sampled_tokens = sum(len(c.token_ids) for group in samples for c in group)
+        else:
+            samples, env_stats = self._sample_episodes(kept_records, prompt_ids, G)
+            sampled_tokens = int(env_stats.pop("env/model_tokens"))
+            ok_env = [i for i, group in enumerate(samples) if not any(ep.error for ep in group)]
+            kept_records, prompt_ids, samples = ([x[i] for i in ok_env] for x in (kept_records, prompt_ids, samples))
         version = self.engine.version
         num_groups = len(samples)
 
@@ -215,8 +260,11 @@ class Generator:
         completion_ids = [c.token_ids for c in flat]
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True) if flat else []
         prompts = [r["prompt"] for r in kept_records for _ in range(G)]
-        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
-                       for t, p in zip(texts, prompts)]
+        if self.episodes is None:
+            completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                           for t, p in zip(texts, prompts)]
+        else:  # the episode after the prompt: the model's turns and the environment's messages
+            completions = [c.messages for c in flat]
         columns = {key: [r[key] for r in kept_records for _ in range(G)]
                    for key in (kept_records[0] if kept_records else {}) if key != "prompt"}
         if num_groups:
@@ -224,7 +272,7 @@ class Generator:
         else:  # nothing to score: do not call user functions with empty lists
             per_func, spoiled = np.empty((len(self.reward_funcs), 0)), np.zeros(0, dtype=bool)
         rewards = combine_rewards(per_func, self.reward_weights).reshape(num_groups, G)  # [ng, G]
-        lengths = np.array([len(c.token_ids) for c in flat], dtype=np.int64).reshape(num_groups, G)  # [ng, G]
+        lengths = np.array([c.model_tokens for c in flat], dtype=np.int64).reshape(num_groups, G)  # [ng, G]
 
         # GFPO filter, then advantages on the kept rows of the surviving groups.
         ok = np.flatnonzero(~spoiled)  # [n_ok]
@@ -242,17 +290,18 @@ class Generator:
         ]
 
         seconds = time.perf_counter() - start
-        tokens = int(lengths.sum())
+        env_failed = int(env_stats.get("errors/env", 0))
         stats = {
             "gen/groups": float(len(groups)),
-            "gen/tokens": float(tokens),
+            "gen/tokens": float(sampled_tokens),
             "gen/seconds": seconds,
-            "gen/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "gen/tokens_per_s": sampled_tokens / seconds if seconds > 0 else 0.0,
             "gen/truncated_frac": float(np.mean([c.truncated for c in flat])) if flat else 0.0,
-            "gen/dropped_groups": float(num_groups - len(groups) + too_long),
+            "gen/dropped_groups": float(num_groups - len(groups) + too_long + env_failed),
             "gen/prompts_too_long": float(too_long),
             "errors/reward": float(num_groups - len(groups)),
             "policy_version": float(version),
+            **env_stats,
         }
         scored = rewards[ok]  # [n_ok, G]  all samples of the surviving groups
         if np.isfinite(scored).any():
@@ -272,9 +321,12 @@ def _make_group(record: dict, prompt_ids: list[int], kept: list[Completion], rew
     T = max(len(c.token_ids) for c in kept)
     ids = np.zeros((len(kept), T), dtype=np.int32)  # [k, T]
     behaviour_logprobs = np.zeros((len(kept), T), dtype=np.float32)  # [k, T]
+    loss_mask = np.zeros((len(kept), T), dtype=bool) if isinstance(kept[0], Episode) else None  # [k, T]
     for row, c in enumerate(kept):
         ids[row, :len(c.token_ids)] = c.token_ids
         behaviour_logprobs[row, :len(c.logprobs)] = c.logprobs
+        if loss_mask is not None:
+            loss_mask[row, :len(c.loss_mask)] = c.loss_mask
     return Group(
         prompt_id=str(record["prompt_id"]),
         prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
@@ -287,4 +339,5 @@ def _make_group(record: dict, prompt_ids: list[int], kept: list[Completion], rew
         policy_version=version,
         reward_std=reward_std,
         meta={"completion": first_text[:200]},  # the first kept completion (the best under GFPO), for logs
+        loss_mask=loss_mask,
     )

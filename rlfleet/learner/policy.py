@@ -100,7 +100,9 @@ def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool =
     """Pad the groups' rows into one :class:`Batch`, rows in group order.
 
     Row ``i`` with prompt ``p`` (length ``P_i``) and completion ``c`` (length ``L_i``) becomes
-    ``[pad] * (P - P_i) + p + c + [pad] * (T - L_i)``; ``mask[i, t] = 1`` for ``t < L_i``, and the whole row is 0
+    ``[pad] * (P - P_i) + p + c + [pad] * (T - L_i)``; ``mask[i, t] = 1`` for ``t < L_i`` where the token is the
+    model's (``Group.loss_mask``: an environment's tokens in a multi-turn episode are context, never trained), and
+    the whole row is 0
     when ``mask_truncated_completions`` and the completion was truncated (TRL's semantics; its advantage was
     still computed with the group).
     """
@@ -123,7 +125,12 @@ def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool =
             input_ids[row, P : P + n] = completion_ids[row, :n]
             attention_mask[row, P - len(prompt) : P + n] = 1
             row += 1
-    mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.float32)  # [B, T]
+    mask = np.zeros((B, T), dtype=np.float32)  # [B, T]
+    row = 0
+    for g in groups:
+        width = min(g.completion_ids.shape[1], T)
+        mask[row:row + g.size, :width] = g.model_token_mask[:, :width]
+        row += g.size
     if mask_truncated_completions:
         mask *= ~np.concatenate([g.truncated for g in groups])[:, None]
     attention = torch.from_numpy(attention_mask)
