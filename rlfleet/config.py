@@ -67,6 +67,10 @@ class DataConfig(Section):
     )
     shuffle: bool = True
     max_prompts: int | None = Field(None, gt=0, description="Use only the first N prompts (after shuffling).")
+    system_prompt: str | None = Field(
+        None, description="Make every prompt a conversation that starts with this system message (a string prompt "
+        "becomes the user's message; '' adds no system message). None: prompts as the dataset has them."
+    )
 
 
 class GenerationConfig(Section):

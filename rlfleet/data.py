@@ -191,6 +191,15 @@ def _check_prompt(prompt: Any, where: str) -> None:
     )
 
 
+def as_conversation(prompt: str | list[dict], system_prompt: str) -> list[dict]:
+    """``prompt`` as messages that start with the system message ``system_prompt`` (none if it is empty): a string is
+    the user's message; a conversation that has a system message keeps its own."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def load_mapped(cfg: DataConfig, split: str, builtin: Callable[[str], datasets.Dataset] | None) -> datasets.Dataset:
     """``cfg.dataset`` loaded (``builtin(split)`` for a built-in, else a local file, else the hub with
     ``cfg.dataset_config``) and its columns renamed by ``cfg.column_mapping``."""
@@ -229,6 +238,14 @@ def load_prompt_dataset(cfg: DataConfig, split: str, seed: int = 0) -> datasets.
         raise ValueError(f"data.dataset: {name!r} split {split!r} is empty; it needs at least one prompt")
     for i, prompt in enumerate(ds.select(range(min(len(ds), 100)))["prompt"]):
         _check_prompt(prompt, f"data.dataset {name!r} row {i}")
+    if cfg.system_prompt is not None:
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a bar per load, on every generator, for a map of milliseconds
+        try:
+            ds = ds.map(lambda row: {"prompt": as_conversation(row["prompt"], cfg.system_prompt)})
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
     if cfg.max_prompts is not None and cfg.max_prompts < len(ds):
         ds = (ds.shuffle(seed=seed) if cfg.shuffle else ds).select(range(cfg.max_prompts))
     return ds

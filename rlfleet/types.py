@@ -16,8 +16,9 @@ class Group:
     ``T`` the longest kept completion. Completion arrays are right-padded; ``completion_lengths`` gives the real
     lengths. In a multi-turn episode the "completion" is everything after the prompt: the model's turns and the
     environment's messages between them, as token ids; ``loss_mask`` marks the model's tokens (1) against the
-    environment's (0), and None means every token is the model's (single-turn). The behaviour log-probabilities ``behaviour_logprobs`` are those of the sampled tokens under the weights of
-    ``policy_version``, computed on temperature-scaled logits as the learner does.
+    environment's (0), and None means every token is the model's (single-turn). The behaviour log-probabilities
+    ``behaviour_logprobs`` are those of the sampled tokens under the weights of ``policy_version``, computed on
+    temperature-scaled logits as the learner does (0 on the environment's tokens).
     """
 
     prompt_id: str  # stable id of the prompt record (dataset index or id column)

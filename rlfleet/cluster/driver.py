@@ -129,7 +129,7 @@ def preflight(cfg: RLFleetConfig):
         if dataset is not None and len(dataset) and not isinstance(dataset[0]["prompt"], list):
             problems.append(f"algorithm.environment: {alg.environment!r} needs conversational prompts (lists of "
                             f"{{'role', 'content'}} messages), and data.dataset {cfg.data.dataset!r} has plain "
-                            "strings; map a messages column to 'prompt' or wrap each string as a user message")
+                            "strings; set data.system_prompt (\"\" for none) to make each string a user message")
     checks = [lambda: resolve_reward_funcs(alg, cfg.data)]
     if alg.group_filter_func is not None:
         checks.append(lambda: resolve_function(alg.group_filter_func, BUILTIN_GROUP_FILTERS,
@@ -224,7 +224,8 @@ class RLJob:
               flush=True)
         self.pool.start(c.min_generators)
         self.phase = "publishing the first weights"
-        self.outputs = StepOutputs(cfg, rl_series(cfg.algorithm.beta, cfg.algorithm.environment is not None), self.step if resume_from else None,
+        series = rl_series(cfg.algorithm.beta, multi_turn=cfg.algorithm.environment is not None)
+        self.outputs = StepOutputs(cfg, series, self.step if resume_from else None,
                                    RL_GENERATOR_SERIES)
         self.batches_log = MetricsLog(self.out, resume_step=self.step if resume_from else None, name="batches.jsonl")
         self.progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every, start=self.step)

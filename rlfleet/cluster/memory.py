@@ -91,9 +91,15 @@ def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate
 
 
 def logit_positions(cfg, dpo: bool) -> int:
-    """Completion positions of one learner micro-batch (DPO: its sequences x dpo.max_length, a bound), capped at
-    ``learner.logprob_chunk_tokens`` when the learner builds the logits in chunks."""
-    length = cfg.dpo.max_length if dpo else cfg.generation.max_completion_length
+    """Completion positions of one learner micro-batch (DPO: its sequences x dpo.max_length, a bound; multi-turn
+    episodes: max_turns turns with the environment's messages between them, bounded by model.max_model_len), capped
+    at ``learner.logprob_chunk_tokens`` when the learner builds the logits in chunks."""
+    gen = cfg.generation
+    length = gen.max_completion_length
+    if dpo:
+        length = cfg.dpo.max_length
+    elif gen.max_turns > 1:
+        length = cfg.model.max_model_len
     positions = cfg.learner.micro_batch_size * length
     chunk = cfg.learner.logprob_chunk_tokens
     return min(positions, chunk) if chunk > 0 else positions
