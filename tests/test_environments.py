@@ -306,3 +306,67 @@ def test_preflight_refuses_string_prompts_and_a_bad_environment():
     assert "algorithm.environment: 'scripted_user' needs conversational prompts" in text
     assert "algorithm.environment_kwargs.replies: [1] must be a non-empty list of strings" in text
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tool call end to end through the generator (a scripted engine; the tiny tokenizer with a Qwen-style template)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Qwen2.5's rendering of tools, tool calls and tool results, cut down to what the test needs
+QWEN_STYLE_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | map(attribute='function.name') | join(',') }}<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ScriptedEngine:
+    """Says a tool call in the first turn and '#### <the tool's result>' once it has seen one."""
+
+    version, max_model_len = 0, 512
+
+    def __init__(self):
+        self.contexts = []
+
+    def sample(self, prompt_token_ids, n):
+        from rlfleet.generation.engine import Completion
+
+        out = []
+        for ids in prompt_token_ids:
+            self.contexts.append(list(ids))
+            text = bytes(t for t in ids if t < 256).decode()
+            if "<tool_response>" in text:
+                result = text.rsplit("<tool_response>\n", 1)[1].split("\n", 1)[0]
+                reply = f"So it is\n#### {result}".encode()
+            else:
+                reply = b'<tool_call>\n{"name": "calculator", "arguments": {"expression": "(48 + 24) / 3"}}\n</tool_call>'
+            out.append([Completion(list(reply) + [EOS_ID], [-0.5] * (len(reply) + 1), False) for _ in range(n)])
+        return out
+
+
+def test_a_tool_call_is_answered_in_the_template_and_the_answer_scored():
+    from rlfleet.rewards import gsm8k_accuracy
+
+    tokenizer = load_tokenizer("builtin:tiny")
+    tokenizer.chat_template = QWEN_STYLE_TEMPLATE
+    engine = ScriptedEngine()
+    gen = Generator(engine, tokenizer, GEN.model_copy(update={"max_completion_length": 128}), AlgorithmConfig(),
+                    [gsm8k_accuracy], environment=make_environment("calculator", {}))
+    record = {"prompt_id": "q1", "prompt": [{"role": "user", "content": "48 + 24 apples, shared by 3?"}],
+              "answer": "48 + 24 = 72 and 72 / 3 = 24\n#### 24"}
+    (group,), stats = gen.generate([record])
+    # the prompt lists the tool (the environment's schemas reached the template)
+    assert bytes(t for t in group.prompt_ids if t < 256).decode().startswith("system\nTools: calculator\n")
+    L = int(group.completion_lengths[0])
+    runs = segments(group.loss_mask[0, :L])
+    assert [m for m, _, _ in runs] == [True, False, True]  # call, tool result, answer; then is_completed
+    _, a, b = runs[1]
+    tool_turn = [ord("\n"), IM_START_ID, *b"user\n<tool_response>\n24\n</tool_response>", EOS_ID, ord("\n"),
+                 IM_START_ID, *b"assistant\n"]
+    assert group.completion_ids[0, a:b].tolist() == tool_turn
+    assert engine.contexts[-1] == group.prompt_ids.tolist() + group.completion_ids[0, :b].tolist()
+    np.testing.assert_array_equal(group.rewards, np.ones(4))  # the last turn's number, 24, is the answer
+    assert stats["env/turns"] == 8 and stats["errors/env"] == 0
