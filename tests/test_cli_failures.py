@@ -29,6 +29,22 @@ def string_reward(prompts, completions, **kwargs):
     return ["good"] * len(completions)
 
 
+class BrokenTool:
+    """A broken environment: its tool crashes on every call."""
+
+    def __init__(self, **kwargs):  # the job's scripted-user replies, unused
+        pass
+
+    def setup_state(self, record):
+        return {}
+
+    def is_completed(self, messages, state):
+        return False
+
+    def env_response(self, messages, state):
+        raise ConnectionError("tool server unreachable")
+
+
 def test_a_broken_yaml_names_its_line_and_column(tmp_path, capsys):
     job = tmp_path / "job.yaml"
     job.write_text("learner:\n  max_steps: 3\n   lr: [1\n")
@@ -90,4 +106,22 @@ def test_failing_reward_functions_stop_the_run_with_one_message(tmp_path):
     assert "the run stopped: reward or group-filter functions failed on" in done.stderr, output[-3000:]
     assert "Fix the function, or raise the limit" in done.stderr
     assert "string_reward failed: ValueError" in output  # the generator names the function and its error once
+    assert "Traceback" not in output, output[-3000:]
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_failing_environment_stops_the_run_past_the_error_share(tmp_path):
+    """Every episode's environment fails: each group is dropped and counted, and past max_reward_error_frac of the
+    groups (16 at least) the run stops with one message, no traceback."""
+    done = rlfleet("train", str(ROOT / "deploy" / "multi_turn.yaml"), f"output_dir={tmp_path}", "logging.plot=false",
+                   "algorithm.environment=tests.test_cli_failures:BrokenTool")
+    output = done.stdout + done.stderr
+    assert done.returncode == EXIT_RUN_FAILED, output[-3000:]
+    assert "the run stopped: reward or group-filter functions or the environment failed on" in done.stderr, output
+    assert "the environment: " in done.stderr and "Fix the function or the environment" in done.stderr
+    assert "BrokenTool failed an episode: is_completed / env_response: ConnectionError: tool server unreachable" \
+        in output  # the generator names the environment and its error once
+    assert output.count("tool server unreachable") == 1, output[-3000:]
     assert "Traceback" not in output, output[-3000:]

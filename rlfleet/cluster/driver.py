@@ -340,12 +340,14 @@ class RLJob:
             self.errors_total[kind] += n
         limit = self.cfg.algorithm.max_reward_error_frac
         if self.groups_attempted >= 16 and self.groups_failed > limit * self.groups_attempted:
-            what = "reward or group-filter functions" + (" or the environment" if self.cfg.algorithm.environment
-                                                         else "")
+            env = self.cfg.algorithm.environment is not None
             raise RunFailed(
-                f"{what} failed on {self.groups_failed} of {self.groups_attempted} groups (more than "
-                f"algorithm.max_reward_error_frac={limit:g}; {self.errors_total['env']} by the environment in the "
-                "run); the generator logs name the function and its error. Fix it, or raise the limit")
+                f"reward or group-filter functions{' or the environment' if env else ''} failed on "
+                f"{self.groups_failed} of {self.groups_attempted} groups (more than "
+                f"algorithm.max_reward_error_frac={limit:g}"
+                + (f"; the environment: {self.errors_total['env']} in the run" if env else "")
+                + "); the generator logs name the function and its error. Fix the function"
+                + (" or the environment" if env else "") + ", or raise the limit")
 
     def finish_step(self, result) -> None:
         """Record a finished learner step; its weights go to each generator before its next request."""
