@@ -39,6 +39,23 @@ class Section(BaseModel):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class LoraConfig(Section):
+    r: int = Field(gt=0, description="Adapter rank; the engines get the smallest vLLM rank slot >= r (at most 512).")
+    alpha: float | None = Field(None, gt=0, description="Scaling alpha (the update is alpha / r * B A); None = 2 r.")
+    dropout: float = Field(0.0, ge=0, le=0, description="Must be 0: the loss compares the learner's log-probs with "
+                           "the engine's, which has no dropout (the learner turns every dropout off).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (peft's target_modules); 'all-linear': every linear layer "
+        "of the decoder, the output layer excepted."
+    )
+    save_merged: bool = Field(False, description="At the end of a run, also write base + adapter merged, in Hugging "
+                              "Face format, to output_dir/merged.")
+
+    @property
+    def scaling_alpha(self) -> float:
+        return 2.0 * self.r if self.alpha is None else self.alpha
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(
         "builtin:tiny",
@@ -49,6 +66,8 @@ class ModelConfig(Section):
     )
     max_model_len: int = Field(512, gt=0, description="Context length (prompt + completion) for the engine.")
     trust_remote_code: bool = False
+    lora: LoraConfig | None = Field(None, description="Train a LoRA adapter (peft) instead of every weight; "
+                                    "None = full fine-tuning.")
 
 
 class DataConfig(Section):
@@ -380,6 +399,10 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     elif alg.environment is not None and gen.max_turns < 2:
         out.append(f"generation.max_turns: {gen.max_turns} gives the environment {alg.environment!r} no turn to "
                    "answer; set it to 2 or more (the model's turns per episode).")
+    lora = cfg.model.lora
+    if lora is not None and cfg.cluster.weight_transport == "broadcast":
+        out.append("cluster.weight_transport: 'broadcast' sends whole models; with model.lora the adapter (megabytes) "
+                   "goes through the object store: use 'object_store'.")
     if rep.replay_buffer_size < 0:
         out.append(
             f"replay.replay_buffer_size: {rep.replay_buffer_size} is negative; use 0 to disable the reservoir "

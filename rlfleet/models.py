@@ -26,6 +26,11 @@ VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 BUILTIN_MODELS: dict[str, dict] = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
+    # tiny with weights 5x larger at init: its tied output layer can make confident predictions, which a LoRA
+    # adapter (it adapts the decoder, never the output layer) cannot give the tiny model: trained to emit EOS, an
+    # adapter reaches p(EOS) 0.99 here and stays at 0.04 on tiny (full fine-tuning reaches 0.99 on both)
+    "tiny-lora": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, initializer_range=0.1),
     # ~20M parameters: large enough that compute dominates overheads in benchmarks.
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
                   num_key_value_heads=4),

@@ -257,6 +257,15 @@ def test_loss_and_gradient_ignore_environment_tokens(level):
         assert_grads_close(results[0][1], expected)
 
 
+def test_the_learner_reports_turns_and_the_environments_token_share():
+    from rlfleet.learner.policy import _batch_metrics
+
+    group = episode_group(load_causal_lm(resolve_tiny()).eval(), seed=5)
+    metrics = _batch_metrics([group], policy_version=0)
+    assert metrics["env/turns_per_episode"] == 2.0  # model, environment, model in every episode
+    assert metrics["env/token_frac"] == pytest.approx((5 + 7 + 3) / (12 + 15 + 9))
+
+
 def test_groups_with_loss_masks_survive_the_wire_format_and_the_replay_state():
     learner_free = load_causal_lm(resolve_tiny()).eval()
     group = episode_group(learner_free, seed=5)

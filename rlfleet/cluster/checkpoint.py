@@ -77,9 +77,10 @@ def _manifest(directory: Path) -> dict[str, list]:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MARKER}
 
 
-def verify(directory: Path, learner_workers: int | None = None) -> None:
+def verify(directory: Path, learner_workers: int | None = None, lora: bool | None = None) -> None:
     """Refuse an incomplete, corrupt or incompatible checkpoint with a message that says which and why; with
-    ``learner_workers``, also one written by a learner group of another size (its optimizer state is sharded)."""
+    ``learner_workers``, also one written by a learner group of another size (its optimizer state is sharded); with
+    ``lora``, one whose policy is a full model when the job trains an adapter, or the other way round."""
     marker = directory / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{directory} is not a complete checkpoint (no {MARKER} marker): it was interrupted "
@@ -104,6 +105,12 @@ def verify(directory: Path, learner_workers: int | None = None) -> None:
             f"checkpoint {directory} was written by a learner group of {written_by} rank(s) (its optimizer state is "
             f"sharded per rank) and this job has cluster.learner_workers={learner_workers}; resume with "
             f"cluster.learner_workers={written_by} (resharding is not supported)")
+    has_adapter = any(n.endswith("adapter_model.safetensors") for n in meta["files"])
+    has_model = any(re.search(r"(^|/)model(-\d+-of-\d+)?\.safetensors$", n) for n in meta["files"])
+    if lora is not None and lora != has_adapter and (has_adapter or has_model):
+        wrote, wants = ("a LoRA adapter", "full fine-tuning") if has_adapter else ("a full model", "model.lora")
+        raise CheckpointError(f"checkpoint {directory} holds {wrote} and this job is configured for {wants}; resume "
+                              "with the model.lora setting of the run that wrote it")
 
 
 def learner_ranks(names) -> int | None:

@@ -52,7 +52,8 @@ class StepWindow:
     reward_errors: int = 0
     env_errors: int = 0
     dropped: int = 0
-    env: dict[str, float] = field(default_factory=dict)  # env/episodes, env/turns, env/seconds, env/tokens summed
+    multi_turn: bool = False  # the job has an environment
+    env_s: float = 0.0
     busy_s: dict[int, float] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
     sync_s: list[float] = field(default_factory=list)
@@ -61,9 +62,7 @@ class StepWindow:
         self.groups += int(stats.get("gen/groups", 0))
         self.reward_errors += int(stats.get("errors/reward", 0))
         self.env_errors += int(stats.get("errors/env", 0))
-        for key in ("env/episodes", "env/turns", "env/seconds", "env/tokens"):
-            if key in stats:
-                self.env[key] = self.env.get(key, 0.0) + float(stats[key])
+        self.env_s += float(stats.get("env/seconds", 0.0))
         self.dropped += int(stats.get("gen/dropped_groups", 0))
         self.busy_s[index] = self.busy_s.get(index, 0.0) + float(stats.get("gen/seconds", 0.0))
         self.tokens[index] = self.tokens.get(index, 0) + int(stats.get("gen/tokens", 0))
@@ -81,12 +80,9 @@ class StepWindow:
     def metrics(self, wall_s: float, generators: list[int]) -> dict:
         busy, tokens = sum(self.busy_s.values()), sum(self.tokens.values())
         per_gen = self.per_generator(wall_s, generators).values()
-        env = {}
-        if self.env.get("env/episodes"):  # multi-turn: per episode, and the environment's share of the tokens
-            env_tokens = self.env["env/tokens"]
-            env = {"env/turns_per_episode": self.env["env/turns"] / self.env["env/episodes"],
-                   "env/seconds": self.env["env/seconds"], "errors/env": self.env_errors,
-                   "env/token_frac": env_tokens / (env_tokens + tokens) if env_tokens + tokens else 0.0}
+        # multi-turn: the environment's seconds and failures in the window (turns per episode and the environment's
+        # token share are the trained batch's, from the learner)
+        env = {"env/seconds": self.env_s, "errors/env": self.env_errors} if self.multi_turn else {}
         return env | {
             "gen/groups": self.groups,
             "gen/active_generators": sum(1 for t in self.tokens.values() if t > 0),
@@ -130,6 +126,7 @@ def preflight(cfg: RLFleetConfig):
             problems.append(f"algorithm.environment: {alg.environment!r} needs conversational prompts (lists of "
                             f"{{'role', 'content'}} messages), and data.dataset {cfg.data.dataset!r} has plain "
                             "strings; set data.system_prompt (\"\" for none) to make each string a user message")
+    problems += model_problems(cfg)
     checks = [lambda: resolve_reward_funcs(alg, cfg.data)]
     if alg.group_filter_func is not None:
         checks.append(lambda: resolve_function(alg.group_filter_func, BUILTIN_GROUP_FILTERS,
@@ -145,6 +142,21 @@ def preflight(cfg: RLFleetConfig):
     if problems:
         raise ConfigError(problems)
     return dataset
+
+
+def model_problems(cfg: RLFleetConfig) -> list[str]:
+    """``model.lora`` on this model: a rank the engines serve, target modules the model has (its config is read,
+    not its weights)."""
+    if cfg.model.lora is None:
+        return []
+    from rlfleet.cluster.memory import meta_model
+    from rlfleet.lora import lora_problems
+
+    try:
+        names = [name for name, _ in meta_model(cfg.model.name_or_path, cfg.model.trust_remote_code).named_modules()]
+    except (OSError, ValueError):  # no model config to read: model.name_or_path's own check says so
+        return []
+    return lora_problems(cfg.model.lora, names)
 
 
 def long_prompts(cfg: RLFleetConfig, dataset, tokenizer, encode, sample: int = 2000) -> list[str]:
@@ -238,7 +250,7 @@ class RLJob:
         self.replay_drops_before = sum(stats[k] for k in REPLAY_DROPS)
         self.substituted_before = stats["replay/substituted"]
         self.control_seen, self.control_future = 0, self.control.next_request.remote(0)  # any request so far
-        self.window, self.last_record, self.t_step = StepWindow(), {}, time.perf_counter()
+        self.window, self.last_record, self.t_step = self.new_window(), {}, time.perf_counter()
         self.groups_attempted = self.groups_failed = 0  # since the driver (re)started: the error-rate check
         self.errors_total = errors_total  # over the run, checkpointed (errors/reward_total, errors/env_total)
         self.driver_s: dict[str, float] = {}  # the driver's own seconds by phase (timed)
@@ -246,6 +258,9 @@ class RLJob:
     @property
     def version(self) -> int:
         return self.weights.version
+
+    def new_window(self) -> StepWindow:
+        return StepWindow(multi_turn=self.cfg.algorithm.environment is not None)
 
     # -- the loop ----------------------------------------------------------------------------------------------
 
@@ -372,7 +387,7 @@ class RLJob:
                   "time/step_s": wall_s, "time/learner_s": learner_s,
                   "idle/learner_frac": max(0.0, 1.0 - learner_s / wall_s), "learner/groups": gps}
         self.outputs.write(record, result.samples, self.window.per_generator(wall_s, generators))
-        self.t_step, self.window, self.last_record = now, StepWindow(), record
+        self.t_step, self.window, self.last_record = now, self.new_window(), record
         self.batches_log.write({"step": self.step, "policy_version": self.version, "prompt_ids": result.prompt_ids})
         self.progress.update(record)
         self.control.report.remote({"step": self.step, "generators": len(generators), "target": self.pool.target,
@@ -406,8 +421,13 @@ class RLJob:
     def finish(self, final: Path) -> dict:
         records = self.outputs.log.read()
         png = plot(records, self.out / "reward.png") if self.cfg.logging.plot else None
+        merged = None
+        if self.cfg.model.lora is not None and self.cfg.model.lora.save_merged:
+            merged = self.out / "merged"
+            call(self.learner.save_merged.remote(str(merged)), self._timeout(), "the learner (saving the merged model)")
         summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.outputs.log.path),
-                   "plot": str(png) if png else None, "last": self.last_record}
+                   "plot": str(png) if png else None, "merged": str(merged) if merged else None,
+                   "last": self.last_record}
         (self.out / "summary.json").write_text(json.dumps(summary, default=str, indent=2))
         print(f"rlfleet: done at step {self.step}; checkpoint {final}", flush=True)
         return summary

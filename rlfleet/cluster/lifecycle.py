@@ -69,7 +69,7 @@ def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle],
         raise ConfigError(problems)
     if cfg.checkpoint.resume and (latest := ckpt.latest_checkpoint(out)) is not None:
         # a corrupt or incompatible checkpoint (another learner group size too) is refused before Ray starts
-        ckpt.verify(latest, cfg.cluster.learner_workers)
+        ckpt.verify(latest, cfg.cluster.learner_workers, lora=cfg.model.lora is not None)
     memory = job_estimate(cfg, with_reference, dpo)
     if starts_local_cluster(cfg.cluster):
         preflight_local(cfg.cluster, generators_to_start, memory)  # before Ray starts any process

@@ -3,7 +3,7 @@
 
 Per generation actor: the engine process (``ENGINE_PROCESS_GIB``: Python, torch, vLLM; measured 0.7 GiB with the
 tiny model on CPU), its KV cache (``generation.kv_cache_space_gib`` on CPU; on GPU vLLM takes a share of the GPU
-instead), and the weights twice (the engine's copy and an update in flight). Learner: its process
+instead), and the weights twice (the engine's copy and an update in flight; with LoRA the adapter is small). Learner: its process
 (``LEARNER_PROCESS_GIB``), float32 master weights, gradients and AdamW's two moments (16 bytes a parameter), and a
 frozen reference model in the compute dtype when one is kept (``beta > 0``, DPO), and the log-prob pass's logits:
 ``LOGIT_COPIES`` float32 copies of one chunk's ``[positions, vocabulary]`` logits (a micro-batch's completion
@@ -40,34 +40,31 @@ class MemoryEstimate:
 def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> tuple[int, int]:
     """Parameters and vocabulary size of the model at ``name_or_path``, from its config alone (built on the meta
     device)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from rlfleet.models import resolve_model_path
-
-    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(name_or_path, trust_remote_code)
     vocab = model.get_output_embeddings().weight.shape[0]
     return sum(p.numel() for p in model.parameters()), vocab  # tied weights are counted once
 
 
 def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, reference_bytes_per_param: int,
              generator_on_gpu: bool = False, learner_on_gpu: bool = False, logit_positions: int = 0,
-             vocab: int = 0, publish_bytes_per_param: int = 0, learner_ranks: int = 1) -> MemoryEstimate:
+             vocab: int = 0, publish_bytes_per_param: int = 0, learner_ranks: int = 1,
+             trainable: int | None = None) -> MemoryEstimate:
     """Host memory. ``engine_bytes_per_param``: 4 for float32 engines, 2 for bfloat16; ``reference_bytes_per_param``:
     0 without a reference model; ``logit_positions``: the completion positions whose logits the learner builds at
     once; ``publish_bytes_per_param``: the compute dtype's size (0: the learner publishes nothing). An actor on a
     GPU keeps its weights, KV cache, optimizer state and activations there: its process and the host copies of the
-    published weights count here. ``learner_gib`` is the whole learner group's (``learner_ranks`` processes)."""
+    published weights count here. ``learner_gib`` is the whole learner group's (``learner_ranks`` processes).
+    ``trainable``: the parameters trained and published when not all are (a LoRA adapter's): the others carry
+    float32 weights only."""
     generator = ENGINE_PROCESS_GIB
     if not generator_on_gpu:
         generator += kv_cache_gib + 2 * params * engine_bytes_per_param / GIB
     k = learner_ranks
+    trained = params if trainable is None else trainable
     copies = 2 + (k if k > 1 else 0)  # packed buffer + object-store object, + one gathered copy per rank of a group
-    learner = k * LEARNER_PROCESS_GIB + copies * params * publish_bytes_per_param / GIB
+    learner = k * LEARNER_PROCESS_GIB + copies * trained * publish_bytes_per_param / GIB
     if not learner_on_gpu:
-        learner += params * (16 + reference_bytes_per_param) / GIB
+        learner += (params * (4 + reference_bytes_per_param) + trained * 12) / GIB
         learner += k * LOGIT_COPIES * logit_positions * vocab * 4 / GIB
     return MemoryEstimate(params, generator, learner)
 
@@ -85,9 +82,42 @@ def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate
     size = torch.empty((), dtype=engine_dtype).element_size()
     ref_size = torch.empty((), dtype=learner_dtype).element_size() if with_reference else 0
     params, vocab = count_parameters(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    trainable = None
+    if cfg.model.lora is not None:  # the reference is the adapter disabled, but BEMA's is a copy
+        trainable = adapter_parameters(cfg.model.name_or_path, cfg.model.lora, cfg.model.trust_remote_code)
+        if not (dpo and cfg.dpo.bema is not None):
+            ref_size = 0
     return estimate(params, size, cfg.generation.kv_cache_space_gib, ref_size, c.generator_num_gpus > 0,
                     c.learner_num_gpus > 0, logit_positions(cfg, dpo), vocab,
-                    0 if dpo else torch.empty((), dtype=learner_dtype).element_size(), c.learner_workers)
+                    0 if dpo else torch.empty((), dtype=learner_dtype).element_size(), c.learner_workers, trainable)
+
+
+def adapter_parameters(name_or_path: str, lora, trust_remote_code: bool = False) -> int:
+    """Parameters of ``model.lora``'s adapter on the model at ``name_or_path``: ``r * (in + out)`` for every adapted
+    linear layer (built on the meta device; 'all-linear' leaves the output layer out, as peft does)."""
+    import torch
+
+    model = meta_model(name_or_path, trust_remote_code)
+    output = model.get_output_embeddings()
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is output:
+            continue
+        if lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules:
+            total += lora.r * (module.in_features + module.out_features)
+    return total
+
+
+def meta_model(name_or_path: str, trust_remote_code: bool = False):
+    """The model at ``name_or_path`` built from its config on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlfleet.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def logit_positions(cfg, dpo: bool) -> int:

@@ -44,7 +44,9 @@ def preflight_dpo(cfg: RLFleetConfig):
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError([f"model.name_or_path: cannot load a tokenizer from {cfg.model.name_or_path!r}: {err}"])
-    problems, splits = [], []
+    from rlfleet.cluster.driver import model_problems
+
+    problems, splits = model_problems(cfg), []
     for field, split in (("data.split", cfg.data.split), ("data.eval_split", cfg.data.eval_split)):
         if split is None:
             splits.append(None)
@@ -93,7 +95,7 @@ class DPOJob:
             self.eval_pairs = ray.put([PreferencePair.from_record(r) for r in self.eval_ds])
         self.step = 0
         if resume_from is not None:
-            ckpt.verify(resume_from)
+            ckpt.verify(resume_from, lora=self.cfg.model.lora is not None)
             call(self.learner.load.remote(str(resume_from / "learner")), t, "the DPO learner (loading a checkpoint)")
             state = json.loads((resume_from / "driver.json").read_text())
             self.stream.load_state_dict(state["stream"])

@@ -20,6 +20,10 @@ One ``train_step(pairs)`` (Rafailov et al., arXiv 2305.18290; TRL's ``DPOTrainer
    only trainable parameters are tracked, so frozen ones keep their value in the reference; the BEMA weights are
    never written into the policy (TRL does when there is no reference model).
 
+With ``model.lora`` the policy is the base model plus a peft adapter, the only trained parameters; the reference is
+the policy with its adapter disabled (the base model, no second copy of the weights), or with BEMA a frozen copy
+whose adapter BEMA refreshes (BEMA tracks the adapter's parameters only).
+
 Parameters are float32 master weights; when ``model.dtype`` resolves to bfloat16/float16 the forward passes run
 under autocast and the reference model is kept in that dtype (as :class:`~rlfleet.learner.policy.PolicyLearner`).
 The step draws no random number (dropout off, no shuffling), so it is deterministic and ``seed`` is only recorded.
@@ -46,8 +50,10 @@ from rlfleet.dpo.bema import BEMA
 from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import SINGLE, Rank, micro_batches
 from rlfleet.learner.losses import dpo_loss
-from rlfleet.learner.policy import (completion_logprobs, load_policy, make_optimizer, prepare_for_training,
-                                    resolve_device, save_policy, shard_for_learning)
+from rlfleet import lora as lora_
+from rlfleet.learner.policy import (completion_logprobs, load_adapter, load_policy, make_optimizer,
+                                    prepare_for_training, resolve_device, save_adapter, save_policy,
+                                    shard_for_learning)
 from rlfleet.learner.state_files import load_optimizer, save_optimizer
 from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.dpo.data import PreferencePair
@@ -162,11 +168,17 @@ class DPOLearner:
             model = load_causal_lm(model_cfg.name_or_path, torch.float32, "cpu" if rank.sharded else str(self.device),
                                    model_cfg.trust_remote_code)
         self.model = model if rank.sharded else model.to(self.device)
+        self.lora = model_cfg.lora
+        self.peft = None if self.lora is None else lora_.add_adapter(self.model, self.lora)  # frozen base
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
-        self.ref_model = frozen_copy(self.model, self.compute_dtype)
+        # With LoRA and no BEMA the reference is the policy with its adapter disabled: the base, no second copy.
+        self.ref_model = None
+        if self.peft is None or dpo_cfg.bema is not None:
+            self.ref_model = frozen_copy(self.model, self.compute_dtype)
         if rank.sharded:  # policy and reference sharded alike; BEMA then tracks each rank's shard
             shard_for_learning(self.model)
-            shard_for_learning(self.ref_model)
+            if self.ref_model is not None:
+                shard_for_learning(self.ref_model)
         self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
                                                         learner_cfg)
         self.bema = BEMA(self.trainable(), dpo_cfg.bema, device="cpu") if dpo_cfg.bema is not None else None
@@ -199,7 +211,11 @@ class DPOLearner:
         """DPO loss of one micro-batch (``/ normalizer``) and its metrics (means over the micro-batch)."""
         b = batch.num_pairs
         with torch.no_grad():
-            ref = self._logps(self.ref_model, batch)  # [2b]
+            if self.ref_model is not None:
+                ref = self._logps(self.ref_model, batch)  # [2b]
+            else:
+                with self.peft.disable_adapter():
+                    ref = self._logps(self.model, batch)  # [2b]
         logps = self._logps(self.model, batch)  # [2b]
         result = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], self.cfg.beta, normalizer=normalizer)
         chosen, rejected = logps[:b].detach(), logps[b:].detach()
@@ -287,10 +303,15 @@ class DPOLearner:
         of a group calls it with the same directory."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        save_policy(self.model, self.tokenizer, path / "policy", self.rank)
+        if self.peft is None:
+            save_policy(self.model, self.tokenizer, path / "policy", self.rank)
+        else:
+            save_adapter(self.peft, self.tokenizer, path / "policy", self.rank)
         save_optimizer(self.optimizer, self.scheduler, path, self.rank)
-        save_file({n: dist_.local(p).detach().to("cpu").contiguous() for n, p in self.ref_model.named_parameters()},
-                  dist_.shard_file(path, "reference", self.rank, "safetensors"))
+        if self.ref_model is not None:
+            save_file({n: dist_.local(p).detach().to("cpu").contiguous()
+                       for n, p in self.ref_model.named_parameters()},
+                      dist_.shard_file(path, "reference", self.rank, "safetensors"))
         if self.bema is not None:
             tensors, meta = self.bema.state_dict()
             save_file({k: v.contiguous() for k, v in tensors.items()},
@@ -304,14 +325,18 @@ class DPOLearner:
         """Restore what :meth:`save` wrote, exactly (no unpickling anywhere), with a learner group of the size that
         wrote it."""
         path = Path(directory)
-        load_policy(self.model, path / "policy", self.model_cfg.trust_remote_code)
+        if self.peft is None:
+            load_policy(self.model, path / "policy", self.model_cfg.trust_remote_code)
+        else:
+            load_adapter(self.model, path / "policy")
         load_optimizer(self.optimizer, self.scheduler, path, self.rank)
-        dist_.check_shards(path, "reference", self.rank)
-        reference = load_file(dist_.shard_file(path, "reference", self.rank, "safetensors"))
-        names = [n for n, _ in self.ref_model.named_parameters()]
-        if sorted(reference) != sorted(names):
-            raise ValueError(f"{path}: the reference file's parameter names differ from the reference model's")
-        self._load_reference(reference)
+        if self.ref_model is not None:
+            dist_.check_shards(path, "reference", self.rank)
+            reference = load_file(dist_.shard_file(path, "reference", self.rank, "safetensors"))
+            names = [n for n, _ in self.ref_model.named_parameters()]
+            if sorted(reference) != sorted(names):
+                raise ValueError(f"{path}: the reference file's parameter names differ from the reference model's")
+            self._load_reference(reference)
         if self.bema is not None:
             meta = json.loads((path / "bema.json").read_text())
             self.bema.load_state_dict(load_file(dist_.shard_file(path, "bema", self.rank, "safetensors")), meta)
@@ -322,9 +347,22 @@ class DPOLearner:
         TRL's ``output_dir/bema``. Every rank of a group calls it."""
         if self.bema is None:
             raise ValueError("save_bema: dpo.bema is None, so there are no BEMA weights")
+        if self.peft is not None:  # the BEMA adapter, in peft's format
+            self._save_bema_adapter(Path(directory))
+            return
         state = dist_.full_state_dict(self.model, copy=True)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in self.bema.weights().items():  # this rank's shard of each: gathered whole
                 state[name].copy_(dist_.full(dist_.like_shard(value, params[name])))
         save_policy(self.model, self.tokenizer, Path(directory), self.rank, state=state)
+
+    def _save_bema_adapter(self, directory: Path) -> None:
+        state = dist_.full_state_dict(self.model, copy=True, keep=lora_.is_adapter_parameter)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.bema.weights().items():
+                state[name].copy_(dist_.full(dist_.like_shard(value, params[name])))
+        if self.rank.leader:
+            self.peft.save_pretrained(directory, state_dict={"base_model.model." + k: v for k, v in state.items()})
+            self.tokenizer.save_pretrained(directory)

@@ -81,6 +81,8 @@ BENIGN_ENGINE_WARNINGS = {
     # the settings rlfleet chose: eager mode on CPU, a seeded in-process engine
     "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
     "vllm.engine.arg_utils": ("The global random seed is set",),
+    # model.lora: each request names the in-memory adapter; rlfleet never gives an adapter its own tokenizer
+    "vllm.v1.engine.input_processor": ("different tokenizers for different LoRAs",),
 }
 
 
@@ -114,6 +116,8 @@ class Engine:
 
     def __init__(self, model: ModelConfig, generation: GenerationConfig, seed: int, log_level: str = "WARNING",
                  weight_transfer: str | None = None):
+        """``model.lora`` set: the engine serves the base model with one LoRA adapter at a time, registered in
+        memory by :meth:`update_weights` (no adapter before the first: the base model, as a fresh adapter is)."""
         path = resolve_model_path(model.name_or_path)
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
@@ -147,6 +151,11 @@ class Engine:
 
                 gloo_backend.register()
             transfer = {"weight_transfer_config": WeightTransferConfig(backend=weight_transfer)}
+        lora = {}
+        if model.lora is not None:  # one adapter in the engine; the old one goes when the next is in
+            from rlfleet.lora import engine_rank
+
+            lora = dict(enable_lora=True, max_lora_rank=engine_rank(model.lora.r), max_loras=1, max_cpu_loras=2)
         self.llm = LLM(
             model=path,
             dtype=str(dtype).removeprefix("torch."),
@@ -158,7 +167,10 @@ class Engine:
             use_tqdm_on_load=False,
             **gpu_kwargs,
             **transfer,
+            **lora,
         )
+        self.lora = model.lora
+        self._adapter = None  # the LoRARequest every request carries (model.lora)
         self._received: int | None = None  # version of the round received and not yet applied
         self._round_open = False  # vLLM's start_weight_update was called and its finish is pending
         self._receive_lock = threading.Lock()  # a round is never received while one is being applied
@@ -188,7 +200,8 @@ class Engine:
             logprobs=0,  # only the sampled token's log-prob
             detokenize=False,  # the generator decodes; vLLM's text is not needed
         )
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], params, use_tqdm=False,
+                                    lora_request=self._adapter)
         return [
             [
                 Completion(
@@ -233,7 +246,52 @@ class Engine:
         return self._version
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Load ``state_dict`` (Hugging Face parameter names) in place, drop cached KV blocks, set ``version``."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        """Load ``state_dict`` (Hugging Face parameter names) in place, drop cached KV blocks, set ``version``. With
+        ``model.lora`` the state dict is the adapter (peft's names): it is registered as the adapter of every
+        request from now on, and the previous one removed."""
+        if self.lora is not None:
+            self._load_adapter(state_dict, int(version))
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
         self.llm.reset_prefix_cache()
         self._version = int(version)
+
+    def _load_adapter(self, tensors: Mapping[str, torch.Tensor], version: int) -> None:
+        from vllm.lora.request import LoRARequest
+
+        from rlfleet.lora import adapter_config
+
+        adapter_id = version + 1  # vLLM's adapter ids start at 1
+        # copies: vLLM keeps the tensors it is given and scales B in place (LoRALayerWeights.optimize), and these
+        # may be views of a read-only object-store buffer
+        tensors = {name: t.clone() for name, t in tensors.items()}
+        self.llm.collective_rpc(_register_adapter, args=(adapter_id, tensors, adapter_config(self.lora)))
+        old, self._adapter = self._adapter, LoRARequest(f"rlfleet-v{version}", adapter_id, IN_MEMORY)
+        if old is not None and old.lora_int_id != adapter_id:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+
+
+IN_MEMORY = "rlfleet://in-memory"  # the LoRARequest's path: never read, the adapter is registered before use
+
+
+def _register_adapter(worker, adapter_id: int, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """On the engine's worker: build the adapter from ``tensors`` and add it to the LoRA manager's cache under
+    ``adapter_id`` (replacing one of that id), so requests naming the id find it there and vLLM never reads the
+    request's path. The steps of vLLM's ``WorkerLoRAManager._load_adapter`` and ``add_adapter``, from tensors
+    instead of a directory (vLLM 0.32 offers no public in-memory load)."""
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager
+    adapters = manager._adapter_manager
+    peft_helper = PEFTHelper.from_dict(config)
+    peft_helper.validate_legal(manager.lora_config)
+    model = adapters.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    lora = manager._lora_model_cls.from_lora_tensors(
+        adapter_id, tensors, peft_helper, device="cpu", dtype=manager.lora_config.lora_dtype,
+        model_vocab_size=manager.vocab_size, weights_mapper=mapper.get_rename_mapper() if mapper else None,
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+    adapters.remove_adapter(adapter_id)
+    if len(adapters) + 1 > adapters.capacity:
+        adapters.remove_oldest_adapter()
+    adapters.add_adapter(lora)

@@ -81,6 +81,10 @@ class LearnerActor:
     def load(self, directory: str) -> None:
         self.group.run("load", (directory,), lambda: self.learner.load(directory))
 
+    def save_merged(self, directory: str) -> None:
+        """Base + LoRA adapter merged, in Hugging Face format (``model.lora.save_merged``)."""
+        self.group.run("save_merged", (directory,), lambda: self.learner.save_merged(directory))
+
     def follow(self, method: str, *args) -> None:
         """A group call's part on a rank > 0 (:class:`~rlfleet.cluster.learner_group.LearnerGroup`)."""
         follow(self.learner, method, *args)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -124,14 +125,17 @@ def shard_of(whole: Tensor, like: Tensor) -> Tensor:
                              src_data_rank=None).to_local()
 
 
-def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None, copy: bool = False) -> dict[str, Tensor]:
-    """The model's whole state dict, one tensor at a time (each gathered, then cast to ``dtype`` at once, so the
-    peak is one float32 tensor beyond the result). A collective in a learner group: every rank calls it and gets the
-    tensors. Tied parameters come back as one tensor under both names. ``copy``: tensors never share memory with the
-    model (with one rank, ``state_dict()`` itself does)."""
+def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None, copy: bool = False,
+                    keep: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
+    """The model's whole state dict (or its tensors whose names ``keep`` accepts), one tensor at a time (each
+    gathered, then cast to ``dtype`` at once, so the peak is one float32 tensor beyond the result). A collective in
+    a learner group: every rank calls it and gets the tensors. Tied parameters come back as one tensor under both
+    names. ``copy``: tensors never share memory with the model (with one rank, ``state_dict()`` itself does)."""
     out: dict[str, Tensor] = {}
     seen: dict[tuple, Tensor] = {}
     for name, value in model.state_dict().items():
+        if keep is not None and not keep(name):
+            continue
         key = (local(value).data_ptr(), tuple(value.shape))  # tied names share the (local) storage
         if key not in seen:
             gathered = full(value.detach())

@@ -50,9 +50,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from rlfleet import lora as lora_
 from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, ModelConfig
 from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import SINGLE, Rank, micro_batches
@@ -365,9 +367,11 @@ class PolicyLearner:
         load_on = "cpu" if rank.sharded else str(self.device)
         self.model = load_causal_lm(model_cfg.name_or_path, torch.float32, load_on,
                                     model_cfg.trust_remote_code)
+        self.lora = model_cfg.lora
+        self.peft = None if self.lora is None else lora_.add_adapter(self.model, self.lora)  # frozen base
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
         self.ref_model = None
-        if algorithm_cfg.beta > 0:
+        if algorithm_cfg.beta > 0 and self.lora is None:  # with LoRA the reference is the adapter disabled
             self.ref_model = load_causal_lm(model_cfg.name_or_path, self.compute_dtype, load_on,
                                             model_cfg.trust_remote_code).eval().requires_grad_(False)
         if rank.sharded:  # after gradient checkpointing is set up, before the optimizer sees the parameters
@@ -375,7 +379,8 @@ class PolicyLearner:
             if self.ref_model is not None:
                 shard_for_learning(self.ref_model)
         self.loss_fn = make_policy_loss(algorithm_cfg)
-        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), learner_cfg)
+        self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
+                                                        learner_cfg)
         self.policy_version = 0
         self.step = 0  # train_step calls completed
 
@@ -389,6 +394,16 @@ class PolicyLearner:
     @torch.no_grad()
     def _detached_logprobs(self, model: torch.nn.Module, micro: list[Batch]) -> list[Tensor]:
         return [self._logprobs(model, mb) for mb in micro]
+
+    def _reference_logprobs(self, micro: list[Batch]) -> list[Tensor | None]:
+        """The frozen reference's log-probs (beta > 0): the reference model's, or with LoRA the policy's with its
+        adapter disabled (the base model, without a second copy of its weights)."""
+        if self.algorithm.beta == 0:
+            return [None] * len(micro)
+        if self.peft is not None:
+            with self.peft.disable_adapter():
+                return self._detached_logprobs(self.model, micro)
+        return self._detached_logprobs(self.ref_model, micro)
 
     def _gather_records(self, records: list, total_loss: float) -> tuple[list, float]:
         """Every rank's loss records and summed loss (the step's, as one process on the whole batch had them)."""
@@ -405,7 +420,7 @@ class PolicyLearner:
         batch = collate(groups, self.tokenizer.pad_token_id, alg.mask_truncated_completions).to(self.device)
         normalizer = loss_normalizer(alg.loss_type, batch.mask, self.generation.max_completion_length)
         micro, real = zip(*batch.split(self.cfg.micro_batch_size, self.rank))  # this rank's rows
-        refs = self._detached_logprobs(self.ref_model, micro) if self.ref_model is not None else [None] * len(micro)
+        refs = self._reference_logprobs(micro)
         if alg.num_iterations == 1:
             proximals, weights = [mb.behaviour_logprobs for mb in micro], [None] * len(micro)
         else:
@@ -452,12 +467,17 @@ class PolicyLearner:
         return metrics
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The policy's whole state dict under Hugging Face names: ``model.state_dict()`` itself with one rank; with a
-        learner group, gathered one tensor at a time in the compute dtype (a collective: every rank calls it, in the
-        same order, and every rank gets the tensors)."""
+        """What the engines load: the policy's whole state dict under Hugging Face names, or with ``model.lora``
+        the adapter's tensors under peft's names. ``model.state_dict()`` itself with one rank; with a learner group,
+        gathered one tensor at a time in the compute dtype (a collective: every rank calls it, in the same order,
+        and every rank gets the tensors)."""
+        keep = None if self.lora is None else lora_.is_adapter_parameter
         if not self.rank.sharded:
-            return self.model.state_dict()
-        return dist_.full_state_dict(self.model, self.compute_dtype)
+            state = self.model.state_dict()
+            state = state if keep is None else {k: v for k, v in state.items() if keep(k)}
+        else:
+            state = dist_.full_state_dict(self.model, self.compute_dtype, keep=keep)
+        return state if self.lora is None else lora_.adapter_state(state)
 
     def packed_weights(self) -> PackedWeights:
         """The policy's state dict in the compute dtype, packed into the learner's reusable host buffer under Hugging
@@ -476,16 +496,30 @@ class PolicyLearner:
         ``learner.json`` (policy_version, step). Every rank of a group calls it with the same directory."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        save_policy(self.model, self.tokenizer, path, self.rank)
+        if self.peft is None:
+            save_policy(self.model, self.tokenizer, path, self.rank)
+        else:
+            save_adapter(self.peft, self.tokenizer, path, self.rank)
         save_optimizer(self.optimizer, self.scheduler, path, self.rank)
         if self.rank.leader:
             (path / "learner.json").write_text(json.dumps({"policy_version": self.policy_version, "step": self.step}))
+
+    def save_merged(self, directory: str | Path) -> None:
+        """Base + adapter merged (``model.lora.save_merged``), in Hugging Face format with the tokenizer; every rank
+        of a group calls it."""
+        state = lora_.merged_state(dist_.full_state_dict(self.model, copy=True), self.lora)
+        if self.rank.leader:
+            self.peft.get_base_model().save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
 
     def load(self, directory: str | Path) -> None:
         """Restore what :meth:`save` wrote, with no unpickling. Checkpoints of earlier versions (``optimizer.pt``,
         ``scheduler.pt``) are read with ``torch.load(weights_only=True)``."""
         path = Path(directory)
-        load_policy(self.model, path, self.model_cfg.trust_remote_code)
+        if self.peft is None:
+            load_policy(self.model, path, self.model_cfg.trust_remote_code)
+        else:
+            load_adapter(self.model, path)
         if (path / "optimizer.pt").exists() and not self.rank.sharded:
             self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
                                                       weights_only=True))
@@ -507,6 +541,32 @@ def save_policy(model: torch.nn.Module, tokenizer, path: Path, rank: Rank = SING
         tokenizer.save_pretrained(path)
 
 
+def save_adapter(peft_model, tokenizer, path: Path, rank: Rank = SINGLE) -> None:
+    """The adapter in peft's format (``adapter_model.safetensors``, ``adapter_config.json``: loadable with
+    ``PeftModel.from_pretrained(base, path)``) and the tokenizer, from the leader; a learner group gathers the
+    adapter's shards first (every rank calls this)."""
+    model = peft_model.get_base_model()
+    state = dist_.full_state_dict(model, keep=lora_.is_adapter_parameter) if rank.sharded else None
+    if rank.leader:
+        prefixed = None if state is None else {"base_model.model." + k: v for k, v in state.items()}
+        peft_model.save_pretrained(path, state_dict=prefixed)
+        tokenizer.save_pretrained(path)
+
+
+def load_adapter(model: torch.nn.Module, path: Path) -> None:
+    """Load the adapter :func:`save_adapter` wrote into ``model`` (peft-wrapped; each rank's shard when sharded).
+    Raises naming the file when the checkpoint holds no adapter (written without ``model.lora``)."""
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ValueError(f"{path}: no adapter_model.safetensors: this checkpoint was written without model.lora (a "
+                         "full model); resume it with the same model.lora setting as the run that wrote it")
+    saved = load_file(file)
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if lora_.is_adapter_parameter(name):
+                dist_.local(value).copy_(dist_.shard_of(saved[lora_.peft_name(name)], value))
+
+
 def load_policy(model: torch.nn.Module, path: Path, trust_remote_code: bool) -> None:
     """Load Hugging Face weights into ``model``; into each rank's shard when it is FSDP-sharded."""
     saved = load_causal_lm(str(path), torch.float32, "cpu", trust_remote_code).state_dict()
@@ -521,10 +581,24 @@ def _batch_metrics(groups: list[Group], policy_version: int) -> dict[str, float]
     rewards = np.concatenate([g.rewards for g in groups]).astype(np.float64)  # [B]
     real = rewards[~np.isnan(rewards)]
     staleness = np.array([policy_version - g.policy_version for g in groups], dtype=np.float64)
-    return {
+    return _episode_metrics(groups) | {
         "reward/mean": float(real.mean()) if real.size else math.nan,
         "reward/std": float(real.std(ddof=1)) if real.size > 1 else 0.0,
         "frac_reward_zero_std": float(np.mean([not g.has_variance for g in groups])),
         "staleness/mean": float(staleness.mean()),
         "staleness/max": float(staleness.max()),
     }
+
+
+def _episode_metrics(groups: list[Group]) -> dict[str, float]:
+    """Multi-turn batches (groups with a loss mask): model turns per episode (runs of the model's tokens) and the
+    environment's share of the completion tokens; nothing for single-turn batches."""
+    if all(g.loss_mask is None for g in groups):
+        return {}
+    turns = tokens = model = 0
+    for g in groups:
+        mask = g.model_token_mask  # [n, T]
+        starts = mask[:, :1].sum() + (mask[:, 1:] & ~mask[:, :-1]).sum()  # a turn starts where the mask turns on
+        turns, tokens, model = turns + int(starts), tokens + int(g.completion_lengths.sum()), model + int(mask.sum())
+    rows = sum(g.size for g in groups)
+    return {"env/turns_per_episode": turns / rows, "env/token_frac": (tokens - model) / max(tokens, 1)}
