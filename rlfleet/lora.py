@@ -45,13 +45,16 @@ def adapter_config(cfg: LoraConfig) -> dict:
             "peft_type": "LORA", "task_type": "CAUSAL_LM"}
 
 
-def add_adapter(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+def add_adapter(model: torch.nn.Module, cfg: LoraConfig, seed: int = 0) -> torch.nn.Module:
     """``model`` with ``cfg``'s adapter injected in place (peft): its linear layers become LoRA layers whose
-    ``base_layer`` keeps the frozen weight; only the adapter's parameters require grad. Returns the peft wrapper
-    (``save_pretrained``, ``disable_adapter``); ``model`` itself is still the module to call."""
+    ``base_layer`` keeps the frozen weight; only the adapter's parameters require grad. A is drawn from ``seed``
+    (every rank of a learner group draws the same), B is 0. Returns the peft wrapper (``save_pretrained``,
+    ``disable_adapter``); ``model`` itself is still the module to call."""
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(cfg), adapter_name=ADAPTER)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_config(cfg), adapter_name=ADAPTER)
 
 
 def is_adapter_parameter(name: str) -> bool:

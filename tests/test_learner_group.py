@@ -98,24 +98,25 @@ def assert_updates_close(after: dict[str, np.ndarray], expected: dict[str, np.nd
 # ---------------------------------------------------------------------------------------------- GRPO
 
 
-def _policy_learner(rank: Rank, algorithm: dict, learner: dict) -> PolicyLearner:
+def _policy_learner(rank: Rank, algorithm: dict, learner: dict, model: dict | None = None) -> PolicyLearner:
     return PolicyLearner(
-        ModelConfig(dtype="float32"), AlgorithmConfig(**algorithm),
+        ModelConfig(**{"dtype": "float32", **(model or {})}), AlgorithmConfig(**algorithm),
         LearnerConfig(**{"device": "cpu", "learning_rate": 1e-3, "max_grad_norm": 1.0, **learner}),
         GenerationConfig(num_generations=4, generation_batch_size=8, max_completion_length=12,
                          temperature=TEMPERATURE),
         rank=rank)
 
 
-def _policy_case(rank: Rank, algorithm: dict, learner: dict, groups, checkpoint: str | None = None) -> dict:
-    model = _policy_learner(rank, algorithm, learner)
+def _policy_case(rank: Rank, algorithm: dict, learner: dict, groups, checkpoint: str | None = None,
+                 model_cfg: dict | None = None) -> dict:
+    model = _policy_learner(rank, algorithm, learner, model_cfg)
     grads = _record_grads(model, model.model)
     metrics = model.train_step(groups)
     out = {"metrics": metrics, "grads": list(grads), "after": _numpy(dist_.full_state_dict(model.model)),
            "published": _numpy(model.state_dict())}
     if checkpoint is not None:  # save, then a fresh group loads it and takes the next step like the original
         model.save(checkpoint)
-        resumed = _policy_learner(rank, algorithm, learner)
+        resumed = _policy_learner(rank, algorithm, learner, model_cfg)
         resumed.load(checkpoint)
         out["next"] = (model.train_step(groups)["loss"], resumed.train_step(groups)["loss"])
         out["next_params"] = (_numpy(dist_.full_state_dict(model.model)), _numpy(dist_.full_state_dict(resumed.model)))
@@ -163,6 +164,30 @@ def test_two_ranks_dapo_token_level_and_checkpoint_round_trip(groups, tmp_path):
     assert set(saved) == set(one["after"])
     for name, value in saved.items():  # written after the first step: the policy then
         np.testing.assert_array_equal(value.numpy(), two["after"][name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_a_lora_adapter_equal_one_process(groups, tmp_path):
+    """model.lora on a learner group: the adapter's gradients, the update, the published adapter and the KL to the
+    base (the adapter disabled) are those of one process; the base never moves; the adapter checkpoint resumes."""
+    algorithm, learner, model = {"loss_type": "dapo", "beta": 0.04}, {"micro_batch_size": 3}, {"lora": {"r": 4}}
+    one = _local(_policy_case, algorithm, learner, groups, None, model)
+    two = _spawn(2, _policy_case, algorithm, learner, groups, str(tmp_path / "ckpt"), model)
+    for key in ("loss", "grad_norm", "loss/kl"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-9), key
+    for g, e in zip(two["grads"], one["grads"]):
+        assert_grads_close(g, e)
+    assert all(".lora_" in name for name in one["grads"][0])  # only the adapter trains
+    # B moved (A's first gradient is 0: B starts at 0); the base weights are the same, untouched, on both
+    b_names = [n for n in one["after"] if ".lora_B." in n]
+    assert_updates_close({n: two["after"][n] for n in b_names}, {n: one["after"][n] for n in b_names}, one["grads"])
+    for name in (n for n in one["after"] if ".lora_" not in n):
+        np.testing.assert_array_equal(two["after"][name], one["after"][name], err_msg=name)
+    assert two["published"].keys() == one["published"].keys() and all(".lora_" in k for k in one["published"])
+    for name, value in one["published"].items():
+        np.testing.assert_allclose(two["published"][name], value, rtol=0, atol=1e-6, err_msg=name)
+    assert two["next"][0] == two["next"][1]
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
 
 
 @pytest.mark.slow

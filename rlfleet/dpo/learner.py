@@ -169,7 +169,7 @@ class DPOLearner:
                                    model_cfg.trust_remote_code)
         self.model = model if rank.sharded else model.to(self.device)
         self.lora = model_cfg.lora
-        self.peft = None if self.lora is None else lora_.add_adapter(self.model, self.lora)  # frozen base
+        self.peft = None if self.lora is None else lora_.add_adapter(self.model, self.lora, seed)  # frozen base
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
         # With LoRA and no BEMA the reference is the policy with its adapter disabled: the base, no second copy.
         self.ref_model = None

@@ -368,7 +368,7 @@ class PolicyLearner:
         self.model = load_causal_lm(model_cfg.name_or_path, torch.float32, load_on,
                                     model_cfg.trust_remote_code)
         self.lora = model_cfg.lora
-        self.peft = None if self.lora is None else lora_.add_adapter(self.model, self.lora)  # frozen base
+        self.peft = None if self.lora is None else lora_.add_adapter(self.model, self.lora, seed)  # frozen base
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
         self.ref_model = None
         if algorithm_cfg.beta > 0 and self.lora is None:  # with LoRA the reference is the adapter disabled
