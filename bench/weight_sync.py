@@ -1,6 +1,9 @@
 """Benchmark 3: weight sync, from the learner's step end to every generator running the new weights.
 
-    .venv/bin/python bench/weight_sync.py [--quick | --full]
+    .venv/bin/python bench/weight_sync.py [--quick | --full] [--lora]
+
+(``--lora``: a LoRA adapter's sync against the full model's, with the learner's step time and memory:
+``bench/lora.py``.)
 
 The real path of ``rlfleet train``, with rlfleet's own actors: ``LearnerActor.publish_weights()`` (the end of
 every ``train_step``) packs the state dict into the learner's reusable host buffer in the compute dtype
@@ -172,6 +175,12 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
 
 
 def main() -> None:
+    if "--lora" in sys.argv:  # adapter sync vs full sync: bench/lora.py (with the learner's step and memory)
+        from bench import lora
+
+        sys.argv.remove("--lora")
+        lora.main()
+        return
     parser = arg_parser(__doc__.split("\n")[0])
     args = parser.parse_args()
     setup_env()
