@@ -68,6 +68,18 @@ def user_turn(text: str, after_eos: bool) -> list[int]:
                                               ord("\n"), IM_START_ID, *b"assistant\n"]
 
 
+def test_observation_tokens_leave_out_only_the_models_own_eos():
+    """After a turn that ended with EOS the template's EOS is not repeated; after a cut turn it is written, even when
+    the model's last byte is the first character of the EOS's text ('<' of '<|im_end|>')."""
+    from rlfleet.generation.episodes import ObservationTokens
+
+    observe = ObservationTokens(load_tokenizer("builtin:tiny"), None)
+    reply = [{"role": "user", "content": "ok"}]
+    assert observe(EOS_ID, reply) == user_turn("ok", after_eos=True)
+    assert observe(ord("<"), reply) == user_turn("ok", after_eos=False)
+    assert observe(ord("x"), reply) == user_turn("ok", after_eos=False)
+
+
 def segments(mask: np.ndarray) -> list[tuple[bool, int, int]]:
     """Runs of equal mask values: (is_model, start, stop)."""
     edges = [0] + [t for t in range(1, len(mask)) if mask[t] != mask[t - 1]] + [len(mask)]

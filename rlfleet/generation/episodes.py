@@ -103,9 +103,10 @@ class ObservationTokens:
         text = self.tokenizer.apply_chat_template(self._base + env_messages, add_generation_prompt=True,
                                                   tokenize=False, **kwargs)
         tail = text[text.index(MARKER) + len(MARKER):]  # end of the assistant's turn, the messages, next turn
-        sampled_end = self.tokenizer.decode([last_model_token])  # the model's EOS, already in the sequence
-        if sampled_end and tail.startswith(sampled_end):
-            tail = tail[len(sampled_end):]
+        if last_model_token in self.tokenizer.all_special_ids:  # the model's EOS, already in the sequence
+            sampled_end = self.tokenizer.decode([last_model_token])
+            if tail.startswith(sampled_end):
+                tail = tail[len(sampled_end):]
         return self.tokenizer(tail, add_special_tokens=False).input_ids
 
 
