@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -68,12 +67,9 @@ def sender(engine, hf_model):
     from rlfleet.transport.broadcast import StateSource
     from rlfleet.transport.gloo_backend import GlooTrainerInitInfo
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     client, source = EngineClient(engine), StateSource()
     trainer = WeightTransferTrainerFactory.trainer_init(
-        GlooTrainerInitInfo("127.0.0.1", port, world_size=2, bucket_bytes=2**18, timeout_s=120, rank=0),
+        GlooTrainerInitInfo("127.0.0.1", world_size=2, bucket_bytes=2**18, timeout_s=120, rank=0),
         client=client, source=source)
     return trainer, client, source
 

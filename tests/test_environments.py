@@ -8,6 +8,7 @@ written out here by hand: ``<|im_start|>`` + bytes of ``role\\ncontent`` + ``<|i
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -363,7 +364,8 @@ class ScriptedEngine:
                 result = text.rsplit("<tool_response>\n", 1)[1].split("\n", 1)[0]
                 reply = f"So it is\n#### {result}".encode()
             else:
-                reply = b'<tool_call>\n{"name": "calculator", "arguments": {"expression": "(48 + 24) / 3"}}\n</tool_call>'
+                call = {"name": "calculator", "arguments": {"expression": "(48 + 24) / 3"}}
+                reply = f"<tool_call>\n{json.dumps(call)}\n</tool_call>".encode()
             out.append([Completion(list(reply) + [EOS_ID], [-0.5] * (len(reply) + 1), False) for _ in range(n)])
         return out
 

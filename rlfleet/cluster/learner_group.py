@@ -15,7 +15,6 @@ learner: it recovers from the latest checkpoint.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,19 +23,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlfleet.cluster.signals import ActorLost
 from rlfleet.config import ClusterConfig
+from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import Rank, destroy_process_group, init_process_group
 
 T = TypeVar("T")
 
 DEAD_RANK_GRACE_S = 10.0  # after a failed collective, how long rank 0 waits for the others' calls to settle
-
-
-def rendezvous_address() -> tuple[str, int]:
-    """This node's IP and a free TCP port, for rank 0 to offer as the process group's rendezvous."""
-    host = ray.util.get_node_ip_address()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return host, s.getsockname()[1]
 
 
 def rank_bundle_options(rank: int) -> dict:
@@ -58,8 +50,10 @@ class LearnerGroup:
         self.workers: list[ray.actor.ActorHandle] = []
         if not self.rank.sharded:
             return
+        store = None
         if self.rank.leader:
-            rendezvous = rendezvous_address()
+            store = dist_.host_store(ray.util.get_node_ip_address(), self.rank.world, self.timeout_s)
+            rendezvous = (ray.util.get_node_ip_address(), store.port)
             options = {"num_cpus": cfg.learner_num_cpus, "num_gpus": cfg.learner_num_gpus}
             # rank r is "<rank 0's name>-rank<r>-<rank 0's id>": found by operators and tests, and unique to this
             # group, so a recovered job's new group never waits for the old one's names to be released
@@ -69,7 +63,7 @@ class LearnerGroup:
                 named = {"name": f"{name}-rank{r}-{life}"} if name else {}
                 self.workers.append(ray.remote(actor_cls).options(**options, **named, **rank_bundle_options(r)).remote(
                     *args, rank=Rank(r, self.rank.world), rendezvous=rendezvous))
-        init_process_group(self.rank, *rendezvous, device, self.timeout_s)
+        init_process_group(self.rank, *rendezvous, device, self.timeout_s, store)
 
     def run(self, method: str, args: tuple, own: Callable[[], T]) -> T:
         """``method(*args)`` on every other rank and ``own()`` here, together (their collectives meet); returns

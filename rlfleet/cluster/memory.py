@@ -3,9 +3,10 @@
 
 Per generation actor: the engine process (``ENGINE_PROCESS_GIB``: Python, torch, vLLM; measured 0.7 GiB with the
 tiny model on CPU), its KV cache (``generation.kv_cache_space_gib`` on CPU; on GPU vLLM takes a share of the GPU
-instead), and the weights twice (the engine's copy and an update in flight; with LoRA the adapter is small). Learner: its process
-(``LEARNER_PROCESS_GIB``), float32 master weights, gradients and AdamW's two moments (16 bytes a parameter), and a
-frozen reference model in the compute dtype when one is kept (``beta > 0``, DPO), and the log-prob pass's logits:
+instead), and the weights twice (the engine's copy and an update in flight). Learner: its process
+(``LEARNER_PROCESS_GIB``), float32 master weights, gradients and AdamW's two moments (16 bytes a parameter; with
+``model.lora``, 4 bytes a frozen base parameter and 16 an adapter parameter), and a frozen reference model in the
+compute dtype when one is kept (``beta > 0``, DPO; with LoRA only DPO with BEMA), and the log-prob pass's logits:
 ``LOGIT_COPIES`` float32 copies of one chunk's ``[positions, vocabulary]`` logits (a micro-batch's completion
 positions, at most ``learner.logprob_chunk_tokens`` when chunking; bench/logprob_memory.py measured 4.6 copies at
 the peak with whole logits). Publishing weights holds two host copies in the compute dtype, even for a learner on a

@@ -18,7 +18,6 @@ With one worker (the default) none of this runs: :data:`SINGLE` is the rank and 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,16 +47,28 @@ class Rank:
 SINGLE = Rank()
 
 
-def init_process_group(rank: Rank, address: str, port: int, device: torch.device, timeout_s: float) -> None:
-    """Join the learner group's process group: gloo on CPU, NCCL on GPU. Every collective times out after
-    ``timeout_s``, so a rank that died fails the others instead of hanging them (gloo notices a closed peer at
-    once; NCCL after the timeout)."""
+def host_store(address: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The rendezvous store a group's rank 0 (or its launcher) hosts, listening before anyone is told where: on a
+    port the OS picks as it binds (``store.port``). A port picked beforehand and bound later can be taken meanwhile
+    (a CI run failed with EADDRINUSE so)."""
+    return dist.TCPStore(address, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def init_process_group(rank: Rank, address: str, port: int, device: torch.device, timeout_s: float,
+                       store: dist.TCPStore | None = None) -> None:
+    """Join the learner group's process group: gloo on CPU, NCCL on GPU, through the store at ``address:port``
+    (``store``: the one this process hosts, :func:`host_store`). Every collective times out after ``timeout_s``, so
+    a rank that died fails the others instead of hanging them (gloo notices a closed peer at once; NCCL after the
+    timeout)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank.rank, world_size=rank.world,
-                            timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(address, port, rank.world, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank.rank, world_size=rank.world, timeout=timeout)
 
 
 def destroy_process_group() -> None:
@@ -243,9 +254,8 @@ def spawn_group(world: int, fn, *args, device: str = "cpu", timeout_s: float = 9
     top-level function). Raises with the failing rank's traceback."""
     import multiprocessing
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    store = host_store("127.0.0.1", world, 300)  # held here until the ranks are done
+    port = store.port
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_spawned_rank, args=(r, world, port, device, queue, fn, args)) for r in range(world)]

@@ -151,8 +151,6 @@ class BroadcastPublisher:
     def _build(self, members: list[str]) -> None:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-        from rlfleet.cluster.learner_group import rendezvous_address
-
         from rlfleet.transport.gloo_backend import GlooTrainerInitInfo, register
 
         register()
@@ -162,9 +160,9 @@ class BroadcastPublisher:
         self.members = tuple(members)
         if not members:
             return
-        host, port = rendezvous_address()
         client = GeneratorsClient({key: ray.get_actor(actor_name(key)) for key in members}, self.timeout_s)
-        info = GlooTrainerInitInfo(host, port, world_size=1 + len(members), timeout_s=self.timeout_s, rank=0)
+        info = GlooTrainerInitInfo(ray.util.get_node_ip_address(), world_size=1 + len(members),
+                                   timeout_s=self.timeout_s, rank=0)
         self.trainer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=self.source)
 
     def _close(self) -> None:

@@ -29,7 +29,6 @@ from typing import ClassVar
 
 import torch
 import torch.distributed as dist
-
 from vllm.distributed.weight_transfer.base import (
     ParamMeta,
     TrainerInitInfo,
@@ -39,6 +38,8 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
+
+from rlfleet.learner.distributed import host_store
 
 BACKEND = "gloo"
 DEFAULT_BUCKET_BYTES = 64 * 2**20
@@ -59,12 +60,12 @@ class GlooInitInfo(WeightTransferInitInfo):
 
 @dataclass
 class GlooTrainerInitInfo(TrainerInitInfo):
-    """Trainer side: rank 0 opens the group at rank 0; engines take ranks 1 .. world_size - 1."""
+    """Trainer side: rank 0 hosts the group's store at ``master_address`` (on a port it picks, then tells the
+    engines) and joins at rank 0; engines take ranks 1 .. world_size - 1."""
 
     backend: ClassVar[str] = BACKEND
 
     master_address: str
-    master_port: int
     world_size: int
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     timeout_s: float = 600.0
@@ -81,9 +82,11 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
 
 def open_group(address: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.ProcessGroup:
     """A gloo process group of its own (not the default group: vLLM's workers and the learner group have theirs),
-    over a TCP store that rank 0 hosts."""
-    store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
+    over a TCP store that rank 0 hosts (:func:`rlfleet.learner.distributed.host_store`)."""
+    store = dist.TCPStore(address, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
     return dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
+
+
 
 
 def buckets(metas: list[tuple[torch.dtype, tuple[int, ...]]], bucket_bytes: int) -> list[list[int]]:
@@ -192,14 +195,15 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         engine = cls(client=client, source=source, is_sender=init_info.is_sender, bucket_bytes=init_info.bucket_bytes)
         if not engine.is_sender:
             return engine
-        engines = GlooInitInfo(init_info.master_address, init_info.master_port, rank_offset=1,
+        store = host_store(init_info.master_address, init_info.world_size, init_info.timeout_s)  # port: its own
+        engines = GlooInitInfo(init_info.master_address, store.port, rank_offset=1,
                                world_size=init_info.world_size, bucket_bytes=init_info.bucket_bytes,
                                timeout_s=init_info.timeout_s)
-        # the engines block in init until the whole group has joined: open rank 0 meanwhile
+        # the engines block in init until the whole group has joined: join as rank 0 meanwhile
         with ThreadPoolExecutor(max_workers=1) as pool:
             joined = pool.submit(client.init_weight_transfer_engine, asdict(engines))
-            engine.group = open_group(init_info.master_address, init_info.master_port, 0, init_info.world_size,
-                                      init_info.timeout_s)
+            engine.group = dist.ProcessGroupGloo(store, 0, init_info.world_size,
+                                                 timedelta(seconds=init_info.timeout_s))
             joined.result()
         return engine
 
