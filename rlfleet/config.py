@@ -80,7 +80,11 @@ class DataConfig(Section):
         None, description="Hub dataset subset (TRL's name), e.g. 'main' for openai/gsm8k; None for the default."
     )
     split: str = "train"
-    eval_split: str | None = Field(None, description="Held-out split name; built-in tasks provide 'test'.")
+    eval_split: str | None = Field(None, description="Held-out split name; built-in tasks provide 'test'. "
+                                   "`rlfleet train` evaluates on it every logging.eval_steps, `rlfleet dpo` every "
+                                   "dpo.eval_steps.")
+    max_eval_prompts: int | None = Field(None, gt=0, description="Evaluate on the first N held-out prompts only; "
+                                         "None: all.")
     column_mapping: dict[str, str] = Field(
         default_factory=dict, description="Rename dataset columns before use, e.g. {question: prompt}."
     )
@@ -121,6 +125,10 @@ ImportanceSamplingLevel = Literal["token", "sequence", "sequence_token"]
 
 
 class AlgorithmConfig(Section):
+    name: Literal["grpo", "online_dpo"] = Field(
+        "grpo", description="'grpo': the group-relative policy-gradient family (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, "
+        "GFPO: chosen by the fields below); 'online_dpo': DPO on preference pairs formed from each scored group "
+        "(the dpo section: beta, bema, pairs, min_reward_margin).")
     loss_type: LossType = Field("dapo", description="Loss normalisation (TRL default 'dapo').")
     importance_sampling_level: ImportanceSamplingLevel = Field(
         "token", description="'token' (GRPO), 'sequence' (GSPO) or 'sequence_token' (GSPO-token)."
@@ -228,6 +236,13 @@ class DPOConfig(Section):
     max_length: int = Field(1024, gt=0, description="Max prompt + completion tokens (TRL default 1024).")
     batch_size: int = Field(8, gt=0, description="Preference pairs per optimizer step.")
     eval_steps: int = Field(10, gt=0, description="Held-out accuracy every N steps.")
+    pairs: Literal["best_worst", "all"] = Field(
+        "best_worst", description="Online DPO (algorithm.name: online_dpo): the pairs of a scored group. "
+        "'best_worst': its highest-reward completion against its lowest; 'all': every pair whose rewards differ by "
+        "more than min_reward_margin.")
+    min_reward_margin: float = Field(
+        0.0, ge=0, description="Online DPO: a pair's chosen reward must exceed its rejected reward by more than "
+        "this; a group with no such pair is dropped and counted (dpo/unpaired_groups).")
     bema: BEMAConfig | None = Field(default_factory=BEMAConfig, description="None disables BEMA (frozen ref).")
 
 
@@ -302,6 +317,13 @@ class LoggingConfig(Section):
         "(event files in output_dir/tensorboard), 'wandb' (needs the wandb package; WANDB_MODE=offline works "
         "without network).")
     wandb_project: str = "rlfleet"
+    eval_steps: int | None = Field(
+        None, gt=0, description="`rlfleet train`: every N learner steps, and at the end, one generator scores the "
+        "held-out prompts (data.eval_split) with that step's weights, between training requests: eval/reward/mean. "
+        "None: no evaluation.")
+    eval_greedy: bool = Field(True, description="Evaluate with greedy decoding; false: the training temperature.")
+    eval_num_generations: int = Field(1, gt=0, description="Samples per held-out prompt (more than 1 needs "
+                                      "eval_greedy: false).")
     engine_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Level of vLLM's own log lines in the generation actors (INFO shows every engine "
         "start and weight reload).")
@@ -399,6 +421,15 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     elif alg.environment is not None and gen.max_turns < 2:
         out.append(f"generation.max_turns: {gen.max_turns} gives the environment {alg.environment!r} no turn to "
                    "answer; set it to 2 or more (the model's turns per episode).")
+    if alg.name == "online_dpo":
+        out += online_dpo_problems(cfg)
+    log = cfg.logging
+    if log.eval_steps is not None and cfg.data.eval_split is None:
+        out.append(f"data.eval_split: required by logging.eval_steps ({log.eval_steps}); name the held-out split "
+                   "(built-in tasks: 'test'), or remove logging.eval_steps.")
+    if log.eval_greedy and log.eval_num_generations > 1:
+        out.append(f"logging.eval_num_generations: {log.eval_num_generations} greedy samples of a prompt are all the "
+                   "same; set logging.eval_greedy: false to sample at the training temperature, or use 1.")
     lora = cfg.model.lora
     if lora is not None and cfg.cluster.weight_transport == "broadcast":
         out.append("cluster.weight_transport: 'broadcast' sends whole models; with model.lora the adapter (megabytes) "
@@ -449,6 +480,25 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     if c.learner_workers > 1 and cfg.learner.device == "cuda" and not c.learner_num_gpus:
         out.append(f"learner.device: cuda with cluster.learner_workers={c.learner_workers} and "
                    "cluster.learner_num_gpus: 0; give each rank a GPU (learner_num_gpus: 1) or use device cpu/auto.")
+    return out
+
+
+def online_dpo_problems(cfg: RLFleetConfig) -> list[str]:
+    """Fields of the policy-gradient family that online DPO has no use for, set to something else than their
+    default, and a dpo.max_length that would cut the generators' sequences."""
+    alg, out = cfg.algorithm, []
+    unused = {"beta": (alg.beta, 0.0, "DPO's temperature is dpo.beta; its reference is BEMA's (dpo.bema)"),
+              "num_iterations": (alg.num_iterations, 1, "a DPO step is one pass over its pairs"),
+              "environment": (alg.environment, None, "multi-turn episodes are trained with the policy-gradient "
+                              "losses only (algorithm.name: grpo)")}
+    for field, (value, default, why) in unused.items():
+        if value != default:
+            out.append(f"algorithm.{field}: {value!r} with algorithm.name online_dpo; {why}. Remove it, or use "
+                       "algorithm.name: grpo.")
+    if cfg.dpo.max_length < cfg.model.max_model_len:
+        out.append(f"dpo.max_length: {cfg.dpo.max_length} is less than model.max_model_len ({cfg.model.max_model_len});"
+                   " online DPO trains on the generators' whole sequences: raise dpo.max_length to at least "
+                   f"{cfg.model.max_model_len}.")
     return out
 
 

@@ -271,10 +271,10 @@ def test_loss_and_gradient_ignore_environment_tokens(level):
 
 
 def test_the_learner_reports_turns_and_the_environments_token_share():
-    from rlfleet.learner.policy import _batch_metrics
+    from rlfleet.learner.policy import batch_metrics
 
     group = episode_group(load_causal_lm(resolve_tiny()).eval(), seed=5)
-    metrics = _batch_metrics([group], policy_version=0)
+    metrics = batch_metrics([group], policy_version=0)
     assert metrics["env/turns_per_episode"] == 2.0  # model, environment, model in every episode
     assert metrics["env/token_frac"] == pytest.approx((5 + 7 + 3) / (12 + 15 + 9))
 

@@ -33,7 +33,8 @@ from pathlib import Path
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.admission import admission_budget
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job, wait_any
-from rlfleet.cluster.metrics import RL_GENERATOR_SERIES, MetricsLog, Progress, StepOutputs, plot, rl_series
+from rlfleet.cluster.metrics import (RL_GENERATOR_SERIES, MetricsLog, Progress, StepOutputs, fmt, console, plot,
+                                    rl_series, warn)
 from rlfleet.cluster.pool import GeneratorPool
 from rlfleet.cluster.runtime import generator_bundle, learner_bundles, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
@@ -127,6 +128,12 @@ def preflight(cfg: RLFleetConfig):
                             f"{{'role', 'content'}} messages), and data.dataset {cfg.data.dataset!r} has plain "
                             "strings; set data.system_prompt (\"\" for none) to make each string a user message")
     problems += model_problems(cfg)
+    eval_dataset = None
+    if cfg.logging.eval_steps is not None:
+        try:
+            eval_dataset = load_eval_dataset(cfg)
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(str(err))
     checks = [lambda: resolve_reward_funcs(alg, cfg.data)]
     if alg.group_filter_func is not None:
         checks.append(lambda: resolve_function(alg.group_filter_func, BUILTIN_GROUP_FILTERS,
@@ -141,7 +148,24 @@ def preflight(cfg: RLFleetConfig):
                                  lambda tokenizer, prompt: prompt_token_ids(tokenizer, prompt, tools))
     if problems:
         raise ConfigError(problems)
-    return dataset
+    if cfg.data.eval_split is not None and cfg.logging.eval_steps is None:
+        console(f"data.eval_split {cfg.data.eval_split!r} is set but logging.eval_steps is not: no evaluation while "
+                "training")
+    return dataset, eval_dataset
+
+
+def load_eval_dataset(cfg: RLFleetConfig):
+    """The held-out prompts (``data.eval_split``, the first ``data.max_eval_prompts``, in the split's order);
+    errors name ``data.eval_split``."""
+    from rlfleet.data import load_prompt_dataset
+
+    data = cfg.data.model_copy(update={"max_prompts": cfg.data.max_eval_prompts, "shuffle": False})
+    try:
+        return load_prompt_dataset(data, cfg.data.eval_split, seed=cfg.seed)
+    except (ValueError, FileNotFoundError) as err:
+        message = str(err).removeprefix("data.split: ").removeprefix("data.dataset: ")
+        raise ValueError(f"data.eval_split: {cfg.data.eval_split!r} cannot be loaded (used by logging.eval_steps): "
+                         f"{message}") from None
 
 
 def model_problems(cfg: RLFleetConfig) -> list[str]:
@@ -177,12 +201,68 @@ def long_prompts(cfg: RLFleetConfig, dataset, tokenizer, encode, sample: int = 2
 def train(cfg: RLFleetConfig, engine_factory=None) -> dict:
     """Run ``rlfleet train``. Returns a small summary (last metrics, output paths). ``engine_factory`` replaces the
     vLLM engine in every generation actor (benchmarks: :mod:`bench.standin`)."""
-    dataset = preflight(cfg)
+    dataset, eval_dataset = preflight(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(dump_config(cfg))
-    return run_job(cfg, lambda recoveries, control: RLJob(cfg, dataset, control, recoveries, engine_factory),
-                   cfg.cluster.min_generators, with_reference=cfg.algorithm.beta > 0)
+    online_dpo = cfg.algorithm.name == "online_dpo"  # its reference: a frozen copy (BEMA's) or the adapter disabled
+    return run_job(cfg, lambda recoveries, control: RLJob(cfg, dataset, control, recoveries, engine_factory,
+                                                          eval_dataset),
+                   cfg.cluster.min_generators, with_reference=cfg.algorithm.beta > 0 or online_dpo)
+
+
+class Evaluations:
+    """Evaluation while training (``logging.eval_steps``): which learner steps are due, with the weights each
+    evaluates, queued until a generator is idle; which ran.
+
+    Step 0 (the initial weights, a baseline) is due when a run starts from scratch. After step s with ``s % eval_steps == 0`` or ``s == max_steps``, step s is queued with its weights handle. An
+    object-store handle keeps its weights in the store, so the evaluation loads exactly step s's weights even if later
+    steps were published meanwhile; a broadcast round cannot be received twice, so there a queued evaluation takes
+    the latest weights when it starts, and its record names their step. An evaluation whose generator died is queued
+    again."""
+
+    def __init__(self, cfg: RLFleetConfig, dataset):
+        self.every, self.max_steps = cfg.logging.eval_steps, cfg.learner.max_steps
+        self.n = cfg.logging.eval_num_generations
+        self.temperature = 0.0 if cfg.logging.eval_greedy else None
+        self.records = None
+        if dataset is not None and self.every is not None:
+            import ray
+
+            self.records = ray.put([{**row, "prompt_id": f"eval-{i}"} for i, row in enumerate(dataset)])
+        self.queue: list[tuple[int, object]] = []  # (step, its weights handle), oldest first
+        self.handles: dict[int, object] = {}  # the handle of every step queued or running
+        self.latest = None  # the latest weights handle
+        self.steps_done: list[int] = []
+
+    def after_step(self, step: int, weights) -> None:
+        self.latest = weights
+        if self.records is not None and (step % self.every == 0 or step == self.max_steps):
+            self.queue.append((step, weights))
+            self.handles[step] = weights
+
+    def dispatch(self, pool: GeneratorPool) -> None:
+        while self.queue:
+            step, weights = self.queue[0]
+            if weights.transport != "object_store" and self.latest is not None:
+                step, weights = self.latest.version, self.latest  # see the class doc
+            if not pool.dispatch_evaluation(step, weights, self.records, self.n, self.temperature):
+                return
+            self.queue.pop(0)
+            self.handles[step] = weights
+
+    def requeue(self, pool: GeneratorPool) -> None:
+        """Evaluations lost with their generator go to the front of the queue."""
+        while pool.lost_evaluations:
+            step = pool.lost_evaluations.pop()
+            self.queue.insert(0, (step, self.handles[step]))
+
+    def done(self, record: dict) -> None:
+        self.handles.pop(int(record["step"]), None)
+        self.steps_done.append(int(record["step"]))
+
+    def outstanding(self, pool: GeneratorPool) -> bool:
+        return bool(self.queue) or any(m.evaluating is not None for m in pool.members)
 
 
 class RLJob:
@@ -190,8 +270,10 @@ class RLJob:
 
     label, command, phase = "rlfleet", "rlfleet train", "starting the actors"
 
-    def __init__(self, cfg: RLFleetConfig, dataset, control, recoveries: int = 0, engine_factory=None):
+    def __init__(self, cfg: RLFleetConfig, dataset, control, recoveries: int = 0, engine_factory=None,
+                 eval_dataset=None):
         self.cfg, self.dataset, self.control, self.engine_factory = cfg, dataset, control, engine_factory
+        self.eval_dataset = eval_dataset
         self.out = Path(cfg.output_dir)
         self.recoveries = recoveries
         self.replay = self.learner = self.learner_placement = self.pool = self.outputs = None
@@ -229,14 +311,15 @@ class RLJob:
             self.step = driver_state["step"]
             errors_total = {"reward": int(driver_state.get("reward_errors_total", 0)),
                             "env": int(driver_state.get("env_errors_total", 0))}
-            print(f"rlfleet: resumed from {resume_from} at step {self.step}", flush=True)
+            console(f"resumed from {resume_from} at step {self.step}")
         self.phase = "starting the generation actors (placing them, loading their engines)"
         print(f"rlfleet: starting {c.min_generators} generation actor(s)"
               + (f", up to {c.max_generators} as the cluster has room" if c.max_generators > c.min_generators else ""),
               flush=True)
         self.pool.start(c.min_generators)
         self.phase = "publishing the first weights"
-        series = rl_series(cfg.algorithm.beta, multi_turn=cfg.algorithm.environment is not None)
+        series = rl_series(cfg.algorithm.beta, multi_turn=cfg.algorithm.environment is not None,
+                           online_dpo=cfg.algorithm.name == "online_dpo", evaluation=self.eval_dataset is not None)
         self.outputs = StepOutputs(cfg, series, self.step if resume_from else None,
                                    RL_GENERATOR_SERIES)
         self.batches_log = MetricsLog(self.out, resume_step=self.step if resume_from else None, name="batches.jsonl")
@@ -254,6 +337,9 @@ class RLJob:
         self.groups_attempted = self.groups_failed = 0  # since the driver (re)started: the error-rate check
         self.errors_total = errors_total  # over the run, checkpointed (errors/reward_total, errors/env_total)
         self.driver_s: dict[str, float] = {}  # the driver's own seconds by phase (timed)
+        self.evaluations = Evaluations(cfg, self.eval_dataset)
+        if resume_from is None:  # the baseline: the initial weights, step 0
+            self.evaluations.after_step(0, self.weights)
 
     @property
     def version(self) -> int:
@@ -278,18 +364,17 @@ class RLJob:
                 raise RunFailed("every generation actor is gone (each died more than cluster.max_restarts "
                                    "times); see the generator logs")
             with self.timed("admit"):
+                self.evaluations.dispatch(self.pool)  # first: an evaluation waits for no training request
                 self.admit()
             if not self.pool.active() and not waiting_said:
-                print("rlfleet: no generation actor is running; waiting for the cluster to place one", flush=True)
+                warn("no generation actor is running; waiting for the cluster to place one")
             waiting_said = not self.pool.active()
 
             ready = set(wait_any([self.learner_future, self.control_future, *self.pool.refs()], t))
             if not ready:
                 raise RunFailed(f"no actor finished work within cluster.timeout_s={t:g} s")
             with self.timed("collect"):
-                for index, stats in self.pool.on_ready(ready):
-                    self.window.add(index, stats)
-                    self.check_reward_errors(stats)
+                self.collect(self.pool.on_ready(ready))
             if self.control_future in ready:
                 self.on_control()
             if self.learner_future in ready:
@@ -302,6 +387,43 @@ class RLJob:
                     self.finish_step(result)
                 if self.step % cfg.checkpoint.save_steps == 0 and self.step < cfg.learner.max_steps:
                     self.save()
+        self.finish_evaluations()
+
+    def collect(self, finished: list[tuple[int, dict]]) -> None:
+        """Finished requests: a generation's stats go to the step's window, an evaluation's to its own record."""
+        for index, stats in finished:
+            if "eval/step" in stats:
+                self.record_evaluation(stats)
+            else:
+                self.window.add(index, stats)
+                self.check_reward_errors(stats)
+        self.evaluations.requeue(self.pool)
+
+    def record_evaluation(self, stats: dict) -> None:
+        """An evaluation's record: a line of its own in metrics.jsonl (``step``: the learner step whose weights
+        were evaluated), the Ray series, the loggers, one console line."""
+        step = int(stats.pop("eval/step"))
+        stats.pop("sync/seconds", None)  # the weights load before it: not a training step's
+        record = {"step": step, **stats}
+        self.outputs.write(record)
+        self.evaluations.done(record)
+        self.progress.note(f"eval at step {step}: reward {fmt(record.get('eval/reward/mean'), 3)} on "
+                           f"{int(record['eval/prompts'])} held-out prompts")
+
+    def finish_evaluations(self) -> None:
+        """Wait for the evaluations still queued or running (the last step's at least), serving them first;
+        generation requests still in flight are collected meanwhile."""
+        t = self._timeout()
+        while self.evaluations.outstanding(self.pool):
+            self.evaluations.dispatch(self.pool)
+            self.pool.reconcile()
+            if not self.pool.members:
+                raise RunFailed("every generation actor is gone before the last evaluation; see the generator logs")
+            ready = set(wait_any(self.pool.refs(), t))
+            if not ready:
+                raise RunFailed(f"no generation actor finished work within cluster.timeout_s={t:g} s (waiting for "
+                                "the last evaluation)")
+            self.collect(self.pool.on_ready(ready))
 
     @contextmanager
     def timed(self, phase: str):
@@ -352,6 +474,10 @@ class RLJob:
         self.groups_attempted += int(stats.get("gen/groups", 0)) + sum(failed.values())
         self.groups_failed += sum(failed.values())
         for kind, n in failed.items():
+            if n and not self.errors_total[kind]:  # the first of the run stands out; then errors/* count them
+                what = "the environment" if kind == "env" else "a reward or group-filter function"
+                warn(f"{n} group(s) dropped: {what} failed (the generator's log line above names it and the error); "
+                     f"errors/{kind} counts such groups at every step")
             self.errors_total[kind] += n
         limit = self.cfg.algorithm.max_reward_error_frac
         if self.groups_attempted >= 16 and self.groups_failed > limit * self.groups_attempted:
@@ -390,6 +516,7 @@ class RLJob:
         self.t_step, self.window, self.last_record = now, self.new_window(), record
         self.batches_log.write({"step": self.step, "policy_version": self.version, "prompt_ids": result.prompt_ids})
         self.progress.update(record)
+        self.evaluations.after_step(self.step, self.weights)
         self.control.report.remote({"step": self.step, "generators": len(generators), "target": self.pool.target,
                                     "fleet/added": self.pool.counts["fleet/added"],
                                     "fleet/removed": self.pool.counts["fleet/removed"]})
@@ -407,8 +534,7 @@ class RLJob:
     def save(self) -> Path:
         """Checkpoint at the current step. Generation is quiesced first, so the replay buffer, the prompt cursor and
         the prompts to re-issue describe the same moment."""
-        for index, stats in self.pool.quiesce():
-            self.window.add(index, stats)
+        self.collect(self.pool.quiesce())
         t, staging = self._timeout(), ckpt.staging_dir(self.out, self.step)
         call(self.learner.save.remote(str(staging / "policy")), t, "the learner (saving)")
         replay_state = call(self.replay.state_dict.remote(), t, "the replay actor (saving)")
@@ -420,16 +546,21 @@ class RLJob:
 
     def finish(self, final: Path) -> dict:
         records = self.outputs.log.read()
-        png = plot(records, self.out / "reward.png") if self.cfg.logging.plot else None
-        merged = None
+        keys = ("reward/mean", "loss") + (("eval/reward/mean",) if self.eval_dataset is not None else ())
+        png = plot(records, self.out / "reward.png", keys) if self.cfg.logging.plot else None
+        merged = bema = None
+        if self.cfg.algorithm.name == "online_dpo" and self.cfg.dpo.bema is not None:
+            bema = self.out / "bema"
+            call(self.learner.save_bema.remote(str(bema)), self._timeout(), "the learner (saving the BEMA weights)")
         if self.cfg.model.lora is not None and self.cfg.model.lora.save_merged:
             merged = self.out / "merged"
             call(self.learner.save_merged.remote(str(merged)), self._timeout(), "the learner (saving the merged model)")
         summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.outputs.log.path),
                    "plot": str(png) if png else None, "merged": str(merged) if merged else None,
+                   "bema": str(bema) if bema else None,
                    "last": self.last_record}
         (self.out / "summary.json").write_text(json.dumps(summary, default=str, indent=2))
-        print(f"rlfleet: done at step {self.step}; checkpoint {final}", flush=True)
+        console(f"done at step {self.step}; checkpoint {final}")
         return summary
 
     def teardown(self) -> None:

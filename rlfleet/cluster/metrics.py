@@ -8,6 +8,7 @@ import os
 import secrets
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 from rlfleet.config import LoggingConfig, RLFleetConfig
@@ -45,31 +46,81 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
-class Progress:
-    """A one-line bar on an interactive terminal, plain log lines otherwise."""
+def console(text: str) -> None:
+    """One line of rlfleet's own on stdout (``rlfleet: <text>``); a progress bar being drawn is ended first."""
+    if Progress.bar_open:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+        Progress.bar_open = False
+    print(f"rlfleet: {text}", flush=True)
 
-    def __init__(self, total: int, mode: str = "auto", every: int = 1, start: int = 0):
-        self.total, self.every, self.start_step = total, every, start
+
+def warn(text: str) -> None:
+    """An event a person should see (a generator died, a node was lost, a reward function failed): a line of its
+    own, ``rlfleet: WARNING: <text>``, between the progress lines."""
+    console(f"WARNING: {text}")
+
+
+def window_rate(marks: list[tuple[float, int, int]]) -> tuple[float, float] | None:
+    """``(groups per second, seconds per step)`` between the first and the last of ``marks`` (time, step, groups
+    trained so far); None with fewer than two marks or no time between them."""
+    if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
+        return None
+    (t0, s0, g0), (t1, s1, g1) = marks[0], marks[-1]
+    return (g1 - g0) / (t1 - t0), (t1 - t0) / max(s1 - s0, 1)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """rlfleet's progress: a one-line bar on an interactive terminal, a plain line every ``every`` steps otherwise.
+
+    The rate is that of the last ``window`` steps (groups trained per second, seconds per step, and the time left
+    at that pace), not an average since the start, which start-up would weigh on for the whole run.
+    """
+
+    bar_open = False  # a bar line is on the terminal (console() ends it before printing)
+
+    def __init__(self, total: int, mode: str = "auto", every: int = 1, start: int = 0, window: int = 20):
+        self.total, self.every = total, every
         self.bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
-        self.t0 = time.perf_counter()
         self.groups = 0
+        self.marks: deque[tuple[float, int, int]] = deque(maxlen=window + 1)  # (time, step, groups so far)
+
+    def line(self, record: dict) -> str:
+        rate = window_rate(list(self.marks))
+        pace = "" if rate is None else (f"  {rate[0]:.1f} groups/s  {rate[1]:.2f} s/step  "
+                                        f"eta {format_duration(rate[1] * (self.total - record['step']))}")
+        return (f"step {record['step']}/{self.total}  reward {fmt(record.get('reward/mean'), 3)}  "
+                f"loss {fmt(record.get('loss'), 4)}  staleness {record.get('staleness/mean', 0):.2f}{pace}")
 
     def update(self, record: dict) -> None:
         step = record["step"]
         self.groups += int(record.get("learner/groups", 0))
-        rate = self.groups / max(time.perf_counter() - self.t0, 1e-9)
-        reward = record.get("reward/mean")
-        reward_s = "nan" if reward is None or not math.isfinite(reward) else f"{reward:.3f}"
-        text = (f"step {step}/{self.total}  reward {reward_s}  loss {record.get('loss', float('nan')):.4f}  "
-                f"staleness {record.get('staleness/mean', 0):.2f}  {rate:.2f} groups/s")
+        self.marks.append((time.perf_counter(), step, self.groups))
+        text = self.line(record)
         if self.bar:
             done = int(30 * step / self.total)
-            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {text}")
-            sys.stderr.flush()
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {text}\x1b[K")
+            Progress.bar_open = step < self.total
             if step >= self.total:
                 sys.stderr.write("\n")
+            sys.stderr.flush()
         elif step % self.every == 0 or step >= self.total:
-            print(f"rlfleet: {text}", flush=True)
+            console(text)
+
+    def note(self, text: str) -> None:
+        """A line between the progress lines (an evaluation's result)."""
+        console(text)
+
+
+def fmt(value, digits: int) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def plot(records: list[dict], path: str | Path, keys: tuple[str, ...] = ("reward/mean", "loss")) -> Path | None:
@@ -122,6 +173,10 @@ class Reporters:
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=cfg.wandb_project, name=run, id=run_id, dir=str(out), config=config,
                                     resume="allow")
+            # an evaluation while training arrives after later steps were logged, and W&B's own step only grows:
+            # evaluations are charted against the step they evaluated (eval/step) instead
+            self.wandb.define_metric("eval/step")
+            self.wandb.define_metric("eval/*", step_metric="eval/step")
 
     def log(self, record: dict, samples: list[dict] = ()) -> None:
         step = int(record["step"])
@@ -141,7 +196,10 @@ class Reporters:
                 table = wandb.Table(columns=["prompt_id", "reward", "completion"],
                                     data=[[s["prompt_id"], s["reward"], s["completion"]] for s in samples])
                 scalars = {**scalars, "samples": table}
-            self.wandb.log(scalars, step=step)
+            if any(k.startswith("eval/") for k in scalars):
+                scalars["eval/step"] = step
+            evaluation_only = all(k.startswith("eval/") or k == "policy_version" for k in scalars)
+            self.wandb.log(scalars, **({} if evaluation_only else {"step": step}))
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -250,14 +308,26 @@ DPO_SERIES = {
 }
 
 
+ONLINE_DPO_SERIES = {  # online DPO's instead of the clip share (algorithm.name: online_dpo)
+    "rlfleet_dpo_accuracy": ("rewards/accuracies", "share of pairs whose chosen reward is higher"),
+    "rlfleet_dpo_margin": ("rewards/margins", "mean chosen - rejected reward"),
+    "rlfleet_dpo_pairs": ("dpo/pairs", "preference pairs in the step (online DPO)"),
+}
+EVAL_SERIES = {  # jobs with logging.eval_steps; set at each evaluation, held between them
+    "rlfleet_eval_reward_mean": ("eval/reward/mean", "mean reward on the held-out prompts (data.eval_split)"),
+}
 MULTI_TURN_SERIES = ("rlfleet_env_errors_total", "rlfleet_env_turns_per_episode")
 
 
-def rl_series(beta: float, multi_turn: bool = False) -> dict[str, tuple[str, str]]:
-    """The series an ``rlfleet train`` job exports: all of RL_SERIES, KL only when there is a reference model, the
-    environment's only with one (``algorithm.environment``)."""
-    return {n: v for n, v in RL_SERIES.items()
-            if (beta > 0 or n != "rlfleet_kl") and (multi_turn or n not in MULTI_TURN_SERIES)}
+def rl_series(beta: float, multi_turn: bool = False, online_dpo: bool = False, evaluation: bool = False
+              ) -> dict[str, tuple[str, str]]:
+    """The series an ``rlfleet train`` job exports: RL_SERIES, KL only when there is a reference model, the
+    environment's only with one (``algorithm.environment``), online DPO's instead of the clip share, the held-out
+    reward with evaluation (``logging.eval_steps``)."""
+    series = {n: v for n, v in RL_SERIES.items()
+              if (beta > 0 or n != "rlfleet_kl") and (multi_turn or n not in MULTI_TURN_SERIES)
+              and not (online_dpo and n == "rlfleet_clip_frac")}
+    return series | (ONLINE_DPO_SERIES if online_dpo else {}) | (EVAL_SERIES if evaluation else {})
 
 
 def dpo_series(with_eval: bool) -> dict[str, tuple[str, str]]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from rlfleet.cluster.metrics import console, warn
 from rlfleet.cluster.runtime import Placement
 from rlfleet.cluster.signals import OUT_OF_MEMORY, wait_any
 from rlfleet.errors import ClusterError
@@ -51,6 +52,7 @@ class Member:
     draining: bool = False  # scaled down: removed once its request returns
     last_request: int = -1  # sequence number of its latest request: idle members are served least recent first
     incarnation: int = 0  # restarts so far: a restarted actor is a new process (a new weight-group member)
+    evaluating: int | None = None  # the request in flight is the evaluation of this learner step
 
     @property
     def name(self) -> str:
@@ -81,6 +83,7 @@ class GeneratorPool:
         self.requested = self.dropped = 0  # groups requested, and dropped by the generators (never delivered)
         self.requests = 0  # generate() calls made
         self.requests_by_generator: dict[int, int] = {}
+        self.lost_evaluations: list[int] = []  # steps whose evaluation died with its generator: to run again
 
     # -- size --------------------------------------------------------------------------------------------------
 
@@ -175,7 +178,7 @@ class GeneratorPool:
             return
         if m.state == STARTING:
             self.counts["fleet/added"] += 1
-            print(f"rlfleet: {m.name} joined the fleet ({len(self.active()) + 1} running)", flush=True)
+            console(f"{m.name} joined the fleet ({len(self.active()) + 1} running)")
         m.state, m.version = ACTIVE, -1  # current weights go out before its next request
 
     def _collect(self, m: Member) -> dict | None:
@@ -187,6 +190,7 @@ class GeneratorPool:
         except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
             self.counts["faults/lost_groups"] += len(m.records)
             self.retry.extend(m.records)
+            self._lose_evaluation(m)
             m.future, m.sync_future, m.records = None, None, []
             if m.draining or not self._node_alive(m.node_id):
                 self._remove(m, "its node is gone" if not m.draining else "it died while draining")
@@ -196,7 +200,7 @@ class GeneratorPool:
                 m.waiting = m.handle.ready.options(max_task_retries=-1).remote()
                 why = (f"was killed by Ray's memory monitor: {OUT_OF_MEMORY}"
                        if isinstance(err, ray.exceptions.OutOfMemoryError) else f"died ({type(err).__name__})")
-                print(f"rlfleet: {m.name} {why}; its prompts are re-issued", flush=True)
+                warn(f"{m.name} {why}; its prompts are re-issued")
             return None
         self.dropped += int(stats.get("gen/dropped_groups", 0))
         held = stats.get("policy_version", m.version)
@@ -205,7 +209,7 @@ class GeneratorPool:
             m.version, m.incarnation = -1, m.incarnation + 1
         elif held > m.version:  # a broadcast round newer than its request's arrived first and was loaded
             m.version = int(held)
-        m.future, m.sync_future, m.records = None, None, []
+        m.future, m.sync_future, m.records, m.evaluating = None, None, [], None
         if m.draining:
             self._remove(m, "scaled down")
         return stats
@@ -214,6 +218,7 @@ class GeneratorPool:
         if m.future is not None:  # prompts of a request that will never be collected
             self.counts["faults/lost_groups"] += len(m.records)
             self.retry.extend(m.records)
+            self._lose_evaluation(m)
         if m.handle is not None:
             try:
                 ray.kill(m.handle, no_restart=True)
@@ -223,7 +228,13 @@ class GeneratorPool:
         self.members.remove(m)
         if m.state != PLACING:
             self.counts["fleet/removed"] += 1
-            print(f"rlfleet: {m.name} left the fleet: {why} ({len(self.active())} running)", flush=True)
+            say = console if why == "scaled down" else warn  # asked for, or an event to look into
+            say(f"{m.name} left the fleet: {why} ({len(self.active())} running)")
+
+    def _lose_evaluation(self, m: Member) -> None:
+        if m.evaluating is not None:
+            self.lost_evaluations.append(m.evaluating)
+            m.evaluating = None
 
     @staticmethod
     def _node_alive(node_id: str | None) -> bool:
@@ -237,27 +248,49 @@ class GeneratorPool:
 
     def oldest_in_flight(self) -> int | None:
         """The lowest weights version a request in flight samples with (None when nothing is in flight)."""
-        return min((m.request_version for m in self.members if m.future is not None), default=None)
+        return min((m.request_version for m in self.members if m.future is not None and m.evaluating is None),
+                   default=None)
 
     def lost(self) -> int:
         return self.counts["faults/lost_groups"]
+
+    def _idle(self, weights: WeightHandle) -> list[Member]:
+        """Members that can take a request with ``weights`` now, least recently served first."""
+        return [m for m in sorted(self.active(), key=lambda m: m.last_request)
+                if m.future is None and not m.draining and weights.reaches(m.key)]  # not busy, leaving, or outside
+        # the weight-transfer group (a member joins it at the next publication)
+
+    def _serve(self, m: Member, weights: WeightHandle) -> None:
+        """Count a request for ``m`` and queue the weights it needs first (an actor's methods execute in order)."""
+        self.requests += 1
+        m.last_request = self.requests
+        self.requests_by_generator[m.index] = self.requests_by_generator.get(m.index, 0) + 1
+        if m.version != weights.version:
+            m.sync_future = m.handle.update_weights.remote(weights)
+            m.version = weights.version
+
+    def dispatch_evaluation(self, step: int, weights: WeightHandle, records, n: int, temperature: float | None
+                            ) -> bool:
+        """Start the evaluation of learner step ``step`` (``weights``: that step's) on the least recently served idle
+        member; False when none is idle. ``records``: the held-out prompts (an object ref, put once)."""
+        idle = self._idle(weights)
+        if not idle:
+            return False
+        m = idle[0]
+        self._serve(m, weights)
+        m.future, m.records, m.request_version = m.handle.evaluate.remote(records, n, temperature, step), [], -1
+        m.evaluating = step
+        return True
 
     def dispatch(self, budget: int, weights: WeightHandle, take: Callable[[int], list[dict]]) -> int:
         """Start requests on idle active members, ``budget`` prompts at most in all; re-issued prompts go first.
         Returns the number of prompts requested."""
         launched = 0
-        for m in sorted(self.active(), key=lambda m: m.last_request):
+        for m in self._idle(weights):
             n = min(self.prompts_per_request, budget - launched)
             if n <= 0:
                 break
-            if m.future is not None or m.draining or not weights.reaches(m.key):
-                continue  # busy, leaving, or not yet in the weight-transfer group (joins at the next publication)
-            self.requests += 1
-            m.last_request = self.requests
-            self.requests_by_generator[m.index] = self.requests_by_generator.get(m.index, 0) + 1
-            if m.version != weights.version:  # runs before generate(): an actor's methods execute in order
-                m.sync_future = m.handle.update_weights.remote(weights)
-                m.version = weights.version
+            self._serve(m, weights)
             records, self.retry = self.retry[:n], self.retry[n:]
             records += take(n - len(records))
             m.future, m.records, m.request_version = m.handle.generate.remote(records), records, weights.version

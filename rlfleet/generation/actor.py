@@ -52,6 +52,11 @@ class GenerationActor:
             ray.get(self.replay.add.remote(groups), timeout=self.cfg.cluster.timeout_s)
         return stats
 
+    def evaluate(self, records: list[dict], n: int, temperature: float | None, step: int) -> dict[str, float]:
+        """Score ``n`` samples per held-out record with the current weights (``Generator.evaluate``); nothing goes to
+        the replay actor. ``step`` (the learner step evaluated) comes back as ``eval/step``."""
+        return self.generator.evaluate(records, n, temperature) | {"eval/step": float(step)}
+
     def update_weights(self, handle: WeightHandle) -> float:
         """Load the published weights in place through the transport; returns the seconds it took."""
         start = time.perf_counter()

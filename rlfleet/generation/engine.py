@@ -184,17 +184,19 @@ class Engine:
         """Policy version of the loaded weights: 0 for the initial checkpoint, then as given to update_weights."""
         return self._version
 
-    def sample(self, prompt_token_ids: list[list[int]], n: int) -> list[list[Completion]]:
+    def sample(self, prompt_token_ids: list[list[int]], n: int, temperature: float | None = None
+               ) -> list[list[Completion]]:
         """``n`` completions for each prompt (one ``generate`` call): ``out[i][j]`` is prompt i's j-th sample.
 
-        Temperature, top-p, top-k and ``max_completion_length`` come from ``self.generation``. Every prompt must be
-        shorter than ``max_model_len``; a completion that reaches ``max_model_len`` is truncated.
+        Temperature, top-p, top-k and ``max_completion_length`` come from ``self.generation``; ``temperature``
+        overrides the first (evaluation: 0 is greedy decoding). Every prompt must be shorter than
+        ``max_model_len``; a completion that reaches ``max_model_len`` is truncated.
         """
         g = self.generation
         params = self._sampling_params_cls(
             n=n,
             max_tokens=g.max_completion_length,
-            temperature=g.temperature,
+            temperature=g.temperature if temperature is None else temperature,
             top_p=g.top_p,
             top_k=-1 if g.top_k is None else g.top_k,
             logprobs=0,  # only the sampled token's log-prob

@@ -121,8 +121,11 @@ class EpisodeRunner:
         self.timeout_s = timeout_s
         self.observation = ObservationTokens(tokenizer, getattr(environment, "tools", None))
 
-    def run(self, records: list[dict], prompt_ids: list[list[int]], n: int) -> tuple[list[list[Episode]], float]:
-        """``n`` episodes per record: ``out[i][j]`` is record i's j-th; and the seconds spent in the environment."""
+    def run(self, records: list[dict], prompt_ids: list[list[int]], n: int, temperature: float | None = None
+            ) -> tuple[list[list[Episode]], float]:
+        """``n`` episodes per record: ``out[i][j]`` is record i's j-th; and the seconds spent in the environment.
+        ``temperature``: the engine's sampling temperature for every turn (evaluation); None: the training one."""
+        sampling = {} if temperature is None else {"temperature": temperature}
         episodes = [[Episode(group=i) for _ in range(n)] for i in range(len(records))]
         flat = [ep for group in episodes for ep in group]
         env_s = 0.0
@@ -134,7 +137,7 @@ class EpisodeRunner:
             if err is not None:
                 self._fail(episodes, ep, "setup_state", err)
         ready = [i for i, group in enumerate(episodes) if not group[0].done]
-        samples = self.engine.sample([prompt_ids[i] for i in ready], n) if ready else []  # turn 1: n per prompt
+        samples = self.engine.sample([prompt_ids[i] for i in ready], n, **sampling) if ready else []  # turn 1
         running = [(ep, completion) for i, group in zip(ready, samples)
                    for ep, completion in zip(episodes[i], group)]
         for turn in range(1, self.max_turns + 1):
@@ -157,7 +160,7 @@ class EpisodeRunner:
             if not going:
                 break
             contexts = [prompt_ids[ep.group] + ep.token_ids for ep in going]
-            running = [(ep, out[0]) for ep, out in zip(going, self.engine.sample(contexts, 1))]
+            running = [(ep, out[0]) for ep, out in zip(going, self.engine.sample(contexts, 1, **sampling))]
         return episodes, env_s
 
     def _answer(self, record: dict, ep: Episode) -> list[dict] | None:

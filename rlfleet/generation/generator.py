@@ -213,11 +213,11 @@ class Generator:
             prompt_ids.append(ids)
         return kept, prompt_ids, len(records) - len(kept)
 
-    def _sample_episodes(self, records: list[dict], prompt_ids: list[list[int]], n: int
-                         ) -> tuple[list[list[Episode]], dict[str, float]]:
+    def _sample_episodes(self, records: list[dict], prompt_ids: list[list[int]], n: int,
+                         temperature: float | None = None) -> tuple[list[list[Episode]], dict[str, float]]:
         """``n`` episodes per record, and their stats: ``env/episodes``, ``env/turns`` (model turns, summed),
         ``env/seconds``, ``env/tokens`` (the environment's), ``env/model_tokens``, ``errors/env`` (groups failed)."""
-        episodes, env_s = self.episodes.run(records, prompt_ids, n) if records else ([], 0.0)
+        episodes, env_s = self.episodes.run(records, prompt_ids, n, temperature) if records else ([], 0.0)
         flat = [ep for group in episodes for ep in group]
         failed = [group for group in episodes if any(ep.error for ep in group)]
         for group in failed:
@@ -230,6 +230,65 @@ class Generator:
                           "env/seconds": env_s, "env/tokens": float(sum(len(ep.token_ids) for ep in flat)
                                                                     - model_tokens),
                           "env/model_tokens": float(model_tokens), "errors/env": float(len(failed))}
+
+    def _decode_and_score(self, records: list[dict], flat: list, G: int
+                          ) -> tuple[list[list[int]], list[str], list, np.ndarray, np.ndarray]:
+        """``flat``: ``G`` samples per record, record by record. Their token ids, decoded texts, completions as the
+        reward functions get them, per-function rewards ``[F, N]`` and the groups a failing function spoiled."""
+        completion_ids = [c.token_ids for c in flat]
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True) if flat else []
+        prompts = [r["prompt"] for r in records for _ in range(G)]
+        if self.episodes is None:
+            completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                           for t, p in zip(texts, prompts)]
+        else:  # the episode after the prompt: the model's turns and the environment's messages
+            completions = [c.messages for c in flat]
+        columns = {key: [r[key] for r in records for _ in range(G)]
+                   for key in (records[0] if records else {}) if key != "prompt"}
+        if records:
+            per_func, spoiled = self._score(prompts, completions, completion_ids, columns, len(records))
+        else:  # nothing to score: do not call user functions with empty lists
+            per_func, spoiled = np.empty((len(self.reward_funcs), 0)), np.zeros(0, dtype=bool)
+        return completion_ids, texts, completions, per_func, spoiled
+
+    def evaluate(self, records: list[dict], n: int, temperature: float | None = None) -> dict[str, float]:
+        """Held-out rewards with the engine's current weights: ``n`` samples per record (``temperature`` 0: greedy;
+        None: the training temperature; with an environment, whole episodes), scored by the reward functions as in
+        training. Nothing is trained and no group is made. Stats: ``eval/reward/mean`` over every scored sample,
+        ``eval/reward/<function>/mean``, ``eval/prompts`` (scored), ``eval/samples``, ``eval/tokens`` (the model's),
+        ``eval/truncated_frac``, ``eval/errors`` (prompts a failing reward function or environment spoiled, or too
+        long), ``eval/seconds`` and ``policy_version``."""
+        start = time.perf_counter()
+        kept, prompt_ids, too_long = self._encode_prompts(records)
+        env_failed = 0
+        if self.episodes is None:
+            sampling = {} if temperature is None else {"temperature": temperature}
+            samples = self.engine.sample(prompt_ids, n, **sampling) if prompt_ids else []  # [prompts][n]
+        else:
+            samples, env_stats = self._sample_episodes(kept, prompt_ids, n, temperature)
+            ok_env = [i for i, group in enumerate(samples) if not any(ep.error for ep in group)]
+            env_failed = int(env_stats["errors/env"])
+            kept, samples = [kept[i] for i in ok_env], [samples[i] for i in ok_env]
+        flat = [c for group in samples for c in group]
+        _, _, _, per_func, spoiled = self._decode_and_score(kept, flat, n)
+        rewards = combine_rewards(per_func, self.reward_weights).reshape(len(samples), n)[~spoiled]  # [ok, n]
+        scored_flat = np.repeat(~spoiled, n)  # [N] samples of the groups no function spoiled
+        stats = {
+            "eval/prompts": float((~spoiled).sum()),
+            "eval/samples": float(len(flat)),
+            "eval/tokens": float(sum(c.model_tokens for c in flat)),
+            "eval/truncated_frac": float(np.mean([c.truncated for c in flat])) if flat else 0.0,
+            "eval/errors": float(spoiled.sum() + env_failed + too_long),
+            "eval/seconds": time.perf_counter() - start,
+            "policy_version": float(self.engine.version),
+        }
+        if np.isfinite(rewards).any():
+            stats["eval/reward/mean"] = float(rewards[np.isfinite(rewards)].mean())
+        for k, func in enumerate(self.reward_funcs):
+            values = per_func[k][scored_flat]
+            if np.isfinite(values).any():
+                stats[f"eval/reward/{_name(func)}/mean"] = float(values[np.isfinite(values)].mean())
+        return stats
 
     def generate(self, records: list[dict]) -> tuple[list[Group], dict[str, float]]:
         """Sample, score, filter and compute advantages for ``records``; returns the groups and a stats dict.
@@ -257,20 +316,7 @@ class Generator:
 
         # Decode and score every completion; rows are laid out group by group: [N = num_groups * G].
         flat: list[Completion] = [c for group in samples for c in group]
-        completion_ids = [c.token_ids for c in flat]
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True) if flat else []
-        prompts = [r["prompt"] for r in kept_records for _ in range(G)]
-        if self.episodes is None:
-            completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
-                           for t, p in zip(texts, prompts)]
-        else:  # the episode after the prompt: the model's turns and the environment's messages
-            completions = [c.messages for c in flat]
-        columns = {key: [r[key] for r in kept_records for _ in range(G)]
-                   for key in (kept_records[0] if kept_records else {}) if key != "prompt"}
-        if num_groups:
-            per_func, spoiled = self._score(prompts, completions, completion_ids, columns, num_groups)  # [F,N], [ng]
-        else:  # nothing to score: do not call user functions with empty lists
-            per_func, spoiled = np.empty((len(self.reward_funcs), 0)), np.zeros(0, dtype=bool)
+        completion_ids, texts, completions, per_func, spoiled = self._decode_and_score(kept_records, flat, G)
         rewards = combine_rewards(per_func, self.reward_weights).reshape(num_groups, G)  # [ng, G]
         lengths = np.array([c.model_tokens for c in flat], dtype=np.int64).reshape(num_groups, G)  # [ng, G]
 

@@ -42,7 +42,7 @@ class LearnerActor:
     def __init__(self, cfg: RLFleetConfig, replay: str, rank: Rank | None = None, rendezvous=None):
         self.group = LearnerGroup(LearnerActor, (cfg, replay), cfg.cluster, resolve_device(cfg.learner.device),
                                   rendezvous, rank)
-        self.learner = PolicyLearner(cfg.model, cfg.algorithm, cfg.learner, cfg.generation, cfg.seed, self.group.rank)
+        self.learner = make_learner(cfg, self.group.rank)
         self.publisher = make_publisher(cfg.cluster.weight_transport, self.learner.compute_dtype,
                                         cfg.cluster.weight_sync_timeout_s)
         self.replay = ray.get_actor(replay)
@@ -85,12 +85,26 @@ class LearnerActor:
         """Base + LoRA adapter merged, in Hugging Face format (``model.lora.save_merged``)."""
         self.group.run("save_merged", (directory,), lambda: self.learner.save_merged(directory))
 
+    def save_bema(self, directory: str) -> None:
+        """Online DPO with ``dpo.bema``: the BEMA weights in Hugging Face format (as ``rlfleet dpo``'s)."""
+        self.group.run("save_bema", (directory,), lambda: self.learner.save_bema(directory))
+
     def follow(self, method: str, *args) -> None:
         """A group call's part on a rank > 0 (:class:`~rlfleet.cluster.learner_group.LearnerGroup`)."""
         follow(self.learner, method, *args)
 
     def version(self) -> int:
         return self.learner.policy_version
+
+
+def make_learner(cfg: RLFleetConfig, rank: Rank):
+    """The learner of ``algorithm.name``: :class:`PolicyLearner` (the GRPO family) or
+    :class:`~rlfleet.dpo.online.OnlineDPOLearner`; both take groups and give the engines' weights."""
+    if cfg.algorithm.name == "online_dpo":
+        from rlfleet.dpo.online import OnlineDPOLearner
+
+        return OnlineDPOLearner(cfg.model, cfg.dpo, cfg.learner, cfg.seed, rank)
+    return PolicyLearner(cfg.model, cfg.algorithm, cfg.learner, cfg.generation, cfg.seed, rank)
 
 
 def make_learner_actor(cfg: RLFleetConfig, replay: str, **options: Any) -> ray.actor.ActorHandle:

@@ -454,7 +454,7 @@ class PolicyLearner:
         mu, num_tokens = alg.num_iterations, batch.mask.sum().item()
         records, total_loss = self._gather_records(records, total_loss)
         metrics = combine_loss_metrics(records, mu)
-        metrics.update(_batch_metrics(groups, version_before))
+        metrics.update(batch_metrics(groups, version_before))
         metrics.update({
             "loss": total_loss / mu,
             "grad_norm": total_grad_norm / mu,
@@ -467,17 +467,8 @@ class PolicyLearner:
         return metrics
 
     def state_dict(self) -> dict[str, Tensor]:
-        """What the engines load: the policy's whole state dict under Hugging Face names, or with ``model.lora``
-        the adapter's tensors under peft's names. ``model.state_dict()`` itself with one rank; with a learner group,
-        gathered one tensor at a time in the compute dtype (a collective: every rank calls it, in the same order,
-        and every rank gets the tensors)."""
-        keep = None if self.lora is None else lora_.is_adapter_parameter
-        if not self.rank.sharded:
-            state = self.model.state_dict()
-            state = state if keep is None else {k: v for k, v in state.items() if keep(k)}
-        else:
-            state = dist_.full_state_dict(self.model, self.compute_dtype, keep=keep)
-        return state if self.lora is None else lora_.adapter_state(state)
+        """What the engines load (:func:`engine_state`)."""
+        return engine_state(self.model, self.lora, self.rank, self.compute_dtype)
 
     def packed_weights(self) -> PackedWeights:
         """The policy's state dict in the compute dtype, packed into the learner's reusable host buffer under Hugging
@@ -505,12 +496,8 @@ class PolicyLearner:
             (path / "learner.json").write_text(json.dumps({"policy_version": self.policy_version, "step": self.step}))
 
     def save_merged(self, directory: str | Path) -> None:
-        """Base + adapter merged (``model.lora.save_merged``), in Hugging Face format with the tokenizer; every rank
-        of a group calls it."""
-        state = lora_.merged_state(dist_.full_state_dict(self.model, copy=True), self.lora)
-        if self.rank.leader:
-            self.peft.get_base_model().save_pretrained(directory, state_dict=state)
-            self.tokenizer.save_pretrained(directory)
+        """Base + adapter merged (``model.lora.save_merged``): :func:`save_merged`."""
+        save_merged(self.model, self.peft, self.tokenizer, self.lora, Path(directory), self.rank)
 
     def load(self, directory: str | Path) -> None:
         """Restore what :meth:`save` wrote, with no unpickling. Checkpoints of earlier versions (``optimizer.pt``,
@@ -528,6 +515,29 @@ class PolicyLearner:
             load_optimizer(self.optimizer, self.scheduler, path, self.rank)
         state = json.loads((path / "learner.json").read_text())
         self.policy_version, self.step = int(state["policy_version"]), int(state["step"])
+
+
+def engine_state(model: torch.nn.Module, lora, rank: Rank, compute_dtype: torch.dtype) -> dict[str, Tensor]:
+    """What the engines load: the policy's whole state dict under Hugging Face names, or with ``model.lora`` (``lora``)
+    the adapter's tensors under peft's names. ``model.state_dict()`` itself with one rank; with a learner group,
+    gathered one tensor at a time in the compute dtype (a collective: every rank calls it, in the same order, and
+    every rank gets the tensors)."""
+    keep = None if lora is None else lora_.is_adapter_parameter
+    if not rank.sharded:
+        state = model.state_dict()
+        state = state if keep is None else {k: v for k, v in state.items() if keep(k)}
+    else:
+        state = dist_.full_state_dict(model, compute_dtype, keep=keep)
+    return state if lora is None else lora_.adapter_state(state)
+
+
+def save_merged(model: torch.nn.Module, peft_model, tokenizer, lora, path: Path, rank: Rank = SINGLE) -> None:
+    """Base + adapter merged (``model.lora.save_merged``), in Hugging Face format with the tokenizer; every rank of a
+    group calls it. ``model``: the policy with its adapter's layers; ``peft_model``: its peft wrapper."""
+    state = lora_.merged_state(dist_.full_state_dict(model, copy=True), lora)
+    if rank.leader:
+        peft_model.get_base_model().save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
 
 
 def save_policy(model: torch.nn.Module, tokenizer, path: Path, rank: Rank = SINGLE,
@@ -575,7 +585,7 @@ def load_policy(model: torch.nn.Module, path: Path, trust_remote_code: bool) -> 
             dist_.local(value).copy_(dist_.shard_of(saved[name], value))
 
 
-def _batch_metrics(groups: list[Group], policy_version: int) -> dict[str, float]:
+def batch_metrics(groups: list[Group], policy_version: int) -> dict[str, float]:
     """Reward and staleness statistics of the batch. ``reward/std`` is the unbiased std of the scored (non-NaN)
     rewards (0 with fewer than two); staleness = ``policy_version`` - the group's version."""
     rewards = np.concatenate([g.rewards for g in groups]).astype(np.float64)  # [B]
