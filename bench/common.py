@@ -303,14 +303,14 @@ class TrainRun(NamedTuple):
     load: dict  # LoadMonitor.summary() over the run
 
 
-def train_quickstart(out: Path, overrides: list[str], engine_factory=None) -> TrainRun:
-    """One in-process ``rlfleet train deploy/quickstart.yaml`` with ``overrides`` (plus :data:`QUIET`), output in
-    ``out``, which is removed afterwards; its metrics records, wall time and the machine's load. ``engine_factory``
-    replaces the vLLM engine (``bench.standin.fixed_latency``)."""
+def train_quickstart(out: Path, overrides: list[str], engine_factory=None, job: str = "quickstart") -> TrainRun:
+    """One in-process ``rlfleet train deploy/<job>.yaml`` (the quickstart by default) with ``overrides`` (plus
+    :data:`QUIET`), output in ``out``, which is removed afterwards; its metrics records, wall time and the machine's
+    load. ``engine_factory`` replaces the vLLM engine (``bench.standin.fixed_latency``)."""
     from rlfleet.cluster.driver import train
     from rlfleet.config import load_config
 
-    cfg = load_config(REPO / "deploy" / "quickstart.yaml", [f"output_dir={out}", *overrides, *QUIET])
+    cfg = load_config(REPO / "deploy" / f"{job}.yaml", [f"output_dir={out}", *overrides, *QUIET])
     with LoadMonitor() as load:
         t0 = time.perf_counter()
         train(cfg, engine_factory=engine_factory)
