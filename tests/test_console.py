@@ -37,7 +37,8 @@ def test_plain_lines_every_log_every_steps_and_warnings_stand_out(monkeypatch, c
         if step == 3:
             metrics.warn("rlfleet-generator-0 died")
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "rlfleet: step 2/4  reward 0.500  loss -0.2500  staleness 1.00  4.0 groups/s  1.00 s/step  eta 0m02s"
+    assert lines[0] == ("rlfleet: step 2/4  reward 0.500  loss -0.2500  staleness 1.00  4.0 groups/s  1.00 s/step  "
+                        "eta 0m02s")
     assert lines[1] == "rlfleet: WARNING: rlfleet-generator-0 died"
     assert PROGRESS.match(lines[2]) and len(lines) == 3
 

@@ -215,8 +215,8 @@ class Evaluations:
     """Evaluation while training (``logging.eval_steps``): which learner steps are due, with the weights each
     evaluates, queued until a generator is idle; which ran.
 
-    Step 0 (the initial weights, a baseline) is due when a run starts from scratch. After step s with ``s % eval_steps == 0`` or ``s == max_steps``, step s is queued with its weights handle. An
-    object-store handle keeps its weights in the store, so the evaluation loads exactly step s's weights even if later
+    Step 0 (the initial weights, a baseline) is due when a run starts from scratch. After step s with
+    ``s % eval_steps == 0`` or ``s == max_steps``, step s is queued with its weights handle. An object-store handle keeps its weights in the store, so the evaluation loads exactly step s's weights even if later
     steps were published meanwhile; a broadcast round cannot be received twice, so there a queued evaluation takes
     the latest weights when it starts, and its record names their step. An evaluation whose generator died is queued
     again."""
