@@ -216,10 +216,10 @@ class Evaluations:
     evaluates, queued until a generator is idle; which ran.
 
     Step 0 (the initial weights, a baseline) is due when a run starts from scratch. After step s with
-    ``s % eval_steps == 0`` or ``s == max_steps``, step s is queued with its weights handle. An object-store handle keeps its weights in the store, so the evaluation loads exactly step s's weights even if later
-    steps were published meanwhile; a broadcast round cannot be received twice, so there a queued evaluation takes
-    the latest weights when it starts, and its record names their step. An evaluation whose generator died is queued
-    again."""
+    ``s % eval_steps == 0`` or ``s == max_steps``, step s is queued with its weights handle. An object-store handle
+    keeps its weights in the store, so the evaluation loads exactly step s's weights even if later steps were
+    published meanwhile; a broadcast round cannot be received twice, so there a queued evaluation takes the latest
+    weights when it starts, and its record names their step. An evaluation whose generator died is queued again."""
 
     def __init__(self, cfg: RLFleetConfig, dataset):
         self.every, self.max_steps = cfg.logging.eval_steps, cfg.learner.max_steps
