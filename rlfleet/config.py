@@ -264,11 +264,16 @@ class ClusterConfig(Section):
     address: str | None = Field(
         None, description="Ray address; None uses RAY_ADDRESS, else starts a local cluster (the embedded default)."
     )
-    num_generators: int | GeneratorRange = Field(
-        1, description="Generation actors: a number, or {min, max} for a fleet that grows and shrinks with the "
-        "cluster (each generator is placed on its own; see README 'Elastic fleets').")
+    num_generators: int | GeneratorRange | Literal["auto"] = Field(
+        1, description="Generation actors: a number, {min, max} for a fleet that grows and shrinks with the "
+        "cluster (each generator is placed on its own; see README 'Elastic fleets'), or 'auto': as many as the "
+        "cluster's CPUs (GPUs, for GPU generators) hold beside the learner, counted when the job starts; min 1.")
     generator_num_gpus: float = Field(0, ge=0, description="GPUs per generation actor (= tensor_parallel_size).")
     generator_num_cpus: float = Field(1, gt=0)
+    requests_per_generator: int = Field(
+        2, ge=1, description="Generation requests queued on each generator at once (within the staleness bound): with "
+        "2, the engine starts the next as soon as one ends, while the driver handles its result; 1 waits for the "
+        "driver between requests.")
     learner_num_gpus: float = Field(0, ge=0)
     learner_num_cpus: float = Field(1, gt=0)
     learner_workers: int = Field(
@@ -294,12 +299,13 @@ class ClusterConfig(Section):
     @property
     def min_generators(self) -> int:
         n = self.num_generators
-        return n if isinstance(n, int) else n.min
+        return 1 if n == "auto" else n if isinstance(n, int) else n.min
 
     @property
-    def max_generators(self) -> int:
+    def max_generators(self) -> int | None:
+        """None for 'auto' (:func:`rlfleet.cluster.runtime.fleet_size` counts it on the cluster)."""
         n = self.num_generators
-        return n if isinstance(n, int) else n.max
+        return None if n == "auto" else n if isinstance(n, int) else n.max
 
 
 class CheckpointConfig(Section):

@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from rlfleet.cluster.admission import admission_budget
+from rlfleet.cluster.admission import admission_budget, plan_request
 
 
 def naive_budget(version, oldest_in_flight, live_groups, groups_per_step, max_staleness):
@@ -93,3 +93,103 @@ def test_worked_example():
     assert admission_budget(2, None, 13, 4, 1) == 3
     assert admission_budget(2, 1, 13, 4, 1) == 0
     assert admission_budget(0, None, 0, 4, 0) == 4  # synchronous: one batch per version
+
+
+# ---------------------------------------------------------------------------------------------- pipelining and lazy loads
+
+
+def broken_plan(held, latest, prompts, budget_at):
+    """Keeps old weights whenever a generator has any, sized by the budget at the latest version: what the
+    simulator must catch."""
+    version, n = plan_request(-1, latest, prompts, budget_at)
+    return (held if held >= 0 else version), n
+
+
+def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: int = 40):
+    """As :func:`simulate`, with up to ``depth`` requests queued on each generator (delivered in order) and each
+    request's weights chosen by ``plan`` from the version the generator holds. Returns (staleness of every trained
+    group, [(sample version, latest version, max_staleness)] of every request, loads)."""
+    rng = random.Random(seed)
+    g, s = rng.randint(1, 4), rng.randint(0, 3)
+    generators, depth = rng.randint(1, 3), rng.randint(1, 3)
+    per_request = min(rng.randint(1, 3 * g), (s + 1) * g)
+    drop_p = rng.choice([0.0, 0.0, 0.1, 0.3])
+    version = 0
+    fifo: list[int] = []
+    queues: dict[int, list[tuple[int, int]]] = {gen: [] for gen in range(generators)}  # (version, groups), in order
+    held = dict.fromkeys(range(generators), -1)  # what each generator holds once its queued loads ran
+    taken: list[int] | None = None
+    live = dropped_known = loads = 0
+    staleness: list[int] = []
+    requests: list[tuple[int, int, int]] = []
+    while version < steps:
+        while True:  # the driver fills free slots, the emptiest generator first, while the bound admits
+            free = [gen for gen in range(generators) if len(queues[gen]) < depth]
+            if not free:
+                break
+            gen = min(free, key=lambda x: len(queues[x]))
+            oldest = min((v for q in queues.values() for v, _ in q), default=None)
+            v, n = plan(held[gen] if lazy else -1, version, per_request,
+                        lambda at: admission_budget(at, oldest, live - dropped_known, g, s))
+            if n <= 0:
+                break
+            if v != held[gen]:
+                assert v == version  # a load is always of the latest weights
+                held[gen], loads = v, loads + 1
+            queues[gen].append((v, n))
+            requests.append((v, version, s))
+            live += n
+        events = [("deliver", gen) for gen in queues if queues[gen]]
+        if taken is None and len(fifo) >= g:
+            events.append(("take", None))
+        if taken is not None:
+            events.append(("finish", None))
+        if not events:
+            raise AssertionError(f"seed {seed}: stalled at version {version} with {len(fifo)} queued, g={g}, s={s}")
+        kind, gen = rng.choice(events)
+        if kind == "deliver":
+            v, n = queues[gen].pop(0)
+            kept = sum(rng.random() >= drop_p for _ in range(n))
+            dropped_known += n - kept
+            fifo.extend([v] * kept)
+        elif kind == "take":
+            taken, fifo = fifo[:g], fifo[g:]
+        else:
+            staleness += [version - v for v in taken]
+            taken, version = None, version + 1
+    return staleness, requests, loads
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_pipelined_lazy_requests_keep_the_bound(seed):
+    staleness, requests, _ = simulate_pipelined(seed)
+    max_staleness = requests[0][2]
+    assert staleness and max(staleness) <= max_staleness
+    if max_staleness == 0:  # synchronous: every request samples with the latest weights
+        assert all(v == latest for v, latest, _ in requests)
+
+
+def test_lazy_loading_skips_loads_and_the_simulator_catches_a_rule_that_ignores_the_bound():
+    """Over 300 random runs the lazy rule loads less than loading on every request would (versions are skipped), and
+    keeping old weights regardless of the bound breaks it in some orders (so the property test can fail)."""
+    lazy_loads = eager_loads = violations = 0
+    for seed in range(300):
+        lazy_loads += simulate_pipelined(seed)[2]
+        eager_loads += simulate_pipelined(seed, lazy=False)[2]
+        staleness, requests, _ = simulate_pipelined(seed, plan=broken_plan)
+        violations += max(staleness) > requests[0][2]
+    assert lazy_loads < eager_loads and violations > 0
+
+
+def test_plan_request_by_hand():
+    """g = 4, S = 1, latest 3, 12 groups live, nothing in flight: at version 2 the bound admits (2 + 2) * 4 - 12 = 4,
+    a full request of 4 with the held weights; at version 1 only 0, so the latest are loaded: (3 + 2) * 4 - 12 = 8,
+    capped at 4. A generator with no weights yet always loads."""
+    def budget_at(version):
+        return admission_budget(version, None, 12, 4, 1)
+
+    assert plan_request(2, 3, 4, budget_at) == (2, 4)
+    assert plan_request(1, 3, 4, budget_at) == (3, 4)
+    assert plan_request(-1, 3, 4, budget_at) == (3, 4)
+    assert plan_request(2, 3, 6, budget_at) == (3, 6)  # 4 < 6 at version 2: no partial request with old weights
+    assert plan_request(3, 3, 4, lambda v: 0) == (3, 0)

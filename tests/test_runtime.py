@@ -2,7 +2,8 @@
 
 import pytest
 
-from rlfleet.cluster.runtime import ClusterError, check_feasible, generator_bundle, learner_bundle, reserve
+from rlfleet.cluster.runtime import (ClusterError, check_feasible, fleet_size, generator_bundle, learner_bundle,
+                                    reserve)
 from rlfleet.config import ClusterConfig
 
 
@@ -32,6 +33,22 @@ def test_an_elastic_fleet_needs_only_its_min_to_start():
 
 
 @pytest.mark.ray
+def test_auto_fleet_counts_what_the_learner_leaves():
+    """2 CPUs, a 1-CPU learner: 1 generator. 16 CPUs, 2 learner ranks x 2 CPUs, 2 CPUs per generator: (16 - 4) / 2
+    = 6. GPU generators count GPUs: 8 GPUs, 2 learner ranks x 1 GPU, 1 GPU each: 6, whatever the CPUs. No room
+    left: still 1 (the job's min, which the start-up check then refuses or waits for)."""
+    auto = {"num_generators": "auto"}
+    cfg = ClusterConfig(**auto)
+    assert cfg.min_generators == 1 and cfg.max_generators is None
+    assert fleet_size(cfg, {"CPU": 2.0}) == 1
+    assert fleet_size(ClusterConfig(**auto, learner_workers=2, learner_num_cpus=2, generator_num_cpus=2),
+                      {"CPU": 16.0}) == 6
+    assert fleet_size(ClusterConfig(**auto, learner_workers=2, learner_num_gpus=1, generator_num_gpus=1),
+                      {"CPU": 4.0, "GPU": 8.0}) == 6
+    assert fleet_size(ClusterConfig(**auto, learner_num_cpus=4), {"CPU": 4.0}) == 1
+    assert fleet_size(ClusterConfig(**auto, generator_num_cpus=0.5), {"CPU": 3.0}) == 4
+
+
 def test_unsatisfiable_request_fails_fast_on_a_real_cluster(ray_cluster):
     with pytest.raises(ClusterError, match="was not placed after 2 s"):  # the timeout given, not a hang
         reserve({"CPU": 1, "GPU": 1}, "needs-a-gpu", timeout_s=2)

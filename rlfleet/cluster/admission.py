@@ -21,9 +21,18 @@ The bound needs no count of the batches the learner has taken: it cancels (``ahe
 ``lag = taken - V`` in the earlier formulation of the same rule). ``max_staleness: 0`` is synchronous on-policy
 training. Drops only move groups forward, so a drop the driver has not learnt of yet makes it admit less, never
 more.
+
+**Which weights a request samples with** (:func:`plan_request`). The rule above holds for a request sampled at any
+version ``V`` it is evaluated at, not only the latest. So a generator need not load every publication: a request
+may sample with the version the generator already holds, ``h``, whenever the bound admits it at ``h`` (its budget
+computed with ``V = h``), and loads the latest weights only when it does not. ``max_staleness: 0`` admits nothing at
+an older version, so synchronous training loads every version, as before; asynchronous training skips loads while
+generation is the slow stage, which is when a load on the engine's critical path costs the most.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 
 def admission_budget(version: int, oldest_in_flight: int | None, live_groups: int, groups_per_step: int,
@@ -35,3 +44,17 @@ def admission_budget(version: int, oldest_in_flight: int | None, live_groups: in
     """
     base = version if oldest_in_flight is None else min(version, oldest_in_flight)
     return max(0, (base + 1 + max_staleness) * groups_per_step - live_groups)
+
+
+def plan_request(held: int, latest: int, prompts: int, budget_at: Callable[[int], int]) -> tuple[int, int]:
+    """``(version, groups)`` of the next request on a generator that holds weights ``held`` (-1: none yet) when
+    ``latest`` is published, at most ``prompts`` groups; ``budget_at(version)`` is :func:`admission_budget` with the
+    generation sampled at ``version``.
+
+    The held weights, with no load, when the bound admits a full request sampled with them; else the latest weights
+    (loaded first) and what the bound admits with them (0: no request now). A partial request is never made with old
+    weights: where the bound is that tight, fresh weights are worth their load.
+    """
+    if 0 <= held < latest and budget_at(held) >= prompts:
+        return held, prompts
+    return latest, max(0, min(prompts, budget_at(latest)))

@@ -36,7 +36,7 @@ from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job, wait_any
 from rlfleet.cluster.metrics import (RL_GENERATOR_SERIES, MetricsLog, Progress, StepOutputs, fmt, console, plot,
                                     rl_series, warn)
 from rlfleet.cluster.pool import GeneratorPool
-from rlfleet.cluster.runtime import generator_bundle, learner_bundles, reserve
+from rlfleet.cluster.runtime import fleet_size, generator_bundle, learner_bundles, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
 from rlfleet.errors import RunFailed
 
@@ -295,10 +295,18 @@ class RLJob:
         self.learner_placement = reserve(learner_bundles(c), "rlfleet-learner", timeout_s=min(t, 120.0))
         self.learner = make_learner_actor(cfg, REPLAY_NAME, name="rlfleet-learner", **self.learner_placement.options())
         factory = self.engine_factory or vllm_engine
+        fleet = c.max_generators
+        if fleet is None:  # cluster.num_generators: auto
+            import ray
+
+            fleet = fleet_size(c, ray.cluster_resources())
+            console(f"cluster.num_generators auto: {fleet} generator(s) ({generator_bundle(c)} each) beside the "
+                    f"learner ({learner_bundles(c)}) on the cluster's {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+                    f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
         self.pool = GeneratorPool(
             lambda index, options: make_generation_actor(cfg, REPLAY_NAME, index, factory, **options),
-            generator_bundle(c), c.max_generators,
-            cfg.generation.generation_batch_size // cfg.generation.num_generations, t)
+            generator_bundle(c), fleet,
+            cfg.generation.generation_batch_size // cfg.generation.num_generations, t, c.requests_per_generator)
         self.stream = PromptStream(self.dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.step, errors_total = 0, {"reward": 0, "env": 0}
         if resume_from is not None:
@@ -314,7 +322,7 @@ class RLJob:
             console(f"resumed from {resume_from} at step {self.step}")
         self.phase = "starting the generation actors (placing them, loading their engines)"
         print(f"rlfleet: starting {c.min_generators} generation actor(s)"
-              + (f", up to {c.max_generators} as the cluster has room" if c.max_generators > c.min_generators else ""),
+              + (f", up to {fleet} as the cluster has room" if fleet > c.min_generators else ""),
               flush=True)
         self.pool.start(c.min_generators)
         self.phase = "publishing the first weights"
@@ -444,9 +452,11 @@ class RLJob:
         """Launch generation on idle generators as far as the staleness bound admits."""
         cfg = self.cfg
         stats = call(self.replay.stats.remote(), self._timeout(), "the replay actor")
-        budget = admission_budget(self.version, self.pool.oldest_in_flight(), self.live_groups(stats),
-                                  cfg.learner.groups_per_step, cfg.replay.max_staleness)
-        return self.pool.dispatch(budget, self.weights, self.stream.next_batch)
+        live = self.live_groups(stats)
+        return self.pool.dispatch(
+            self.weights, lambda version, oldest, launched: admission_budget(
+                version, oldest, live + launched, cfg.learner.groups_per_step, cfg.replay.max_staleness),
+            self.stream.next_batch)
 
     def reach_new_members(self) -> None:
         """With a transport that has a membership (broadcast), active generators the last publication did not

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from rlfleet.cluster.admission import plan_request
 from rlfleet.cluster.metrics import console, warn
 from rlfleet.cluster.runtime import Placement
 from rlfleet.cluster.signals import OUT_OF_MEMORY, wait_any
@@ -32,6 +33,17 @@ from rlfleet.errors import ClusterError
 from rlfleet.transport import WeightHandle
 
 PLACING, STARTING, ACTIVE, RESTARTING = "placing", "starting", "active", "restarting"
+
+
+@dataclass
+class Request:
+    """A call queued on a generation actor: a generate() (or an evaluation), and the weight load queued before it."""
+
+    future: ray.ObjectRef
+    records: list[dict]  # its prompts (none for an evaluation)
+    version: int  # the weights version it samples with
+    sync_future: ray.ObjectRef | None = None  # the update_weights() queued right before it, if any
+    evaluating: int | None = None  # an evaluation of this learner step
 
 
 @dataclass
@@ -45,14 +57,14 @@ class Member:
     node_id: str | None = None
     waiting: ray.ObjectRef | None = None  # placement ready / ready() / a restart's ready()
     version: int = -1  # weights version the actor holds (or will, once its queued update runs)
-    future: ray.ObjectRef | None = None  # the generate() in flight
-    request_version: int = -1  # the weights version that request samples with
-    sync_future: ray.ObjectRef | None = None  # the update_weights() queued before it
-    records: list[dict] = field(default_factory=list)  # the prompts of the request in flight
-    draining: bool = False  # scaled down: removed once its request returns
+    requests: list[Request] = field(default_factory=list)  # queued on the actor, in the order it runs them
+    draining: bool = False  # scaled down: removed once its requests return
     last_request: int = -1  # sequence number of its latest request: idle members are served least recent first
     incarnation: int = 0  # restarts so far: a restarted actor is a new process (a new weight-group member)
-    evaluating: int | None = None  # the request in flight is the evaluation of this learner step
+
+    @property
+    def evaluating(self) -> bool:
+        return any(r.evaluating is not None for r in self.requests)
 
     @property
     def name(self) -> str:
@@ -72,14 +84,15 @@ class GeneratorPool:
     ``bundle`` is one generator's resources; ``prompts_per_request`` caps each request."""
 
     def __init__(self, start_actor: StartActor, bundle: dict[str, float], target: int, prompts_per_request: int,
-                 timeout_s: float):
+                 timeout_s: float, depth: int = 1):
         self.start_actor, self.bundle = start_actor, bundle
         self.target, self.prompts_per_request, self.timeout_s = target, prompts_per_request, timeout_s
+        self.depth = depth  # requests queued on one generator at most (cluster.requests_per_generator)
         self.members: list[Member] = []
         self.next_index = 0
         self.retry: list[dict] = []  # prompts of requests that died: issued again before new ones
         self.counts = {"fleet/added": 0, "fleet/removed": 0, "faults/generator_restarts": 0,
-                       "faults/lost_groups": 0}
+                       "faults/lost_groups": 0, "sync/loads": 0, "sync/skipped_versions": 0}
         self.requested = self.dropped = 0  # groups requested, and dropped by the generators (never delivered)
         self.requests = 0  # generate() calls made
         self.requests_by_generator: dict[int, int] = {}
@@ -92,7 +105,7 @@ class GeneratorPool:
 
     def busy(self) -> bool:
         """Something may still deliver groups or become able to: a request in flight, an actor (re)starting."""
-        return any(m.future is not None or m.state in (STARTING, RESTARTING) for m in self.members)
+        return any(m.requests or m.state in (STARTING, RESTARTING) for m in self.members)
 
     def start(self, minimum: int) -> None:
         """Ask for ``target`` members and wait until ``minimum`` of them are active (engines loaded)."""
@@ -137,17 +150,17 @@ class GeneratorPool:
             self.members.append(m)
         excess = len(kept) - self.target
         order = {PLACING: 0, STARTING: 1, RESTARTING: 2, ACTIVE: 3}  # cheapest to give up first, newest first
-        for m in sorted(kept, key=lambda m: (order[m.state], m.future is not None, -m.index))[:max(excess, 0)]:
-            if m.future is None:
+        for m in sorted(kept, key=lambda m: (order[m.state], bool(m.requests), -m.index))[:max(excess, 0)]:
+            if not m.requests:
                 self._remove(m, "scaled down")
             else:
-                m.draining = True  # its request finishes first; removed in on_ready
+                m.draining = True  # its requests finish first; removed in on_ready
 
     # -- events ------------------------------------------------------------------------------------------------
 
     def refs(self) -> list[ray.ObjectRef]:
         """Everything the driver should wait on for this pool."""
-        return [r for m in self.members for r in (m.waiting, m.future) if r is not None]
+        return [r for m in self.members for r in (m.waiting, *(q.future for q in m.requests)) if r is not None]
 
     def on_ready(self, ready: set[ray.ObjectRef]) -> list[tuple[int, dict]]:
         """Handle every ref of :meth:`refs` in ``ready``; returns ``(index, stats)`` of each finished request."""
@@ -155,8 +168,10 @@ class GeneratorPool:
         for m in list(self.members):
             if m.waiting is not None and m.waiting in ready:
                 self._waited(m)
-            if m.future is not None and m.future in ready:
-                stats = self._collect(m)
+            for request in [q for q in m.requests if q.future in ready]:  # in the order the actor ran them
+                if request not in m.requests:  # the actor died: a failed earlier request took the rest with it
+                    continue
+                stats = self._collect(m, request)
                 if stats is not None:
                     finished.append((m.index, stats))
         return finished
@@ -181,17 +196,14 @@ class GeneratorPool:
             console(f"{m.name} joined the fleet ({len(self.active()) + 1} running)")
         m.state, m.version = ACTIVE, -1  # current weights go out before its next request
 
-    def _collect(self, m: Member) -> dict | None:
-        """A generate() finished: its stats, or None if the actor died (its prompts are re-issued)."""
+    def _collect(self, m: Member, request: Request) -> dict | None:
+        """A generate() finished: its stats, or None if the actor died (the prompts of its requests are re-issued)."""
         try:
-            stats = ray.get(m.future, timeout=self.timeout_s)
-            if m.sync_future is not None:
-                stats["sync/seconds"] = ray.get(m.sync_future, timeout=self.timeout_s)
+            stats = ray.get(request.future, timeout=self.timeout_s)
+            if request.sync_future is not None:
+                stats["sync/seconds"] = ray.get(request.sync_future, timeout=self.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
-            self.counts["faults/lost_groups"] += len(m.records)
-            self.retry.extend(m.records)
-            self._lose_evaluation(m)
-            m.future, m.sync_future, m.records = None, None, []
+            self._lose_requests(m)
             if m.draining or not self._node_alive(m.node_id):
                 self._remove(m, "its node is gone" if not m.draining else "it died while draining")
             else:  # Ray restarts it (cluster.max_restarts); ready() is retried until the new actor answers
@@ -202,23 +214,20 @@ class GeneratorPool:
                        if isinstance(err, ray.exceptions.OutOfMemoryError) else f"died ({type(err).__name__})")
                 warn(f"{m.name} {why}; its prompts are re-issued")
             return None
+        m.requests.remove(request)
         self.dropped += int(stats.get("gen/dropped_groups", 0))
-        held = stats.get("policy_version", m.version)
-        if held < m.version:  # restarted while idle: initial weights again
+        held = stats.get("policy_version", request.version)
+        if held < request.version:  # restarted while idle: initial weights again
             self.counts["faults/generator_restarts"] += 1
             m.version, m.incarnation = -1, m.incarnation + 1
         elif held > m.version:  # a broadcast round newer than its request's arrived first and was loaded
             m.version = int(held)
-        m.future, m.sync_future, m.records, m.evaluating = None, None, [], None
-        if m.draining:
+        if m.draining and not m.requests:
             self._remove(m, "scaled down")
         return stats
 
     def _remove(self, m: Member, why: str) -> None:
-        if m.future is not None:  # prompts of a request that will never be collected
-            self.counts["faults/lost_groups"] += len(m.records)
-            self.retry.extend(m.records)
-            self._lose_evaluation(m)
+        self._lose_requests(m)  # requests that will never be collected
         if m.handle is not None:
             try:
                 ray.kill(m.handle, no_restart=True)
@@ -231,10 +240,14 @@ class GeneratorPool:
             say = console if why == "scaled down" else warn  # asked for, or an event to look into
             say(f"{m.name} left the fleet: {why} ({len(self.active())} running)")
 
-    def _lose_evaluation(self, m: Member) -> None:
-        if m.evaluating is not None:
-            self.lost_evaluations.append(m.evaluating)
-            m.evaluating = None
+    def _lose_requests(self, m: Member) -> None:
+        """``m``'s requests will never return: their prompts are re-issued, their evaluations run again."""
+        for request in m.requests:
+            self.counts["faults/lost_groups"] += len(request.records)
+            self.retry.extend(request.records)
+            if request.evaluating is not None:
+                self.lost_evaluations.append(request.evaluating)
+        m.requests = []
 
     @staticmethod
     def _node_alive(node_id: str | None) -> bool:
@@ -248,59 +261,71 @@ class GeneratorPool:
 
     def oldest_in_flight(self) -> int | None:
         """The lowest weights version a request in flight samples with (None when nothing is in flight)."""
-        return min((m.request_version for m in self.members if m.future is not None and m.evaluating is None),
-                   default=None)
+        return min((q.version for m in self.members for q in m.requests if q.evaluating is None), default=None)
 
     def lost(self) -> int:
         return self.counts["faults/lost_groups"]
 
-    def _idle(self, weights: WeightHandle) -> list[Member]:
-        """Members that can take a request with ``weights`` now, least recently served first."""
-        return [m for m in sorted(self.active(), key=lambda m: m.last_request)
-                if m.future is None and not m.draining and weights.reaches(m.key)]  # not busy, leaving, or outside
-        # the weight-transfer group (a member joins it at the next publication)
+    def _open(self, weights: WeightHandle) -> Member | None:
+        """The member to queue the next request on: one with a free slot (fewer than ``depth`` requests), in the
+        weight-transfer group of ``weights`` (a member joins it at the next publication), not leaving; the emptiest
+        first, then the least recently served."""
+        open_ = [m for m in self.active() if len(m.requests) < self.depth and not m.draining and weights.reaches(m.key)]
+        return min(open_, key=lambda m: (len(m.requests), m.last_request), default=None)
 
-    def _serve(self, m: Member, weights: WeightHandle) -> None:
-        """Count a request for ``m`` and queue the weights it needs first (an actor's methods execute in order)."""
+    def _serve(self, m: Member, weights: WeightHandle | None) -> ray.ObjectRef | None:
+        """Count a request for ``m``; with ``weights``, queue their load first (an actor's methods execute in order)
+        and return it. Versions published since the member's last load that it never loads count as skipped."""
         self.requests += 1
         m.last_request = self.requests
         self.requests_by_generator[m.index] = self.requests_by_generator.get(m.index, 0) + 1
-        if m.version != weights.version:
-            m.sync_future = m.handle.update_weights.remote(weights)
-            m.version = weights.version
+        if weights is None or m.version == weights.version:
+            return None
+        if 0 <= m.version < weights.version:
+            self.counts["sync/skipped_versions"] += weights.version - m.version - 1
+        self.counts["sync/loads"] += 1
+        m.version = weights.version
+        return m.handle.update_weights.remote(weights)
 
     def dispatch_evaluation(self, step: int, weights: WeightHandle, records, n: int, temperature: float | None
                             ) -> bool:
         """Start the evaluation of learner step ``step`` (``weights``: that step's) on the least recently served idle
         member; False when none is idle. ``records``: the held-out prompts (an object ref, put once)."""
-        idle = self._idle(weights)
-        if not idle:
+        m = self._open(weights)
+        if m is None:
             return False
-        m = idle[0]
-        self._serve(m, weights)
-        m.future, m.records, m.request_version = m.handle.evaluate.remote(records, n, temperature, step), [], -1
-        m.evaluating = step
+        sync = self._serve(m, weights)
+        future = m.handle.evaluate.remote(records, n, temperature, step)
+        m.requests.append(Request(future, [], weights.version, sync, evaluating=step))
         return True
 
-    def dispatch(self, budget: int, weights: WeightHandle, take: Callable[[int], list[dict]]) -> int:
-        """Start requests on idle active members, ``budget`` prompts at most in all; re-issued prompts go first.
-        Returns the number of prompts requested."""
+    def dispatch(self, weights: WeightHandle, budget_at: Callable[[int, int | None, int], int],
+                 take: Callable[[int], list[dict]]) -> int:
+        """Queue requests on the members' free slots while the staleness bound admits them; re-issued prompts go
+        first. ``budget_at(version, oldest_in_flight, launched)``: the groups the bound admits now, sampled at
+        ``version``, after ``launched`` more were requested in this call (the driver's admission). Each request
+        samples with the weights :func:`~rlfleet.cluster.admission.plan_request` picks: the member's own when the
+        bound admits a full request with them and the transport can serve a version lazily (object store), else
+        ``weights`` (loaded first). Returns the number of prompts requested."""
         launched = 0
-        for m in self._idle(weights):
-            n = min(self.prompts_per_request, budget - launched)
+        lazy = weights.transport == "object_store"  # a broadcast round is received by every member at publication
+        while (m := self._open(weights)) is not None:
+            held = m.version if lazy else -1
+            version, n = plan_request(held, weights.version, self.prompts_per_request,
+                                      lambda v: budget_at(v, self.oldest_in_flight(), launched))
             if n <= 0:
                 break
-            self._serve(m, weights)
+            sync = self._serve(m, weights if version == weights.version else None)
             records, self.retry = self.retry[:n], self.retry[n:]
             records += take(n - len(records))
-            m.future, m.records, m.request_version = m.handle.generate.remote(records), records, weights.version
+            m.requests.append(Request(m.handle.generate.remote(records), records, version, sync))
             launched += n
         self.requested += launched
         return launched
 
     def quiesce(self) -> list[tuple[int, dict]]:
         """Wait for every request in flight (before a checkpoint); returns their stats as :meth:`on_ready`."""
-        futures = {m.future for m in self.members if m.future is not None}
+        futures = {q.future for m in self.members for q in m.requests}
         if futures:
             ray.wait(list(futures), num_returns=len(futures), timeout=self.timeout_s)
         return self.on_ready(futures)

@@ -102,6 +102,16 @@ def generator_bundle(cfg: ClusterConfig) -> dict[str, float]:
     return bundle(cfg.generator_num_cpus, cfg.generator_num_gpus)
 
 
+def fleet_size(cfg: ClusterConfig, total: dict[str, float]) -> int:
+    """``cluster.num_generators: auto``: the generators that the cluster's ``total`` resources hold beside the learner
+    group: the GPUs left over ``generator_num_gpus`` where generators use GPUs, else the CPUs left over
+    ``generator_num_cpus``; at least 1."""
+    learner = learner_bundles(cfg)
+    kind, per = ("GPU", cfg.generator_num_gpus) if cfg.generator_num_gpus else ("CPU", cfg.generator_num_cpus)
+    left = total.get(kind, 0.0) - sum(b.get(kind, 0.0) for b in learner)
+    return max(1, int(left // per + 1e-9))
+
+
 def check_feasible(cfg: ClusterConfig, nodes: list[dict[str, float]], num_generators: int | None = None) -> list[str]:
     """Problems that make starting the job impossible on a cluster whose nodes have ``nodes`` total resources:
     the learner plus ``num_generators`` (default ``cfg.min_generators``, what the job needs to start)."""
