@@ -95,7 +95,7 @@ def test_worked_example():
     assert admission_budget(0, None, 0, 4, 0) == 4  # synchronous: one batch per version
 
 
-# ---------------------------------------------------------------------------------------------- pipelining and lazy loads
+# ---------------------------------------------------------------------------------- pipelining and lazy loads
 
 
 def broken_plan(held, latest, prompts, budget_at):
