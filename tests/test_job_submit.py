@@ -163,7 +163,8 @@ def test_prometheus_charts_a_running_job_then_job_stop_checkpoints(head, tmp_pat
     """A real Prometheus (scripts/local_head.py) scrapes rlfleet's series from the head while a job runs; each value
     it holds is one the job wrote to metrics.jsonl at some step; every query of deploy/grafana-dashboard.json
     answers; every port of the head listens on loopback. Then `ray job stop` leaves a final checkpoint."""
-    from rlfleet.cluster.metrics import MULTI_TURN_SERIES, RL_GENERATOR_SERIES, rl_series
+    from rlfleet.cluster.metrics import (EVAL_SERIES, MULTI_TURN_SERIES, ONLINE_DPO_SERIES, RL_GENERATOR_SERIES,
+                                         rl_series)
 
     if head["prometheus"] is None:
         pytest.skip("prometheus is not installed (scripts/setup.sh --test installs it with apt-get)")
@@ -213,10 +214,11 @@ def test_prometheus_charts_a_running_job_then_job_stop_checkpoints(head, tmp_pat
     exported = {f"ray_{name}" for name in series}
     for expr in dashboard_queries():
         if not set(re.findall(r"ray_rlfleet_\w+", expr)) <= exported:
-            # beta = 0: no KL series; the DPO panels are for `rlfleet dpo` jobs, the environment's for multi-turn
-            assert set(re.findall(r"ray_rlfleet_\w+", expr)) <= {"ray_rlfleet_kl", "ray_rlfleet_dpo_accuracy",
-                                                                 "ray_rlfleet_dpo_eval_accuracy",
-                                                                 "ray_rlfleet_dpo_margin",
+            # beta = 0: no KL series; the DPO panels are for `rlfleet dpo` and online DPO jobs, the environment's for
+            # multi-turn, the held-out reward's for jobs with evaluation
+            assert set(re.findall(r"ray_rlfleet_\w+", expr)) <= {"ray_rlfleet_kl", "ray_rlfleet_dpo_eval_accuracy",
+                                                                 *(f"ray_{n}" for n in ONLINE_DPO_SERIES),
+                                                                 *(f"ray_{n}" for n in EVAL_SERIES),
                                                                  *(f"ray_{n}" for n in MULTI_TURN_SERIES)}, expr
             continue
         query = expr.replace("$run", run).replace("$__rate_interval", "1m").replace("$__range", "1h")
