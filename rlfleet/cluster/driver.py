@@ -262,7 +262,7 @@ class Evaluations:
         self.steps_done.append(int(record["step"]))
 
     def outstanding(self, pool: GeneratorPool) -> bool:
-        return bool(self.queue) or any(m.evaluating is not None for m in pool.members)
+        return bool(self.queue) or any(m.evaluating for m in pool.members)
 
 
 class RLJob:
