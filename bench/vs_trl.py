@@ -67,7 +67,8 @@ DPO = dict(beta=0.5, pairs=8, max_length=64, lr=1e-3,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Path, task: str) -> None:
+def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Path, task: str,
+                   depth: int = 2) -> None:
     """``rlfleet train`` / ``rlfleet dpo`` through its CLI, with each metrics line time-stamped as it is written."""
     from rlfleet import cli
     from rlfleet.cluster.metrics import MetricsLog
@@ -77,14 +78,17 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
 
     def stamped_write(self, record: dict) -> None:
         write(self, record)
-        stamps.append((time.time(), record))
+        # a step's record in metrics.jsonl (not batches.jsonl's line for the same step, nor an evaluation's)
+        if self.path.name == "metrics.jsonl" and "loss" in record:
+            stamps.append((time.time(), record))
 
     MetricsLog.write = stamped_write
     out = result.with_suffix(".run")
     common = [f"output_dir={out}", f"model.name_or_path=builtin:{model}", f"learner.max_steps={steps}", *QUIET]
     if kind == "grpo":
         args = ["train", str(REPO / "deploy" / "quickstart.yaml"), *common, f"replay.max_staleness={staleness}",
-                f"generation.max_completion_length={GRPO['completion_length']}", f"data.dataset=builtin:{task}"]
+                f"generation.max_completion_length={GRPO['completion_length']}", f"data.dataset=builtin:{task}",
+                f"cluster.requests_per_generator={depth}"]
     else:
         args = ["dpo", str(REPO / "deploy" / "dpo_quickstart.yaml"), *common, f"dpo.eval_steps={steps}"]
     code = cli.main(args)
@@ -191,6 +195,7 @@ def worker_trl_dpo(model: str, steps: int, result: Path) -> None:
 
 SYSTEMS = {  # name -> (job, worker arguments)
     "rlfleet async (staleness 1)": ("grpo", ["rlfleet-grpo", "--staleness", "1"]),
+    "rlfleet async, 1 request per generator": ("grpo", ["rlfleet-grpo", "--staleness", "1", "--depth", "1"]),
     "rlfleet sync (staleness 0)": ("grpo", ["rlfleet-grpo", "--staleness", "0"]),
     "TRL GRPOTrainer, HF generate, 1 thread": ("grpo", ["trl-grpo-hf", "--threads", "1"]),
     "TRL GRPOTrainer, HF generate, 2 threads": ("grpo", ["trl-grpo-hf", "--threads", "2"]),
@@ -272,6 +277,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=["rlfleet-grpo", "rlfleet-dpo", "trl-grpo-hf", "trl-grpo-vllm",
                                              "trl-dpo"], help=argparse.SUPPRESS)
     parser.add_argument("--staleness", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help="GRPO optimizer steps per run (default by regime "
                         "and mode)")
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -279,7 +285,8 @@ def main() -> None:
     setup_env()
     if args.worker:
         if args.worker.startswith("rlfleet"):
-            worker_rlfleet(args.worker.split("-")[1], args.model, args.steps, args.staleness, args.result, args.task)
+            worker_rlfleet(args.worker.split("-")[1], args.model, args.steps, args.staleness, args.result, args.task,
+                           args.depth)
         elif args.worker == "trl-dpo":
             worker_trl_dpo(args.model, args.steps, args.result)
         else:
