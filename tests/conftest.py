@@ -47,3 +47,16 @@ def ray_cluster():
             yield ray
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model's ops are too small for intra-op threads: on a busy 2-core machine one thread runs a module of
+    learner steps ~6x faster. Restored afterwards for other modules. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

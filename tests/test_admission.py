@@ -23,47 +23,9 @@ def naive_budget(version, oldest_in_flight, live_groups, groups_per_step, max_st
 
 
 def simulate(seed: int, budget_fn=admission_budget, steps: int = 40) -> list[int]:
-    """One random run; returns the staleness of every trained group. Raises on a stall."""
-    rng = random.Random(seed)
-    g, s = rng.randint(1, 4), rng.randint(0, 3)
-    generators, per_request = rng.randint(1, 4), rng.randint(1, 3 * g)
-    per_request = min(per_request, (s + 1) * g)  # the config check: one request fits in the window
-    drop_p = rng.choice([0.0, 0.0, 0.1, 0.3])
-    version = 0  # published weights
-    fifo: list[int] = []  # sample versions of queued groups, in arrival order
-    in_flight: dict[int, tuple[int, int]] = {}  # generator -> (version, groups)
-    taken: list[int] | None = None  # the batch the learner is training (sample versions)
-    live = dropped_known = 0
-    staleness: list[int] = []
-    while version < steps:
-        # the driver admits on every free generator
-        for gen in range(generators):
-            if gen in in_flight:
-                continue
-            oldest = min((v for v, _ in in_flight.values()), default=None)
-            n = min(per_request, budget_fn(version, oldest, live - dropped_known, g, s))
-            if n > 0:
-                in_flight[gen] = (version, n)
-                live += n
-        events = [("deliver", gen) for gen in in_flight]
-        if taken is None and len(fifo) >= g:
-            events.append(("take", None))
-        if taken is not None:
-            events.append(("finish", None))
-        if not events:
-            raise AssertionError(f"seed {seed}: stalled at version {version} with {len(fifo)} queued, g={g}, s={s}")
-        kind, gen = rng.choice(events)
-        if kind == "deliver":
-            v, n = in_flight.pop(gen)
-            kept = sum(rng.random() >= drop_p for _ in range(n))
-            dropped_known += n - kept  # the generator's stats say how many it dropped
-            fifo.extend([v] * kept)
-        elif kind == "take":  # batch number `version` is taken (and trained) at `version`
-            taken, fifo = fifo[:g], fifo[g:]
-        else:
-            staleness += [version - v for v in taken]
-            taken, version = None, version + 1
-    return staleness
+    """One random run with one request per generator, always on the latest weights; returns the staleness of every
+    trained group. Raises on a stall."""
+    return simulate_pipelined(seed, lazy=False, steps=steps, budget_fn=budget_fn, depth=1)[0]
 
 
 @pytest.mark.parametrize("seed", range(300))
@@ -105,13 +67,17 @@ def broken_plan(held, latest, prompts, budget_at):
     return (held if held >= 0 else version), n
 
 
-def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: int = 40):
-    """As :func:`simulate`, with up to ``depth`` requests queued on each generator (delivered in order) and each
-    request's weights chosen by ``plan`` from the version the generator holds. Returns (staleness of every trained
-    group, [(sample version, latest version, max_staleness)] of every request, loads)."""
+def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: int = 40, budget_fn=admission_budget,
+                       depth: int | None = None):
+    """One random run: the driver, ``depth`` requests at most queued on each generator (delivered in order; drawn
+    at random when None), each request's weights chosen by ``plan`` from the version the generator holds (with
+    ``lazy``; else always the latest) and sized by ``budget_fn``, the replay FIFO and the learner, in an order drawn
+    at random at every event. Returns (staleness of every trained group, [(sample version, latest version,
+    max_staleness)] of every request, loads). Raises on a stall."""
     rng = random.Random(seed)
     g, s = rng.randint(1, 4), rng.randint(0, 3)
-    generators, depth = rng.randint(1, 3), rng.randint(1, 3)
+    generators = rng.randint(1, 4) if depth == 1 else rng.randint(1, 3)
+    depth = depth or rng.randint(1, 3)
     per_request = min(rng.randint(1, 3 * g), (s + 1) * g)
     drop_p = rng.choice([0.0, 0.0, 0.1, 0.3])
     version = 0
@@ -130,7 +96,7 @@ def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: i
             gen = min(free, key=lambda x: len(queues[x]))
             oldest = min((v for q in queues.values() for v, _ in q), default=None)
             v, n = plan(held[gen] if lazy else -1, version, per_request,
-                        lambda at: admission_budget(at, oldest, live - dropped_known, g, s))
+                        lambda at: budget_fn(at, oldest, live - dropped_known, g, s))
             if n <= 0:
                 break
             if v != held[gen]:

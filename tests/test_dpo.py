@@ -26,14 +26,7 @@ from rlfleet.dpo.data import PreferencePair, load_preference_dataset, tokenize_p
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's ops are too small for intra-op threads: on a busy 2-core machine one thread runs this module
-    ~6x faster. Restored afterwards for other modules."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ LORA = LoraConfig(r=4)
 GEN = GenerationConfig(num_generations=4, generation_batch_size=8, max_completion_length=10, temperature=0.7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def random_adapter(path: str, seed: int, cfg: LoraConfig = LORA):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rlfleet.config import BEMAConfig, ConfigError, DPOConfig, LearnerConfig, ModelConfig, load_config
 from rlfleet.dpo.data import PreferencePair
@@ -21,12 +20,7 @@ from tests.test_dpo import assert_same, params
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def group(rewards, lengths=None, prompt=(5, 6, 7), seed: int = 0, prompt_id: str = "p") -> Group:
