@@ -182,20 +182,22 @@ def test_the_shipped_job_is_valid():
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_online_dpo_job_raises_the_reward(ray_cluster, tmp_path):
-    """deploy/online_dpo.yaml on builtin:target_length, with real engines: the batch reward rises (the mean over the
-    first 20 steps is 0.47-0.48 for the random model, +-0.02 from run to run; over steps 131-150, measured in four
-    runs of this job and its variants: 0.55, 0.64, 0.64, 0.66), every step trains on the groups' pairs with the BEMA
-    reference refreshed every 10 steps, and the BEMA weights are written at the end."""
+    """deploy/online_dpo.yaml on builtin:target_length with real engines, synchronous (max_staleness 0: which
+    weights sample which prompts does not depend on timing, so the run is the same on a loaded machine): the batch
+    reward rises (measured: 0.454 over steps 1-20, 0.633 over steps 131-150; asynchronous runs of the shipped job
+    reached 0.55-0.66), every step trains on its groups' pairs with the BEMA reference refreshed every 10 steps, and
+    the BEMA weights are written at the end."""
     from rlfleet.cluster.driver import train
 
     cfg = load_config(DEPLOY / "online_dpo.yaml", [f"output_dir={tmp_path / 'job'}", "logging.plot=false",
-                                                   "logging.eval_steps=null", "data.eval_split=null"])
+                                                   "logging.eval_steps=null", "data.eval_split=null",
+                                                   "replay.max_staleness=0"])
     summary = train(cfg)
     records = [json.loads(line) for line in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 151))
-    assert all(r["dpo/pairs"] == 4 and r["staleness/max"] <= 1 for r in records)  # zero-variance groups: dropped
+    assert all(r["dpo/pairs"] == 4 and r["staleness/max"] == 0 for r in records)  # zero-variance groups: dropped
     assert [r["step"] for r in records if r["bema/ref_updated"]] == list(range(10, 151, 10))
     first = np.mean([r["reward/mean"] for r in records[:20]])
     last = np.mean([r["reward/mean"] for r in records[-20:]])
-    assert last > first + 0.05, (first, last)
+    assert last > first + 0.1, (first, last)
     assert (Path(summary["bema"]) / "model.safetensors").is_file()
