@@ -299,10 +299,11 @@ class RLJob:
         if fleet is None:  # cluster.num_generators: auto
             import ray
 
-            fleet = fleet_size(c, ray.cluster_resources())
+            total = ray.cluster_resources()
+            fleet = fleet_size(c, total)
             console(f"cluster.num_generators auto: {fleet} generator(s) ({generator_bundle(c)} each) beside the "
-                    f"learner ({learner_bundles(c)}) on the cluster's {ray.cluster_resources().get('CPU', 0):g} CPUs, "
-                    f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
+                    f"learner ({learner_bundles(c)}) on the cluster's {total.get('CPU', 0):g} CPUs, "
+                    f"{total.get('GPU', 0):g} GPUs")
         self.pool = GeneratorPool(
             lambda index, options: make_generation_actor(cfg, REPLAY_NAME, index, factory, **options),
             generator_bundle(c), fleet,
@@ -415,8 +416,8 @@ class RLJob:
         record = {"step": step, **stats}
         self.outputs.write(record)
         self.evaluations.done(record)
-        self.progress.note(f"eval at step {step}: reward {fmt(record.get('eval/reward/mean'), 3)} on "
-                           f"{int(record['eval/prompts'])} held-out prompts")
+        console(f"eval at step {step}: reward {fmt(record.get('eval/reward/mean'), 3)} on "
+                f"{int(record['eval/prompts'])} held-out prompts")
 
     def finish_evaluations(self) -> None:
         """Wait for the evaluations still queued or running (the last step's at least), serving them first;

@@ -114,10 +114,6 @@ class Progress:
         elif step % self.every == 0 or step >= self.total:
             console(text)
 
-    def note(self, text: str) -> None:
-        """A line between the progress lines (an evaluation's result)."""
-        console(text)
-
 
 def fmt(value, digits: int) -> str:
     return "nan" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
