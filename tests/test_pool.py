@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 from rlfleet.cluster.admission import admission_budget
-from rlfleet.cluster.pool import ACTIVE, GeneratorPool, Member
+from rlfleet.cluster.pool import ACTIVE, GeneratorPool, Member, Request
 from rlfleet.transport import WeightHandle
 
 REFS = itertools.count()
@@ -74,15 +74,17 @@ def test_depth_one_is_one_request_per_generator_and_the_emptiest_goes_first():
 
 def test_a_generator_keeps_its_weights_while_the_bound_admits_them():
     """Version 3 published, the generator holds 2, 12 groups live: at version 2 the bound admits (2 + 2) * 4 - 12 =
-    4, a full request: it samples with version 2 and nothing is loaded. The next request (16 live) is admitted only
-    at version 3 (but oldest in flight is now 2: (2 + 2) * 4 - 16 = 0): none. With 8 live instead, the second
-    request is admitted at version 2 as well."""
+    4, a full request: it samples with version 2 and nothing is loaded. The next request (16 live) is not admitted
+    at version 2 ((2 + 2) * 4 - 16 = 0) but is at version 3, loaded first: (3 + 2) * 4 - 16 = 4. The first request,
+    in flight with version 2, does not hold it back: it is ahead of it on the same generator. With 8 live instead,
+    the second request is admitted at version 2 as well."""
     pool = pool_with(1, depth=2)
     m = pool.members[0]
     m.version = 2
-    assert pool.dispatch(weights(3), budget(12), prompts) == 4
-    assert [name for name, _, _ in m.handle.calls] == ["generate"] and m.requests[0].version == 2
-    assert pool.counts["sync/loads"] == 0 and pool.counts["sync/skipped_versions"] == 0
+    assert pool.dispatch(weights(3), budget(12), prompts) == 8
+    assert [name for name, _, _ in m.handle.calls] == ["generate", "update_weights", "generate"]
+    assert [q.version for q in m.requests] == [2, 3] and m.requests[1].sync_future is not None
+    assert pool.counts["sync/loads"] == 1 and pool.counts["sync/skipped_versions"] == 0
     pool = pool_with(1, depth=2)
     pool.members[0].version = 2
     assert pool.dispatch(weights(3), budget(4), prompts) == 8
@@ -110,3 +112,20 @@ def test_synchronous_training_and_broadcast_always_load_the_latest():
     pool.members[0].version = 2
     assert pool.dispatch(weights(3, "broadcast"), budget(12), prompts) == 4 + 4
     assert [q.version for q in pool.members[0].requests] == [3, 3]  # a broadcast round cannot be served lazily
+
+
+def test_a_slow_request_holds_back_the_other_generators_only():
+    """Two generators, g = 4, S = 1. Generator 0 is generating with version 2 when version 3 is published, 16 groups
+    live. A request on generator 1 could overtake it, so its bound is taken at version 2: (2 + 2) * 4 - 16 = 0. One
+    queued behind it on generator 0 cannot overtake it: (3 + 2) * 4 - 16 = 4, at version 3. So the one request goes to
+    generator 0, though generator 1 is the emptier."""
+    pool = pool_with(2, depth=2)
+    first, second = pool.members
+    first.version = second.version = 2
+    first.requests.append(Request("generate-slow", prompts(4), 2))
+    pool.requests = first.last_request = 1  # generator 1 is also the least recently served
+    assert pool.oldest_in_flight() == 2 and pool.oldest_in_flight(first) is None
+    assert pool.oldest_in_flight(second) == 2
+    assert pool.dispatch(weights(3), budget(16), prompts) == 4
+    assert [q.version for q in first.requests] == [2, 3] and not second.requests
+    assert [name for name, _, _ in first.handle.calls] == ["update_weights", "generate"]

@@ -17,6 +17,14 @@ the latest, trained at version ``<= V + S``: staleness ``<= S``. The minimum ove
 what keeps a slow request's groups from being pushed back by faster later ones (with ``V`` alone, a request made at
 a higher version could fill the slots an older, slower one counted on: the property test finds such orders).
 
+Only requests that can overtake the new one count in that minimum: those on *other* generators. A generator runs
+its requests in the order they were queued (Ray runs a single-threaded actor's calls in submission order, and a
+generate() returns only once the replay actor has its groups), so a request queued behind another on the same
+generator never reaches the replay actor first. Counting the generator's own queue would forbid exactly the
+pipelining that keeps its engine busy: with ``S = 1`` and one generator, the next request could never be queued
+while one is generating. (The simulator in ``tests/test_admission.py`` checks the bound with the rule as stated, and
+finds violations when a generator's requests may arrive out of order.)
+
 The bound needs no count of the batches the learner has taken: it cancels (``ahead = live - taken * g`` and
 ``lag = taken - V`` in the earlier formulation of the same rule). ``max_staleness: 0`` is synchronous on-policy
 training. Drops only move groups forward, so a drop the driver has not learnt of yet makes it admit less, never
@@ -39,7 +47,8 @@ def admission_budget(version: int, oldest_in_flight: int | None, live_groups: in
                      max_staleness: int) -> int:
     """Groups that may be requested now, sampled at ``version`` (>= 0; 0 means none).
 
-    ``oldest_in_flight``: the lowest policy version among requests still being generated (None when none is);
+    ``oldest_in_flight``: the lowest policy version among requests still being generated that the new one could
+    overtake, i.e. on other generators (None when none is);
     ``live_groups``: groups requested so far and not known to be dropped or lost (trained ones included).
     """
     base = version if oldest_in_flight is None else min(version, oldest_in_flight)

@@ -259,19 +259,22 @@ class GeneratorPool:
         """The keys of the active members: the group a transport with a membership publishes to."""
         return [m.key for m in self.active()]
 
-    def oldest_in_flight(self) -> int | None:
-        """The lowest weights version a request in flight samples with (None when nothing is in flight)."""
-        return min((q.version for m in self.members for q in m.requests if q.evaluating is None), default=None)
+    def oldest_in_flight(self, overtaking: Member | None = None) -> int | None:
+        """The lowest weights version a training request in flight samples with (None when none is). For a request
+        about to be queued on ``overtaking``: only the requests it could overtake, those of the other members (a
+        member runs its requests in order; see :mod:`rlfleet.cluster.admission`)."""
+        return min((q.version for m in self.members if m is not overtaking for q in m.requests
+                    if q.evaluating is None), default=None)
 
     def lost(self) -> int:
         return self.counts["faults/lost_groups"]
 
-    def _open(self, weights: WeightHandle) -> Member | None:
-        """The member to queue the next request on: one with a free slot (fewer than ``depth`` requests), in the
-        weight-transfer group of ``weights`` (a member joins it at the next publication), not leaving; the emptiest
-        first, then the least recently served."""
+    def _open(self, weights: WeightHandle) -> list[Member]:
+        """The members a request may be queued on, in order of preference: those with a free slot (fewer than
+        ``depth`` requests), in the weight-transfer group of ``weights`` (a member joins it at the next publication),
+        not leaving; the emptiest first, then the least recently served."""
         open_ = [m for m in self.active() if len(m.requests) < self.depth and not m.draining and weights.reaches(m.key)]
-        return min(open_, key=lambda m: (len(m.requests), m.last_request), default=None)
+        return sorted(open_, key=lambda m: (len(m.requests), m.last_request))
 
     def _serve(self, m: Member, weights: WeightHandle | None) -> ray.ObjectRef | None:
         """Count a request for ``m``; with ``weights``, queue their load first (an actor's methods execute in order)
@@ -291,9 +294,10 @@ class GeneratorPool:
                             ) -> bool:
         """Start the evaluation of learner step ``step`` (``weights``: that step's) on the least recently served idle
         member; False when none is idle. ``records``: the held-out prompts (an object ref, put once)."""
-        m = self._open(weights)
-        if m is None:
+        open_ = self._open(weights)
+        if not open_:
             return False
+        m = open_[0]
         sync = self._serve(m, weights)
         future = m.handle.evaluate.remote(records, n, temperature, step)
         m.requests.append(Request(future, [], weights.version, sync, evaluating=step))
@@ -303,18 +307,27 @@ class GeneratorPool:
                  take: Callable[[int], list[dict]]) -> int:
         """Queue requests on the members' free slots while the staleness bound admits them; re-issued prompts go
         first. ``budget_at(version, oldest_in_flight, launched)``: the groups the bound admits now, sampled at
-        ``version``, after ``launched`` more were requested in this call (the driver's admission). Each request
+        ``version``, after ``launched`` more were requested in this call (the driver's admission);
+        ``oldest_in_flight`` is that of the other members' requests, which alone can overtake the new one. Each request
         samples with the weights :func:`~rlfleet.cluster.admission.plan_request` picks: the member's own when the
         bound admits a full request with them and the transport can serve a version lazily (object store), else
         ``weights`` (loaded first). Returns the number of prompts requested."""
         launched = 0
         lazy = weights.transport == "object_store"  # a broadcast round is received by every member at publication
-        while (m := self._open(weights)) is not None:
-            held = m.version if lazy else -1
-            version, n = plan_request(held, weights.version, self.prompts_per_request,
-                                      lambda v: budget_at(v, self.oldest_in_flight(), launched))
-            if n <= 0:
-                break
+
+        def admitted() -> tuple[Member, int, int] | None:
+            """The first open member the bound admits a request on, its version and size. Not always the first
+            open one: an empty member is held back by another's slow request, which the member generating it is not
+            (nothing overtakes a member's own queue)."""
+            for m in self._open(weights):
+                version, n = plan_request(m.version if lazy else -1, weights.version, self.prompts_per_request,
+                                          lambda v: budget_at(v, self.oldest_in_flight(m), launched))
+                if n > 0:
+                    return m, version, n
+            return None
+
+        while (choice := admitted()) is not None:
+            m, version, n = choice
             sync = self._serve(m, weights if version == weights.version else None)
             records, self.retry = self.retry[:n], self.retry[n:]
             records += take(n - len(records))

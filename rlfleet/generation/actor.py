@@ -3,8 +3,8 @@
 The class carries no ``@ray.remote`` decorator: resources come from the config at launch
 (:func:`make_generation_actor`); the engine comes from a factory (the vLLM :class:`Engine` by default; benchmarks
 pass a stand-in, :mod:`bench.standin`). Groups go straight to the replay actor; the caller gets a small stats dict.
-Ray runs one method at a time on the actor (its default concurrency group), so a weight update never lands in the
-middle of a generation; only a broadcast round's receive runs beside it (``weights`` group), and it only stages.
+Ray runs one method at a time on the actor (its default concurrency group), in the order they were called, so a
+weight update never lands in the middle of a generation and requests deliver their groups in the order queued; only a broadcast round's receive runs beside it (``weights`` group), and it only stages.
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ def make_generation_actor(cfg: RLFleetConfig, replay: str, index: int = 0,
         num_cpus=cfg.cluster.generator_num_cpus,
         num_gpus=cfg.cluster.generator_num_gpus,
         max_restarts=cfg.cluster.max_restarts,
+        # its generate() calls run in the order queued, which admission relies on (rlfleet.cluster.admission);
+        # Ray's default for an actor of one thread per concurrency group, stated so that no change loses it
+        allow_out_of_order_execution=False,
     ) | options
     # the "weights" group takes broadcast rounds beside a generation; other calls run one at a time
     actor = ray.remote(concurrency_groups={"weights": 1})(GenerationActor)
