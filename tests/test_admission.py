@@ -91,7 +91,8 @@ def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: i
     requests: list[tuple[int, int, int]] = []
     while version < steps:
         while True:  # the driver fills free slots, on the emptiest generator the bound admits a request on
-            for gen in sorted((gen for gen in range(generators) if len(queues[gen]) < depth), key=lambda x: len(queues[x])):
+            free = [gen for gen in range(generators) if len(queues[gen]) < depth]
+            for gen in sorted(free, key=lambda x: len(queues[x])):
                 oldest = min((v for other, q in queues.items() if other != gen for v, _ in q), default=None)
                 v, n = plan(held[gen] if lazy else -1, version, per_request,
                             lambda at: budget_fn(at, oldest, live - dropped_known, g, s))

@@ -4,7 +4,8 @@ The class carries no ``@ray.remote`` decorator: resources come from the config a
 (:func:`make_generation_actor`); the engine comes from a factory (the vLLM :class:`Engine` by default; benchmarks
 pass a stand-in, :mod:`bench.standin`). Groups go straight to the replay actor; the caller gets a small stats dict.
 Ray runs one method at a time on the actor (its default concurrency group), in the order they were called, so a
-weight update never lands in the middle of a generation and requests deliver their groups in the order queued; only a broadcast round's receive runs beside it (``weights`` group), and it only stages.
+weight update never lands in the middle of a generation and requests deliver their groups in the order queued;
+only a broadcast round's receive runs beside it (``weights`` group), and it only stages.
 """
 
 from __future__ import annotations
