@@ -526,9 +526,12 @@ def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_
                                     temperature=TEMPERATURE),
         learner=LearnerConfig(device="cpu", learning_rate=1e-3, max_grad_norm=None, groups_per_step=2),
         replay={"max_staleness": 4},
+        cluster={"learner_threads": 2},
     )
     replay = make_replay_actor(cfg.replay, seed=0, name="test-policy-learner-replay")
     learner = make_learner_actor(cfg, "test-policy-learner-replay", num_cpus=0)
+    # cluster.learner_threads: Ray gives an actor of no CPU OMP_NUM_THREADS=1; the learner takes the 2 asked for
+    assert ray.get(learner.__ray_call__.remote(lambda self: torch.get_num_threads()), timeout=60) == 2
     assert ray.get(learner.train_step.remote(0.2), timeout=60) is None
     local = make_learner()
     groups = two_groups(local.model)

@@ -13,7 +13,7 @@ import ray
 from rlfleet.cluster.learner_group import LearnerGroup, follow
 from rlfleet.config import RLFleetConfig
 from rlfleet.learner.distributed import Rank
-from rlfleet.learner.policy import PolicyLearner, resolve_device
+from rlfleet.learner.policy import PolicyLearner, resolve_device, set_threads
 from rlfleet.transport import WeightHandle, make_publisher
 
 
@@ -40,6 +40,7 @@ class LearnerActor:
     actors: a name survives a restart, a constructor argument handle may not)."""
 
     def __init__(self, cfg: RLFleetConfig, replay: str, rank: Rank | None = None, rendezvous=None):
+        set_threads(cfg.cluster.learner_threads)
         self.group = LearnerGroup(LearnerActor, (cfg, replay), cfg.cluster, resolve_device(cfg.learner.device),
                                   rendezvous, rank)
         self.learner = make_learner(cfg, self.group.rank)
