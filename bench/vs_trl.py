@@ -3,7 +3,10 @@
     .venv/bin/python bench/vs_trl.py [--quick | --full] [--regime learner-bound|generation-bound|both] [--colocate]
 
 GRPO in the two regimes users meet, each with rlfleet asynchronous (``max_staleness`` 1) and synchronous (0), TRL
-with Hugging Face generation on 1 and on 2 torch threads, and the machine's bound:
+with Hugging Face generation on 1 and on 2 torch threads, and the machine's bound; and in each regime, rlfleet
+asynchronous with the setting ``bench/engine_settings.py`` found for it (the learner on 2 threads,
+``cluster.learner_threads``, where the learner is the slow stage; a compiled engine, ``generation.enforce_eager:
+false``, where generation is), and one request per generator (pipelining off) where generation is:
 
 - **learner-bound**: ``builtin:small`` (18M) on ``builtin:target_length``, whose completions shrink as it learns:
   the learner's forward and backward take longer than generating;
@@ -53,9 +56,12 @@ from bench.common import (QUIET, REPO, LoadMonitor, arg_parser, load_line, machi
                           save_json, setup_env)
 
 GRPO = dict(prompts=4, num_generations=8, completion_length=24, lr=3e-3)
-REGIMES = {  # name -> (model, task, GRPO steps by mode: quick, default, full)
-    "learner-bound": ("small", "target_length", (6, 8, 12)),
-    "generation-bound": ("tiny", "char_count", (12, 40, 60)),
+REGIMES = {  # name -> (model, task, GRPO steps by mode: quick, default, full, its own rlfleet rows)
+    # the setting bench/engine_settings.py found for each regime: the learner borrowing the generator's idle core,
+    # and a compiled engine (pipelining's row where generation is the slow stage)
+    "learner-bound": ("small", "target_length", (6, 8, 12), ["rlfleet async, learner on 2 threads"]),
+    "generation-bound": ("tiny", "char_count", (12, 40, 60), ["rlfleet async, compiled engine",
+                                                               "rlfleet async, 1 request per generator"]),
 }
 DPO = dict(beta=0.5, pairs=8, max_length=64, lr=1e-3,
            bema=dict(update_freq=5, ema_power=0.5, bias_power=0.2, lag=10, update_after=0,
@@ -68,7 +74,7 @@ DPO = dict(beta=0.5, pairs=8, max_length=64, lr=1e-3,
 
 
 def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Path, task: str,
-                   depth: int = 2) -> None:
+                   depth: int = 2, overrides: list[str] | None = None) -> None:
     """``rlfleet train`` / ``rlfleet dpo`` through its CLI, with each metrics line time-stamped as it is written."""
     from rlfleet import cli
     from rlfleet.cluster.metrics import MetricsLog
@@ -88,7 +94,7 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
     if kind == "grpo":
         args = ["train", str(REPO / "deploy" / "quickstart.yaml"), *common, f"replay.max_staleness={staleness}",
                 f"generation.max_completion_length={GRPO['completion_length']}", f"data.dataset=builtin:{task}",
-                f"cluster.requests_per_generator={depth}"]
+                f"cluster.requests_per_generator={depth}", *(overrides or [])]
     else:
         args = ["dpo", str(REPO / "deploy" / "dpo_quickstart.yaml"), *common, f"dpo.eval_steps={steps}"]
     code = cli.main(args)
@@ -196,6 +202,10 @@ def worker_trl_dpo(model: str, steps: int, result: Path) -> None:
 SYSTEMS = {  # name -> (job, worker arguments)
     "rlfleet async (staleness 1)": ("grpo", ["rlfleet-grpo", "--staleness", "1"]),
     "rlfleet async, 1 request per generator": ("grpo", ["rlfleet-grpo", "--staleness", "1", "--depth", "1"]),
+    "rlfleet async, learner on 2 threads": ("grpo", ["rlfleet-grpo", "--staleness", "1",
+                                                     "--override", "cluster.learner_threads=2"]),
+    "rlfleet async, compiled engine": ("grpo", ["rlfleet-grpo", "--staleness", "1",
+                                                "--override", "generation.enforce_eager=false"]),
     "rlfleet sync (staleness 0)": ("grpo", ["rlfleet-grpo", "--staleness", "0"]),
     "TRL GRPOTrainer, HF generate, 1 thread": ("grpo", ["trl-grpo-hf", "--threads", "1"]),
     "TRL GRPOTrainer, HF generate, 2 threads": ("grpo", ["trl-grpo-hf", "--threads", "2"]),
@@ -278,6 +288,7 @@ def main() -> None:
                                              "trl-dpo"], help=argparse.SUPPRESS)
     parser.add_argument("--staleness", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help="GRPO optimizer steps per run (default by regime "
                         "and mode)")
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -286,7 +297,7 @@ def main() -> None:
     if args.worker:
         if args.worker.startswith("rlfleet"):
             worker_rlfleet(args.worker.split("-")[1], args.model, args.steps, args.staleness, args.result, args.task,
-                           args.depth)
+                           args.depth, args.override)
         elif args.worker == "trl-dpo":
             worker_trl_dpo(args.model, args.steps, args.result)
         else:
@@ -295,7 +306,10 @@ def main() -> None:
         return
 
     regimes = list(REGIMES) if args.regime == "both" else [args.regime]
-    grpo_names = [n for n, (job, _) in SYSTEMS.items() if job == "grpo" and (args.colocate or "colocate" not in n)]
+    own_rows = {name for regime in REGIMES.values() for name in regime[3]}
+    common = [n for n, (job, _) in SYSTEMS.items() if job == "grpo" and n not in own_rows
+              and (args.colocate or "colocate" not in n)]
+    grpo_names = {regime: common[:1] + REGIMES[regime][3] + common[1:] for regime in regimes}
     dpo_names = [] if args.no_dpo else [n for n, (job, _) in SYSTEMS.items() if job == "dpo"]
     dpo_steps = pick(args.mode, 20, 60, 60)
     cores = os.cpu_count() or 1
@@ -305,9 +319,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     with LoadMonitor() as load:
         for regime in regimes:
-            model, task, steps_by_mode = REGIMES[regime]
+            model, task, steps_by_mode, _ = REGIMES[regime]
             steps = args.steps or pick(args.mode, *steps_by_mode)
-            order = grpo_names + (grpo_names[::-1] if args.mode == "full" else [])
+            order = grpo_names[regime] + (grpo_names[regime][::-1] if args.mode == "full" else [])
             print(f"{regime}: builtin:{model} on builtin:{task}, {steps} steps; order {order}", flush=True)
             results[regime] = [launch(name, model, steps, workdir, task) for name in order]
         if dpo_names:
@@ -317,8 +331,8 @@ def main() -> None:
 
     tables, rows = [], {}
     for regime in regimes:
-        rows[regime] = regime_rows(results[regime], grpo_names, cores)
-        model, task, _ = REGIMES[regime]
+        rows[regime] = regime_rows(results[regime], grpo_names[regime], cores)
+        model, task, _, _ = REGIMES[regime]
         tables.append(print_table(rows[regime], ["system", "runs", "steps", "step_s", "step_vs_trl", "step_vs_bound",
                                                  "learner_s", "gen_s", "sync_s", "gen_idle", "first_step_s",
                                                  "total_s", "reward_first10", "reward_last10"],
