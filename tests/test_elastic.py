@@ -107,3 +107,33 @@ def test_fleet_grows_with_a_new_node_and_loses_nothing_when_it_leaves(cluster, t
     # every prompt handed out is trained, queued or waiting to be re-issued: once, nothing lost, nothing twice
     assert Counter(ledger["trained"]) + Counter(ledger["queued"]) + Counter(ledger["to_reissue"]) == \
         Counter(ledger["issued"])
+
+
+def test_a_generator_on_another_node_fetches_the_weights_beside_its_generation(cluster):
+    """The object store's ``fetch`` (what a generator runs in its weights concurrency group while a request
+    generates) pulls a publication's packed buffer from the learner's node into its own node's object store, so
+    the load that follows reads local shared memory. Before it, only the publishing node holds the buffer."""
+    import ray
+    import torch
+
+    from rlfleet.transport.object_store import ObjectStorePublisher, ObjectStoreReceiver
+
+    node = cluster.add_node(num_cpus=0, resources={"far": 1})
+    try:
+        handle = ObjectStorePublisher(torch.float32).publish({"w": torch.arange(300_000, dtype=torch.float32)}, 1)
+        here = ray.get_runtime_context().get_node_id()
+
+        def holders() -> set[str]:
+            return set(ray.experimental.get_object_locations([handle.payload])[handle.payload]["node_ids"])
+
+        @ray.remote(num_cpus=0, resources={"far": 1})
+        def fetch_there(handle) -> str:
+            ObjectStoreReceiver().fetch(handle, timeout_s=60)
+            return ray.get_runtime_context().get_node_id()
+
+        assert holders() == {here}  # 1.2 MB: in shared memory, not inlined with the ref
+        far = ray.get(fetch_there.remote(handle), timeout=120)
+        assert far != here
+        wait_for(lambda: holders() == {here, far}, 60, "the fetched buffer's location to reach its owner")
+    finally:
+        cluster.remove_node(node)

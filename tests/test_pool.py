@@ -23,11 +23,12 @@ class FakeMethod:
 
 
 class FakeActor:
-    """Records ``generate`` / ``update_weights`` / ``evaluate`` calls in the order they are queued."""
+    """Records ``generate`` / ``fetch_weights`` / ``update_weights`` / ``evaluate`` calls in the order they are
+    queued."""
 
     def __init__(self):
         self.calls: list = []
-        for name in ("generate", "update_weights", "evaluate"):
+        for name in ("generate", "fetch_weights", "update_weights", "evaluate"):
             setattr(self, name, FakeMethod(self.calls, name))
 
 
@@ -76,13 +77,14 @@ def test_a_generator_keeps_its_weights_while_the_bound_admits_them():
     """Version 3 published, the generator holds 2, 12 groups live: at version 2 the bound admits (2 + 2) * 4 - 12 =
     4, a full request: it samples with version 2 and nothing is loaded. The next request (16 live) is not admitted
     at version 2 ((2 + 2) * 4 - 16 = 0) but is at version 3, loaded first: (3 + 2) * 4 - 16 = 4. The first request,
-    in flight with version 2, does not hold it back: it is ahead of it on the same generator. With 8 live instead,
-    the second request is admitted at version 2 as well."""
+    in flight with version 2, does not hold it back: it is ahead of it on the same generator. The load queued behind
+    that request has its bytes fetched at once, beside the generation. With 8 live instead, the second request is
+    admitted at version 2 as well."""
     pool = pool_with(1, depth=2)
     m = pool.members[0]
     m.version = 2
     assert pool.dispatch(weights(3), budget(12), prompts) == 8
-    assert [name for name, _, _ in m.handle.calls] == ["generate", "update_weights", "generate"]
+    assert [name for name, _, _ in m.handle.calls] == ["generate", "fetch_weights", "update_weights", "generate"]
     assert [q.version for q in m.requests] == [2, 3] and m.requests[1].sync_future is not None
     assert pool.counts["sync/loads"] == 1 and pool.counts["sync/skipped_versions"] == 0
     pool = pool_with(1, depth=2)
@@ -128,4 +130,4 @@ def test_a_slow_request_holds_back_the_other_generators_only():
     assert pool.oldest_in_flight(second) == 2
     assert pool.dispatch(weights(3), budget(16), prompts) == 4
     assert [q.version for q in first.requests] == [2, 3] and not second.requests
-    assert [name for name, _, _ in first.handle.calls] == ["update_weights", "generate"]
+    assert [name for name, _, _ in first.handle.calls] == ["fetch_weights", "update_weights", "generate"]

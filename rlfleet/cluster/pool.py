@@ -278,7 +278,9 @@ class GeneratorPool:
 
     def _serve(self, m: Member, weights: WeightHandle | None) -> ray.ObjectRef | None:
         """Count a request for ``m``; with ``weights``, queue their load first (an actor's methods execute in order)
-        and return it. Versions published since the member's last load that it never loads count as skipped."""
+        and return it. Versions published since the member's last load that it never loads count as skipped.
+        A load queued behind a request still generating has its bytes fetched at once, beside that generation (the
+        object store's transfer, where the member is on another node than the learner)."""
         self.requests += 1
         m.last_request = self.requests
         self.requests_by_generator[m.index] = self.requests_by_generator.get(m.index, 0) + 1
@@ -288,6 +290,8 @@ class GeneratorPool:
             self.counts["sync/skipped_versions"] += weights.version - m.version - 1
         self.counts["sync/loads"] += 1
         m.version = weights.version
+        if m.requests:
+            m.handle.fetch_weights.remote(weights)  # its completion is the load's to wait for: nothing to collect
         return m.handle.update_weights.remote(weights)
 
     def dispatch_evaluation(self, step: int, weights: WeightHandle, records, n: int, temperature: float | None

@@ -65,6 +65,11 @@ class GenerationActor:
         return time.perf_counter() - start
 
     @ray.method(concurrency_group="weights")
+    def fetch_weights(self, handle: WeightHandle) -> None:
+        """Bring published weights to this node while a request generates, for the load queued behind it."""
+        make_receiver(handle.transport).fetch(handle, self.cfg.cluster.timeout_s)
+
+    @ray.method(concurrency_group="weights")
     def join_weight_group(self, init_info: dict) -> None:
         """Join the learner's weight-transfer group (``broadcast`` transport), beside a generation in flight."""
         self.engine.join_weight_group(init_info)

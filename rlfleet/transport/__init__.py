@@ -47,6 +47,10 @@ class WeightLoader(Protocol):
 
 
 class WeightReceiver(Protocol):
+    def fetch(self, handle: WeightHandle, timeout_s: float) -> None:
+        """Bring the publication's bytes to this node ahead of :meth:`apply`; the engine is not touched, so it may
+        run while the engine generates."""
+
     def apply(self, handle: WeightHandle, engine: WeightLoader) -> None: ...
 
 

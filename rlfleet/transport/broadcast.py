@@ -187,5 +187,8 @@ def _exists(name: str) -> bool:
 class BroadcastReceiver:
     """The generator's side of a publication: load the newest round received (at least the handle's version)."""
 
+    def fetch(self, handle: WeightHandle, timeout_s: float) -> None:
+        """Nothing: the round was received at publication, beside the engine's generation."""
+
     def apply(self, handle: WeightHandle, engine: WeightLoader) -> None:
         engine.apply_received(handle.version)

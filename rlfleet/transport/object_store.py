@@ -26,6 +26,11 @@ class ObjectStorePublisher:
 
 
 class ObjectStoreReceiver:
+    def fetch(self, handle: WeightHandle, timeout_s: float) -> None:
+        """Pull the packed buffer into this node's object store (nothing to do on the learner's node): a generator
+        on another node then loads from local shared memory, the transfer having overlapped its generation."""
+        ray.wait([handle.payload], timeout=timeout_s, fetch_local=True)
+
     def apply(self, handle: WeightHandle, engine: WeightLoader) -> None:
         packed = ray.get(handle.payload)  # a read-only view of shared memory on the learner's node
         engine.update_weights(unpack(packed), handle.version)
