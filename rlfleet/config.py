@@ -279,8 +279,8 @@ class ClusterConfig(Section):
     learner_threads: int | None = Field(
         None, ge=1, description="CPU: torch threads of each learner rank; None = learner_num_cpus (Ray sets "
         "OMP_NUM_THREADS to an actor's CPUs). More than its CPUs borrows the cores the generators leave idle: on 2 "
-        "cores, 2 threads made learner-bound steps ~10% faster and generation-bound ones 1.6x slower "
-        "(bench/engine_settings.py, bench/RESULTS.md section 11).")
+        "cores, 2 threads made learner-bound steps 8% faster and generation-bound ones 1.4x slower "
+        "(bench/RESULTS.md sections 2c and 11).")
     learner_workers: int = Field(
         1, ge=1, description="Learner ranks: one torch.distributed group (gloo on CPU, NCCL on GPU), each rank holding "
         "an FSDP2 shard of the model and optimizer state and learner_num_cpus / learner_num_gpus of its own.")
