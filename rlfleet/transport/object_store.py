@@ -32,5 +32,5 @@ class ObjectStoreReceiver:
         ray.wait([handle.payload], timeout=timeout_s, fetch_local=True)
 
     def apply(self, handle: WeightHandle, engine: WeightLoader) -> None:
-        packed = ray.get(handle.payload)  # a read-only view of shared memory on the learner's node
+        packed = ray.get(handle.payload)  # a read-only view of this node's shared memory (fetched there if need be)
         engine.update_weights(unpack(packed), handle.version)
