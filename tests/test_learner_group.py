@@ -404,3 +404,16 @@ def test_dpo_job_with_two_learner_ranks_learns_and_resumes(ray_cluster, tmp_path
                                     overrides + ["checkpoint.resume=true", "learner.max_steps=62"]))
     assert resumed["step"] == 62
     assert [r["step"] for r in _records(tmp_path)] == list(range(63))
+
+
+def test_learner_options_make_threads_beyond_the_cpus_wait_passively():
+    from rlfleet.cluster.learner_group import learner_options
+    from rlfleet.config import ClusterConfig
+
+    # its own cores: OpenMP's default waiting (spinning a while) is kept; no runtime_env of its own
+    assert learner_options(ClusterConfig(learner_num_cpus=2)) == {"num_cpus": 2, "num_gpus": 0}
+    assert learner_options(ClusterConfig(learner_num_cpus=2, learner_threads=2)) == {"num_cpus": 2, "num_gpus": 0}
+    # borrowing: 3 threads on 2 CPUs, 2 on 0.5
+    for cpus, threads in ((2, 3), (0.5, 2)):
+        options = learner_options(ClusterConfig(learner_num_cpus=cpus, learner_threads=threads))
+        assert options["runtime_env"] == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}} and options["num_cpus"] == cpus

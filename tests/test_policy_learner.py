@@ -8,6 +8,7 @@ log-probabilities computed independently of the learner's collation, one unpadde
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -532,6 +533,8 @@ def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_
     learner = make_learner_actor(cfg, "test-policy-learner-replay", num_cpus=0)
     # cluster.learner_threads: Ray gives an actor of no CPU OMP_NUM_THREADS=1; the learner takes the 2 asked for
     assert ray.get(learner.__ray_call__.remote(lambda self: torch.get_num_threads()), timeout=60) == 2
+    # ... more threads than its CPU: OpenMP's threads sleep at barriers (set in the worker's environment at its start)
+    assert ray.get(learner.__ray_call__.remote(lambda self: os.environ.get("OMP_WAIT_POLICY")), timeout=60) == "PASSIVE"
     assert ray.get(learner.train_step.remote(0.2), timeout=60) is None
     local = make_learner()
     groups = two_groups(local.model)

@@ -31,6 +31,18 @@ T = TypeVar("T")
 DEAD_RANK_GRACE_S = 10.0  # after a failed collective, how long rank 0 waits for the others' calls to settle
 
 
+def learner_options(cfg: ClusterConfig) -> dict:
+    """Ray options of each learner rank: its CPUs and GPUs, and, where ``learner_threads`` exceeds its CPUs (it
+    borrows cores the generators leave idle), OpenMP threads that sleep at a barrier instead of spinning. A spinning
+    thread waits out a descheduled one while a generator holds that core: 2 threads on a busy neighbour's core took
+    3.1x one thread's time, 1.2x passive (bench/RESULTS.md section 11). OpenMP reads ``OMP_WAIT_POLICY`` once, when
+    torch loads it, so it goes in the actor's environment (merged with the job's runtime_env by Ray)."""
+    options = {"num_cpus": cfg.learner_num_cpus, "num_gpus": cfg.learner_num_gpus}
+    if cfg.learner_threads is not None and cfg.learner_threads > cfg.learner_num_cpus:
+        options["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    return options
+
+
 def rank_bundle_options(rank: int) -> dict:
     """Scheduling of rank ``rank`` in the placement group rank 0 runs in (none outside a placement group)."""
     group = ray.util.get_current_placement_group()
@@ -54,7 +66,7 @@ class LearnerGroup:
         if self.rank.leader:
             store = dist_.host_store(ray.util.get_node_ip_address(), self.rank.world, self.timeout_s)
             rendezvous = (ray.util.get_node_ip_address(), store.port)
-            options = {"num_cpus": cfg.learner_num_cpus, "num_gpus": cfg.learner_num_gpus}
+            options = learner_options(cfg)
             # rank r is "<rank 0's name>-rank<r>-<rank 0's id>": found by operators and tests, and unique to this
             # group, so a recovered job's new group never waits for the old one's names to be released
             context = ray.get_runtime_context()

@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from rlfleet.cluster.learner_group import LearnerGroup, follow
+from rlfleet.cluster.learner_group import LearnerGroup, follow, learner_options
 from rlfleet.config import RLFleetConfig
 from rlfleet.dpo.learner import DPOLearner
 from rlfleet.dpo.data import PreferencePair
@@ -54,5 +54,5 @@ class DPOLearnerActor:
 def make_dpo_learner_actor(cfg: RLFleetConfig, **options: Any) -> ray.actor.ActorHandle:
     """Start a :class:`DPOLearnerActor` with the learner's resources from ``cfg.cluster``; ``options`` (any
     ``ray.remote`` option: name, scheduling_strategy, num_gpus ...) override them."""
-    options = {"num_cpus": cfg.cluster.learner_num_cpus, "num_gpus": cfg.cluster.learner_num_gpus, **options}
+    options = {**learner_options(cfg.cluster), **options}
     return ray.remote(DPOLearnerActor).options(**options).remote(cfg)

@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from rlfleet.cluster.learner_group import LearnerGroup, follow
+from rlfleet.cluster.learner_group import LearnerGroup, follow, learner_options
 from rlfleet.config import RLFleetConfig
 from rlfleet.learner.distributed import Rank
 from rlfleet.learner.policy import PolicyLearner, resolve_device, set_threads
@@ -111,5 +111,5 @@ def make_learner(cfg: RLFleetConfig, rank: Rank):
 def make_learner_actor(cfg: RLFleetConfig, replay: str, **options: Any) -> ray.actor.ActorHandle:
     """Start a :class:`LearnerActor` with the learner's resources from ``cfg.cluster``; ``options`` (any
     ``ray.remote`` option: name, scheduling_strategy, num_gpus ...) override them."""
-    options = {"num_cpus": cfg.cluster.learner_num_cpus, "num_gpus": cfg.cluster.learner_num_gpus, **options}
+    options = {**learner_options(cfg.cluster), **options}
     return ray.remote(LearnerActor).options(**options).remote(cfg, replay)
