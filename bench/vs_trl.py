@@ -6,7 +6,9 @@ GRPO in the two regimes users meet, each with rlfleet asynchronous (``max_stalen
 with Hugging Face generation on 1 and on 2 torch threads, and the machine's bound; and in each regime, rlfleet
 asynchronous with the setting ``bench/engine_settings.py`` found for it (the learner on 2 threads,
 ``cluster.learner_threads``, where the learner is the slow stage; a compiled engine, ``generation.enforce_eager:
-false``, where generation is), and one request per generator (pipelining off) where generation is:
+false``, where generation is), one request per generator (pipelining off) where generation is, and in both
+``cluster.learner_threads: auto``, which picks the learner's threads from its own waits (``threads`` in the table:
+their mean over the timed steps):
 
 - **learner-bound**: ``builtin:small`` (18M) on ``builtin:target_length``, whose completions shrink as it learns:
   the learner's forward and backward take longer than generating;
@@ -58,9 +60,12 @@ from bench.common import (QUIET, REPO, LoadMonitor, arg_parser, load_line, machi
 GRPO = dict(prompts=4, num_generations=8, completion_length=24, lr=3e-3)
 REGIMES = {  # name -> (model, task, GRPO steps by mode: quick, default, full, its own rlfleet rows)
     # the setting bench/engine_settings.py found for each regime: the learner borrowing the generator's idle core,
-    # and a compiled engine (pipelining's row where generation is the slow stage)
-    "learner-bound": ("small", "target_length", (6, 8, 12), ["rlfleet async, learner on 2 threads"]),
-    "generation-bound": ("tiny", "char_count", (12, 40, 60), ["rlfleet async, compiled engine",
+    # and a compiled engine (pipelining's row where generation is the slow stage); in both, the learner choosing
+    # its threads from its own waits (cluster.learner_threads: auto)
+    "learner-bound": ("small", "target_length", (6, 8, 12), ["rlfleet async, learner threads auto",
+                                                             "rlfleet async, learner on 2 threads"]),
+    "generation-bound": ("tiny", "char_count", (12, 40, 60), ["rlfleet async, learner threads auto",
+                                                               "rlfleet async, compiled engine",
                                                                "rlfleet async, 1 request per generator"]),
 }
 DPO = dict(beta=0.5, pairs=8, max_length=64, lr=1e-3,
@@ -112,6 +117,7 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
         "gen_s": [r.get("time/gen_s") for _, r in steps_done],
         "sync_s": [r.get("sync/seconds") for _, r in steps_done],
         "gen_idle": [r.get("idle/generator_frac") for _, r in steps_done],
+        "threads": [r.get("learner/threads") for _, r in steps_done],  # the learner's torch threads
     }))
 
 
@@ -204,6 +210,8 @@ SYSTEMS = {  # name -> (job, worker arguments)
     "rlfleet async, 1 request per generator": ("grpo", ["rlfleet-grpo", "--staleness", "1", "--depth", "1"]),
     "rlfleet async, learner on 2 threads": ("grpo", ["rlfleet-grpo", "--staleness", "1",
                                                      "--override", "cluster.learner_threads=2"]),
+    "rlfleet async, learner threads auto": ("grpo", ["rlfleet-grpo", "--staleness", "1",
+                                                     "--override", "cluster.learner_threads=auto"]),
     "rlfleet async, compiled engine": ("grpo", ["rlfleet-grpo", "--staleness", "1",
                                                 "--override", "generation.enforce_eager=false"]),
     "rlfleet sync (staleness 0)": ("grpo", ["rlfleet-grpo", "--staleness", "0"]),
@@ -234,7 +242,7 @@ def launch(name: str, model: str, steps: int, workdir: Path, task: str = "target
     gaps = [b - a for a, b in zip(ends, ends[1:])][1:-1]  # steps 3..N-1: no warm-up step, no final evaluation
     row = {"system": name, "job": job, "model": f"builtin:{model}", "task": task, "steps": len(ends),
            "step_s": mean(gaps), "first_step_s": ends[0] - t0 if ends else None, "total_s": total_s}
-    for key in ("learner_s", "gen_s", "sync_s", "gen_idle"):  # rlfleet's own breakdown, same steps
+    for key in ("learner_s", "gen_s", "sync_s", "gen_idle", "threads"):  # rlfleet's own breakdown, same steps
         if data.get(key):
             row[key] = mean(data[key][2:-1])
     if job == "grpo":
@@ -334,8 +342,8 @@ def main() -> None:
         rows[regime] = regime_rows(results[regime], grpo_names[regime], cores)
         model, task, _, _ = REGIMES[regime]
         tables.append(print_table(rows[regime], ["system", "runs", "steps", "step_s", "step_vs_trl", "step_vs_bound",
-                                                 "learner_s", "gen_s", "sync_s", "gen_idle", "first_step_s",
-                                                 "total_s", "reward_first10", "reward_last10"],
+                                                 "learner_s", "threads", "gen_s", "sync_s", "gen_idle",
+                                                 "first_step_s", "total_s", "reward_first10", "reward_last10"],
                                   title=f"GRPO, {regime} (builtin:{model} on builtin:{task}): wall per step (steps "
                                         "3..N-1); step_vs_trl = / the faster TRL (HF generate) run; step_vs_bound = "
                                         "/ the machine's bound"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -276,11 +276,13 @@ class ClusterConfig(Section):
         "driver between requests.")
     learner_num_gpus: float = Field(0, ge=0)
     learner_num_cpus: float = Field(1, gt=0)
-    learner_threads: int | None = Field(
-        None, ge=1, description="CPU: torch threads of each learner rank; None = learner_num_cpus (Ray sets "
-        "OMP_NUM_THREADS to an actor's CPUs). More than its CPUs borrows the cores the generators leave idle: on 2 "
-        "cores, 2 threads made learner-bound steps 8% faster and generation-bound ones 1.4x slower "
-        "(bench/RESULTS.md sections 2c and 11).")
+    learner_threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="CPU: torch threads of each learner rank; None = learner_num_cpus (Ray sets "
+        "OMP_NUM_THREADS to an actor's CPUs). More than its CPUs borrows the cores the generators leave idle (its "
+        "OpenMP threads then wait passively): on 2 cores, 2 threads made learner-bound steps 8-10% faster and "
+        "generation-bound ones 1.3-1.4x slower. 'auto' borrows every core of the learner's node while the learner "
+        "is the slow stage (it waits for batches less than 5% of its time) and gives them back when it waits more "
+        "than 15% (rlfleet/learner/threads.py; bench/RESULTS.md sections 2d and 11).")
     learner_workers: int = Field(
         1, ge=1, description="Learner ranks: one torch.distributed group (gloo on CPU, NCCL on GPU), each rank holding "
         "an FSDP2 shard of the model and optimizer state and learner_num_cpus / learner_num_gpus of its own.")
@@ -488,6 +490,10 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
         out.append(f"cluster.learner_num_gpus: {c.learner_num_gpus:g} with cluster.learner_workers="
                    f"{c.learner_workers}; each rank of a learner group needs a GPU of its own for NCCL: use "
                    "learner_num_gpus: 1 (or 0 for CPU ranks over gloo).")
+    if c.learner_threads == "auto" and c.learner_workers > 1:
+        out.append(f"cluster.learner_threads: auto with cluster.learner_workers={c.learner_workers}; auto lets one "
+                   "learner process borrow its node's cores, and ranks sharing a node would each take all of them: "
+                   "give a number of threads per rank, or use learner_workers: 1.")
     if c.learner_workers > 1 and cfg.learner.device == "cuda" and not c.learner_num_gpus:
         out.append(f"learner.device: cuda with cluster.learner_workers={c.learner_workers} and "
                    "cluster.learner_num_gpus: 0; give each rank a GPU (learner_num_gpus: 1) or use device cpu/auto.")

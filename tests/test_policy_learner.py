@@ -556,3 +556,38 @@ def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_
     assert all(torch.equal(published[n], saved[n]) for n in saved)
     initial = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny")).state_dict()
     assert any(not torch.equal(published[n], initial[n]) for n in initial)
+
+
+@pytest.mark.ray
+def test_learner_actor_with_auto_threads_reports_and_switches_them(ray_cluster, tmp_path):
+    """cluster.learner_threads: auto in the actor: it starts on its own CPU's thread (Ray's OMP_NUM_THREADS=1 for
+    an actor of no CPU), with passive OpenMP waits (it may borrow), reports the threads of each step as
+    ``learner/threads``, and applies its rule's decisions (after its first step, one window with no wait: every core
+    of its node). The
+    waits of real steps depend on timing, so the window is given to its rule here; the rule is tested in
+    tests/test_learner_threads.py."""
+    import ray
+
+    from rlfleet.learner.actor import make_learner_actor
+    from rlfleet.learner.threads import WINDOW, node_cores
+    from rlfleet.replay.actor import make_replay_actor
+
+    if node_cores() < 2:
+        pytest.skip("one core: nothing to borrow")
+    cfg = RLFleetConfig(
+        output_dir=str(tmp_path),
+        generation=GenerationConfig(num_generations=4, generation_batch_size=8, max_completion_length=12,
+                                    temperature=TEMPERATURE),
+        learner=LearnerConfig(device="cpu", learning_rate=1e-3, max_grad_norm=None, groups_per_step=2),
+        replay={"max_staleness": 4},
+        cluster={"learner_threads": "auto"},
+    )
+    replay = make_replay_actor(cfg.replay, seed=0, name="test-auto-threads-replay")
+    learner = make_learner_actor(cfg, "test-auto-threads-replay", num_cpus=0)
+    in_actor = lambda fn: ray.get(learner.__ray_call__.remote(fn), timeout=60)  # noqa: E731
+    assert in_actor(lambda self: (torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY"))) == (1, "PASSIVE")
+    ray.get(replay.add.remote(two_groups(make_learner().model)), timeout=60)
+    result = ray.get(learner.train_step.remote(30.0), timeout=120)
+    assert result.metrics["learner/threads"] == 1.0
+    in_actor(lambda self: [self.threads.observe(0.0, 1.0) for _ in range(WINDOW)])
+    assert in_actor(lambda self: torch.get_num_threads()) == node_cores()

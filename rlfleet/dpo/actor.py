@@ -13,14 +13,16 @@ from rlfleet.config import RLFleetConfig
 from rlfleet.dpo.learner import DPOLearner
 from rlfleet.dpo.data import PreferencePair
 from rlfleet.learner.distributed import Rank
-from rlfleet.learner.policy import resolve_device, set_threads
+from rlfleet.learner.policy import resolve_device
+from rlfleet.learner.threads import node_cores, set_threads
 
 
 class DPOLearnerActor:
     """Created with :func:`make_dpo_learner_actor`."""
 
     def __init__(self, cfg: RLFleetConfig, rank: Rank | None = None, rendezvous=None):
-        set_threads(cfg.cluster.learner_threads)
+        threads = cfg.cluster.learner_threads
+        set_threads(node_cores() if threads == "auto" else threads)  # the learner is the only stage: every core
         self.group = LearnerGroup(DPOLearnerActor, (cfg,), cfg.cluster, resolve_device(cfg.learner.device),
                                   rendezvous, rank)
         self.learner = DPOLearner(cfg.model, cfg.dpo, cfg.learner, cfg.seed, rank=self.group.rank)

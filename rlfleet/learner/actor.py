@@ -5,15 +5,18 @@ logic lives in ``policy.py``. With ``cluster.learner_workers`` > 1 this actor is
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import torch
 
 from rlfleet.cluster.learner_group import LearnerGroup, follow, learner_options
 from rlfleet.config import RLFleetConfig
 from rlfleet.learner.distributed import Rank
-from rlfleet.learner.policy import PolicyLearner, resolve_device, set_threads
+from rlfleet.learner.policy import PolicyLearner, resolve_device
+from rlfleet.learner.threads import LearnerThreads, node_cores
 from rlfleet.transport import WeightHandle, make_publisher
 
 
@@ -40,7 +43,7 @@ class LearnerActor:
     actors: a name survives a restart, a constructor argument handle may not)."""
 
     def __init__(self, cfg: RLFleetConfig, replay: str, rank: Rank | None = None, rendezvous=None):
-        set_threads(cfg.cluster.learner_threads)
+        self.threads = LearnerThreads(cfg.cluster.learner_threads, torch.get_num_threads(), node_cores())
         self.group = LearnerGroup(LearnerActor, (cfg, replay), cfg.cluster, resolve_device(cfg.learner.device),
                                   rendezvous, rank)
         self.learner = make_learner(cfg, self.group.rank)
@@ -55,14 +58,19 @@ class LearnerActor:
         publish the new weights (to ``generators``, for a transport with a membership), one call per step so the
         driver can start the next step at once. None when the replay actor has no full batch in time; the driver
         decides what to do then."""
+        start = time.perf_counter()
         request = self.replay.sample.remote(self.groups_per_step, self.learner.policy_version, timeout_s)
         groups = ray.get(request, timeout=timeout_s + self.rpc_timeout_s)
+        waited = time.perf_counter() - start
         if groups is None:
+            self.threads.observe(waited, 0.0)
             return None
         metrics = self.group.run("train_step", (groups,), lambda: self.learner.train_step(groups))
         samples = [{"prompt_id": g.prompt_id, "reward": float(g.rewards[0]), "completion": g.meta.get("completion", "")}
                    for g in groups[:SAMPLES_PER_STEP]]
         weights = self.publish_weights(generators)
+        metrics["learner/threads"] = float(self.threads.threads)  # this step's (auto may change it for the next)
+        self.threads.observe(waited, time.perf_counter() - start - waited)
         if hasattr(self.publisher, "rebuilds"):  # broadcast: weight-transfer groups rebuilt so far in this life
             metrics["sync/rebuilds"] = float(self.publisher.rebuilds)
         return StepResult(metrics, weights, [g.prompt_id for g in groups], samples)

@@ -297,12 +297,6 @@ def combine_loss_metrics(records: list[tuple[dict[str, float], float]], num_pass
     return out
 
 
-def set_threads(threads: int | None) -> None:
-    """``cluster.learner_threads``: this process's torch threads (None keeps what Ray set, the actor's CPUs)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
