@@ -35,8 +35,9 @@ def learner_options(cfg: ClusterConfig) -> dict:
     """Ray options of each learner rank: its CPUs and GPUs, and, where ``learner_threads`` exceeds its CPUs or is
     ``auto`` (it borrows cores the generators leave idle), OpenMP threads that sleep at a barrier instead of
     spinning. A spinning thread waits out a descheduled one while a generator holds that core: 2 threads on a busy
-    neighbour's core took 3.1x one thread's time, 1.2x passive (bench/RESULTS.md section 11). OpenMP reads ``OMP_WAIT_POLICY`` once, when
-    torch loads it, so it goes in the actor's environment (merged with the job's runtime_env by Ray)."""
+    neighbour's core took 3.1x one thread's time, 1.2x passive (bench/RESULTS.md section 11). OpenMP reads
+    ``OMP_WAIT_POLICY`` once, when torch loads it, so it goes in the actor's environment (merged with the job's
+    runtime_env by Ray)."""
     options = {"num_cpus": cfg.learner_num_cpus, "num_gpus": cfg.learner_num_gpus}
     threads = cfg.learner_threads
     if threads == "auto" or (threads is not None and threads > cfg.learner_num_cpus):

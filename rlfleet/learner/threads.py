@@ -9,8 +9,9 @@ learner thread is worth (bench/RESULTS.md sections 2c, 2d and 11, on 2 cores):
 
 ``auto`` tells them apart by what the learner measures itself: how long it waited for the replay actor to have a
 batch, against how long it trained. A learner that has not waited (less than ``BORROW_BELOW`` of its time over the
-last ``WINDOW`` steps; the first step of its life is left out, as its wait is the engines' start) is the slow stage and takes every core of its node; one that waits more than ``RETURN_ABOVE``
-gives them back. The gap between the two thresholds keeps a balanced job from switching every window.
+last ``WINDOW`` steps; the first step of its life is left out, as its wait is the engines' start) is the slow stage
+and takes every core of its node; one that waits more than ``RETURN_ABOVE`` gives them back. The gap between the
+two thresholds keeps a balanced job from switching every window.
 """
 
 from __future__ import annotations
