@@ -9,7 +9,10 @@ from rlfleet.learner.threads import BORROW_BELOW, RETURN_ABOVE, WINDOW, LearnerT
 
 
 @pytest.fixture(autouse=True)
-def restore_threads():
+def restore_threads(monkeypatch):
+    """torch's own set_num_threads: a vLLM CPU engine started in this process by an earlier module replaces it with
+    a no-op for the rest of the process (vllm/v1/worker/cpu_worker.py). A learner actor's process holds no engine."""
+    monkeypatch.setattr(torch, "set_num_threads", torch._C.set_num_threads)
     saved = torch.get_num_threads()
     yield
     torch.set_num_threads(saved)

@@ -510,6 +510,18 @@ def test_repeated_steps_raise_the_logprob_of_the_positive_advantage_completion()
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def actor_config(tmp_path, **cluster) -> RLFleetConfig:
+    """The learner actor tests' job: 2 groups of 4 per step, tiny model, the given ``cluster`` fields."""
+    return RLFleetConfig(
+        output_dir=str(tmp_path),
+        generation=GenerationConfig(num_generations=4, generation_batch_size=8, max_completion_length=12,
+                                    temperature=TEMPERATURE),
+        learner=LearnerConfig(device="cpu", learning_rate=1e-3, max_grad_norm=None, groups_per_step=2),
+        replay={"max_staleness": 4},
+        cluster=cluster,
+    )
+
+
 @pytest.mark.ray
 def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_path):
     """The learner actor samples its batch from the replay actor and trains on it (version 0 -> 1; its loss, taken
@@ -521,14 +533,7 @@ def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_
     from rlfleet.learner.actor import make_learner_actor
     from rlfleet.replay.actor import make_replay_actor
 
-    cfg = RLFleetConfig(
-        output_dir=str(tmp_path),
-        generation=GenerationConfig(num_generations=4, generation_batch_size=8, max_completion_length=12,
-                                    temperature=TEMPERATURE),
-        learner=LearnerConfig(device="cpu", learning_rate=1e-3, max_grad_norm=None, groups_per_step=2),
-        replay={"max_staleness": 4},
-        cluster={"learner_threads": 2},
-    )
+    cfg = actor_config(tmp_path, learner_threads=2)
     replay = make_replay_actor(cfg.replay, seed=0, name="test-policy-learner-replay")
     learner = make_learner_actor(cfg, "test-policy-learner-replay", num_cpus=0)
     # cluster.learner_threads: Ray gives an actor of no CPU OMP_NUM_THREADS=1; the learner takes the 2 asked for
@@ -560,8 +565,8 @@ def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_
 
 @pytest.mark.ray
 def test_learner_actor_with_auto_threads_reports_and_switches_them(ray_cluster, tmp_path):
-    """cluster.learner_threads: auto in the actor: it starts on its own CPU's thread (Ray's OMP_NUM_THREADS=1 for
-    an actor of no CPU), with passive OpenMP waits (it may borrow), reports the threads of each step as
+    """cluster.learner_threads: auto in the actor: it starts on the threads of its CPUs (learner_num_cpus: 1, whatever
+    the process inherited), with passive OpenMP waits (it may borrow), reports the threads of each step as
     ``learner/threads``, and applies its rule's decisions (after its first step, one window with no wait: every core
     of its node). The
     waits of real steps depend on timing, so the window is given to its rule here; the rule is tested in
@@ -574,14 +579,7 @@ def test_learner_actor_with_auto_threads_reports_and_switches_them(ray_cluster, 
 
     if node_cores() < 2:
         pytest.skip("one core: nothing to borrow")
-    cfg = RLFleetConfig(
-        output_dir=str(tmp_path),
-        generation=GenerationConfig(num_generations=4, generation_batch_size=8, max_completion_length=12,
-                                    temperature=TEMPERATURE),
-        learner=LearnerConfig(device="cpu", learning_rate=1e-3, max_grad_norm=None, groups_per_step=2),
-        replay={"max_staleness": 4},
-        cluster={"learner_threads": "auto"},
-    )
+    cfg = actor_config(tmp_path, learner_threads="auto")
     replay = make_replay_actor(cfg.replay, seed=0, name="test-auto-threads-replay")
     learner = make_learner_actor(cfg, "test-auto-threads-replay", num_cpus=0)
     in_actor = lambda fn: ray.get(learner.__ray_call__.remote(fn), timeout=60)  # noqa: E731

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-import torch
 
 from rlfleet.cluster.learner_group import LearnerGroup, follow, learner_options
 from rlfleet.config import RLFleetConfig
@@ -43,7 +42,7 @@ class LearnerActor:
     actors: a name survives a restart, a constructor argument handle may not)."""
 
     def __init__(self, cfg: RLFleetConfig, replay: str, rank: Rank | None = None, rendezvous=None):
-        self.threads = LearnerThreads(cfg.cluster.learner_threads, torch.get_num_threads(), node_cores())
+        self.threads = LearnerThreads(cfg.cluster.learner_threads, int(cfg.cluster.learner_num_cpus), node_cores())
         self.group = LearnerGroup(LearnerActor, (cfg, replay), cfg.cluster, resolve_device(cfg.learner.device),
                                   rendezvous, rank)
         self.learner = make_learner(cfg, self.group.rank)
