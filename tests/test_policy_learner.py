@@ -568,9 +568,8 @@ def test_learner_actor_with_auto_threads_reports_and_switches_them(ray_cluster, 
     """cluster.learner_threads: auto in the actor: it starts on the threads of its CPUs (learner_num_cpus: 1, whatever
     the process inherited), with passive OpenMP waits (it may borrow), reports the threads of each step as
     ``learner/threads``, and applies its rule's decisions (after its first step, one window with no wait: every core
-    of its node). The
-    waits of real steps depend on timing, so the window is given to its rule here; the rule is tested in
-    tests/test_learner_threads.py."""
+    of its node). The waits of real steps depend on timing, so the window is given to its rule here; the rule is
+    tested in tests/test_learner_threads.py."""
     import ray
 
     from rlfleet.learner.actor import make_learner_actor

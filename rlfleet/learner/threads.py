@@ -17,8 +17,6 @@ two thresholds keeps a balanced job from switching every window.
 from __future__ import annotations
 
 import os
-from collections import deque
-
 import torch
 
 WINDOW = 2  # train steps per decision (after the first step, whose wait is the engines' start)
@@ -56,7 +54,7 @@ class LearnerThreads:
         self.own, self.node = max(own, 1), max(node, own, 1)
         self.current = self.own if self.auto else setting
         set_threads(self.current)
-        self.window: deque[tuple[float, float]] = deque(maxlen=WINDOW)
+        self.window: list[tuple[float, float]] = []  # (wait, busy) of the steps since the last decision
         self.first = True
 
     @property
@@ -74,7 +72,7 @@ class LearnerThreads:
             return
         wait, total = sum(w for w, _ in self.window), sum(w + b for w, b in self.window)
         threads = choose_threads(wait / total if total > 0 else 0.0, self.current, self.own, self.node)
-        self.window.clear()
+        self.window = []
         if threads != self.current:
             self.current = threads
             set_threads(threads)
