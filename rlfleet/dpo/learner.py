@@ -55,7 +55,7 @@ from rlfleet.learner.policy import (completion_logprobs, load_adapter, load_poli
                                     prepare_for_training, resolve_device, save_adapter, save_policy,
                                     shard_for_learning)
 from rlfleet.learner.state_files import load_optimizer, save_optimizer
-from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
+from rlfleet.models import float32_attention_on_cpu, load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.dpo.data import PreferencePair
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,6 +168,7 @@ class DPOLearner:
             model = load_causal_lm(model_cfg.name_or_path, torch.float32, "cpu" if rank.sharded else str(self.device),
                                    model_cfg.trust_remote_code)
         self.model = model if rank.sharded else model.to(self.device)
+        float32_attention_on_cpu(self.model, self.compute_dtype, self.device)  # the reference copies it
         self.lora = model_cfg.lora
         self.peft = None if self.lora is None else lora_.add_adapter(self.model, self.lora, seed)  # frozen base
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)

@@ -59,7 +59,7 @@ from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, Mod
 from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import SINGLE, Rank, micro_batches
 from rlfleet.learner.losses import loss_normalizer, make_policy_loss
-from rlfleet.models import load_causal_lm, load_tokenizer, torch_dtype
+from rlfleet.models import float32_attention_on_cpu, load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.types import Group
 from rlfleet.learner.state_files import load_optimizer, save_optimizer
 from rlfleet.transport.packed import PackedWeights, WeightPacker, unpack
@@ -367,6 +367,7 @@ class PolicyLearner:
         load_on = "cpu" if rank.sharded else str(self.device)
         self.model = load_causal_lm(model_cfg.name_or_path, torch.float32, load_on,
                                     model_cfg.trust_remote_code)
+        float32_attention_on_cpu(self.model, self.compute_dtype, self.device)
         self.lora = model_cfg.lora
         self.peft = None if self.lora is None else lora_.add_adapter(self.model, self.lora, seed)  # frozen base
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
@@ -374,6 +375,7 @@ class PolicyLearner:
         if algorithm_cfg.beta > 0 and self.lora is None:  # with LoRA the reference is the adapter disabled
             self.ref_model = load_causal_lm(model_cfg.name_or_path, self.compute_dtype, load_on,
                                             model_cfg.trust_remote_code).eval().requires_grad_(False)
+            float32_attention_on_cpu(self.ref_model, self.compute_dtype, self.device)
         if rank.sharded:  # after gradient checkpointing is set up, before the optimizer sees the parameters
             shard_for_learning(self.model)
             if self.ref_model is not None:
