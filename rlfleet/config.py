@@ -62,7 +62,10 @@ class ModelConfig(Section):
         description="Hugging Face hub name, local directory, or 'builtin:tiny' (a random-init Qwen2 built offline).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Parameter dtype for learner and engine. 'auto': bfloat16 on GPU, float32 on CPU."
+        "auto", description="Compute dtype of learner and engine (the learner keeps float32 master weights and "
+        "runs under autocast). 'auto': bfloat16 on GPU, float32 on CPU. On CPUs with AMX (lscpu flag amx_bf16), "
+        "bfloat16 steps faster: the engine samples in it, and the learner's attention stays in float32 "
+        "(README 'Using the cores'; bench/RESULTS.md section 2e)."
     )
     max_model_len: int = Field(512, gt=0, description="Context length (prompt + completion) for the engine.")
     trust_remote_code: bool = False
