@@ -178,8 +178,9 @@ def _sdpa_in_float32(module, query, key, value, attention_mask, **kwargs):
 def float32_attention_on_cpu(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> bool:
     """A learner on CPU computing in bfloat16 (or float16) under autocast: run its attention in float32, the rest
     stays in the compute dtype. torch's CPU flash-attention backward is much slower in bfloat16 than in float32
-    while the matrix products around it are several times faster (AMX): measured on this project's 2-core machine,
-    the 18M model's learner step took 0.80x, the tiny model's 0.61x the time (bench/RESULTS.md section 2e).
+    while the matrix products around it are several times faster (AMX): on this project's Xeon the 18M model's
+    bfloat16 learner step takes 0.82x, the tiny model's 0.63x its time with bfloat16 attention (bench/RESULTS.md
+    section 12).
 
     Applies to models using transformers' SDPA attention; the mask is SDPA's (registered under the same name).
     Returns whether the model now uses it."""
