@@ -318,3 +318,30 @@ def train_quickstart(out: Path, overrides: list[str], engine_factory=None, job: 
     records = read_metrics(out)
     shutil.rmtree(out, ignore_errors=True)
     return TrainRun(cfg, records, total_s, load.summary())
+
+
+def synthetic_groups(groups: int, group_size: int, prompt: int, completion: int, seed: int = 0,
+                     min_prompt: int | None = None, min_completion: int | None = None) -> list:
+    """``groups`` GRPO groups of random tokens for timing a learner: prompts of ``prompt`` tokens and completions of
+    ``completion``, or, with ``min_prompt`` / ``min_completion``, lengths drawn from ``[min, max]`` per prompt / per
+    completion (a padded batch, as real ones are). Behaviour log-probs are a constant: a step's cost does not depend
+    on them."""
+    import numpy as np
+
+    from rlfleet.types import Group
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for g in range(groups):
+        advantages = rng.standard_normal(group_size).astype(np.float32)
+        p = prompt if min_prompt is None else int(rng.integers(min_prompt, prompt + 1))
+        lengths = (np.full(group_size, completion) if min_completion is None
+                   else rng.integers(min_completion, completion + 1, group_size)).astype(np.int32)
+        completions = rng.integers(3, 256, (group_size, completion)).astype(np.int32)
+        completions[np.arange(completion)[None, :] >= lengths[:, None]] = 0  # padding past each completion's end
+        out.append(Group(
+            prompt_id=f"p{g}", prompt_ids=rng.integers(3, 256, p).astype(np.int32), completion_ids=completions,
+            completion_lengths=lengths, behaviour_logprobs=np.full((group_size, completion), -5.5, dtype=np.float32),
+            rewards=advantages.copy(), advantages=advantages, truncated=np.zeros(group_size, dtype=bool),
+            policy_version=0, reward_std=1.0))
+    return out

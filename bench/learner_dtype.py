@@ -28,31 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import LoadMonitor, arg_parser, load_line, machine, pick, print_table, save_json  # noqa: E402
+from bench.common import (LoadMonitor, arg_parser, load_line, machine, pick, print_table, save_json,  # noqa: E402
+                          synthetic_groups)
 
 SETTINGS = ["float32", "bfloat16, bf16 attention", "bfloat16, fp32 attention"]
-
-
-def padded_groups(seed: int = 0, groups: int = 4, group_size: int = 8):
-    """Groups of random tokens; behaviour log-probs are a constant (the step's cost does not depend on them)."""
-    import numpy as np
-
-    from rlfleet.types import Group
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for g in range(groups):
-        lengths = rng.integers(4, 25, group_size).astype(np.int32)
-        completions = np.zeros((group_size, 24), dtype=np.int32)
-        for j, n in enumerate(lengths):
-            completions[j, :n] = rng.integers(3, 256, n)
-        advantages = rng.standard_normal(group_size).astype(np.float32)
-        out.append(Group(
-            prompt_id=f"p{g}", prompt_ids=rng.integers(3, 256, int(rng.integers(20, 40))).astype(np.int32),
-            completion_ids=completions, completion_lengths=lengths,
-            behaviour_logprobs=np.full((group_size, 24), -5.5, dtype=np.float32), rewards=advantages.copy(),
-            advantages=advantages, truncated=np.zeros(group_size, dtype=bool), policy_version=0, reward_std=1.0))
-    return out
 
 
 def measure(model: str, rounds: int, steps: int) -> list[dict]:
@@ -68,7 +47,7 @@ def measure(model: str, rounds: int, steps: int) -> list[dict]:
 
     fp32, bf16 = learner("float32"), learner("bfloat16")
     assert bf16.model.config._attn_implementation == FLOAT32_ATTENTION
-    groups = padded_groups()
+    groups = synthetic_groups(4, 8, 39, 24, min_prompt=20, min_completion=4)  # left-padded prompts, ragged ends
     times: dict[str, list[float]] = {s: [] for s in SETTINGS}
     for _ in range(rounds):
         for setting in SETTINGS:

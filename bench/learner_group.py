@@ -24,26 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import arg_parser, machine, pick, print_table, save_json  # noqa: E402
-
-
-def synthetic_groups(groups: int, group_size: int, prompt: int, completion: int, seed: int = 0):
-    import numpy as np
-
-    from rlfleet.types import Group
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for g in range(groups):
-        advantages = rng.standard_normal(group_size).astype(np.float32)
-        out.append(Group(
-            prompt_id=f"p{g}", prompt_ids=rng.integers(3, 256, prompt).astype(np.int32),
-            completion_ids=rng.integers(3, 256, (group_size, completion)).astype(np.int32),
-            completion_lengths=np.full(group_size, completion, dtype=np.int32),
-            behaviour_logprobs=np.full((group_size, completion), -5.5, dtype=np.float32),
-            rewards=advantages.copy(), advantages=advantages, truncated=np.zeros(group_size, dtype=bool),
-            policy_version=0, reward_std=1.0))
-    return out
+from bench.common import arg_parser, machine, pick, print_table, save_json, synthetic_groups  # noqa: E402
 
 
 def one_rank(rank, model: str, device: str, steps: int, micro: int, groups) -> dict:
