@@ -179,8 +179,8 @@ def float32_attention_on_cpu(model: torch.nn.Module, compute_dtype: torch.dtype,
     """A learner on CPU computing in bfloat16 (or float16) under autocast: run its attention in float32, the rest
     stays in the compute dtype. torch's CPU flash-attention backward is much slower in bfloat16 than in float32
     while the matrix products around it are several times faster (AMX): on this project's Xeon the 18M model's
-    bfloat16 learner step takes 0.82x, the tiny model's 0.63x its time with bfloat16 attention (bench/RESULTS.md
-    section 12).
+    bfloat16 learner step takes 0.82-0.87x, the tiny model's 0.57-0.63x its time with bfloat16 attention
+    (bench/RESULTS.md section 12).
 
     Applies to models using transformers' SDPA attention; the mask is SDPA's (registered under the same name).
     Returns whether the model now uses it."""
