@@ -17,8 +17,13 @@ their mean over the timed steps):
   rarely emits EOS, and the reward does not ask it to): sampling 4 x 8 x 24 tokens takes longer than learning.
 
 The machine's bound is the work of one step in core-seconds, the synchronous rlfleet run's generator busy time plus
-its learner time (each on one core of its own), divided by the machine's cores: no system doing that work steps
-faster on this machine. (TRL's work per step differs: its generation is Hugging Face's, not vLLM's.)
+its learner time (each alone on the machine), divided by the machine's cores: no system doing that work steps
+faster on this machine. Where generation is the slow stage a synchronous run with the compiled engine is measured
+too, and the bound takes the run with less work. (TRL's work per step differs: its generation is Hugging Face's,
+not vLLM's.) The design floor beside it is the bound or one engine's serial chain per step (its request plus the
+weight load that ``max_staleness: 1`` needs before each), whichever is longer: a request runs on one engine and does
+not split over cores, so where the engine's chain is longer than the bound, no asynchronous run of one engine can
+reach the bound, and ``step_vs_bound`` of the floor says how close one can come.
 
 GRPO: ``rlfleet train deploy/quickstart.yaml`` (with the regime's model and task) against ``trl.GRPOTrainer`` with
 Hugging Face generation (and, with ``--colocate``, TRL's colocated vLLM: ``use_vllm=True, vllm_mode="colocate"``, on
@@ -72,7 +77,8 @@ REGIMES = {  # name -> (model, task, GRPO steps by mode: quick, default, full, i
                                                              "rlfleet async, learner on 2 threads"]),
     "generation-bound": ("tiny", "char_count", (12, 40, 60), ["rlfleet async, learner threads auto",
                                                                "rlfleet async, compiled engine",
-                                                               "rlfleet async, 1 request per generator"]),
+                                                               "rlfleet async, 1 request per generator",
+                                                               "rlfleet sync, compiled engine"]),
 }
 DPO = dict(beta=0.5, pairs=8, max_length=64, lr=1e-3,
            bema=dict(update_freq=5, ema_power=0.5, bias_power=0.2, lag=10, update_after=0,
@@ -223,6 +229,8 @@ SYSTEMS = {  # name -> (job, worker arguments)
     "rlfleet async, compiled engine": ("grpo", ["rlfleet-grpo", "--staleness", "1",
                                                 "--override", "generation.enforce_eager=false"]),
     "rlfleet sync (staleness 0)": ("grpo", ["rlfleet-grpo", "--staleness", "0"]),
+    "rlfleet sync, compiled engine": ("grpo", ["rlfleet-grpo", "--staleness", "0",
+                                               "--override", "generation.enforce_eager=false"]),
     "TRL GRPOTrainer, HF generate, 1 thread": ("grpo", ["trl-grpo-hf", "--threads", "1"]),
     "TRL GRPOTrainer, HF generate, 2 threads": ("grpo", ["trl-grpo-hf", "--threads", "2"]),
     "TRL GRPOTrainer, vLLM colocate": ("grpo", ["trl-grpo-vllm"]),
@@ -271,18 +279,31 @@ def pooled(rows: list[dict]) -> dict:
 
 
 def regime_rows(results: list[dict], names: list[str], cores: int) -> list[dict]:
-    """One row per system (runs pooled), ``step_vs_trl`` against the faster TRL (HF generate) row, and the
-    machine's bound: the synchronous run's core-seconds per step (generator busy + learner) / ``cores``."""
+    """One row per system (runs pooled), ``step_vs_trl`` against the faster TRL (HF generate) row, and two rows
+    from rlfleet's synchronous runs, whose stages run one at a time, each alone on the machine:
+
+    - the machine's bound: the least work of one step in core-seconds (generator busy + learner, over the
+      synchronous rows: the default and, where the regime has one, the compiled engine), divided by ``cores``;
+    - the design floor: no step of one engine beside the learner is shorter than the engine's own serial chain,
+      its request plus the weight load that ``max_staleness: 1`` needs before each, nor than the bound. One request
+      runs on one engine, whose second thread gains nothing and whose half-size requests cost almost a full one
+      (RESULTS section 11), so that chain does not split over cores; the learner's work is assumed to."""
     rows = [pooled([r for r in results if r["system"] == name and not r.get("failed")] or
                    [next(r for r in results if r["system"] == name)]) for name in names]
     trl = min((r for r in rows if r["system"] in TRL_HF and not r.get("failed")), key=lambda r: r["step_s"],
               default=None)
-    sync = next((r for r in rows if r["system"].startswith("rlfleet sync") and not r.get("failed")), None)
-    if sync is not None and sync.get("gen_s") is not None:
+    syncs = [r for r in rows if r["system"].startswith("rlfleet sync") and not r.get("failed")
+             and r.get("gen_s") is not None]
+    bound = None
+    if syncs:
+        sync = min(syncs, key=lambda r: r["gen_s"] + r["learner_s"])
         work = sync["gen_s"] + sync["learner_s"]
-        rows.append({"system": f"machine bound: {work:.3f} core-s per step / {cores} cores", "job": "grpo",
-                     "model": sync["model"], "task": sync["task"], "step_s": work / cores})
-    bound = rows[-1]["step_s"] if sync is not None and sync.get("gen_s") is not None else None
+        bound = work / cores
+        rows.append({"system": f"machine bound: {work:.3f} core-s per step / {cores} cores ({sync['system']})",
+                     "job": "grpo", "model": sync["model"], "task": sync["task"], "step_s": bound})
+        chain = sync["gen_s"] + (sync.get("sync_s") or 0.0)
+        rows.append({"system": f"design floor: max(engine request + load {chain:.3f} s, the bound)",
+                     "job": "grpo", "model": sync["model"], "task": sync["task"], "step_s": max(chain, bound)})
     for r in rows:
         if not r.get("failed") and trl is not None:
             r["step_vs_trl"] = r["step_s"] / trl["step_s"]
