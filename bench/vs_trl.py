@@ -20,10 +20,11 @@ The machine's bound is the work of one step in core-seconds, the synchronous rlf
 its learner time (each alone on the machine), divided by the machine's cores: no system doing that work steps
 faster on this machine. Where generation is the slow stage a synchronous run with the compiled engine is measured
 too, and the bound takes the run with less work. (TRL's work per step differs: its generation is Hugging Face's,
-not vLLM's.) The design floor beside it is the bound or one engine's serial chain per step (its request plus the
-weight load that ``max_staleness: 1`` needs before each), whichever is longer: a request runs on one engine and does
-not split over cores, so where the engine's chain is longer than the bound, no asynchronous run of one engine can
-reach the bound, and ``step_vs_bound`` of the floor says how close one can come.
+not vLLM's.) The one-engine floor beside it is the bound or one engine's serial chain per step (its request plus
+the weight load that ``max_staleness: 1`` needs before each), whichever is longer: a request runs on one engine and
+does not split over cores (RESULTS section 11), so where that chain is longer than the bound, no run of one engine
+reaches the bound, and the floor's ``step_vs_bound`` says how close one can come. Two engines whose requests run
+side by side (``replay.consume_order: request``, the "2 generators" rows) are not held to it.
 
 GRPO: ``rlfleet train deploy/quickstart.yaml`` (with the regime's model and task) against ``trl.GRPOTrainer`` with
 Hugging Face generation (and, with ``--colocate``, TRL's colocated vLLM: ``use_vllm=True, vllm_mode="colocate"``, on
@@ -78,6 +79,9 @@ REGIMES = {  # name -> (model, task, GRPO steps by mode: quick, default, full, i
     "generation-bound": ("tiny", "char_count", (12, 40, 60), ["rlfleet async, learner threads auto",
                                                                "rlfleet async, compiled engine",
                                                                "rlfleet async, 1 request per generator",
+                                                               "rlfleet async, 2 generators",
+                                                               "rlfleet async, 2 generators, request order",
+                                                               "rlfleet async, 2 generators, request order, compiled",
                                                                "rlfleet sync, compiled engine"]),
 }
 DPO = dict(beta=0.5, pairs=8, max_length=64, lr=1e-3,
@@ -219,6 +223,7 @@ def worker_trl_dpo(model: str, steps: int, result: Path, dtype: str = "float32")
 # The comparison
 # ----------------------------------------------------------------------------------------------------------------
 
+TWO_GENERATORS = ["--override", "cluster.num_generators=2", "--override", "cluster.generator_num_cpus=0.5"]
 SYSTEMS = {  # name -> (job, worker arguments)
     "rlfleet async (staleness 1)": ("grpo", ["rlfleet-grpo", "--staleness", "1"]),
     "rlfleet async, 1 request per generator": ("grpo", ["rlfleet-grpo", "--staleness", "1", "--depth", "1"]),
@@ -228,6 +233,14 @@ SYSTEMS = {  # name -> (job, worker arguments)
                                                      "--override", "cluster.learner_threads=auto"]),
     "rlfleet async, compiled engine": ("grpo", ["rlfleet-grpo", "--staleness", "1",
                                                 "--override", "generation.enforce_eager=false"]),
+    # two generators of half a core each beside the learner's core: in arrival order admission holds the second
+    # back while the first generates; in request order both generate (replay.consume_order, RESULTS section 2f)
+    "rlfleet async, 2 generators": ("grpo", ["rlfleet-grpo", "--staleness", "1", *TWO_GENERATORS]),
+    "rlfleet async, 2 generators, request order": ("grpo", ["rlfleet-grpo", "--staleness", "1", *TWO_GENERATORS,
+                                                            "--override", "replay.consume_order=request"]),
+    "rlfleet async, 2 generators, request order, compiled": (
+        "grpo", ["rlfleet-grpo", "--staleness", "1", *TWO_GENERATORS, "--override", "replay.consume_order=request",
+                 "--override", "generation.enforce_eager=false"]),
     "rlfleet sync (staleness 0)": ("grpo", ["rlfleet-grpo", "--staleness", "0"]),
     "rlfleet sync, compiled engine": ("grpo", ["rlfleet-grpo", "--staleness", "0",
                                                "--override", "generation.enforce_eager=false"]),
@@ -284,10 +297,11 @@ def regime_rows(results: list[dict], names: list[str], cores: int) -> list[dict]
 
     - the machine's bound: the least work of one step in core-seconds (generator busy + learner, over the
       synchronous rows: the default and, where the regime has one, the compiled engine), divided by ``cores``;
-    - the design floor: no step of one engine beside the learner is shorter than the engine's own serial chain,
-      its request plus the weight load that ``max_staleness: 1`` needs before each, nor than the bound. One request
-      runs on one engine, whose second thread gains nothing and whose half-size requests cost almost a full one
-      (RESULTS section 11), so that chain does not split over cores; the learner's work is assumed to."""
+    - the one-engine floor: no step of one engine beside the learner is shorter than the engine's own serial
+      chain, its request plus the weight load that ``max_staleness: 1`` needs before each, nor than the bound. One
+      request runs on one engine, whose second thread gains nothing and whose half-size requests cost almost a full
+      one (RESULTS section 11), so that chain does not split over cores; the learner's work is assumed to. Two
+      engines generating side by side are not held to it."""
     rows = [pooled([r for r in results if r["system"] == name and not r.get("failed")] or
                    [next(r for r in results if r["system"] == name)]) for name in names]
     trl = min((r for r in rows if r["system"] in TRL_HF and not r.get("failed")), key=lambda r: r["step_s"],
@@ -302,7 +316,7 @@ def regime_rows(results: list[dict], names: list[str], cores: int) -> list[dict]
         rows.append({"system": f"machine bound: {work:.3f} core-s per step / {cores} cores ({sync['system']})",
                      "job": "grpo", "model": sync["model"], "task": sync["task"], "step_s": bound})
         chain = sync["gen_s"] + (sync.get("sync_s") or 0.0)
-        rows.append({"system": f"design floor: max(engine request + load {chain:.3f} s, the bound)",
+        rows.append({"system": f"one-engine floor: max(request + load {chain:.3f} s, the bound)",
                      "job": "grpo", "model": sync["model"], "task": sync["task"], "step_s": max(chain, bound)})
     for r in rows:
         if not r.get("failed") and trl is not None:

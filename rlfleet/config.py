@@ -194,6 +194,14 @@ class ReplayConfig(Section):
         "0 = synchronous on-policy training.",
     )
     max_fresh: int = Field(4096, gt=0, description="Bound on groups queued for training; the oldest are dropped.")
+    consume_order: Literal["arrival", "request"] = Field(
+        "arrival", description="The order fresh groups are trained in. 'arrival': as they reach the replay actor; a "
+        "request sampled with newer weights may then overtake one in flight on another generator, so admission holds "
+        "new requests back while an older one is in flight, and at max_staleness 1 a second generator mostly waits. "
+        "'request': in the order their requests were made (a request's groups wait for every earlier request's); "
+        "nothing is overtaken, admission counts only the current version, and at max_staleness 1 two generators "
+        "both generate (bench/RESULTS.md section 2f). A slow generator then holds back the groups requested after "
+        "its own. One generator: the same either way.")
 
 
 class LearnerConfig(Section):

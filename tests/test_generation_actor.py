@@ -48,6 +48,28 @@ def test_replay_sample_waits_for_a_full_batch(ray_cluster):
         ray.kill(replay)
 
 
+def test_replay_in_request_order_holds_a_later_request_until_the_earlier_one_ends(ray_cluster):
+    """replay.consume_order: request. A sampler waiting for 2 groups gets none while request 1's group waits for
+    request 0; request 0's delivery releases both, in request order. Request 3's group waits for request 2 until the
+    driver skips it (lost with its generator); request 2's late delivery is then ignored."""
+    ray = ray_cluster
+    replay = make_replay_actor(ReplayConfig(consume_order="request"), seed=0, name="test-replay-order")
+    try:
+        pending = replay.sample.remote(2, 0, TIMEOUT_S)
+        ack = ray.get(replay.add.remote([group(10)], 1), timeout=TIMEOUT_S)
+        assert (ack["replay/held"], ack["replay/fresh_size"], ack["replay/added"]) == (1, 0, 0)
+        ack = ray.get(replay.add.remote([group(0)], 0), timeout=TIMEOUT_S)
+        assert (ack["replay/held"], ack["replay/added"]) == (0, 2)
+        assert [g.prompt_id for g in ray.get(pending, timeout=TIMEOUT_S)] == ["0", "10"]
+        ray.get(replay.add.remote([group(30)], 3), timeout=TIMEOUT_S)
+        ray.get(replay.skip.remote([2]), timeout=TIMEOUT_S)
+        ack = ray.get(replay.add.remote([group(20)], 2), timeout=TIMEOUT_S)
+        assert (ack["replay/fresh_size"], ack["replay/ignored_deliveries"], ack["replay/held"]) == (1, 1, 0)
+        assert [g.prompt_id for g in ray.get(replay.sample.remote(1, 0, TIMEOUT_S), timeout=TIMEOUT_S)] == ["30"]
+    finally:
+        ray.kill(replay)
+
+
 def test_generation_actor_sends_groups_to_replay_and_loads_weights(ray_cluster, tiny_model_path):
     """Prompts of the built-in char_count task become groups inside the replay actor (never returned to the
     caller); weights passed as an ObjectRef load in place and later groups carry the new version."""

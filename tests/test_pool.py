@@ -131,3 +131,32 @@ def test_a_slow_request_holds_back_the_other_generators_only():
     assert pool.dispatch(weights(3), budget(16), prompts) == 4
     assert [q.version for q in first.requests] == [2, 3] and not second.requests
     assert [name for name, _, _ in first.handle.calls] == ["fetch_weights", "update_weights", "generate"]
+
+
+def test_in_request_order_a_slow_request_holds_back_no_generator_and_lost_requests_are_skipped():
+    """The case above with ``replay.consume_order: request``: nothing overtakes the slow request (its groups are
+    trained first whatever finishes first), so generator 1's request is admitted at version 3: (3 + 2) * 4 - 16 = 4,
+    and it goes to the emptier generator. Requests are numbered in the order made; when generator 1 dies, its
+    request's number is skipped (the replay actor stops waiting for it) and its prompts are re-issued."""
+    skipped: list[list[int]] = []
+    pool = GeneratorPool(lambda index, options: None, {"CPU": 1}, 2, 4, 10.0, 2, skip_requests=skipped.append)
+    for i in range(2):
+        pool.members.append(Member(i, placement=None, state=ACTIVE, handle=FakeActor()))
+    first, second = pool.members
+    first.version = second.version = 2
+    first.requests.append(Request("generate-slow", prompts(4), 2, seq=0))
+    pool.next_seq = pool.requests = first.last_request = 1
+    assert pool.oldest_in_flight(second) is None
+    assert pool.dispatch(weights(3), budget(16), prompts) == 4
+    assert [q.version for q in second.requests] == [3] and len(first.requests) == 1
+    assert [q.seq for q in second.requests] == [1] and pool.next_seq == 2
+    assert [args for name, args, _ in second.handle.calls if name == "generate"][0][1] == 1  # generate(records, seq)
+    pool._lose_requests(second)
+    assert skipped == [[1]] and len(pool.retry) == 4 and pool.lost() == 4
+
+
+def test_in_arrival_order_requests_carry_no_number():
+    pool = pool_with(1, depth=2)
+    pool.dispatch(weights(0), budget(0), prompts)
+    assert [q.seq for q in pool.members[0].requests] == [None, None]
+    assert [args[1] for name, args, _ in pool.members[0].handle.calls if name == "generate"] == [None, None]

@@ -96,6 +96,29 @@ def test_several_generation_actors_share_the_work(ray_cluster, tmp_path):
     assert max(r["staleness/max"] for r in records) <= 2
 
 
+def test_request_order_trains_the_prompts_in_the_order_requested_across_generators(ray_cluster, tmp_path):
+    """replay.consume_order: request with two generators at max_staleness 1 (admission then counts no request in
+    flight, so both generate side by side). Whichever generator finishes first, the groups reach the learner in the
+    order their requests were made: the prompts of the trained batches (batches.jsonl) are exactly the prompt
+    stream's first ones, in its order (no group is dropped in this job: zero_variance keep, no faults). In arrival
+    order that holds only when the generators happen to finish in turn."""
+    from rlfleet.data import PromptStream, load_prompt_dataset
+
+    records = run(tmp_path, "grpo", "learner.max_steps=6", "cluster.num_generators=2",
+                  "replay.consume_order=request", "generation.generation_batch_size=16", "learner.groups_per_step=2")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert max(r["staleness/max"] for r in records) <= 1
+    assert records[-1]["replay/held"] == 0 and records[-1]["replay/ignored_deliveries"] == 0
+    assert records[-1]["gen/requests/0"] >= 1 and records[-1]["gen/requests/1"] >= 1
+    cfg = load_config(tmp_path / "grpo" / "config.json")
+    stream = PromptStream(load_prompt_dataset(cfg.data, cfg.data.split, seed=cfg.seed), seed=cfg.seed,
+                          shuffle=cfg.data.shuffle)
+    trained = [pid for line in (tmp_path / "grpo" / "batches.jsonl").read_text().splitlines()
+               for pid in json.loads(line)["prompt_ids"]]
+    assert len(trained) == 6 * 2
+    assert trained == [r["prompt_id"] for r in stream.next_batch(len(trained))]
+
+
 def test_resume_continues_step_count_and_buffer(ray_cluster, tmp_path):
     """Also: logging.report_to: [tensorboard] over both runs shows every step once, with metrics.jsonl's values."""
     first = run(tmp_path, "gspo_token", "learner.max_steps=4", "checkpoint.save_steps=2",

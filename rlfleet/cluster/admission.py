@@ -25,6 +25,14 @@ pipelining that keeps its engine busy: with ``S = 1`` and one generator, the nex
 while one is generating. (The simulator in ``tests/test_admission.py`` checks the bound with the rule as stated, and
 finds violations when a generator's requests may arrive out of order.)
 
+**Request order** (``replay.consume_order: request``). The minimum is the price of consuming groups in arrival
+order: at ``S = 1`` it holds a second generator back while the first generates (the first's request is the
+oldest in flight, and a new one on the other generator could overtake it), so two generators rarely generate at
+once. In request order the replay actor releases a request's groups only once every earlier request has delivered
+or been lost (:mod:`rlfleet.replay.order`): no group requested later reaches the FIFO first, on any generator, so
+``oldest_in_flight`` is None and the bound is taken at ``V`` itself. (``tests/test_admission.py`` checks it with
+requests finishing in any order, and finds violations without the reordering.)
+
 The bound needs no count of the batches the learner has taken: it cancels (``ahead = live - taken * g`` and
 ``lag = taken - V`` in the earlier formulation of the same rule). ``max_staleness: 0`` is synchronous on-policy
 training. Drops only move groups forward, so a drop the driver has not learnt of yet makes it admit less, never

@@ -307,7 +307,10 @@ class RLJob:
         self.pool = GeneratorPool(
             lambda index, options: make_generation_actor(cfg, REPLAY_NAME, index, factory, **options),
             generator_bundle(c), fleet,
-            cfg.generation.generation_batch_size // cfg.generation.num_generations, t, c.requests_per_generator)
+            cfg.generation.generation_batch_size // cfg.generation.num_generations, t, c.requests_per_generator,
+            # request order: the replay actor hears of lost requests from here (the call is ordered before any
+            # later one of the driver's, a checkpoint's state_dict included)
+            skip_requests=self.replay.skip.remote if cfg.replay.consume_order == "request" else None)
         self.stream = PromptStream(self.dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.step, errors_total = 0, {"reward": 0, "env": 0}
         if resume_from is not None:
@@ -363,12 +366,13 @@ class RLJob:
         """Keep generation and one learner step in flight until max_steps; checkpoint every save_steps."""
         cfg, t = self.cfg, self._timeout()
         pull_s = min(t, 5.0)  # the learner returns None after this long: the driver stays in charge
-        waiting_said = False
+        waiting_said, new_step = False, True
         while self.step < cfg.learner.max_steps:
-            new_step = self.learner_future is None
-            if new_step:  # first, so the learner never waits for admission's calls
+            if self.learner_future is None:  # first, so the learner never waits for admission's calls
                 self.learner_future = self.learner.train_step.remote(pull_s, self.pool.weight_group())
+                new_step = True
             self.pool.reconcile(check_nodes=new_step)  # an idle generator's lost node is noticed once per step
+            new_step = False
             if not self.pool.members:
                 raise RunFailed("every generation actor is gone (each died more than cluster.max_restarts "
                                    "times); see the generator logs")
@@ -393,8 +397,21 @@ class RLJob:
                     self.reach_new_members()
                     continue
                 with self.timed("finish_step"):
-                    self.finish_step(result)
-                if self.step % cfg.checkpoint.save_steps == 0 and self.step < cfg.learner.max_steps:
+                    stats, end = self.advance(result)
+                checkpoint = self.step % cfg.checkpoint.save_steps == 0 and self.step < cfg.learner.max_steps
+                if not checkpoint and self.step < cfg.learner.max_steps:
+                    # the next step and the requests the new weights admit go out before the step's record is
+                    # written: at max_staleness 1 a request waits for the last publication, and the learner for
+                    # that request, so the driver's bookkeeping would sit on both (not before a checkpoint, which
+                    # needs the learner idle)
+                    self.learner_future = self.learner.train_step.remote(pull_s, self.pool.weight_group())
+                    new_step = True
+                    with self.timed("admit"):
+                        self.evaluations.dispatch(self.pool)
+                        self.admit(stats)
+                with self.timed("finish_step"):
+                    self.record_step(result, stats, end)
+                if checkpoint:
                     self.save()
         self.finish_evaluations()
 
@@ -449,10 +466,12 @@ class RLJob:
         replay_drops = sum(replay_stats[k] for k in REPLAY_DROPS) - self.replay_drops_before
         return int(self.live_before + self.pool.requested - self.pool.dropped - self.pool.lost() - replay_drops)
 
-    def admit(self) -> int:
-        """Launch generation on idle generators as far as the staleness bound admits."""
+    def admit(self, stats: dict | None = None) -> int:
+        """Launch generation on idle generators as far as the staleness bound admits. ``stats``: the replay actor's,
+        if just read (a drop they miss makes the bound admit less, never more)."""
         cfg = self.cfg
-        stats = call(self.replay.stats.remote(), self._timeout(), "the replay actor")
+        if stats is None:
+            stats = call(self.replay.stats.remote(), self._timeout(), "the replay actor")
         live = self.live_groups(stats)
         return self.pool.dispatch(
             self.weights, lambda version, oldest, launched: admission_budget(
@@ -501,13 +520,19 @@ class RLJob:
                 + "); the generator logs name the function and its error. Fix the function"
                 + (" or the environment" if env else "") + ", or raise the limit")
 
-    def finish_step(self, result) -> None:
-        """Record a finished learner step; its weights go to each generator before its next request."""
-        gps = self.cfg.learner.groups_per_step
+    def advance(self, result) -> tuple[dict, float]:
+        """A learner step finished: its weights go to each generator before its next request, its evaluation is
+        queued. Returns the replay actor's stats as the step left them and the time it ended (for its record)."""
         self.step += 1
         self.weights = result.weights
         stats = call(self.replay.stats.remote(), self._timeout(), "the replay actor")
-        now = time.perf_counter()
+        end = time.perf_counter()
+        self.evaluations.after_step(self.step, self.weights)
+        return stats, end
+
+    def record_step(self, result, stats: dict, now: float) -> None:
+        """The finished step's record: metrics.jsonl, batches.jsonl, the Ray series, progress, ``rlfleet scale``."""
+        gps = self.cfg.learner.groups_per_step
         metrics = dict(result.metrics)
         wall_s, learner_s = now - self.t_step, metrics.pop("time/step_s")
         generators = [m.index for m in self.pool.active()]
@@ -527,7 +552,6 @@ class RLJob:
         self.t_step, self.window, self.last_record = now, self.new_window(), record
         self.batches_log.write({"step": self.step, "policy_version": self.version, "prompt_ids": result.prompt_ids})
         self.progress.update(record)
-        self.evaluations.after_step(self.step, self.weights)
         self.control.report.remote({"step": self.step, "generators": len(generators), "target": self.pool.target,
                                     "fleet/added": self.pool.counts["fleet/added"],
                                     "fleet/removed": self.pool.counts["fleet/removed"]})
@@ -540,7 +564,7 @@ class RLJob:
             result = call(self.learner_future, self._timeout(), "the learner")
             self.learner_future = None
             if result is not None:
-                self.finish_step(result)
+                self.record_step(result, *self.advance(result))
 
     def save(self) -> Path:
         """Checkpoint at the current step. Generation is quiesced first, so the replay buffer, the prompt cursor and

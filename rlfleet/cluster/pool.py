@@ -44,6 +44,7 @@ class Request:
     version: int  # the weights version it samples with
     sync_future: ray.ObjectRef | None = None  # the update_weights() queued right before it, if any
     evaluating: int | None = None  # an evaluation of this learner step
+    seq: int | None = None  # its number in request order (replay.consume_order: request)
 
 
 @dataclass
@@ -81,13 +82,19 @@ StartActor = Callable[[int, dict], ray.actor.ActorHandle]  # (index, ray options
 
 class GeneratorPool:
     """``start_actor(index, options)`` starts generation actor ``index`` with the given placement options;
-    ``bundle`` is one generator's resources; ``prompts_per_request`` caps each request."""
+    ``bundle`` is one generator's resources; ``prompts_per_request`` caps each request.
+
+    ``skip_requests``: given, the groups are trained in request order (``replay.consume_order: request``): each
+    training request is numbered, and the numbers of requests lost with their generator go to ``skip_requests``
+    (the replay actor's ``skip``) as soon as the loss is known, so later requests' groups stop waiting for them."""
 
     def __init__(self, start_actor: StartActor, bundle: dict[str, float], target: int, prompts_per_request: int,
-                 timeout_s: float, depth: int = 1):
+                 timeout_s: float, depth: int = 1, skip_requests: Callable[[list[int]], None] | None = None):
         self.start_actor, self.bundle = start_actor, bundle
         self.target, self.prompts_per_request, self.timeout_s = target, prompts_per_request, timeout_s
         self.depth = depth  # requests queued on one generator at most (cluster.requests_per_generator)
+        self.skip_requests = skip_requests
+        self.next_seq = 0  # the number of the next training request (request order)
         self.members: list[Member] = []
         self.next_index = 0
         self.retry: list[dict] = []  # prompts of requests that died: issued again before new ones
@@ -241,12 +248,16 @@ class GeneratorPool:
             say(f"{m.name} left the fleet: {why} ({len(self.active())} running)")
 
     def _lose_requests(self, m: Member) -> None:
-        """``m``'s requests will never return: their prompts are re-issued, their evaluations run again."""
+        """``m``'s requests will never return: their prompts are re-issued, their evaluations run again, and in
+        request order the replay actor stops waiting for them."""
         for request in m.requests:
             self.counts["faults/lost_groups"] += len(request.records)
             self.retry.extend(request.records)
             if request.evaluating is not None:
                 self.lost_evaluations.append(request.evaluating)
+        lost = [request.seq for request in m.requests if request.seq is not None]
+        if lost and self.skip_requests is not None:
+            self.skip_requests(lost)
         m.requests = []
 
     @staticmethod
@@ -262,7 +273,10 @@ class GeneratorPool:
     def oldest_in_flight(self, overtaking: Member | None = None) -> int | None:
         """The lowest weights version a training request in flight samples with (None when none is). For a request
         about to be queued on ``overtaking``: only the requests it could overtake, those of the other members (a
-        member runs its requests in order; see :mod:`rlfleet.cluster.admission`)."""
+        member runs its requests in order; see :mod:`rlfleet.cluster.admission`). In request order nothing is
+        overtaken: None."""
+        if self.skip_requests is not None:
+            return None
         return min((q.version for m in self.members if m is not overtaking for q in m.requests
                     if q.evaluating is None), default=None)
 
@@ -335,7 +349,10 @@ class GeneratorPool:
             sync = self._serve(m, weights if version == weights.version else None)
             records, self.retry = self.retry[:n], self.retry[n:]
             records += take(n - len(records))
-            m.requests.append(Request(m.handle.generate.remote(records), records, version, sync))
+            seq = None
+            if self.skip_requests is not None:
+                seq, self.next_seq = self.next_seq, self.next_seq + 1
+            m.requests.append(Request(m.handle.generate.remote(records, seq), records, version, sync, seq=seq))
             launched += n
         self.requested += launched
         return launched

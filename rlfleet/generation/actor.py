@@ -46,11 +46,13 @@ class GenerationActor:
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         self.generator = Generator.from_config(self.engine, tokenizer, cfg)
 
-    def generate(self, records: list[dict]) -> dict[str, float]:
-        """Generate groups for ``records``, hand them to the replay actor (waiting for its ack), return stats."""
+    def generate(self, records: list[dict], seq: int | None = None) -> dict[str, float]:
+        """Generate groups for ``records``, hand them to the replay actor (waiting for its ack), return stats.
+        ``seq``: the request's number (``replay.consume_order: request``); the replay actor then hears of the
+        request even when every group was dropped, since later requests wait for it."""
         groups, stats = self.generator.generate(records)
-        if groups:
-            ray.get(self.replay.add.remote(groups), timeout=self.cfg.cluster.timeout_s)
+        if groups or seq is not None:
+            ray.get(self.replay.add.remote(groups, seq), timeout=self.cfg.cluster.timeout_s)
         return stats
 
     def evaluate(self, records: list[dict], n: int, temperature: float | None, step: int) -> dict[str, float]:

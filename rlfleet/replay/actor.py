@@ -3,6 +3,11 @@
 Generation actors ``add`` groups; the learner calls ``sample``, which waits (on an ``asyncio.Condition`` that every
 ``add`` notifies) until the buffer can form a full batch or ``timeout_s`` passes. All methods run on the actor's
 event loop, one at a time between awaits, so the buffer needs no lock.
+
+With ``replay.consume_order: request`` each ``add`` names its request's number and the driver ``skip`` s the numbers
+of requests lost with their generator: groups enter the buffer in request order
+(:class:`~rlfleet.replay.order.RequestOrder`). A checkpoint is taken with no request in flight, when nothing is
+held, so the order is not part of the buffer's state: a restored job numbers its requests from 0 again.
 """
 
 from __future__ import annotations
@@ -14,23 +19,32 @@ import ray
 
 from rlfleet.config import ReplayConfig
 from rlfleet.replay.buffer import ReplayBuffer
+from rlfleet.replay.order import RequestOrder
 from rlfleet.types import Group
 
 
 class ReplayActor:
     def __init__(self, cfg: ReplayConfig, seed: int):
         self.buffer = ReplayBuffer(cfg, seed)
+        self.order: RequestOrder[Group] = RequestOrder()
         self._changed = asyncio.Condition()  # notified when groups arrive or the state is replaced
 
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 
-    async def add(self, groups: list[Group]) -> dict[str, float]:
-        """Queue fresh groups, wake waiting samplers; returns the buffer's stats (the generator's ack)."""
-        self.buffer.add(groups)
+    async def add(self, groups: list[Group], seq: int | None = None) -> dict[str, float]:
+        """Queue fresh groups (those of request ``seq``, in request order, when it is given), wake waiting samplers;
+        returns the buffer's stats (the generator's ack)."""
+        self.buffer.add(groups if seq is None else self.order.deliver(seq, groups))
         await self._notify()
-        return self.buffer.stats()
+        return await self.stats()
+
+    async def skip(self, seqs: list[int]) -> None:
+        """Requests ``seqs`` were lost with their generator (their prompts are re-issued): stop waiting for them."""
+        for seq in seqs:
+            self.buffer.add(self.order.skip(seq))
+        await self._notify()
 
     async def sample(self, n: int, current_version: int, timeout_s: float) -> list[Group] | None:
         """A batch of ``n`` groups for a learner at ``current_version``; None if none formed within ``timeout_s``."""
@@ -48,7 +62,8 @@ class ReplayActor:
             return batch
 
     async def stats(self) -> dict[str, float]:
-        return self.buffer.stats()
+        return self.buffer.stats() | {"replay/held": float(self.order.held),
+                                      "replay/ignored_deliveries": float(self.order.ignored)}
 
     async def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         return self.buffer.state_dict()
