@@ -24,7 +24,11 @@ not vLLM's.) The one-engine floor beside it is the bound or one engine's serial 
 the weight load that ``max_staleness: 1`` needs before each), whichever is longer: a request runs on one engine and
 does not split over cores (RESULTS section 11), so where that chain is longer than the bound, no run of one engine
 reaches the bound, and the floor's ``step_vs_bound`` says how close one can come. Two engines whose requests run
-side by side (``replay.consume_order: request``, the "2 generators" rows) are not held to it.
+side by side (``replay.consume_order: request``, the "2 generators" rows) are not held to it. ``hops_s`` is what
+the staleness cycle adds: at ``max_staleness`` S a request waits for the weights published S + 1 steps before the
+batch it fills, so S + 1 steps hold one request, its load and one learner step in a chain, and ``hops_s = (S + 1) x
+step_s - gen_s - sync_s - learner_s`` is the time its hops take (the publication, the driver's turn-around, the
+load's dispatch, the delivery, the learner's pull).
 
 GRPO: ``rlfleet train deploy/quickstart.yaml`` (with the regime's model and task) against ``trl.GRPOTrainer`` with
 Hugging Face generation (and, with ``--colocate``, TRL's colocated vLLM: ``use_vllm=True, vllm_mode="colocate"``, on
@@ -319,6 +323,14 @@ def regime_rows(results: list[dict], names: list[str], cores: int) -> list[dict]
         rows.append({"system": f"one-engine floor: max(request + load {chain:.3f} s, the bound)",
                      "job": "grpo", "model": sync["model"], "task": sync["task"], "step_s": max(chain, bound)})
     for r in rows:
+        if not r.get("failed") and r.get("gen_s") is not None:
+            # the staleness cycle: a request at max_staleness S waits for the weights published S + 1 steps before
+            # the batch it fills, so (S + 1) steps hold one request, its load and one learner step in a chain; what
+            # the chain's hops (publication, driver, load dispatch, delivery, the learner's pull) add beyond them
+            staleness = {"rlfleet async": 1, "rlfleet sync": 0}.get(" ".join(r["system"].split()[:2]).rstrip(","))
+            if staleness is not None:
+                r["hops_s"] = ((staleness + 1) * r["step_s"] - r["gen_s"] - (r.get("sync_s") or 0.0)
+                               - r["learner_s"])
         if not r.get("failed") and trl is not None:
             r["step_vs_trl"] = r["step_s"] / trl["step_s"]
             if "total_s" in r:
@@ -388,7 +400,7 @@ def main() -> None:
         rows[regime] = regime_rows(results[regime], grpo_names[regime], cores)
         model, task, _, _ = REGIMES[regime]
         tables.append(print_table(rows[regime], ["system", "runs", "steps", "step_s", "step_vs_trl", "step_vs_bound",
-                                                 "learner_s", "threads", "gen_s", "sync_s", "gen_idle",
+                                                 "learner_s", "threads", "gen_s", "sync_s", "hops_s", "gen_idle",
                                                  "first_step_s", "total_s", "reward_first10", "reward_last10"],
                                   title=f"GRPO, {regime} (builtin:{model} on builtin:{task}, {args.dtype}): wall per "
                                         "step (steps 3..N-1); step_vs_trl = / the faster TRL (HF generate) run; "
