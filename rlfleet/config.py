@@ -197,11 +197,13 @@ class ReplayConfig(Section):
     consume_order: Literal["arrival", "request"] = Field(
         "arrival", description="The order fresh groups are trained in. 'arrival': as they reach the replay actor; a "
         "request sampled with newer weights may then overtake one in flight on another generator, so admission holds "
-        "new requests back while an older one is in flight, and at max_staleness 1 a second generator mostly waits. "
+        "new requests back while an older one is in flight, and at max_staleness 1 a fleet's generators wait for each "
+        "other. "
         "'request': in the order their requests were made (a request's groups wait for every earlier request's); "
-        "nothing is overtaken, admission counts only the current version, and at max_staleness 1 two generators "
-        "both generate (bench/RESULTS.md section 2f). A slow generator then holds back the groups requested after "
-        "its own. One generator: the same either way.")
+        "nothing is overtaken, admission counts only the current version, and at max_staleness 1 the generators of a "
+        "fleet stop waiting for each other (bench/RESULTS.md section 5b: 1.04-1.42x the groups/s with 4-8 "
+        "generators). A slow generator then holds back the groups requested after its own. One generator: the same "
+        "either way.")
 
 
 class LearnerConfig(Section):
