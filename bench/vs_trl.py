@@ -327,8 +327,9 @@ def regime_rows(results: list[dict], names: list[str], cores: int) -> list[dict]
             # the staleness cycle: a request at max_staleness S waits for the weights published S + 1 steps before
             # the batch it fills, so (S + 1) steps hold one request, its load and one learner step in a chain; what
             # the chain's hops (publication, driver, load dispatch, delivery, the learner's pull) add beyond them
-            staleness = {"rlfleet async": 1, "rlfleet sync": 0}.get(" ".join(r["system"].split()[:2]).rstrip(","))
-            if staleness is not None:
+            worker = SYSTEMS.get(r["system"], ("", []))[1]  # rlfleet's rows name their max_staleness
+            if "--staleness" in worker:
+                staleness = int(worker[worker.index("--staleness") + 1])
                 r["hops_s"] = ((staleness + 1) * r["step_s"] - r["gen_s"] - (r.get("sync_s") or 0.0)
                                - r["learner_s"])
         if not r.get("failed") and trl is not None:

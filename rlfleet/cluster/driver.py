@@ -366,19 +366,17 @@ class RLJob:
         """Keep generation and one learner step in flight until max_steps; checkpoint every save_steps."""
         cfg, t = self.cfg, self._timeout()
         pull_s = min(t, 5.0)  # the learner returns None after this long: the driver stays in charge
-        waiting_said, new_step = False, True
+        waiting_said, nodes_checked = False, None  # the step at which the nodes were last checked
         while self.step < cfg.learner.max_steps:
+            new_step = self.learner_future is None or nodes_checked != self.step
             if self.learner_future is None:  # first, so the learner never waits for admission's calls
-                self.learner_future = self.learner.train_step.remote(pull_s, self.pool.weight_group())
-                new_step = True
+                self.start_learner_step(pull_s)
             self.pool.reconcile(check_nodes=new_step)  # an idle generator's lost node is noticed once per step
-            new_step = False
+            nodes_checked = self.step
             if not self.pool.members:
                 raise RunFailed("every generation actor is gone (each died more than cluster.max_restarts "
                                    "times); see the generator logs")
-            with self.timed("admit"):
-                self.evaluations.dispatch(self.pool)  # first: an evaluation waits for no training request
-                self.admit()
+            self.admit_all()
             if not self.pool.active() and not waiting_said:
                 warn("no generation actor is running; waiting for the cluster to place one")
             waiting_said = not self.pool.active()
@@ -404,16 +402,22 @@ class RLJob:
                     # written: at max_staleness 1 a request waits for the last publication, and the learner for
                     # that request, so the driver's bookkeeping would sit on both (not before a checkpoint, which
                     # needs the learner idle)
-                    self.learner_future = self.learner.train_step.remote(pull_s, self.pool.weight_group())
-                    new_step = True
-                    with self.timed("admit"):
-                        self.evaluations.dispatch(self.pool)
-                        self.admit(stats)
+                    self.start_learner_step(pull_s)
+                    self.admit_all(stats)
                 with self.timed("finish_step"):
                     self.record_step(result, stats, end)
                 if checkpoint:
                     self.save()
         self.finish_evaluations()
+
+    def start_learner_step(self, pull_s: float) -> None:
+        self.learner_future = self.learner.train_step.remote(pull_s, self.pool.weight_group())
+
+    def admit_all(self, stats: dict | None = None) -> None:
+        """Evaluations first (one waits for no training request), then generation as far as the bound admits."""
+        with self.timed("admit"):
+            self.evaluations.dispatch(self.pool)
+            self.admit(stats)
 
     def collect(self, finished: list[tuple[int, dict]]) -> None:
         """Finished requests: a generation's stats go to the step's window, an evaluation's to its own record."""
