@@ -108,7 +108,9 @@ def test_request_order_trains_the_prompts_in_the_order_requested_across_generato
                   "replay.consume_order=request", "generation.generation_batch_size=16", "learner.groups_per_step=2")
     assert [r["step"] for r in records] == list(range(1, 7))
     assert max(r["staleness/max"] for r in records) <= 1
-    assert records[-1]["replay/held"] == 0 and records[-1]["replay/ignored_deliveries"] == 0
+    # (replay/held is not asserted: when the last record is written a later request may already wait for one still
+    # generating, which is up to the scheduler)
+    assert records[-1]["replay/ignored_deliveries"] == 0
     assert records[-1]["gen/requests/0"] >= 1 and records[-1]["gen/requests/1"] >= 1
     cfg = load_config(tmp_path / "grpo" / "config.json")
     stream = PromptStream(load_prompt_dataset(cfg.data, cfg.data.split, seed=cfg.seed), seed=cfg.seed,
