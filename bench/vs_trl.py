@@ -139,6 +139,7 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
         "sync_s": [r.get("sync/seconds") for _, r in steps_done],
         "gen_idle": [r.get("idle/generator_frac") for _, r in steps_done],
         "threads": [r.get("learner/threads") for _, r in steps_done],  # the learner's torch threads
+        "round_trips": [r.get("driver/round_trips") for _, r in steps_done],  # the driver's, cumulative
     }))
 
 

@@ -349,6 +349,7 @@ class RLJob:
         self.groups_attempted = self.groups_failed = 0  # since the driver (re)started: the error-rate check
         self.errors_total = errors_total  # over the run, checkpointed (errors/reward_total, errors/env_total)
         self.driver_s: dict[str, float] = {}  # the driver's own seconds by phase (timed)
+        self.round_trips = 0  # answers the loop waited for: ask() and the pool's node checks
         self.evaluations = Evaluations(cfg, self.eval_dataset)
         if resume_from is None:  # the baseline: the initial weights, step 0
             self.evaluations.after_step(0, self.weights)
@@ -455,6 +456,11 @@ class RLJob:
                                 "the last evaluation)")
             self.collect(self.pool.on_ready(ready))
 
+    def ask(self, ref, what: str):
+        """A call to another actor whose answer the loop waits for: counted (``driver/round_trips``)."""
+        self.round_trips += 1
+        return call(ref, self._timeout(), what)
+
     @contextmanager
     def timed(self, phase: str):
         """Adds the block's seconds to the driver's own time in ``phase`` (``time/driver/<phase>_s`` in each
@@ -475,7 +481,7 @@ class RLJob:
         if just read (a drop they miss makes the bound admit less, never more)."""
         cfg = self.cfg
         if stats is None:
-            stats = call(self.replay.stats.remote(), self._timeout(), "the replay actor")
+            stats = self.ask(self.replay.stats.remote(), "the replay actor")
         live = self.live_groups(stats)
         return self.pool.dispatch(
             self.weights, lambda version, oldest, launched: admission_budget(
@@ -487,8 +493,8 @@ class RLJob:
         reach (joined or restarted since) get nothing to do until one does; while no batch comes (they may be the
         ones to generate it), the current weights are published again to the group as it is now."""
         if any(not self.weights.reaches(key) for key in self.pool.weight_group()):
-            self.weights = call(self.learner.publish_weights.remote(self.pool.weight_group()), self._timeout(),
-                                "the learner (publishing to the generators that joined)")
+            self.weights = self.ask(self.learner.publish_weights.remote(self.pool.weight_group()),
+                                    "the learner (publishing to the generators that joined)")
 
     def on_control(self) -> None:
         """An operator's request through the rlfleet-control actor (``rlfleet scale``, a stop)."""
@@ -529,7 +535,7 @@ class RLJob:
         queued. Returns the replay actor's stats as the step left them and the time it ended (for its record)."""
         self.step += 1
         self.weights = result.weights
-        stats = call(self.replay.stats.remote(), self._timeout(), "the replay actor")
+        stats = self.ask(self.replay.stats.remote(), "the replay actor")
         end = time.perf_counter()
         self.evaluations.after_step(self.step, self.weights)
         return stats, end
@@ -550,6 +556,7 @@ class RLJob:
                   "faults/recoveries": self.recoveries, "fleet/generators": len(generators),
                   **{f"gen/requests/{i}": n for i, n in self.pool.requests_by_generator.items()},
                   **{f"time/driver/{phase}_s": sec for phase, sec in self.driver_s.items()},
+                  "driver/round_trips": self.round_trips + self.pool.node_queries,
                   "time/step_s": wall_s, "time/learner_s": learner_s,
                   "idle/learner_frac": max(0.0, 1.0 - learner_s / wall_s), "learner/groups": gps}
         self.outputs.write(record, result.samples, self.window.per_generator(wall_s, generators))

@@ -104,6 +104,7 @@ class GeneratorPool:
         self.requests = 0  # generate() calls made
         self.requests_by_generator: dict[int, int] = {}
         self.lost_evaluations: list[int] = []  # steps whose evaluation died with its generator: to run again
+        self.node_queries = 0  # ray.nodes() calls: the driver's round trips to the GCS
 
     # -- size --------------------------------------------------------------------------------------------------
 
@@ -145,7 +146,7 @@ class GeneratorPool:
         """Bring the pool to ``target``: remove members whose node is gone (those Ray is restarting always; every
         member with ``check_nodes``), place new ones, or cancel / stop / drain the newest."""
         if check_nodes or any(m.state == RESTARTING for m in self.members):
-            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            alive = {n["NodeID"] for n in self._nodes()}
             for m in [m for m in self.members if m.node_id is not None and m.node_id not in alive
                       and (check_nodes or m.state == RESTARTING)]:
                 self._remove(m, f"its node {m.node_id[:12]} is gone")
@@ -260,9 +261,12 @@ class GeneratorPool:
             self.skip_requests(lost)
         m.requests = []
 
-    @staticmethod
-    def _node_alive(node_id: str | None) -> bool:
-        return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
+    def _nodes(self) -> list[dict]:
+        self.node_queries += 1
+        return [n for n in ray.nodes() if n.get("Alive")]
+
+    def _node_alive(self, node_id: str | None) -> bool:
+        return any(n["NodeID"] == node_id for n in self._nodes())
 
     # -- requests ----------------------------------------------------------------------------------------------
 
