@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -65,7 +66,7 @@ class ModelConfig(Section):
         "auto", description="Compute dtype of learner and engine (the learner keeps float32 master weights and "
         "runs under autocast). 'auto': bfloat16 on GPU, float32 on CPU. On CPUs with AMX (lscpu flag amx_bf16), "
         "bfloat16 steps faster: the engine samples in it, and the learner's attention stays in float32 "
-        "(README 'Using the cores'; bench/RESULTS.md section 2e)."
+        "(README 'Using the cores')."
     )
     max_model_len: int = Field(512, gt=0, description="Context length (prompt + completion) for the engine.")
     trust_remote_code: bool = False
@@ -100,16 +101,18 @@ class DataConfig(Section):
 
 
 class GenerationConfig(Section):
-    num_generations: int = Field(8, description="G: completions sampled per prompt (TRL default 8). At least 2.")
+    num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt (TRL default 8); at least 2, "
+                                 "as a group's advantages compare its completions.")
     generation_batch_size: int = Field(
         32, gt=0, description="Completions per generation request to one actor; a multiple of num_generations."
     )
     max_completion_length: int = Field(256, gt=0, description="Max new tokens per completion (TRL default 512).")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, description="None or -1 disables top-k.")
+    top_k: int | None = Field(None, ge=-1, description="None or -1 disables top-k.")
     # engine
-    tensor_parallel_size: int = Field(1, ge=1, description="GPU only: vLLM tensor parallel size per actor.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPU only: vLLM tensor parallel size per actor; "
+                                      "cluster.generator_num_gpus gives each actor that many GPUs.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: vLLM's memory share.")
     kv_cache_space_gib: int = Field(1, ge=1, description="CPU only: vLLM KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = Field(True, description="Skip CUDA graphs / torch.compile: faster start, small models.")
@@ -155,7 +158,8 @@ class AlgorithmConfig(Section):
     )
     reward_weights: list[float] | None = Field(None, description="One weight per reward function; None = all 1.")
     num_remains_in_group: int | None = Field(
-        None, description="GFPO: completions kept per group (2 <= k < num_generations); None = no filtering."
+        None, ge=2, description="GFPO: completions kept per group (2 <= k < num_generations; the std of one reward "
+        "is undefined); None = no filtering."
     )
     max_reward_error_frac: float = Field(
         0.5, ge=0, le=1,
@@ -179,7 +183,7 @@ class AlgorithmConfig(Section):
 
 class ReplayConfig(Section):
     replay_buffer_size: int = Field(
-        0,
+        0, ge=0,
         description="Capacity of the high-variance reservoir; 0 disables it (TRL's default 64 lives only in its "
         "replay trainer, and TRL crashes on 0).",
     )
@@ -189,7 +193,7 @@ class ReplayConfig(Section):
         "(TRL's replay trainer), 'drop' skips it (DAPO dynamic sampling), 'keep' trains on it (plain GRPO).",
     )
     max_staleness: int = Field(
-        1,
+        1, ge=0,
         description="Max policy versions between the weights that generated a group and the policy trained on it. "
         "0 = synchronous on-policy training.",
     )
@@ -201,9 +205,9 @@ class ReplayConfig(Section):
         "other. "
         "'request': in the order their requests were made (a request's groups wait for every earlier request's); "
         "nothing is overtaken, admission counts only the current version, and at max_staleness 1 the generators of a "
-        "fleet stop waiting for each other (bench/RESULTS.md section 5b: 1.04-1.42x the groups/s with 4-8 "
-        "generators). A slow generator then holds back the groups requested after its own. One generator: the same "
-        "either way.")
+        "fleet stop waiting for each other (with stand-in engines: 1.04-1.19x the groups per second with 4 "
+        "generators, 1.03-1.42x with 8). A slow generator then holds back the groups requested after its own. One "
+        "generator: the same either way.")
 
 
 class LearnerConfig(Section):
@@ -231,7 +235,7 @@ class LearnerConfig(Section):
 class BEMAConfig(Section):
     """BEMA (arXiv 2508.00180), TRL's BEMACallback knobs and defaults."""
 
-    update_freq: int = Field(400, description="phi: steps between BEMA updates. At least 1.")
+    update_freq: int = Field(400, ge=1, description="phi: steps between BEMA updates.")
     ema_power: float = Field(0.5, ge=0, description="kappa; 0 makes the EMA equal the current weights.")
     bias_power: float = Field(0.2, ge=0, description="eta; 0 gives alpha = 1.")
     lag: float = Field(10.0, ge=0, description="rho.")
@@ -247,8 +251,10 @@ class DPOConfig(Section):
     beta: float = Field(0.1, gt=0, description="DPO temperature (TRL default 0.1).")
     loss_type: Literal["sigmoid"] = "sigmoid"
     max_length: int = Field(1024, gt=0, description="Max prompt + completion tokens (TRL default 1024).")
-    batch_size: int = Field(8, gt=0, description="Preference pairs per optimizer step.")
-    eval_steps: int = Field(10, gt=0, description="Held-out accuracy every N steps.")
+    batch_size: int = Field(8, gt=0, description="`rlfleet dpo`: preference pairs per optimizer step (online DPO "
+                            "trains on the pairs of learner.groups_per_step groups).")
+    eval_steps: int = Field(10, gt=0, description="`rlfleet dpo`: held-out accuracy every N steps (`rlfleet train` "
+                            "evaluates every logging.eval_steps).")
     pairs: Literal["best_worst", "all"] = Field(
         "best_worst", description="Online DPO (algorithm.name: online_dpo): the pairs of a scored group. "
         "'best_worst': its highest-reward completion against its lowest; 'all': every pair whose rewards differ by "
@@ -277,11 +283,13 @@ class ClusterConfig(Section):
     address: str | None = Field(
         None, description="Ray address; None uses RAY_ADDRESS, else starts a local cluster (the embedded default)."
     )
-    num_generators: int | GeneratorRange | Literal["auto"] = Field(
+    num_generators: Annotated[int, Field(ge=1)] | GeneratorRange | Literal["auto"] = Field(
         1, description="Generation actors: a number, {min, max} for a fleet that grows and shrinks with the "
         "cluster (each generator is placed on its own; see README 'Elastic fleets'), or 'auto': as many as the "
         "cluster's CPUs (GPUs, for GPU generators) hold beside the learner, counted when the job starts; min 1.")
-    generator_num_gpus: float = Field(0, ge=0, description="GPUs per generation actor (= tensor_parallel_size).")
+    generator_num_gpus: float = Field(
+        0, ge=0, description="GPUs per generation actor: generation.tensor_parallel_size of them, or a share of one "
+        "(below 1) with tensor_parallel_size 1; 0: CPU generators.")
     generator_num_cpus: float = Field(1, gt=0)
     requests_per_generator: int = Field(
         2, ge=1, description="Generation requests queued on each generator at once (within the staleness bound): with "
@@ -295,13 +303,10 @@ class ClusterConfig(Section):
         "OpenMP threads then wait passively): on 2 cores, 2 threads made learner-bound steps 8-10% faster and "
         "generation-bound ones 1.3-1.4x slower. 'auto' borrows every core of the learner's node while the learner "
         "is the slow stage (it waits for batches less than 5% of its time) and gives them back when it waits more "
-        "than 15% (rlfleet/learner/threads.py; bench/RESULTS.md sections 2d and 11).")
+        "than 15% (rlfleet/learner/threads.py).")
     learner_workers: int = Field(
         1, ge=1, description="Learner ranks: one torch.distributed group (gloo on CPU, NCCL on GPU), each rank holding "
         "an FSDP2 shard of the model and optimizer state and learner_num_cpus / learner_num_gpus of its own.")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
-        None, description="No longer used: each actor now has a placement group of its own (one bundle), so the "
-        "job starts with the generators that fit and grows; accepted so older job files still load.")
     local_num_cpus: int | None = Field(None, gt=0, description="CPUs a local cluster advertises; None = enough.")
     max_restarts: int = Field(3, ge=0, description="Ray restarts per generation actor.")
     timeout_s: float = Field(600.0, gt=0, description="Timeout of every blocking call on an actor.")
@@ -370,6 +375,27 @@ class LoggingConfig(Section):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Options that were removed, by dotted path: what replaced each, or that it can go. A job file that still sets one is
+# refused with that message (before the generic unknown-key error).
+REMOVED_FIELDS = {
+    "cluster.placement_strategy": "it had no effect (each actor has a placement group of its own, so the job starts "
+                                  "with the generators that fit and grows); delete it from the job file",
+}
+
+
+def removed_field_problems(data: Any) -> list[str]:
+    """One line per option of :data:`REMOVED_FIELDS` that the raw (unvalidated) ``data`` still sets."""
+    out = []
+    for path, why in REMOVED_FIELDS.items():
+        *sections, name = path.split(".")
+        node = data
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            out.append(f"{path}: removed; {why}.")
+    return out
+
+
 class RLFleetConfig(Section):
     output_dir: str = "runs/default"
     seed: int = 0
@@ -383,6 +409,14 @@ class RLFleetConfig(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_removed_fields(cls, data: Any) -> Any:
+        problems = removed_field_problems(data)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return data
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RLFleetConfig:
@@ -402,12 +436,7 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     gen, alg, rep = cfg.generation, cfg.algorithm, cfg.replay
     out: list[str] = []
     G = gen.num_generations
-    if G < 2:
-        out.append(
-            f"generation.num_generations: {G} is less than 2; group advantages need at least 2 completions "
-            "per prompt. Set it to 2 or more."
-        )
-    elif gen.generation_batch_size % G:
+    if gen.generation_batch_size % G:
         out.append(
             f"generation.generation_batch_size: {gen.generation_batch_size} is not divisible by "
             f"generation.num_generations ({G}). Use a multiple of {G}, e.g. "
@@ -415,12 +444,7 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
         )
     k = alg.num_remains_in_group
     if k is not None:
-        if k < 2:
-            out.append(
-                f"algorithm.num_remains_in_group: {k} is less than 2; the std of one reward is undefined (TRL "
-                "yields NaN advantages). Set it to 2 or more."
-            )
-        elif G >= 2 and k >= G:
+        if k >= G:
             out.append(
                 f"algorithm.num_remains_in_group: {k} must be less than generation.num_generations ({G}); "
                 f"keep k < G (e.g. {G - 1}) or raise num_generations."
@@ -460,16 +484,7 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     if lora is not None and cfg.cluster.weight_transport == "broadcast":
         out.append("cluster.weight_transport: 'broadcast' sends whole models; with model.lora the adapter (megabytes) "
                    "goes through the object store: use 'object_store'.")
-    if rep.replay_buffer_size < 0:
-        out.append(
-            f"replay.replay_buffer_size: {rep.replay_buffer_size} is negative; use 0 to disable the reservoir "
-            "or a positive capacity."
-        )
-    if rep.max_staleness < 0:
-        out.append(
-            f"replay.max_staleness: {rep.max_staleness} is negative; use 0 (synchronous) or a positive bound."
-        )
-    if rep.zero_variance == "replay" and rep.replay_buffer_size <= 0:
+    if rep.zero_variance == "replay" and rep.replay_buffer_size == 0:
         out.append(
             "replay.zero_variance: 'replay' needs a reservoir; set replay.replay_buffer_size > 0 "
             "(e.g. 64) or choose 'drop' / 'keep'."
@@ -479,22 +494,24 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
             f"generation.max_completion_length: {gen.max_completion_length} leaves no room for the prompt in "
             f"model.max_model_len ({cfg.model.max_model_len}); raise max_model_len or lower max_completion_length."
         )
-    if G >= 2 and rep.max_staleness >= 0:
-        prompts = gen.generation_batch_size // G
-        window = (rep.max_staleness + 1) * cfg.learner.groups_per_step
-        if prompts > window:
-            out.append(
-                f"generation.generation_batch_size: {gen.generation_batch_size} completions = {prompts} prompts per "
-                f"request, more than the (replay.max_staleness + 1) * learner.groups_per_step = {window} groups the "
-                f"staleness bound lets one policy version produce. Use at most {window * G}, or raise "
-                "replay.max_staleness or learner.groups_per_step."
-            )
-    bema = cfg.dpo.bema
-    if bema is not None and bema.update_freq < 1:
-        out.append(f"dpo.bema.update_freq: {bema.update_freq} is less than 1; BEMA needs update_freq >= 1.")
-    if gen.top_k is not None and gen.top_k == 0:
+    prompts = gen.generation_batch_size // G
+    window = (rep.max_staleness + 1) * cfg.learner.groups_per_step
+    if prompts > window:
+        out.append(
+            f"generation.generation_batch_size: {gen.generation_batch_size} completions = {prompts} prompts per "
+            f"request, more than the (replay.max_staleness + 1) * learner.groups_per_step = {window} groups the "
+            f"staleness bound lets one policy version produce. Use at most {window * G}, or raise "
+            "replay.max_staleness or learner.groups_per_step."
+        )
+    if gen.top_k == 0:
         out.append("generation.top_k: 0 is not a valid top-k; use None or -1 to disable it, or a positive value.")
-    c = cfg.cluster
+    c, tp = cfg.cluster, gen.tensor_parallel_size
+    gpus = c.generator_num_gpus
+    if gpus and tp != max(1, gpus):  # CPU generators ignore tensor_parallel_size; a share of one GPU (< 1) runs 1
+        other = f" or generation.tensor_parallel_size: {gpus:g}" if gpus >= 1 and gpus == int(gpus) else ""
+        out.append(f"generation.tensor_parallel_size: {tp} with cluster.generator_num_gpus: {gpus:g}; a GPU "
+                   "generator's engine shards the model over tensor_parallel_size GPUs of its own (a share of one "
+                   f"GPU runs tensor_parallel_size 1): set cluster.generator_num_gpus: {tp}{other}.")
     if c.weight_transport == "broadcast" and c.generator_num_gpus:
         out.append("cluster.weight_transport: broadcast runs on CPU generators (rlfleet's gloo backend for vLLM's "
                    "weight-transfer API); GPU generators (vLLM's nccl backend) are not supported yet: use "
@@ -514,17 +531,24 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
 
 
 def online_dpo_problems(cfg: RLFleetConfig) -> list[str]:
-    """Fields of the policy-gradient family that online DPO has no use for, set to something else than their
-    default, and a dpo.max_length that would cut the generators' sequences."""
-    alg, out = cfg.algorithm, []
-    unused = {"beta": (alg.beta, 0.0, "DPO's temperature is dpo.beta; its reference is BEMA's (dpo.bema)"),
-              "num_iterations": (alg.num_iterations, 1, "a DPO step is one pass over its pairs"),
-              "environment": (alg.environment, None, "multi-turn episodes are trained with the policy-gradient "
-                              "losses only (algorithm.name: grpo)")}
-    for field, (value, default, why) in unused.items():
+    """Fields that online DPO has no use for (the policy-gradient family's, and `rlfleet dpo`'s where online DPO
+    has its own), set to something else than their default, and a dpo.max_length that would cut the generators'
+    sequences."""
+    out = []
+    grpo_only = "Remove it, or use algorithm.name: grpo"
+    unused = {"algorithm.beta": f"DPO's temperature is dpo.beta; its reference is BEMA's (dpo.bema). {grpo_only}",
+              "algorithm.num_iterations": f"a DPO step is one pass over its pairs. {grpo_only}",
+              "algorithm.environment": "multi-turn episodes are trained with the policy-gradient losses only. "
+                                       + grpo_only,
+              "dpo.batch_size": "a step trains on the pairs of learner.groups_per_step groups (dpo.batch_size is "
+                                "`rlfleet dpo`'s); set learner.groups_per_step and remove dpo.batch_size",
+              "dpo.eval_steps": "`rlfleet train` evaluates every logging.eval_steps (dpo.eval_steps is `rlfleet "
+                                "dpo`'s); set logging.eval_steps and remove dpo.eval_steps"}
+    for path, why in unused.items():
+        section, name = path.split(".")
+        value, default = getattr(getattr(cfg, section), name), type(getattr(cfg, section)).model_fields[name].default
         if value != default:
-            out.append(f"algorithm.{field}: {value!r} with algorithm.name online_dpo; {why}. Remove it, or use "
-                       "algorithm.name: grpo.")
+            out.append(f"{path}: {value!r} with algorithm.name online_dpo; {why}.")
     if cfg.dpo.max_length < cfg.model.max_model_len:
         out.append(f"dpo.max_length: {cfg.dpo.max_length} is less than model.max_model_len ({cfg.model.max_model_len});"
                    " online DPO trains on the generators' whole sequences: raise dpo.max_length to at least "
@@ -577,19 +601,51 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _field_path(loc: tuple[int | str, ...]) -> tuple[str, bool]:
+    """An error's ``loc`` as a dotted field path, without the label pydantic puts after a field whose type is a union
+    to say which member it tried (``cluster.num_generators.constrained-int``); and whether the error is about that
+    member as a whole rather than a field inside it."""
+    parts, model, whole_member, i = [], RLFleetConfig, False, 0
+    while i < len(loc):
+        part, i = loc[i], i + 1
+        parts.append(str(part))
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        if field is None:
+            model = None
+            continue
+        union = get_origin(field.annotation) in (Union, UnionType)
+        types = [t for t in get_args(field.annotation) if t is not type(None)] if union else [field.annotation]
+        models = [t for t in types if isinstance(t, type) and issubclass(t, BaseModel)]
+        model = models[0] if len(models) == 1 else None
+        if len(types) > 1:  # skip the member's label
+            i += 1
+            whole_member = i == len(loc)
+    return ".".join(parts), whole_member
+
+
 def _format_validation_error(err: ValidationError) -> list[str]:
-    problems = []
+    problems, located, other_type = [], [], {}
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc, whole_member = _field_path(e["loc"])
+        if whole_member and (e["type"].endswith(("_type", "_parsing")) or e["type"] == "literal_error"):
+            other_type.setdefault(loc, []).append(e)  # a union member of another type: said below if none fits
+            continue
+        located.append(loc)
         if e["type"] == "value_error":  # our cross-field checks: already "field: message", one per line
             msg = str(e.get("ctx", {}).get("error", e["msg"]))
             problems.extend(line for line in msg.splitlines() if line)
-        elif e["type"] == "int_type" and isinstance(e.get("input"), dict):
-            continue  # the int branch of `int | {min, max}`: the mapping branch's own error says what is wrong
         elif e["type"] == "extra_forbidden":
             problems.append(f"{loc}: unknown key (check the spelling; `rlfleet config` prints every known key)")
+        elif e["type"] == "greater_than_equal":
+            n = e["ctx"]["ge"]
+            problems.append(f"{loc}: {e['input']!r} is negative; use 0 or more" if n == 0 else
+                            f"{loc}: {e['input']!r} is less than {n}; use {n} or more")
         else:
             problems.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    for loc, errors in other_type.items():
+        if not any(p == loc or p.startswith(loc + ".") for p in located):  # no member of the union took the value
+            ways = [errors[0]["msg"]] + [e["msg"].removeprefix("Input should be ") for e in errors[1:]]
+            problems.append(f"{loc}: {'; or '.join(ways)} (got {errors[0].get('input')!r})")
     return problems
 
 

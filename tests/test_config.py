@@ -3,8 +3,12 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from rlfleet.config import ConfigError, RLFleetConfig, load_config, parse_overrides
+from rlfleet import config
+from rlfleet.cli import main
+from rlfleet.config import (AlgorithmConfig, BEMAConfig, ClusterConfig, ConfigError, GenerationConfig, ReplayConfig,
+                            RLFleetConfig, load_config, parse_overrides)
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -119,3 +123,91 @@ def test_every_shipped_job_config_parses(path):
 
 def test_deploy_has_job_configs():
     assert (DEPLOY / "quickstart.yaml").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- issue 31: config
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["cluster.num_generators=-2"], "cluster.num_generators: -2 is less than 1; use 1 or more"),
+    (["cluster.num_generators=0"], "cluster.num_generators: 0 is less than 1; use 1 or more"),
+    (["cluster.num_generators={min: 0, max: 2}"], "cluster.num_generators.min: 0 is less than 1; use 1 or more"),
+    (["cluster.num_generators=many"], "cluster.num_generators: Input should be a valid integer, unable to parse "
+     "string as an integer; or a valid dictionary or instance of GeneratorRange; or 'auto' (got 'many')"),
+    (["generation.top_k=-2"], "generation.top_k: -2 is less than -1; use -1 or more"),
+])
+def test_counts_are_bounded_with_one_line_naming_field_value_and_fix(overrides, problem):
+    """One line per problem: the union's other members (`{min, max}`, 'auto') add none of their own."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert err.value.problems == [problem]
+
+
+@pytest.mark.parametrize("section, values", [
+    (ClusterConfig, {"num_generators": -2}),
+    (GenerationConfig, {"num_generations": 1}),
+    (AlgorithmConfig, {"num_remains_in_group": 1}),
+    (ReplayConfig, {"replay_buffer_size": -1}),
+    (ReplayConfig, {"max_staleness": -1}),
+    (BEMAConfig, {"update_freq": 0}),
+])
+def test_bounds_live_in_the_sections_schema(section, values):
+    """The bound holds for the section alone, not only in the root's cross-field checks."""
+    with pytest.raises(ValidationError):
+        section(**values)
+
+
+def test_rlfleet_config_names_a_negative_generator_count(capsys):
+    assert main(["config", str(DEPLOY / "quickstart.yaml"), "cluster.num_generators=-2"]) == 2
+    err = capsys.readouterr().err
+    assert "cluster.num_generators: -2 is less than 1; use 1 or more" in err and "Traceback" not in err
+
+
+def test_a_removed_option_is_refused_with_what_to_do(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "cluster:\n  placement_strategy: PACK\n  num_generators: 2\n"))
+    assert err.value.problems == [
+        "cluster.placement_strategy: removed; it had no effect (each actor has a placement group of its own, so the "
+        "job starts with the generators that fit and grows); delete it from the job file."]
+    with pytest.raises(ConfigError, match="cluster.placement_strategy: removed"):
+        load_config(None, ["cluster.placement_strategy=null"])
+
+
+def test_removed_options_are_a_table(monkeypatch):
+    """A later removal is one row, nested sections included."""
+    monkeypatch.setitem(config.REMOVED_FIELDS, "dpo.bema.old_knob", "replaced by dpo.bema.new_knob")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["dpo.bema.old_knob=3"])
+    assert err.value.problems == ["dpo.bema.old_knob: removed; replaced by dpo.bema.new_knob."]
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["cluster.generator_num_gpus=1", "generation.tensor_parallel_size=2"],
+     "generation.tensor_parallel_size: 2 with cluster.generator_num_gpus: 1; a GPU generator's engine shards the "
+     "model over tensor_parallel_size GPUs of its own (a share of one GPU runs tensor_parallel_size 1): set "
+     "cluster.generator_num_gpus: 2 or generation.tensor_parallel_size: 1."),
+    (["cluster.generator_num_gpus=2"], "generation.tensor_parallel_size: 1 with cluster.generator_num_gpus: 2;"),
+    (["cluster.generator_num_gpus=0.5", "generation.tensor_parallel_size=2"],
+     "(a share of one GPU runs tensor_parallel_size 1): set cluster.generator_num_gpus: 2."),
+    (["algorithm.name=online_dpo", "dpo.batch_size=16"],
+     "dpo.batch_size: 16 with algorithm.name online_dpo; a step trains on the pairs of learner.groups_per_step "
+     "groups (dpo.batch_size is `rlfleet dpo`'s); set learner.groups_per_step and remove dpo.batch_size."),
+    (["algorithm.name=online_dpo", "dpo.eval_steps=5"],
+     "dpo.eval_steps: 5 with algorithm.name online_dpo; `rlfleet train` evaluates every logging.eval_steps "
+     "(dpo.eval_steps is `rlfleet dpo`'s); set logging.eval_steps and remove dpo.eval_steps."),
+])
+def test_paired_knobs_that_contradict_are_refused(overrides, problem):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert any(problem in p for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize("overrides", [
+    ["cluster.generator_num_gpus=2", "generation.tensor_parallel_size=2"],
+    ["cluster.generator_num_gpus=0.5"],  # generators sharing a GPU
+    ["generation.tensor_parallel_size=4"],  # CPU generators: the engine has no GPU to shard over
+    ["algorithm.name=online_dpo", "learner.groups_per_step=8", "logging.eval_steps=5", "data.eval_split=test"],
+    ["dpo.batch_size=16", "dpo.eval_steps=5"],  # `rlfleet dpo`'s own knobs
+])
+def test_paired_knobs_that_agree_pass(overrides):
+    load_config(None, overrides)
