@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "train":
                 from rlfleet.cluster.driver import train as run
             else:
-                from rlfleet.dpo.job import train_dpo as run
+                from rlfleet.cluster.dpo_job import train_dpo as run
             summary = run(cfg)
             return EXIT_STOPPED if summary.get("stopped") and summary.get("step") is None else 0
     except (ConfigError, ClusterError, CheckpointError) as err:

@@ -9,6 +9,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt or incompatible."""
 
 
+class ActorLost(RuntimeError):
+    """An actor the job cannot run without died: the job restarts its actors from the latest checkpoint."""
+
+
 class RunFailed(RuntimeError):
     """A run that had to stop for a reason the user can act on (reward functions failing, actors past their restarts,
     no progress within the timeout). The CLI prints it as one message (exit 3); ``--debug`` keeps the traceback."""

@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from rlfleet.cluster.admission import admission_budget, plan_request
+from rlfleet.cluster.admission import LiveGroups, admission_budget, plan_request
 from rlfleet.replay.order import RequestOrder
 
 
@@ -222,3 +222,58 @@ def test_plan_request_by_hand():
     assert plan_request(-1, 3, 4, budget_at) == (3, 4)
     assert plan_request(2, 3, 6, budget_at) == (3, 6)  # 4 < 6 at version 2: no partial request with old weights
     assert plan_request(3, 3, 4, lambda v: 0) == (3, 0)
+
+
+def snapshot(seq: int, stale: int = 0, zero_variance: int = 0, overflow: int = 0, fresh: int = 0) -> dict:
+    return {"replay/seq": float(seq), "replay/dropped_stale": float(stale), "replay/fresh_size": float(fresh),
+            "replay/dropped_zero_variance": float(zero_variance), "replay/dropped_overflow": float(overflow)}
+
+
+def test_live_groups_by_hand():
+    """Restarted at version 2 with g = 4: 8 groups trained, 3 queued, 1 dropped before (it does not count again).
+    8 + 3 = 11; a request of 4: 15; a generator drops 1: 14; a snapshot (seq 5) with 2 stale drops and the earlier
+    one: 3 - 1 = 2 new drops, 12; an older snapshot (seq 4, 2 drops) heard late changes nothing; a newer one with
+    the same counters changes nothing but the figures the record shows."""
+    live = LiveGroups(8, snapshot(1, overflow=1, fresh=3))
+    assert live.count == 11
+    live.requested(4)
+    live.gone(1)
+    assert live.count == 14
+    live.heard(snapshot(5, stale=2, overflow=1, fresh=2))
+    assert live.count == 12
+    live.heard(snapshot(4, stale=1, overflow=1, fresh=6))
+    assert live.count == 12 and live.latest["replay/seq"] == 5
+    live.heard(snapshot(7, stale=2, overflow=1, fresh=0))
+    assert live.count == 12 and live.latest["replay/fresh_size"] == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_live_groups_heard_in_any_order_count_the_newest_drops_and_never_fewer_than_the_truth(seed):
+    """The replay actor's drops grow over 30 events; their snapshots reach the driver in a random order and some
+    never do. The count is always the start plus requests minus the drops of the newest snapshot heard (an
+    independent recomputation), and never below the truth (every drop so far), so admission never admits more."""
+    rng = random.Random(seed)
+    drops, snapshots = 0, []
+    for seq in range(1, 31):
+        drops += rng.choice([0, 0, 1, 2])
+        snapshots.append(snapshot(seq, stale=drops))
+    heard = [s for s in snapshots if rng.random() < 0.7]
+    rng.shuffle(heard)
+    live = LiveGroups(0, snapshot(0))
+    live.requested(100)
+    newest = None
+    for s in heard:
+        live.heard(s)
+        newest = s if newest is None or s["replay/seq"] > newest["replay/seq"] else newest
+        assert live.count == 100 - newest["replay/dropped_stale"]
+        assert live.count >= 100 - drops
+    if heard:
+        assert live.latest == newest
+
+
+def test_live_groups_keep_only_the_replay_actors_figures_of_a_generators_results():
+    """A generator's results carry the ack among its own figures (its policy_version, gen/*): the record takes only
+    the replay actor's."""
+    live = LiveGroups(0, snapshot(0))
+    live.heard(snapshot(3, fresh=4) | {"policy_version": 0.0, "gen/groups": 4.0})
+    assert set(live.latest) == set(snapshot(3))

@@ -358,7 +358,7 @@ def test_rlfleet_dpo_end_to_end_with_resume(ray_cluster, tmp_path):
     accuracy against the BEMA reference must exceed 0.6 (at the start, policy = reference: margins 0). BEMA events at
     exactly the scheduled steps. Then resume to 65 steps: it continues at 61 and the metrics log holds each step
     once."""
-    from rlfleet.dpo.job import train_dpo
+    from rlfleet.cluster.dpo_job import train_dpo
 
     overrides = [f"output_dir={tmp_path}", "logging.log_every=20", "logging.report_to=[tensorboard]"]
     summary = train_dpo(load_config(REPO / "deploy" / "dpo_quickstart.yaml", overrides))

@@ -317,7 +317,7 @@ def test_config_checks_name_the_field():
 
 
 def test_preflight_refuses_string_prompts_and_a_bad_environment():
-    from rlfleet.cluster.driver import preflight
+    from rlfleet.cluster.preflight import preflight
     from rlfleet.config import ConfigError
 
     cfg = load_config(None, ["data.dataset=builtin:target_length", "algorithm.environment=scripted_user",

@@ -98,7 +98,7 @@ def test_eval_steps_needs_an_eval_split_and_greedy_needs_one_sample():
 
 @pytest.mark.parametrize("dataset, split", [("builtin:target_length", "validation"), ("local", "test")])
 def test_an_eval_split_the_dataset_lacks_fails_before_start(tmp_path, dataset, split):
-    from rlfleet.cluster.driver import preflight
+    from rlfleet.cluster.preflight import preflight
 
     if dataset == "local":
         dataset = str(tmp_path / "prompts.jsonl")

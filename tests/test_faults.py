@@ -197,7 +197,7 @@ def train_in_thread(cfg, train_dpo_job: bool = False, **train_kwargs):
     """``rlfleet train`` (or ``rlfleet dpo``) in a thread; returns the thread and a dict that receives its summary
     or its error. ``train_kwargs`` go to ``train`` (e.g. ``engine_factory``)."""
     from rlfleet.cluster.driver import train
-    from rlfleet.dpo.job import train_dpo
+    from rlfleet.cluster.dpo_job import train_dpo
 
     result: dict = {}
 
@@ -252,10 +252,13 @@ def run_restarting_generator(cfg, out) -> list[dict]:
     import ray
 
     thread, result = train_in_thread(cfg)
-    wait_for(lambda: len(records_of(out)) >= 2 or not thread.is_alive(), 300, "two learner steps")
-    assert thread.is_alive(), result
-    ray.kill(ray.get_actor("rlfleet-generator-0"), no_restart=False)
-    thread.join(timeout=600)
+    try:
+        wait_for(lambda: len(records_of(out)) >= 2 or not thread.is_alive(), 300, "two learner steps")
+        assert thread.is_alive(), result
+        ray.kill(ray.get_actor("rlfleet-generator-0"), no_restart=False)
+        thread.join(timeout=600)
+    finally:  # a failed wait must not leave the run going into the next test
+        stop_and_join(thread)
     assert "error" not in result, result.get("error")
     return records_of(out)
 
@@ -285,10 +288,13 @@ def test_killed_learner_recovers_from_checkpoint(ray_cluster, tmp_path):
     cfg = load_config(DEPLOY / "grpo.yaml", [f"output_dir={tmp_path}", "learner.max_steps=8",
                                              "checkpoint.save_steps=2", "logging.plot=false"])
     thread, result = train_in_thread(cfg)
-    wait_for(lambda: len(records_of(tmp_path)) >= 3 or not thread.is_alive(), 300, "three learner steps")
-    assert thread.is_alive(), result
-    ray.kill(ray.get_actor("rlfleet-learner"), no_restart=True)
-    thread.join(timeout=600)
+    try:
+        wait_for(lambda: len(records_of(tmp_path)) >= 3 or not thread.is_alive(), 300, "three learner steps")
+        assert thread.is_alive(), result
+        ray.kill(ray.get_actor("rlfleet-learner"), no_restart=True)
+        thread.join(timeout=600)
+    finally:  # a failed wait must not leave the run going into the next test
+        stop_and_join(thread)
     assert "error" not in result, result.get("error")
     records = records_of(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 9))  # rolled back to the checkpoint, then continued

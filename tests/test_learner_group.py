@@ -401,7 +401,7 @@ def test_dpo_job_with_two_learner_ranks_learns_and_resumes(ray_cluster, tmp_path
     """deploy/dpo_quickstart.yaml with a 2-rank learner (BEMA sharded like the parameters): held-out accuracy rises
     from near chance as with one learner (test_dpo's end-to-end test), BEMA events at the scheduled steps, and the
     sharded checkpoint resumes."""
-    from rlfleet.dpo.job import train_dpo
+    from rlfleet.cluster.dpo_job import train_dpo
     from rlfleet.config import load_config
 
     overrides = [f"output_dir={tmp_path}", "logging.log_every=20", "logging.plot=false", "cluster.learner_workers=2"]
@@ -421,7 +421,7 @@ def test_dpo_job_with_two_learner_ranks_learns_and_resumes(ray_cluster, tmp_path
 
 
 def test_learner_options_make_threads_beyond_the_cpus_wait_passively():
-    from rlfleet.cluster.learner_group import learner_options
+    from rlfleet.learner.group import learner_options
     from rlfleet.config import ClusterConfig
 
     # its own cores: OpenMP's default waiting (spinning a while) is kept; no runtime_env of its own

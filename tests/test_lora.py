@@ -152,7 +152,7 @@ def test_policy_reference_is_the_base_model_without_a_copy(tiny_model_path):
 
 
 def test_lora_checks_before_start(tmp_path):
-    from rlfleet.cluster.driver import model_problems
+    from rlfleet.cluster.preflight import model_problems
 
     assert engine_rank(4) == 8 and engine_rank(8) == 8 and engine_rank(300) == 320
     cfg = RLFleetConfig(model={"lora": {"r": 600, "target_modules": ["q_proj", "qkv"]}})
@@ -272,7 +272,7 @@ def test_lora_dpo_job_learns_and_resumes(ray_cluster, tmp_path):
     """deploy/dpo_lora.yaml: held-out accuracy of the implicit reward (against the base model as reference) starts at
     0 (no margin: the fresh adapter is the base) and passes 0.9 (measured: 1.0 at step 60); a resume from step 30
     continues at 31. The checkpoints hold the adapter and no reference model."""
-    from rlfleet.dpo.job import train_dpo
+    from rlfleet.cluster.dpo_job import train_dpo
 
     overrides = [f"output_dir={tmp_path}", "logging.plot=false"]
     first = train_dpo(load_config(REPO / "deploy" / "dpo_lora.yaml", overrides + ["learner.max_steps=30"]))

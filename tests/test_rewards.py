@@ -4,7 +4,7 @@ from decimal import Decimal
 
 import pytest
 
-from rlfleet.generation.scoring import resolve_function
+from rlfleet.user_code import resolve_function
 from rlfleet.rewards import format_reward, gold_number, gsm8k_accuracy, last_number
 
 # The first GSM8K training row's answer, verbatim (its worked solution ends in "#### 72").

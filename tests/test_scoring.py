@@ -13,11 +13,11 @@ from rlfleet.generation.scoring import (
     BUILTIN_GROUP_FILTERS,
     combine_rewards,
     group_advantages,
-    resolve_function,
     select_top_k,
     shortest,
     token_efficiency,
 )
+from rlfleet.user_code import resolve_function
 
 NAN = float("nan")
 CASE1 = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]])

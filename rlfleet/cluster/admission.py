@@ -50,6 +50,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+REPLAY_DROPS = ("replay/dropped_stale", "replay/dropped_zero_variance", "replay/dropped_overflow")
+
 
 def admission_budget(version: int, oldest_in_flight: int | None, live_groups: int, groups_per_step: int,
                      max_staleness: int) -> int:
@@ -75,3 +77,39 @@ def plan_request(held: int, latest: int, prompts: int, budget_at: Callable[[int]
     if 0 <= held < latest and budget_at(held) >= prompts:
         return held, prompts
     return latest, max(0, min(prompts, budget_at(latest)))
+
+
+class LiveGroups:
+    """Admission's count of live groups (see above), kept from the events that change it: no counter is fetched.
+
+    It starts from the groups live when the job (re)starts: those trained (one batch of ``groups_per_step`` per
+    published version) and those queued in the replay actor, whose snapshot ``replay`` is. Then each request adds
+    its groups (:meth:`requested`); groups a generator dropped or lost with its generator leave (:meth:`gone`); and
+    every snapshot of the replay actor's stats (``replay/*``) that reaches the driver (:meth:`heard`: a generator's
+    ack of its groups, within its results; the learner's pull) takes out the groups the replay actor dropped since the last one. Snapshots may be
+    heard out of order: each carries the replay actor's event number ``replay/seq``, and only a newer one counts
+    (its counters include every older one's). A drop not heard of yet leaves the count above the truth, so
+    admission admits less, never more."""
+
+    def __init__(self, trained: int = 0, replay: dict[str, float] | None = None):
+        self.count = trained + int((replay or {}).get("replay/fresh_size", 0))
+        self.latest = replay or {}  # the newest snapshot heard: the replay actor as the step records show it
+        self._drops = replay_drops(replay) if replay else 0
+
+    def requested(self, groups: int) -> None:
+        self.count += groups
+
+    def gone(self, groups: int) -> None:
+        self.count -= groups
+
+    def heard(self, replay: dict[str, float]) -> None:
+        if replay.get("replay/seq", -1) <= self.latest.get("replay/seq", -1):
+            return  # older than one already heard: its drops are in that one's counters
+        drops = replay_drops(replay)
+        self.count -= drops - self._drops
+        self.latest, self._drops = {k: v for k, v in replay.items() if k.startswith("replay/")}, drops
+
+
+def replay_drops(replay: dict[str, float]) -> int:
+    """Groups the replay actor dropped (stale, zero-variance, overflow) so far, from a snapshot of its stats."""
+    return int(sum(replay[k] for k in REPLAY_DROPS))

@@ -3,14 +3,21 @@
 The job lifecycle (connect, restore, stop signals, recovery, final checkpoint) is
 :func:`rlfleet.cluster.lifecycle.run_job`'s; this module supplies what is particular to RL training:
 
-1. preflight: everything that can be checked without actors (model, data, reward and filter functions, prompt
-   lengths), then the resolved ``config.json``;
+1. :func:`~rlfleet.cluster.preflight.preflight` (everything that can be checked without actors), then the resolved
+   ``config.json``;
 2. :class:`RLJob`: the replay actor, the learner (in a placement group of its own), the
    :class:`~rlfleet.cluster.pool.GeneratorPool` (started once ``num_generators``' min are running; it grows and
    shrinks while the job runs), and the ``rlfleet-control`` actor that ``rlfleet scale`` talks to;
 3. its loop: one learner step in flight, generation requests on every idle generator as far as
-   :func:`~rlfleet.cluster.admission.admission_budget` admits, operator requests; each step ends with the new
-   weights published through the transport; metrics; a checkpoint every ``save_steps``.
+   :func:`~rlfleet.cluster.admission.admission_budget` admits, evaluations
+   (:class:`~rlfleet.cluster.evaluations.Evaluations`), operator requests; each step ends with the new weights
+   published through the transport; metrics; a checkpoint every ``save_steps``.
+
+The loop's only waits are for work: admission counts live groups in a ledger
+(:class:`~rlfleet.cluster.admission.LiveGroups`) fed by the events the driver already receives (requests, the
+generators' results with the replay actor's ack, the learner's result with the stats its pull left), and the step's
+record takes the replay actor's figures from the newest of them. ``driver/round_trips`` counts the calls whose
+answer it does wait for (the node table once a step; the replay actor only after a learner found no batch).
 
 Accounting. The learner reports the prompts of every batch it trained (``batches.jsonl``); the pool re-issues the
 prompts of a generator that died before delivering, first. A checkpoint is taken with no request in flight, so the
@@ -27,175 +34,22 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlfleet.cluster import checkpoint as ckpt
-from rlfleet.cluster.admission import admission_budget
+from rlfleet.cluster.admission import LiveGroups, admission_budget
+from rlfleet.cluster.evaluations import Evaluations
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job, wait_any
-from rlfleet.cluster.metrics import (RL_GENERATOR_SERIES, MetricsLog, Progress, StepOutputs, fmt, console, plot,
-                                    rl_series, warn)
+from rlfleet.cluster.metrics import console, fmt, plot, rl_series, warn
 from rlfleet.cluster.pool import GeneratorPool
+from rlfleet.cluster.preflight import preflight
+from rlfleet.cluster.records import StepRecords
 from rlfleet.cluster.runtime import fleet_size, generator_bundle, learner_bundles, reserve
-from rlfleet.config import ConfigError, RLFleetConfig, dump_config
+from rlfleet.config import RLFleetConfig, dump_config
 from rlfleet.errors import RunFailed
 
 log = logging.getLogger("rlfleet")
 REPLAY_NAME = "rlfleet-replay"
-REPLAY_DROPS = ("replay/dropped_stale", "replay/dropped_zero_variance", "replay/dropped_overflow")
-
-
-@dataclass
-class StepWindow:
-    """Generation figures accumulated between two learner steps, per generator."""
-
-    groups: int = 0
-    reward_errors: int = 0
-    env_errors: int = 0
-    dropped: int = 0
-    multi_turn: bool = False  # the job has an environment
-    env_s: float = 0.0
-    busy_s: dict[int, float] = field(default_factory=dict)
-    tokens: dict[int, int] = field(default_factory=dict)
-    sync_s: list[float] = field(default_factory=list)
-
-    def add(self, index: int, stats: dict) -> None:
-        self.groups += int(stats.get("gen/groups", 0))
-        self.reward_errors += int(stats.get("errors/reward", 0))
-        self.env_errors += int(stats.get("errors/env", 0))
-        self.env_s += float(stats.get("env/seconds", 0.0))
-        self.dropped += int(stats.get("gen/dropped_groups", 0))
-        self.busy_s[index] = self.busy_s.get(index, 0.0) + float(stats.get("gen/seconds", 0.0))
-        self.tokens[index] = self.tokens.get(index, 0) + int(stats.get("gen/tokens", 0))
-        if "sync/seconds" in stats:
-            self.sync_s.append(float(stats["sync/seconds"]))
-
-    def per_generator(self, wall_s: float, generators: list[int]) -> dict[int, dict[str, float]]:
-        out = {}
-        for i in generators:
-            busy = self.busy_s.get(i, 0.0)
-            out[i] = {"rlfleet_generator_idle_frac": max(0.0, 1.0 - busy / wall_s) if wall_s > 0 else 0.0,
-                      "rlfleet_gen_tokens_per_s": self.tokens.get(i, 0) / busy if busy else 0.0}
-        return out
-
-    def metrics(self, wall_s: float, generators: list[int]) -> dict:
-        busy, tokens = sum(self.busy_s.values()), sum(self.tokens.values())
-        per_gen = self.per_generator(wall_s, generators).values()
-        # multi-turn: the environment's seconds and failures in the window (turns per episode and the environment's
-        # token share are the trained batch's, from the learner)
-        env = {"env/seconds": self.env_s, "errors/env": self.env_errors} if self.multi_turn else {}
-        return env | {
-            "gen/groups": self.groups,
-            "gen/active_generators": sum(1 for t in self.tokens.values() if t > 0),
-            "gen/tokens": tokens,
-            "time/gen_s": busy,
-            "throughput/gen_tokens_per_s": tokens / busy if busy else 0.0,
-            "idle/generator_frac": sum(g["rlfleet_generator_idle_frac"] for g in per_gen) / max(len(generators), 1),
-            "errors/reward": self.reward_errors,
-            "gen/dropped_groups": self.dropped,
-            "sync/seconds": max(self.sync_s, default=0.0),
-        }
-
-
-def preflight(cfg: RLFleetConfig):
-    """Checks that need files or imports but no actors: model path, dataset, reward and filter functions."""
-    from rlfleet.generation.generator import prompt_token_ids, resolve_reward_funcs
-    from rlfleet.generation.scoring import BUILTIN_GROUP_FILTERS, resolve_function
-    from rlfleet.data import load_prompt_dataset
-    from rlfleet.models import load_tokenizer, resolve_model_path
-
-    problems = []
-    path = resolve_model_path(cfg.model.name_or_path)
-    if (path.startswith((".", "/", "~")) or Path(path).suffix) and not Path(path).expanduser().is_dir():
-        problems.append(f"model.name_or_path: {path!r} is not a directory; give a model directory, a hub name, "
-                        "or builtin:tiny")
-    dataset = None
-    try:
-        dataset = load_prompt_dataset(cfg.data, cfg.data.split, seed=cfg.seed)
-    except (ValueError, FileNotFoundError) as err:
-        problems.append(f"data.dataset: {err}")
-    alg = cfg.algorithm
-    tools = None
-    if alg.environment is not None:
-        from rlfleet.environments import make_environment
-
-        try:
-            tools = getattr(make_environment(alg.environment, alg.environment_kwargs), "tools", None)
-        except ValueError as err:
-            problems.append(str(err))
-        if dataset is not None and len(dataset) and not isinstance(dataset[0]["prompt"], list):
-            problems.append(f"algorithm.environment: {alg.environment!r} needs conversational prompts (lists of "
-                            f"{{'role', 'content'}} messages), and data.dataset {cfg.data.dataset!r} has plain "
-                            "strings; set data.system_prompt (\"\" for none) to make each string a user message")
-    problems += model_problems(cfg)
-    eval_dataset = None
-    if cfg.logging.eval_steps is not None:
-        try:
-            eval_dataset = load_eval_dataset(cfg)
-        except (ValueError, FileNotFoundError) as err:
-            problems.append(str(err))
-    checks = [lambda: resolve_reward_funcs(alg, cfg.data)]
-    if alg.group_filter_func is not None:
-        checks.append(lambda: resolve_function(alg.group_filter_func, BUILTIN_GROUP_FILTERS,
-                                               "algorithm.group_filter_func"))
-    for check in checks:
-        try:
-            check()
-        except ValueError as err:
-            problems.append(str(err))
-    if dataset is not None and not problems:
-        problems += long_prompts(cfg, dataset, load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code),
-                                 lambda tokenizer, prompt: prompt_token_ids(tokenizer, prompt, tools))
-    if problems:
-        raise ConfigError(problems)
-    if cfg.data.eval_split is not None and cfg.logging.eval_steps is None:
-        console(f"data.eval_split {cfg.data.eval_split!r} is set but logging.eval_steps is not: no evaluation while "
-                "training")
-    return dataset, eval_dataset
-
-
-def load_eval_dataset(cfg: RLFleetConfig):
-    """The held-out prompts (``data.eval_split``, the first ``data.max_eval_prompts``, in the split's order);
-    errors name ``data.eval_split``."""
-    from rlfleet.data import load_prompt_dataset
-
-    data = cfg.data.model_copy(update={"max_prompts": cfg.data.max_eval_prompts, "shuffle": False})
-    try:
-        return load_prompt_dataset(data, cfg.data.eval_split, seed=cfg.seed)
-    except (ValueError, FileNotFoundError) as err:
-        message = str(err).removeprefix("data.split: ").removeprefix("data.dataset: ")
-        raise ValueError(f"data.eval_split: {cfg.data.eval_split!r} cannot be loaded (used by logging.eval_steps): "
-                         f"{message}") from None
-
-
-def model_problems(cfg: RLFleetConfig) -> list[str]:
-    """``model.lora`` on this model: a rank the engines serve, target modules the model has (its config is read,
-    not its weights)."""
-    if cfg.model.lora is None:
-        return []
-    from rlfleet.cluster.memory import meta_model
-    from rlfleet.lora import lora_problems
-
-    try:
-        names = [name for name, _ in meta_model(cfg.model.name_or_path, cfg.model.trust_remote_code).named_modules()]
-    except (OSError, ValueError):  # no model config to read: model.name_or_path's own check says so
-        return []
-    return lora_problems(cfg.model.lora, names)
-
-
-def long_prompts(cfg: RLFleetConfig, dataset, tokenizer, encode, sample: int = 2000) -> list[str]:
-    """The first prompt (of the first ``sample``) that leaves no room for a full completion, as a problem."""
-    room = cfg.model.max_model_len - cfg.generation.max_completion_length
-    for i, prompt in enumerate(dataset.select(range(min(len(dataset), sample)))["prompt"]):
-        n = len(encode(tokenizer, prompt))
-        if n > room:
-            return [f"data.dataset: prompt {i} has {n} tokens, more than model.max_model_len "
-                    f"({cfg.model.max_model_len}) - generation.max_completion_length "
-                    f"({cfg.generation.max_completion_length}) = {room}; raise model.max_model_len, lower "
-                    "generation.max_completion_length, or filter out long prompts"]
-    return []
-
-
 
 
 def train(cfg: RLFleetConfig, engine_factory=None) -> dict:
@@ -211,60 +65,6 @@ def train(cfg: RLFleetConfig, engine_factory=None) -> dict:
                    cfg.cluster.min_generators, with_reference=cfg.algorithm.beta > 0 or online_dpo)
 
 
-class Evaluations:
-    """Evaluation while training (``logging.eval_steps``): which learner steps are due, with the weights each
-    evaluates, queued until a generator is idle; which ran.
-
-    Step 0 (the initial weights, a baseline) is due when a run starts from scratch. After step s with
-    ``s % eval_steps == 0`` or ``s == max_steps``, step s is queued with its weights handle. An object-store handle
-    keeps its weights in the store, so the evaluation loads exactly step s's weights even if later steps were
-    published meanwhile; a broadcast round cannot be received twice, so there a queued evaluation takes the latest
-    weights when it starts, and its record names their step. An evaluation whose generator died is queued again."""
-
-    def __init__(self, cfg: RLFleetConfig, dataset):
-        self.every, self.max_steps = cfg.logging.eval_steps, cfg.learner.max_steps
-        self.n = cfg.logging.eval_num_generations
-        self.temperature = 0.0 if cfg.logging.eval_greedy else None
-        self.records = None
-        if dataset is not None and self.every is not None:
-            import ray
-
-            self.records = ray.put([{**row, "prompt_id": f"eval-{i}"} for i, row in enumerate(dataset)])
-        self.queue: list[tuple[int, object]] = []  # (step, its weights handle), oldest first
-        self.handles: dict[int, object] = {}  # the handle of every step queued or running
-        self.latest = None  # the latest weights handle
-        self.steps_done: list[int] = []
-
-    def after_step(self, step: int, weights) -> None:
-        self.latest = weights
-        if self.records is not None and (step % self.every == 0 or step == self.max_steps):
-            self.queue.append((step, weights))
-            self.handles[step] = weights
-
-    def dispatch(self, pool: GeneratorPool) -> None:
-        while self.queue:
-            step, weights = self.queue[0]
-            if weights.transport != "object_store" and self.latest is not None:
-                step, weights = self.latest.version, self.latest  # see the class doc
-            if not pool.dispatch_evaluation(step, weights, self.records, self.n, self.temperature):
-                return
-            self.queue.pop(0)
-            self.handles[step] = weights
-
-    def requeue(self, pool: GeneratorPool) -> None:
-        """Evaluations lost with their generator go to the front of the queue."""
-        while pool.lost_evaluations:
-            step = pool.lost_evaluations.pop()
-            self.queue.insert(0, (step, self.handles[step]))
-
-    def done(self, record: dict) -> None:
-        self.handles.pop(int(record["step"]), None)
-        self.steps_done.append(int(record["step"]))
-
-    def outstanding(self, pool: GeneratorPool) -> bool:
-        return bool(self.queue) or any(m.evaluating for m in pool.members)
-
-
 class RLJob:
     """One life of the RL job's actors: start (or restore), the loop, the final checkpoint (see :class:`Job`)."""
 
@@ -276,7 +76,7 @@ class RLJob:
         self.eval_dataset = eval_dataset
         self.out = Path(cfg.output_dir)
         self.recoveries = recoveries
-        self.replay = self.learner = self.learner_placement = self.pool = self.outputs = None
+        self.replay = self.learner = self.learner_placement = self.pool = self.records = None
         self.learner_future = None  # the train_step in flight
 
     def _timeout(self) -> float:
@@ -286,14 +86,17 @@ class RLJob:
         """Start the actors, restore the checkpoint (if any), wait for ``min`` generators, publish the weights."""
         from rlfleet.data import PromptStream
         from rlfleet.generation.actor import make_generation_actor, vllm_engine
-        from rlfleet.learner.actor import make_learner_actor
+        from rlfleet.dpo.online import online_dpo_learner
+        from rlfleet.learner.actor import make_learner_actor, policy_learner
         from rlfleet.replay.actor import make_replay_actor
 
         cfg, c, t = self.cfg, self.cfg.cluster, self._timeout()
         self.phase = "placing the learner"
         self.replay = make_replay_actor(cfg.replay, cfg.seed, name=REPLAY_NAME, num_cpus=0)
         self.learner_placement = reserve(learner_bundles(c), "rlfleet-learner", timeout_s=min(t, 120.0))
-        self.learner = make_learner_actor(cfg, REPLAY_NAME, name="rlfleet-learner", **self.learner_placement.options())
+        objective = online_dpo_learner if cfg.algorithm.name == "online_dpo" else policy_learner
+        self.learner = make_learner_actor(cfg, REPLAY_NAME, objective, name="rlfleet-learner",
+                                          **self.learner_placement.options())
         factory = self.engine_factory or vllm_engine
         fleet = c.max_generators
         if fleet is None:  # cluster.num_generators: auto
@@ -330,22 +133,15 @@ class RLJob:
               flush=True)
         self.pool.start(c.min_generators)
         self.phase = "publishing the first weights"
-        series = rl_series(cfg.algorithm.beta, multi_turn=cfg.algorithm.environment is not None,
-                           online_dpo=cfg.algorithm.name == "online_dpo", evaluation=self.eval_dataset is not None)
-        self.outputs = StepOutputs(cfg, series, self.step if resume_from else None,
-                                   RL_GENERATOR_SERIES)
-        self.batches_log = MetricsLog(self.out, resume_step=self.step if resume_from else None, name="batches.jsonl")
-        self.progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every, start=self.step)
-
         self.weights = call(self.learner.publish_weights.remote(self.pool.weight_group()), t,
                             "the learner (publishing)")
         stats = call(self.replay.stats.remote(), t, "the replay actor")
-        # Admission's count of live groups starts with those trained (one batch per version) and those queued.
-        self.live_before = self.weights.version * cfg.learner.groups_per_step + int(stats["replay/fresh_size"])
-        self.replay_drops_before = sum(stats[k] for k in REPLAY_DROPS)
-        self.substituted_before = stats["replay/substituted"]
+        # admission's count of live groups starts with those trained (one batch per version) and those queued
+        self.pool.live = LiveGroups(self.weights.version * cfg.learner.groups_per_step, stats)
+        series = rl_series(cfg.algorithm.beta, multi_turn=cfg.algorithm.environment is not None,
+                           online_dpo=cfg.algorithm.name == "online_dpo", evaluation=self.eval_dataset is not None)
+        self.records = StepRecords(cfg, series, self.step if resume_from else None, stats)
         self.control_seen, self.control_future = 0, self.control.next_request.remote(0)  # any request so far
-        self.window, self.last_record, self.t_step = self.new_window(), {}, time.perf_counter()
         self.groups_attempted = self.groups_failed = 0  # since the driver (re)started: the error-rate check
         self.errors_total = errors_total  # over the run, checkpointed (errors/reward_total, errors/env_total)
         self.driver_s: dict[str, float] = {}  # the driver's own seconds by phase (timed)
@@ -357,9 +153,6 @@ class RLJob:
     @property
     def version(self) -> int:
         return self.weights.version
-
-    def new_window(self) -> StepWindow:
-        return StepWindow(multi_turn=self.cfg.algorithm.environment is not None)
 
     # -- the loop ----------------------------------------------------------------------------------------------
 
@@ -393,10 +186,11 @@ class RLJob:
                 result = call(self.learner_future, t, "the learner")
                 self.learner_future = None
                 if result is None:  # no batch within pull_s: admission runs again with fresh replay stats
+                    self.pool.live.heard(self.ask(self.replay.stats.remote(), "the replay actor"))
                     self.reach_new_members()
                     continue
                 with self.timed("finish_step"):
-                    stats, end = self.advance(result)
+                    end = self.advance(result)
                 checkpoint = self.step % cfg.checkpoint.save_steps == 0 and self.step < cfg.learner.max_steps
                 if not checkpoint and self.step < cfg.learner.max_steps:
                     # the next step and the requests the new weights admit go out before the step's record is
@@ -404,9 +198,9 @@ class RLJob:
                     # that request, so the driver's bookkeeping would sit on both (not before a checkpoint, which
                     # needs the learner idle)
                     self.start_learner_step(pull_s)
-                    self.admit_all(stats)
+                    self.admit_all()
                 with self.timed("finish_step"):
-                    self.record_step(result, stats, end)
+                    self.record_step(result, end)
                 if checkpoint:
                     self.save()
         self.finish_evaluations()
@@ -414,11 +208,11 @@ class RLJob:
     def start_learner_step(self, pull_s: float) -> None:
         self.learner_future = self.learner.train_step.remote(pull_s, self.pool.weight_group())
 
-    def admit_all(self, stats: dict | None = None) -> None:
+    def admit_all(self) -> None:
         """Evaluations first (one waits for no training request), then generation as far as the bound admits."""
         with self.timed("admit"):
             self.evaluations.dispatch(self.pool)
-            self.admit(stats)
+            self.admit()
 
     def collect(self, finished: list[tuple[int, dict]]) -> None:
         """Finished requests: a generation's stats go to the step's window, an evaluation's to its own record."""
@@ -426,7 +220,7 @@ class RLJob:
             if "eval/step" in stats:
                 self.record_evaluation(stats)
             else:
-                self.window.add(index, stats)
+                self.records.window.add(index, stats)
                 self.check_reward_errors(stats)
         self.evaluations.requeue(self.pool)
 
@@ -436,7 +230,7 @@ class RLJob:
         step = int(stats.pop("eval/step"))
         stats.pop("sync/seconds", None)  # the weights load before it: not a training step's
         record = {"step": step, **stats}
-        self.outputs.write(record)
+        self.records.outputs.write(record)
         self.evaluations.done(record)
         console(f"eval at step {step}: reward {fmt(record.get('eval/reward/mean'), 3)} on "
                 f"{int(record['eval/prompts'])} held-out prompts")
@@ -471,18 +265,10 @@ class RLJob:
         finally:
             self.driver_s[phase] = self.driver_s.get(phase, 0.0) + time.perf_counter() - start
 
-    def live_groups(self, replay_stats: dict) -> int:
-        """Groups requested and not known to be dropped or lost: admission's count (see rlfleet.cluster.admission)."""
-        replay_drops = sum(replay_stats[k] for k in REPLAY_DROPS) - self.replay_drops_before
-        return int(self.live_before + self.pool.requested - self.pool.dropped - self.pool.lost() - replay_drops)
-
-    def admit(self, stats: dict | None = None) -> int:
-        """Launch generation on idle generators as far as the staleness bound admits. ``stats``: the replay actor's,
-        if just read (a drop they miss makes the bound admit less, never more)."""
-        cfg = self.cfg
-        if stats is None:
-            stats = self.ask(self.replay.stats.remote(), "the replay actor")
-        live = self.live_groups(stats)
+    def admit(self) -> int:
+        """Launch generation on idle generators as far as the staleness bound admits, with the pool's count of live
+        groups (:class:`~rlfleet.cluster.admission.LiveGroups`: no call to the replay actor)."""
+        cfg, live = self.cfg, self.pool.live.count
         return self.pool.dispatch(
             self.weights, lambda version, oldest, launched: admission_budget(
                 version, oldest, live + launched, cfg.learner.groups_per_step, cfg.replay.max_staleness),
@@ -530,39 +316,28 @@ class RLJob:
                 + "); the generator logs name the function and its error. Fix the function"
                 + (" or the environment" if env else "") + ", or raise the limit")
 
-    def advance(self, result) -> tuple[dict, float]:
+    def advance(self, result) -> float:
         """A learner step finished: its weights go to each generator before its next request, its evaluation is
-        queued. Returns the replay actor's stats as the step left them and the time it ended (for its record)."""
+        queued, the replay actor's stats its pull brought count for admission. Returns the time it ended."""
         self.step += 1
         self.weights = result.weights
-        stats = self.ask(self.replay.stats.remote(), "the replay actor")
-        end = time.perf_counter()
+        self.pool.live.heard(result.replay_stats)
         self.evaluations.after_step(self.step, self.weights)
-        return stats, end
+        return time.perf_counter()
 
-    def record_step(self, result, stats: dict, now: float) -> None:
-        """The finished step's record: metrics.jsonl, batches.jsonl, the Ray series, progress, ``rlfleet scale``."""
-        gps = self.cfg.learner.groups_per_step
-        metrics = dict(result.metrics)
-        wall_s, learner_s = now - self.t_step, metrics.pop("time/step_s")
+    def record_step(self, result, now: float) -> None:
+        """The finished step's record (:class:`~rlfleet.cluster.records.StepRecords`) with the job's counters, and
+        its report to ``rlfleet scale``. The replay actor's figures are the newest heard (the step's pull, or a
+        generator's ack since)."""
+        replay = {k: v for k, v in self.pool.live.latest.items() if k != "replay/seq"}
         generators = [m.index for m in self.pool.active()]
-        substituted_last = self.last_record.get("replay/substituted", self.substituted_before)
-        record = {"step": self.step, **metrics, "policy_version": self.version, **stats,
-                  "replay/size": stats["replay/fresh_size"] + stats["replay/reservoir_size"],
-                  "replay/substituted_step": stats["replay/substituted"] - substituted_last,
-                  **self.window.metrics(wall_s, generators), **self.pool.counts,
-                  "errors/reward_total": self.errors_total["reward"],
-                  **({"errors/env_total": self.errors_total["env"]} if self.cfg.algorithm.environment else {}),
-                  "faults/recoveries": self.recoveries, "fleet/generators": len(generators),
-                  **{f"gen/requests/{i}": n for i, n in self.pool.requests_by_generator.items()},
-                  **{f"time/driver/{phase}_s": sec for phase, sec in self.driver_s.items()},
-                  "driver/round_trips": self.round_trips + self.pool.node_queries,
-                  "time/step_s": wall_s, "time/learner_s": learner_s,
-                  "idle/learner_frac": max(0.0, 1.0 - learner_s / wall_s), "learner/groups": gps}
-        self.outputs.write(record, result.samples, self.window.per_generator(wall_s, generators))
-        self.t_step, self.window, self.last_record = now, self.new_window(), record
-        self.batches_log.write({"step": self.step, "policy_version": self.version, "prompt_ids": result.prompt_ids})
-        self.progress.update(record)
+        job = {**self.pool.counts, "errors/reward_total": self.errors_total["reward"],
+               **({"errors/env_total": self.errors_total["env"]} if self.cfg.algorithm.environment else {}),
+               "faults/recoveries": self.recoveries, "fleet/generators": len(generators),
+               **{f"gen/requests/{i}": n for i, n in self.pool.requests_by_generator.items()},
+               **{f"time/driver/{phase}_s": sec for phase, sec in self.driver_s.items()},
+               "driver/round_trips": self.round_trips + self.pool.node_queries}
+        self.records.write(self.step, self.version, result, replay, generators, job, now)
         self.control.report.remote({"step": self.step, "generators": len(generators), "target": self.pool.target,
                                     "fleet/added": self.pool.counts["fleet/added"],
                                     "fleet/removed": self.pool.counts["fleet/removed"]})
@@ -575,7 +350,7 @@ class RLJob:
             result = call(self.learner_future, self._timeout(), "the learner")
             self.learner_future = None
             if result is not None:
-                self.record_step(result, *self.advance(result))
+                self.record_step(result, self.advance(result))
 
     def save(self) -> Path:
         """Checkpoint at the current step. Generation is quiesced first, so the replay buffer, the prompt cursor and
@@ -591,7 +366,7 @@ class RLJob:
         return ckpt.commit(staging, self.step, self.cfg.checkpoint.keep_last)
 
     def finish(self, final: Path) -> dict:
-        records = self.outputs.log.read()
+        records = self.records.outputs.log.read()
         keys = ("reward/mean", "loss") + (("eval/reward/mean",) if self.eval_dataset is not None else ())
         png = plot(records, self.out / "reward.png", keys) if self.cfg.logging.plot else None
         merged = bema = None
@@ -601,17 +376,17 @@ class RLJob:
         if self.cfg.model.lora is not None and self.cfg.model.lora.save_merged:
             merged = self.out / "merged"
             call(self.learner.save_merged.remote(str(merged)), self._timeout(), "the learner (saving the merged model)")
-        summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.outputs.log.path),
+        summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.records.outputs.log.path),
                    "plot": str(png) if png else None, "merged": str(merged) if merged else None,
                    "bema": str(bema) if bema else None,
-                   "last": self.last_record}
+                   "last": self.records.last}
         (self.out / "summary.json").write_text(json.dumps(summary, default=str, indent=2))
         console(f"done at step {self.step}; checkpoint {final}")
         return summary
 
     def teardown(self) -> None:
-        if self.outputs is not None:
-            self.outputs.close()
+        if self.records is not None:
+            self.records.close()
         if self.pool is not None:
             self.pool.shutdown()
         kill(self.learner, self.replay)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from rlfleet.cluster.admission import plan_request
+from rlfleet.cluster.admission import LiveGroups, plan_request
 from rlfleet.cluster.metrics import console, warn
 from rlfleet.cluster.runtime import Placement
 from rlfleet.cluster.signals import OUT_OF_MEMORY, wait_any
@@ -100,7 +100,9 @@ class GeneratorPool:
         self.retry: list[dict] = []  # prompts of requests that died: issued again before new ones
         self.counts = {"fleet/added": 0, "fleet/removed": 0, "faults/generator_restarts": 0,
                        "faults/lost_groups": 0, "sync/loads": 0, "sync/skipped_versions": 0}
-        self.requested = self.dropped = 0  # groups requested, and dropped by the generators (never delivered)
+        # admission's count of live groups: requests add to it, drops and losses take from it, and the replay
+        # actor's stats in each generator's ack take out its drops (the driver sets it once the replay is restored)
+        self.live = LiveGroups()
         self.requests = 0  # generate() calls made
         self.requests_by_generator: dict[int, int] = {}
         self.lost_evaluations: list[int] = []  # steps whose evaluation died with its generator: to run again
@@ -223,7 +225,9 @@ class GeneratorPool:
                 warn(f"{m.name} {why}; its prompts are re-issued")
             return None
         m.requests.remove(request)
-        self.dropped += int(stats.get("gen/dropped_groups", 0))
+        self.live.gone(int(stats.get("gen/dropped_groups", 0)))
+        if "replay/seq" in stats:  # the replay actor's ack of its groups
+            self.live.heard(stats)
         held = stats.get("policy_version", request.version)
         if held < request.version:  # restarted while idle: initial weights again
             self.counts["faults/generator_restarts"] += 1
@@ -253,6 +257,7 @@ class GeneratorPool:
         request order the replay actor stops waiting for them."""
         for request in m.requests:
             self.counts["faults/lost_groups"] += len(request.records)
+            self.live.gone(len(request.records))
             self.retry.extend(request.records)
             if request.evaluating is not None:
                 self.lost_evaluations.append(request.evaluating)
@@ -335,7 +340,7 @@ class GeneratorPool:
         bound admits a full request with them and the transport can serve a version lazily (object store), else
         ``weights`` (loaded first). Returns the number of prompts requested."""
         launched = 0
-        lazy = weights.transport == "object_store"  # a broadcast round is received by every member at publication
+        lazy = weights.capabilities.lazy  # else every member received the publication: it loads it
 
         def admitted() -> tuple[Member, int, int] | None:
             """The first open member the bound admits a request on, its version and size. Not always the first
@@ -358,7 +363,7 @@ class GeneratorPool:
                 seq, self.next_seq = self.next_seq, self.next_seq + 1
             m.requests.append(Request(m.handle.generate.remote(records, seq), records, version, sync, seq=seq))
             launched += n
-        self.requested += launched
+        self.live.requested(launched)
         return launched
 
     def quiesce(self) -> list[tuple[int, dict]]:

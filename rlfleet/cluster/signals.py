@@ -10,15 +10,11 @@ from contextlib import contextmanager
 
 import ray
 
-from rlfleet.errors import RunFailed
+from rlfleet.errors import ActorLost, RunFailed  # noqa: F401 - ActorLost: raised here, caught by the lifecycle
 
 
 class RunStopped(Exception):
     """SIGTERM (``ray job stop``), Ctrl-C or a stop request: stop after a final checkpoint."""
-
-
-class ActorLost(RuntimeError):
-    """An actor the job cannot run without died: the job restarts its actors from the latest checkpoint."""
 
 
 STOP_POLL_S = 0.5  # how soon a wait inside stop_on_sigterm notices a stop request

@@ -1,6 +1,6 @@
 """Ray wrapper of :class:`~rlfleet.dpo.learner.DPOLearner`. Each method delegates in one line; the logic lives in
 ``dpo/learner.py``. Preference pairs arrive from the driver (a few KB per step); nothing else crosses the wire. With
-``cluster.learner_workers`` > 1 this actor is rank 0 of a learner group (:mod:`rlfleet.cluster.learner_group`)."""
+``cluster.learner_workers`` > 1 this actor is rank 0 of a learner group (:mod:`rlfleet.learner.group`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import ray
 
-from rlfleet.cluster.learner_group import LearnerGroup, follow, learner_options
 from rlfleet.config import RLFleetConfig
 from rlfleet.dpo.learner import DPOLearner
 from rlfleet.dpo.data import PreferencePair
 from rlfleet.learner.distributed import Rank
+from rlfleet.learner.group import LearnerGroup, follow, learner_options
 from rlfleet.learner.policy import resolve_device
 from rlfleet.learner.threads import node_cores, set_threads
 

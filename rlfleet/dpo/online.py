@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlfleet.config import DPOConfig, LearnerConfig, ModelConfig
+from rlfleet.config import DPOConfig, LearnerConfig, ModelConfig, RLFleetConfig
 from rlfleet.dpo.data import PreferencePair
 from rlfleet.dpo.learner import DPOLearner
 from rlfleet.learner.distributed import SINGLE, Rank
@@ -147,3 +147,8 @@ class OnlineDPOLearner:
     def save_bema(self, directory: str | Path) -> None:
         """The BEMA weights (``dpo.bema``), as ``rlfleet dpo`` writes them to ``output_dir/bema``."""
         self.dpo.save_bema(directory)
+
+
+def online_dpo_learner(cfg: RLFleetConfig, rank: Rank) -> OnlineDPOLearner:
+    """The learner actor's ``make_learner`` for ``algorithm.name: online_dpo``."""
+    return OnlineDPOLearner(cfg.model, cfg.dpo, cfg.learner, cfg.seed, rank)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from rlfleet.generation.scoring import resolve_function
+from rlfleet.user_code import resolve_function
 
 
 class Environment:

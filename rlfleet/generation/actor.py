@@ -20,13 +20,14 @@ from rlfleet.config import RLFleetConfig
 from rlfleet.generation.engine import Engine
 from rlfleet.generation.generator import Generator
 from rlfleet.models import load_tokenizer
-from rlfleet.transport import WeightHandle, make_receiver
+from rlfleet.transport import WeightHandle, capabilities, make_receiver
 
 EngineFactory = Callable[[RLFleetConfig, int], Any]  # (cfg, seed) -> an engine with sample / update_weights
 
 
 def vllm_engine(cfg: RLFleetConfig, seed: int) -> Engine:
-    transfer = "gloo" if cfg.cluster.weight_transport == "broadcast" else None  # vLLM's weight-transfer backend
+    # a transport with a membership reaches the engine through vLLM's weight-transfer API (rlfleet's gloo backend)
+    transfer = "gloo" if capabilities(cfg.cluster.weight_transport).membership else None
     return Engine(cfg.model, cfg.generation, seed=seed, log_level=cfg.logging.engine_log_level,
                   weight_transfer=transfer)
 
@@ -47,12 +48,13 @@ class GenerationActor:
         self.generator = Generator.from_config(self.engine, tokenizer, cfg)
 
     def generate(self, records: list[dict], seq: int | None = None) -> dict[str, float]:
-        """Generate groups for ``records``, hand them to the replay actor (waiting for its ack), return stats.
-        ``seq``: the request's number (``replay.consume_order: request``); the replay actor then hears of the
-        request even when every group was dropped, since later requests wait for it."""
+        """Generate groups for ``records``, hand them to the replay actor (waiting for its ack), return stats with the
+        ack's (``replay/*``: the driver's admission hears the replay actor's drops from them). ``seq``: the
+        request's number (``replay.consume_order: request``); the replay actor then hears of the request even when
+        every group was dropped, since later requests wait for it."""
         groups, stats = self.generator.generate(records)
         if groups or seq is not None:
-            ray.get(self.replay.add.remote(groups, seq), timeout=self.cfg.cluster.timeout_s)
+            stats |= ray.get(self.replay.add.remote(groups, seq), timeout=self.cfg.cluster.timeout_s)
         return stats
 
     def evaluate(self, records: list[dict], n: int, temperature: float | None, step: int) -> dict[str, float]:

@@ -42,9 +42,9 @@ from rlfleet.generation.scoring import (
     BUILTIN_GROUP_FILTERS,
     combine_rewards,
     group_advantages,
-    resolve_function,
     select_top_k,
 )
+from rlfleet.user_code import resolve_function
 from rlfleet.config import AlgorithmConfig, DataConfig, GenerationConfig, RLFleetConfig
 from rlfleet.data import BUILTIN_REWARDS, builtin_task
 from rlfleet.types import Group

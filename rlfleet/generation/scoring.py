@@ -7,7 +7,6 @@ completions of one prompt; ``n = num_generations`` before GFPO filtering, ``num_
 - :func:`group_advantages`: GRPO's group-relative advantages ``A = (r - mean_g) / (std + 1e-4)``.
 - :func:`select_top_k` and the built-in group filters: GFPO (arXiv 2508.09726) keeps the ``k`` completions of each
   group with the highest filter score; advantages are then computed on the kept rows only.
-- :func:`resolve_function`: turns a config string into a reward or filter function.
 
 References: TRL ``GRPOTrainer._generate_and_score_completions`` and ``trl/experimental/gfpo`` (see
 ``reference/trl-algorithms.md`` sections 1.3 and 3).
@@ -15,7 +14,6 @@ References: TRL ``GRPOTrainer._generate_and_score_completions`` and ``trl/experi
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -155,38 +153,3 @@ BUILTIN_GROUP_FILTERS: dict[str, Callable[..., list[list[float]]]] = {
 }
 
 
-def resolve_function(spec: str, builtins: dict[str, Callable], what: str) -> Callable:
-    """A built-in name (a key of ``builtins``) or ``"package.module:function"`` -> the callable.
-
-    ``what`` names the config field for the error message (e.g. ``"algorithm.reward_funcs[0]"``). Raises
-    ``ValueError`` naming the field, the spec, the reason and the fix.
-    """
-    if spec in builtins:
-        return builtins[spec]
-    known = ", ".join(repr(name) for name in sorted(builtins)) or "none"
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise ValueError(
-            f"{what}: {spec!r} is not a built-in (known: {known}) and not of the form 'package.module:function'. "
-            "Use a built-in name or point at an importable function, e.g. 'my_rewards.math:exact_match'."
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(
-            f"{what}: {spec!r}: module {module_name!r} could not be imported ({type(err).__name__}: {err}). "
-            "Install the package or add its directory to PYTHONPATH (on every Ray node), or fix the module name."
-        ) from err
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(
-                f"{what}: {spec!r}: attribute {part!r} is missing from {getattr(obj, '__name__', module_name)!r}. "
-                "Check the function name after ':'."
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(
-            f"{what}: {spec!r} resolves to a {type(obj).__name__}, which is not callable. "
-            "Point at a function, e.g. 'package.module:function'."
-        )
-    return obj

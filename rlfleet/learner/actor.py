@@ -1,25 +1,28 @@
 """Ray wrapper of :class:`~rlfleet.learner.policy.PolicyLearner`: pulls batches from the replay actor, publishes
 weights through the configured transport (:mod:`rlfleet.transport`). Each method delegates in a line or two; the
 logic lives in ``policy.py``. With ``cluster.learner_workers`` > 1 this actor is rank 0 of a learner group
-(:mod:`rlfleet.cluster.learner_group`) and fans each call out to the other ranks."""
+(:mod:`rlfleet.learner.group`) and fans each call out to the other ranks."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from rlfleet.cluster.learner_group import LearnerGroup, follow, learner_options
 from rlfleet.config import RLFleetConfig
 from rlfleet.learner.distributed import Rank
+from rlfleet.learner.group import LearnerGroup, follow, learner_options
 from rlfleet.learner.policy import PolicyLearner, resolve_device
 from rlfleet.learner.threads import LearnerThreads, node_cores
 from rlfleet.transport import WeightHandle, make_publisher
 
 
 SAMPLES_PER_STEP = 4
+# (cfg, rank) -> a learner: train_step(groups), state_dict(), policy_version, save / load ... (PolicyLearner's methods)
+LearnerFactory = Callable[[RLFleetConfig, Rank], Any]
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class StepResult:
     weights: WeightHandle
     prompt_ids: list[str]
     samples: list[dict] = field(default_factory=list)  # a few groups' first completion, for the loggers
+    replay_stats: dict[str, float] = field(default_factory=dict)  # the replay actor's, as the batch's pull left them
 
     @property
     def version(self) -> int:
@@ -41,10 +45,12 @@ class LearnerActor:
     """Created with :func:`make_learner_actor`; ``replay`` is the name of the replay actor (as for the generation
     actors: a name survives a restart, a constructor argument handle may not)."""
 
-    def __init__(self, cfg: RLFleetConfig, replay: str, rank: Rank | None = None, rendezvous=None):
+    def __init__(self, cfg: RLFleetConfig, replay: str, make_learner: LearnerFactory | None = None,
+                 rank: Rank | None = None, rendezvous=None):
+        make_learner = make_learner or policy_learner
         self.threads = LearnerThreads(cfg.cluster.learner_threads, int(cfg.cluster.learner_num_cpus), node_cores())
-        self.group = LearnerGroup(LearnerActor, (cfg, replay), cfg.cluster, resolve_device(cfg.learner.device),
-                                  rendezvous, rank)
+        self.group = LearnerGroup(LearnerActor, (cfg, replay, make_learner), cfg.cluster,
+                                  resolve_device(cfg.learner.device), rendezvous, rank)
         self.learner = make_learner(cfg, self.group.rank)
         self.publisher = make_publisher(cfg.cluster.weight_transport, self.learner.compute_dtype,
                                         cfg.cluster.weight_sync_timeout_s)
@@ -58,8 +64,8 @@ class LearnerActor:
         driver can start the next step at once. None when the replay actor has no full batch in time; the driver
         decides what to do then."""
         start = time.perf_counter()
-        request = self.replay.sample.remote(self.groups_per_step, self.learner.policy_version, timeout_s)
-        groups = ray.get(request, timeout=timeout_s + self.rpc_timeout_s)
+        request = self.replay.sample_with_stats.remote(self.groups_per_step, self.learner.policy_version, timeout_s)
+        groups, replay_stats = ray.get(request, timeout=timeout_s + self.rpc_timeout_s)
         waited = time.perf_counter() - start
         if groups is None:
             self.threads.observe(waited, 0.0)
@@ -70,16 +76,15 @@ class LearnerActor:
         weights = self.publish_weights(generators)
         metrics["learner/threads"] = float(self.threads.threads)  # this step's (auto may change it for the next)
         self.threads.observe(waited, time.perf_counter() - start - waited)
-        if hasattr(self.publisher, "rebuilds"):  # broadcast: weight-transfer groups rebuilt so far in this life
-            metrics["sync/rebuilds"] = float(self.publisher.rebuilds)
-        return StepResult(metrics, weights, [g.prompt_id for g in groups], samples)
+        metrics |= self.publisher.stats()
+        return StepResult(metrics, weights, [g.prompt_id for g in groups], samples, replay_stats)
 
     def publish_weights(self, generators: list[str] | None = None) -> WeightHandle:
         """Publish the current policy through the transport (``broadcast``: to the group of ``generators``, the
         pool's member keys, rebuilt when they changed). The driver's ``ray.get`` of this call yields the small
         handle (object refs inside it are never resolved), so bulk data never passes through the driver."""
         state = self.group.run("state_dict", (), self.learner.state_dict)
-        if generators is not None and hasattr(self.publisher, "connect"):
+        if generators is not None:
             self.publisher.connect(generators)
         return self.publisher.publish(state, self.learner.policy_version)
 
@@ -98,25 +103,23 @@ class LearnerActor:
         self.group.run("save_bema", (directory,), lambda: self.learner.save_bema(directory))
 
     def follow(self, method: str, *args) -> None:
-        """A group call's part on a rank > 0 (:class:`~rlfleet.cluster.learner_group.LearnerGroup`)."""
+        """A group call's part on a rank > 0 (:class:`~rlfleet.learner.group.LearnerGroup`)."""
         follow(self.learner, method, *args)
 
     def version(self) -> int:
         return self.learner.policy_version
 
 
-def make_learner(cfg: RLFleetConfig, rank: Rank):
-    """The learner of ``algorithm.name``: :class:`PolicyLearner` (the GRPO family) or
-    :class:`~rlfleet.dpo.online.OnlineDPOLearner`; both take groups and give the engines' weights."""
-    if cfg.algorithm.name == "online_dpo":
-        from rlfleet.dpo.online import OnlineDPOLearner
-
-        return OnlineDPOLearner(cfg.model, cfg.dpo, cfg.learner, cfg.seed, rank)
+def policy_learner(cfg: RLFleetConfig, rank: Rank) -> PolicyLearner:
+    """The learner of the GRPO family: the default ``make_learner``."""
     return PolicyLearner(cfg.model, cfg.algorithm, cfg.learner, cfg.generation, cfg.seed, rank)
 
 
-def make_learner_actor(cfg: RLFleetConfig, replay: str, **options: Any) -> ray.actor.ActorHandle:
-    """Start a :class:`LearnerActor` with the learner's resources from ``cfg.cluster``; ``options`` (any
-    ``ray.remote`` option: name, scheduling_strategy, num_gpus ...) override them."""
+def make_learner_actor(cfg: RLFleetConfig, replay: str, make_learner: LearnerFactory | None = None,
+                       **options: Any) -> ray.actor.ActorHandle:
+    """Start a :class:`LearnerActor` with the learner's resources from ``cfg.cluster``; ``make_learner(cfg, rank)``
+    builds the learner of each rank (:func:`policy_learner` unless given: the job passes online DPO's,
+    :func:`rlfleet.dpo.online.online_dpo_learner`); ``options`` (any ``ray.remote`` option: name,
+    scheduling_strategy, num_gpus ...) override the resources."""
     options = {**learner_options(cfg.cluster), **options}
-    return ray.remote(LearnerActor).options(**options).remote(cfg, replay)
+    return ray.remote(LearnerActor).options(**options).remote(cfg, replay, make_learner)

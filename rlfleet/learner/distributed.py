@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rlfleet.rendezvous import host_store  # noqa: F401 - the learner group's rank 0 hosts its store
+
 
 @dataclass(frozen=True)
 class Rank:
@@ -47,18 +49,10 @@ class Rank:
 SINGLE = Rank()
 
 
-def host_store(address: str, world_size: int, timeout_s: float) -> dist.TCPStore:
-    """The rendezvous store a group's rank 0 (or its launcher) hosts, listening before anyone is told where: on a
-    port the OS picks as it binds (``store.port``). A port picked beforehand and bound later can be taken meanwhile
-    (a CI run failed with EADDRINUSE so)."""
-    return dist.TCPStore(address, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
-                         wait_for_workers=False)
-
-
 def init_process_group(rank: Rank, address: str, port: int, device: torch.device, timeout_s: float,
                        store: dist.TCPStore | None = None) -> None:
     """Join the learner group's process group: gloo on CPU, NCCL on GPU, through the store at ``address:port``
-    (``store``: the one this process hosts, :func:`host_store`). Every collective times out after ``timeout_s``, so
+    (``store``: the one this process hosts, :func:`~rlfleet.rendezvous.host_store`). Every collective times out after ``timeout_s``, so
     a rank that died fails the others instead of hanging them (gloo notices a closed peer at once; NCCL after the
     timeout)."""
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -28,6 +28,7 @@ class ReplayActor:
         self.buffer = ReplayBuffer(cfg, seed)
         self.order: RequestOrder[Group] = RequestOrder()
         self._changed = asyncio.Condition()  # notified when groups arrive or the state is replaced
+        self.seq = 0  # calls that changed the buffer so far: orders the snapshots of stats() (``replay/seq``)
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -37,6 +38,7 @@ class ReplayActor:
         """Queue fresh groups (those of request ``seq``, in request order, when it is given), wake waiting samplers;
         returns the buffer's stats (the generator's ack)."""
         self.buffer.add(groups if seq is None else self.order.deliver(seq, groups))
+        self.seq += 1
         await self._notify()
         return await self.stats()
 
@@ -44,32 +46,44 @@ class ReplayActor:
         """Requests ``seqs`` were lost with their generator (their prompts are re-issued): stop waiting for them."""
         for seq in seqs:
             self.buffer.add(self.order.skip(seq))
+        self.seq += 1
         await self._notify()
 
     async def sample(self, n: int, current_version: int, timeout_s: float) -> list[Group] | None:
         """A batch of ``n`` groups for a learner at ``current_version``; None if none formed within ``timeout_s``."""
+        return (await self.sample_with_stats(n, current_version, timeout_s))[0]
+
+    async def sample_with_stats(self, n: int, current_version: int, timeout_s: float
+                                ) -> tuple[list[Group] | None, dict[str, float]]:
+        """:meth:`sample`, and the stats as it left the buffer (the learner passes them on to the driver)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         async with self._changed:
             while (batch := self.buffer.sample(n, current_version)) is None:
+                self.seq += 1  # a failed try may drop stale groups
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    return None
+                    return None, await self.stats()
                 try:
                     await asyncio.wait_for(self._changed.wait(), remaining)
                 except asyncio.TimeoutError:
                     pass  # one last try above, then None
-            return batch
+            self.seq += 1
+            return batch, await self.stats()
 
     async def stats(self) -> dict[str, float]:
+        """The buffer's counters and sizes, the request order's, and ``replay/seq``: the number of calls that changed
+        them so far, which orders snapshots heard out of order (:class:`~rlfleet.cluster.admission.LiveGroups`)."""
         return self.buffer.stats() | {"replay/held": float(self.order.held),
-                                      "replay/ignored_deliveries": float(self.order.ignored)}
+                                      "replay/ignored_deliveries": float(self.order.ignored),
+                                      "replay/seq": float(self.seq)}
 
     async def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         return self.buffer.state_dict()
 
     async def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         self.buffer.load_state_dict(arrays, meta)
+        self.seq += 1
         await self._notify()
 
 

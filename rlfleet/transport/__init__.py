@@ -5,6 +5,9 @@ picklable value that the driver passes on without looking inside. Generator side
 handle back into tensors and loads them into the engine. The driver and the actors' method signatures know only
 ``(handle, version)``; which implementation runs is chosen once, by ``cluster.weight_transport``.
 
+Where transports behave differently, each declares it in its :class:`Capabilities` and callers ask the capability
+(``handle.capabilities.lazy``), never the transport's name.
+
 Implementations:
 - ``object_store`` (:mod:`rlfleet.transport.object_store`): the state dict packed into one host buffer, one
   ``ray.put``; generators on the same node read it zero-copy from shared memory.
@@ -23,6 +26,22 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a transport can do, for the callers that must know.
+
+    - ``lazy``: a publication stays loadable after later ones (its bytes are kept while its handle lives), so a
+      generator may keep older weights and load a newer version when it chooses, or load one twice (an evaluation of
+      an earlier step). Without it, a publication is received once by every member, at publication.
+    - ``membership``: a publication reaches a group of generators named when it is made (``connect``); a generator
+      outside that group must wait for a publication that includes it. The engine then takes part in a
+      weight-transfer group of vLLM's RL API.
+    """
+
+    lazy: bool
+    membership: bool
+
+
+@dataclass(frozen=True)
 class WeightHandle:
     """What a publication leaves for the generators: the transport's name, the policy version, and a payload only
     that transport reads (for ``object_store``: an object ref, which Ray does not resolve inside a dataclass)."""
@@ -35,9 +54,22 @@ class WeightHandle:
     def reaches(self, generator: str) -> bool:
         return self.members is None or generator in self.members
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return capabilities(self.transport)
+
 
 class WeightPublisher(Protocol):
+    capabilities: Capabilities
+
+    def connect(self, members: list[str]) -> None:
+        """The generators the next publication must reach (keys ``<actor name>@<incarnation>``); nothing to do for a
+        transport without ``membership``."""
+
     def publish(self, state: Mapping[str, Tensor], version: int) -> WeightHandle: ...
+
+    def stats(self) -> dict[str, float]:
+        """The transport's own figures for the step's record (``sync/*``)."""
 
 
 class WeightLoader(Protocol):
@@ -54,7 +86,16 @@ class WeightReceiver(Protocol):
     def apply(self, handle: WeightHandle, engine: WeightLoader) -> None: ...
 
 
-TRANSPORTS = ("object_store", "broadcast")
+CAPABILITIES = {"object_store": Capabilities(lazy=True, membership=False),
+                "broadcast": Capabilities(lazy=False, membership=True)}
+TRANSPORTS = tuple(CAPABILITIES)
+
+
+def capabilities(name: str) -> Capabilities:
+    """Transport ``name``'s :class:`Capabilities`."""
+    if name not in CAPABILITIES:
+        raise ValueError(f"cluster.weight_transport: {name!r} is not one of {TRANSPORTS}")
+    return CAPABILITIES[name]
 
 
 def make_publisher(name: str, dtype, timeout_s: float = 600.0) -> WeightPublisher:

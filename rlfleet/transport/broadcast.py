@@ -26,7 +26,7 @@ import ray
 import torch
 from torch import Tensor
 
-from rlfleet.transport import WeightHandle, WeightLoader
+from rlfleet.transport import CAPABILITIES, WeightHandle, WeightLoader
 
 NAME = "broadcast"
 DEAD_GRACE_S = 30.0  # after a failed round, how long the members' calls get to fail or return
@@ -95,6 +95,8 @@ class StateSource:
 class BroadcastPublisher:
     """The learner's side: one weight-transfer group with the generators named at :meth:`connect`."""
 
+    capabilities = CAPABILITIES[NAME]
+
     def __init__(self, dtype: torch.dtype, timeout_s: float):
         self.dtype, self.timeout_s = dtype, timeout_s
         self.members: tuple[str, ...] = ()
@@ -120,6 +122,9 @@ class BroadcastPublisher:
                 if self.members:
                     self._send(state, version)
         return WeightHandle(NAME, int(version), None, members=frozenset(self.members))
+
+    def stats(self) -> dict[str, float]:
+        return {"sync/rebuilds": float(self.rebuilds)}  # weight-transfer groups rebuilt so far in this life
 
     def _send(self, state: Mapping[str, Tensor], version: int) -> None:
         self.source.state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -39,7 +39,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from rlfleet.learner.distributed import host_store
+from rlfleet.rendezvous import host_store
 
 BACKEND = "gloo"
 DEFAULT_BUCKET_BYTES = 64 * 2**20
@@ -82,7 +82,7 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
 
 def open_group(address: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.ProcessGroup:
     """A gloo process group of its own (not the default group: vLLM's workers and the learner group have theirs),
-    over a TCP store that rank 0 hosts (:func:`rlfleet.learner.distributed.host_store`)."""
+    over a TCP store that rank 0 hosts (:func:`rlfleet.rendezvous.host_store`)."""
     store = dist.TCPStore(address, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
     return dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import ray
 from torch import Tensor
 
-from rlfleet.transport import WeightHandle, WeightLoader
+from rlfleet.transport import CAPABILITIES, WeightHandle, WeightLoader
 from rlfleet.transport.packed import WeightPacker, unpack
 
 NAME = "object_store"
@@ -18,11 +18,19 @@ class ObjectStorePublisher:
     """Packs into one reusable buffer (warm pages; the copy doubles as the cast to the engines' dtype and the
     device-to-host transfer) and puts it: one copy into the object store per publication."""
 
+    capabilities = CAPABILITIES[NAME]
+
     def __init__(self, dtype):
         self.packer = WeightPacker(dtype)
 
+    def connect(self, members: list[str]) -> None:
+        """Nothing: any generator can read a publication from the object store."""
+
     def publish(self, state: Mapping[str, Tensor], version: int) -> WeightHandle:
         return WeightHandle(NAME, int(version), ray.put(self.packer.pack(state)))
+
+    def stats(self) -> dict[str, float]:
+        return {}
 
 
 class ObjectStoreReceiver:

@@ -44,7 +44,7 @@ def preflight_dpo(cfg: RLFleetConfig):
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError([f"model.name_or_path: cannot load a tokenizer from {cfg.model.name_or_path!r}: {err}"])
-    from rlfleet.cluster.driver import model_problems
+    from rlfleet.cluster.preflight import model_problems
 
     problems, splits = model_problems(cfg), []
     for field, split in (("data.split", cfg.data.split), ("data.eval_split", cfg.data.eval_split)):

@@ -9,7 +9,7 @@ job's recovery, which replaces a lost learner, replaces the whole group.
 
 A rank that dies mid-call breaks the collectives of the others: gloo notices the closed connection at once, NCCL
 at the process group's timeout (``cluster.timeout_s``). Rank 0 then finds the dead rank and raises
-:class:`~rlfleet.cluster.signals.ActorLost` naming it, which the job lifecycle treats like the loss of a single
+:class:`~rlfleet.errors.ActorLost` naming it, which the job lifecycle treats like the loss of a single
 learner: it recovers from the latest checkpoint.
 """
 
@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlfleet.cluster.signals import ActorLost
 from rlfleet.config import ClusterConfig
+from rlfleet.errors import ActorLost
 from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import Rank, destroy_process_group, init_process_group
 
