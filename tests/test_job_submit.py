@@ -2,8 +2,9 @@
 
 The head is started once for the module with README's recipe, scripts/local_head.py (every Ray port on 127.0.0.1, a
 fixed metrics export port, and a real Prometheus scraping it every second where Prometheus is installed) and stopped
-at the end whatever happens. Token authentication is disabled here only because
-the test does not exercise it (platform-notes); deploy/ keeps it on.
+at the end whatever happens: after a failed test, and after a start that failed or timed out part-way (`local_head.py
+stop` finds every process the head started, however far the start got); the stop itself is checked. Token
+authentication is disabled here only because the test does not exercise it (platform-notes); deploy/ keeps it on.
 """
 
 from __future__ import annotations
@@ -43,22 +44,24 @@ def head(tmp_path_factory):
     # every port explicit: the defaults (e.g. the dashboard agent's 52365) may be held by another Ray on the machine,
     # and a head whose agent cannot bind never accepts jobs ("No available agent")
     ports = {name: free_port() for name in ("gcs", "dashboard", "metrics", "agent_http", "agent_grpc", "runtime_env",
-                                           "prometheus")}
+                                           "client", "prometheus")}
     temp = tmp_path_factory.mktemp("ray")
     start = [sys.executable, str(ROOT / "scripts" / "local_head.py"), "start", f"--dir={temp}",
              f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}", f"--metrics-port={ports['metrics']}",
-             f"--prometheus-port={ports['prometheus']}", "--scrape-interval=1s", "--num-cpus=4", "--json", "--",
+             f"--client-port={ports['client']}", f"--prometheus-port={ports['prometheus']}", "--scrape-interval=1s",
+             "--num-cpus=4", "--json", "--",
              f"--dashboard-agent-listen-port={ports['agent_http']}",
              f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}"]
-    started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=240)
     try:
+        started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=240)
         assert started.returncode == 0, started.stdout + started.stderr
         state = json.loads(started.stdout)
-        yield {"env": env, "address": state["dashboard"], "metrics": ports["metrics"], "dir": temp,
-               "prometheus": state.get("prometheus")}
-    finally:
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "local_head.py"), "stop", f"--dir={temp}"], env=env,
-                       timeout=120)
+        yield {"env": env, "address": state["dashboard"], "metrics": ports["metrics"], "client": ports["client"],
+               "dir": temp, "prometheus": state.get("prometheus")}
+    finally:  # also after a start that failed or timed out part-way: stop finds what it did start
+        stopped = subprocess.run([sys.executable, str(ROOT / "scripts" / "local_head.py"), "stop", f"--dir={temp}"],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
 def head_status(head) -> dict:
@@ -187,6 +190,7 @@ def test_prometheus_charts_a_running_job_then_job_stop_checkpoints(head, tmp_pat
     # every process of the head (GCS, raylet, agents, workers, the job's driver, Prometheus) listens on loopback
     listening = head_status(head)["listening"]
     assert {s["port"] for s in listening} >= {int(head["address"].rsplit(":", 1)[1]), head["metrics"]}
+    assert head["client"] in {s["port"] for s in listening}  # Ray's client server: on loopback, and stop finds it
     assert [s for s in listening if s["ip"].removeprefix("::ffff:") not in ("127.0.0.1", "::1")] == []
 
     assert ray_cli(head, "job", "stop", "--address", head["address"], job_id, timeout=180).returncode == 0
