@@ -116,6 +116,19 @@ class GenerationConfig(Section):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: vLLM's memory share.")
     kv_cache_space_gib: int = Field(1, ge=1, description="CPU only: vLLM KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = Field(True, description="Skip CUDA graphs / torch.compile: faster start, small models.")
+    engine: Literal["batched", "continuous"] = Field(
+        "batched", description="'batched': each request is one vLLM generate() call, weights loaded between requests. "
+        "'continuous': the engine runs across requests, a group ships the moment its last completion ends, and new "
+        "weights load between two engine steps with completions in flight (each token records its policy version; "
+        "replay.max_staleness bounds the oldest token's lag).")
+    max_inflight_groups: int | None = Field(
+        None, ge=1, le=4096, description="Continuous engine: groups one generator keeps in flight at most; None: as "
+        "many as its KV cache holds at full length (kv_cache_space_gib over one group's num_generations x "
+        "(prompt + max_completion_length) tokens), at least 1.")
+    kv_on_update: Literal["keep", "recompute"] = Field(
+        "keep", description="Continuous engine, when new weights load mid-completion: 'keep' the KV cache computed "
+        "under the old weights (later tokens attend to it); 'recompute' re-prefills every unfinished completion "
+        "under the new weights first.")
     # multi-turn episodes (algorithm.environment)
     max_turns: int = Field(
         1, ge=1, description="Model turns per episode (with algorithm.environment); max_completion_length is per turn."
@@ -503,6 +516,16 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
             f"staleness bound lets one policy version produce. Use at most {window * G}, or raise "
             "replay.max_staleness or learner.groups_per_step."
         )
+    if gen.engine == "continuous":
+        if lora is not None:
+            out.append("generation.engine: continuous loads full weights in flight; an adapter (model.lora) is not "
+                       "carried in flight yet: use generation.engine: batched with model.lora.")
+        if alg.environment is not None:
+            out.append("generation.engine: continuous runs single-turn groups; multi-turn episodes "
+                       f"(algorithm.environment: {alg.environment!r}) run on generation.engine: batched.")
+    elif gen.max_inflight_groups is not None or gen.kv_on_update != "keep":
+        field = "generation.max_inflight_groups" if gen.max_inflight_groups is not None else "generation.kv_on_update"
+        out.append(f"{field}: applies to generation.engine: continuous only; set that, or remove {field}.")
     if gen.top_k == 0:
         out.append("generation.top_k: 0 is not a valid top-k; use None or -1 to disable it, or a positive value.")
     c, tp = cfg.cluster, gen.tensor_parallel_size

@@ -194,3 +194,31 @@ def float32_attention_on_cpu(model: torch.nn.Module, compute_dtype: torch.dtype,
     AttentionMaskInterface.register(FLOAT32_ATTENTION, sdpa_mask)
     model.set_attn_implementation(FLOAT32_ATTENTION)
     return model.config._attn_implementation == FLOAT32_ATTENTION
+
+
+GPU_INFLIGHT_GROUPS = 256  # continuous engine on GPU: vLLM sizes its KV cache from gpu_memory_utilization at start
+
+
+def kv_bytes_per_token(name_or_path: str, dtype_bytes: int, trust_remote_code: bool = False) -> int:
+    """The KV cache one token takes in every layer: 2 (keys, values) x layers x KV heads x head dim x dtype bytes."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    c = getattr(c, "text_config", c)
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * heads * head_dim * dtype_bytes
+
+
+def inflight_groups(cfg) -> int:
+    """``generation.max_inflight_groups``, or its default: the groups one generator's KV cache holds with every
+    sequence at ``model.max_model_len`` (CPU: ``kv_cache_space_gib``), at least 1 and at most 4096."""
+    gen = cfg.generation
+    if gen.max_inflight_groups is not None:
+        return gen.max_inflight_groups
+    if cfg.cluster.generator_num_gpus:
+        return GPU_INFLIGHT_GROUPS
+    dtype_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4  # auto is float32 on CPU
+    per_group = gen.num_generations * cfg.model.max_model_len * kv_bytes_per_token(
+        cfg.model.name_or_path, dtype_bytes, cfg.model.trust_remote_code)
+    return max(1, min(4096, int(gen.kv_cache_space_gib * 2**30 // per_group)))

@@ -17,8 +17,12 @@ class Group:
     lengths. In a multi-turn episode the "completion" is everything after the prompt: the model's turns and the
     environment's messages between them, as token ids; ``loss_mask`` marks the model's tokens (1) against the
     environment's (0), and None means every token is the model's (single-turn). The behaviour log-probabilities
-    ``behaviour_logprobs`` are those of the sampled tokens under the weights of ``policy_version``, computed on
+    ``behaviour_logprobs`` are those of the sampled tokens under the weights that sampled each, computed on
     temperature-scaled logits as the learner does (0 on the environment's tokens).
+
+    Continuous generation loads new weights while completions are in flight, so one completion may hold tokens of
+    several policy versions: ``token_versions`` gives each token's, and ``policy_version`` is then the oldest (the
+    one the staleness bound is about). None: every token was sampled at ``policy_version``.
     """
 
     prompt_id: str  # stable id of the prompt record (dataset index or id column)
@@ -29,10 +33,11 @@ class Group:
     rewards: np.ndarray  # float32 [n]  weighted reward sum; NaN when no reward function scored the row
     advantages: np.ndarray  # float32 [n]
     truncated: np.ndarray  # bool [n]  hit max_completion_length without EOS
-    policy_version: int  # version of the weights that sampled it
+    policy_version: int  # version of the weights that sampled its oldest token
     reward_std: float = 0.0  # unbiased std of the kept rewards (0 when zero-variance)
     meta: dict = field(default_factory=dict)  # small extras for logging (e.g. one decoded completion)
     loss_mask: np.ndarray | None = None  # bool [n, T]  1 on the model's tokens; None: all of them (0 on padding)
+    token_versions: np.ndarray | None = None  # int32 [n, T]  policy version of each token; None: policy_version
 
     def __post_init__(self) -> None:
         n = len(self.completion_lengths)
@@ -45,6 +50,9 @@ class Group:
             raise ValueError(f"Group {self.prompt_id}: rewards/advantages/truncated must have shape ({n},)")
         if self.loss_mask is not None and self.loss_mask.shape != self.completion_ids.shape:
             raise ValueError(f"Group {self.prompt_id}: loss_mask {self.loss_mask.shape} and completion_ids "
+                             f"{self.completion_ids.shape} disagree")
+        if self.token_versions is not None and self.token_versions.shape != self.completion_ids.shape:
+            raise ValueError(f"Group {self.prompt_id}: token_versions {self.token_versions.shape} and completion_ids "
                              f"{self.completion_ids.shape} disagree")
 
     @property
@@ -71,6 +79,21 @@ class Group:
         return within if self.loss_mask is None else within & self.loss_mask.astype(bool)
 
     @property
+    def versions(self) -> np.ndarray:
+        """int64 ``[n, T]``: each token's policy version (``policy_version`` where ``token_versions`` is None)."""
+        if self.token_versions is None:
+            return np.full(self.completion_ids.shape, self.policy_version, dtype=np.int64)
+        return self.token_versions.astype(np.int64)
+
+    @property
+    def version_span(self) -> int:
+        """Newest minus oldest policy version among the model's tokens (0: one version sampled it all)."""
+        mask = self.model_token_mask
+        if self.token_versions is None or not mask.any():
+            return 0
+        return int(self.token_versions[mask].max()) - int(self.token_versions[mask].min())
+
+    @property
     def completion_token_lists(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.completion_ids, self.completion_lengths)]
 
@@ -93,7 +116,8 @@ def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.nda
     ``prompt_lengths`` int64 [k], ``prompt_ids`` int32 [sum P_i], ``completion_shapes`` int64 [k, 2],
     ``completion_ids`` int32 and ``behaviour_logprobs`` float32 [sum n_i T_i] (row-major), ``completion_lengths`` int32,
     ``rewards`` and ``advantages`` float32, ``truncated`` bool [sum n_i], ``loss_mask`` bool [sum n_i T_i] (all 1 for
-    a single-turn group). Arrays are cast to these wire dtypes.
+    a single-turn group), ``token_versions`` int64 [sum n_i T_i] (``policy_version`` throughout for a group sampled at
+    one version). Arrays are cast to these wire dtypes.
     Meta: prompt_id, policy_version, reward_std and the entries of ``Group.meta`` that survive a JSON round trip
     unchanged (others, e.g. numpy values, are left out).
     """
@@ -112,6 +136,7 @@ def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.nda
         "advantages": cat([g.advantages for g in groups], np.float32),
         "truncated": cat([g.truncated for g in groups], np.bool_),
         "loss_mask": cat([g.model_token_mask for g in groups], np.bool_),
+        "token_versions": cat([g.versions for g in groups], np.int64),
     }
     metas = [
         {
@@ -133,6 +158,7 @@ def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix:
         arrays = {**arrays, prefix + "behaviour_logprobs": arrays[prefix + "old_logprobs"]}
     a = {name: np.asarray(arrays[prefix + name]) for name in names}
     loss_masks = arrays.get(prefix + "loss_mask")  # absent in states written before multi-turn episodes
+    versions = arrays.get(prefix + "token_versions")  # absent in states written before continuous generation
     if len(a["prompt_lengths"]) != len(metas):
         raise ValueError(f"groups_from_arrays: {len(a['prompt_lengths'])} groups in arrays, {len(metas)} metas")
     groups = []
@@ -146,6 +172,11 @@ def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix:
             stored = np.asarray(loss_masks[c0:c1], dtype=bool).reshape(n, t)  # [n, T]
             if not np.array_equal(stored, np.arange(t)[None, :] < lengths[:, None]):
                 loss_mask = stored.copy()
+        token_versions = None  # sampled at one version: policy_version
+        if versions is not None:
+            stored = np.asarray(versions[c0:c1]).reshape(n, t)  # [n, T]
+            if (stored != int(m["policy_version"])).any():
+                token_versions = stored.astype(np.int32)
         group = Group(
             prompt_id=m["prompt_id"],
             prompt_ids=a["prompt_ids"][p0:p1].copy(),  # [P]
@@ -159,6 +190,7 @@ def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix:
             reward_std=float(m["reward_std"]),
             meta=dict(m["meta"]),
             loss_mask=loss_mask,
+            token_versions=token_versions,
         )
         groups.append(group)
         p0, c0, r0 = p1, c1, r1

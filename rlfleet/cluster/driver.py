@@ -85,7 +85,8 @@ class RLJob:
     def start(self, resume_from: Path | None) -> None:
         """Start the actors, restore the checkpoint (if any), wait for ``min`` generators, publish the weights."""
         from rlfleet.data import PromptStream
-        from rlfleet.generation.actor import make_generation_actor, vllm_engine
+        from rlfleet.models import inflight_groups
+        from rlfleet.generation.actor import STREAM, make_generation_actor, vllm_engine
         from rlfleet.dpo.online import online_dpo_learner
         from rlfleet.learner.actor import make_learner_actor, policy_learner
         from rlfleet.replay.actor import make_replay_actor
@@ -107,13 +108,16 @@ class RLJob:
             console(f"cluster.num_generators auto: {fleet} generator(s) ({generator_bundle(c)} each) beside the "
                     f"learner ({learner_bundles(c)}) on the cluster's {total.get('CPU', 0):g} CPUs, "
                     f"{total.get('GPU', 0):g} GPUs")
+        prompts, depth, stream = (cfg.generation.generation_batch_size // cfg.generation.num_generations,
+                                  c.requests_per_generator, None)
+        if cfg.generation.engine == "continuous":  # one group per request, as many in flight as the engine keeps
+            prompts, depth, stream = 1, inflight_groups(cfg), STREAM
         self.pool = GeneratorPool(
             lambda index, options: make_generation_actor(cfg, REPLAY_NAME, index, factory, **options),
-            generator_bundle(c), fleet,
-            cfg.generation.generation_batch_size // cfg.generation.num_generations, t, c.requests_per_generator,
+            generator_bundle(c), fleet, prompts, t, depth,
             # request order: the replay actor hears of lost requests from here (the call is ordered before any
             # later one of the driver's, a checkpoint's state_dict included)
-            skip_requests=self.replay.skip.remote if cfg.replay.consume_order == "request" else None)
+            skip_requests=self.replay.skip.remote if cfg.replay.consume_order == "request" else None, stream=stream)
         self.stream = PromptStream(self.dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.step, errors_total = 0, {"reward": 0, "env": 0}
         if resume_from is not None:

@@ -14,7 +14,8 @@ class Evaluations:
     ``s % eval_steps == 0`` or ``s == max_steps``, step s is queued with its weights handle. With a ``lazy`` transport
     (the object store) the handle keeps its weights loadable, so the evaluation loads exactly step s's weights even if
     later steps were published meanwhile; otherwise (a broadcast round is received once) a queued evaluation takes
-    the latest weights when it starts, and its record names their step. An evaluation whose generator died is
+    the latest weights when it starts, and its record names their step (so does every evaluation on continuous
+engines, which load each publication in flight and never go back to older weights). An evaluation whose generator died is
     queued again."""
 
     def __init__(self, cfg: RLFleetConfig, dataset):
@@ -40,7 +41,8 @@ class Evaluations:
     def dispatch(self, pool: GeneratorPool) -> None:
         while self.queue:
             step, weights = self.queue[0]
-            if not weights.capabilities.lazy and self.latest is not None:
+            # a continuous engine loads every publication in flight: it never goes back to an older one
+            if (not weights.capabilities.lazy or pool.stream is not None) and self.latest is not None:
                 step, weights = self.latest.version, self.latest  # see the class doc
             if not pool.dispatch_evaluation(step, weights, self.records, self.n, self.temperature):
                 return

@@ -145,3 +145,4 @@ def memory_problems(need: MemoryEstimate, generators: int, have_gib: float, wher
             f"generators x {need.generator_gib:.1f}, for a {need.params / 1e6:.1f}M-parameter model) but {where} has "
             f"{have_gib:.1f} GiB; lower cluster.num_generators (its min) or generation.kv_cache_space_gib, or use "
             "a machine or cluster with more memory"]
+

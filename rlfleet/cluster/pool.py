@@ -89,8 +89,12 @@ class GeneratorPool:
     (the replay actor's ``skip``) as soon as the loss is known, so later requests' groups stop waiting for them."""
 
     def __init__(self, start_actor: StartActor, bundle: dict[str, float], target: int, prompts_per_request: int,
-                 timeout_s: float, depth: int = 1, skip_requests: Callable[[list[int]], None] | None = None):
+                 timeout_s: float, depth: int = 1, skip_requests: Callable[[list[int]], None] | None = None,
+                 stream: str | None = None):
         self.start_actor, self.bundle = start_actor, bundle
+        # continuous engines: generate() calls go to this concurrency group and run side by side, so a member's own
+        # requests may overtake each other; new weights go to every member at once, loaded in flight
+        self.stream = stream
         self.target, self.prompts_per_request, self.timeout_s = target, prompts_per_request, timeout_s
         self.depth = depth  # requests queued on one generator at most (cluster.requests_per_generator)
         self.skip_requests = skip_requests
@@ -286,6 +290,8 @@ class GeneratorPool:
         overtaken: None."""
         if self.skip_requests is not None:
             return None
+        if self.stream is not None:  # a continuous engine's requests finish in any order: its own count too
+            overtaking = None
         return min((q.version for m in self.members if m is not overtaking for q in m.requests
                     if q.evaluating is None), default=None)
 
@@ -299,14 +305,15 @@ class GeneratorPool:
         open_ = [m for m in self.active() if len(m.requests) < self.depth and not m.draining and weights.reaches(m.key)]
         return sorted(open_, key=lambda m: (len(m.requests), m.last_request))
 
-    def _serve(self, m: Member, weights: WeightHandle | None) -> ray.ObjectRef | None:
+    def _serve(self, m: Member, weights: WeightHandle | None, count: bool = True) -> ray.ObjectRef | None:
         """Count a request for ``m``; with ``weights``, queue their load first (an actor's methods execute in order)
         and return it. Versions published since the member's last load that it never loads count as skipped.
         A load queued behind a request still generating has its bytes fetched at once, beside that generation (the
         object store's transfer, where the member is on another node than the learner)."""
-        self.requests += 1
-        m.last_request = self.requests
-        self.requests_by_generator[m.index] = self.requests_by_generator.get(m.index, 0) + 1
+        if count:
+            self.requests += 1
+            m.last_request = self.requests
+            self.requests_by_generator[m.index] = self.requests_by_generator.get(m.index, 0) + 1
         if weights is None or m.version == weights.version:
             return None
         if 0 <= m.version < weights.version:
@@ -316,6 +323,14 @@ class GeneratorPool:
         if m.requests:
             m.handle.fetch_weights.remote(weights)  # its completion is the load's to wait for: nothing to collect
         return m.handle.update_weights.remote(weights)
+
+    def _load_in_flight(self, weights: WeightHandle) -> None:
+        """Continuous engines: queue the load of ``weights`` on every member generating with older ones; it lands
+        between two engine steps, their completions in flight continuing under the new weights (the actor reports
+        the load's seconds with its next results)."""
+        for m in self.active():
+            if m.requests and not m.draining and m.version < weights.version and weights.reaches(m.key):
+                self._serve(m, weights, count=False)
 
     def dispatch_evaluation(self, step: int, weights: WeightHandle, records, n: int, temperature: float | None
                             ) -> bool:
@@ -341,6 +356,8 @@ class GeneratorPool:
         ``weights`` (loaded first). Returns the number of prompts requested."""
         launched = 0
         lazy = weights.capabilities.lazy  # else every member received the publication: it loads it
+        if self.stream is not None:
+            self._load_in_flight(weights)
 
         def admitted() -> tuple[Member, int, int] | None:
             """The first open member the bound admits a request on, its version and size. Not always the first
@@ -361,7 +378,11 @@ class GeneratorPool:
             seq = None
             if self.skip_requests is not None:
                 seq, self.next_seq = self.next_seq, self.next_seq + 1
-            m.requests.append(Request(m.handle.generate.remote(records, seq), records, version, sync, seq=seq))
+            if self.stream is None:
+                future = m.handle.generate.remote(records, seq)
+            else:  # beside the member's other requests; no token older than ``version``
+                future = m.handle.generate.options(concurrency_group=self.stream).remote(records, seq, version)
+            m.requests.append(Request(future, records, version, sync, seq=seq))
             launched += n
         self.live.requested(launched)
         return launched

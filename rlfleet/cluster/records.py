@@ -31,7 +31,9 @@ class StepWindow:
         self.env_errors += int(stats.get("errors/env", 0))
         self.env_s += float(stats.get("env/seconds", 0.0))
         self.dropped += int(stats.get("gen/dropped_groups", 0))
-        self.busy_s[index] = self.busy_s.get(index, 0.0) + float(stats.get("gen/seconds", 0.0))
+        # a continuous engine reports its own busy time (its requests overlap: their seconds would add up past it)
+        busy = stats.get("engine/busy_s", stats.get("gen/seconds", 0.0))
+        self.busy_s[index] = self.busy_s.get(index, 0.0) + float(busy)
         self.tokens[index] = self.tokens.get(index, 0) + int(stats.get("gen/tokens", 0))
         if "sync/seconds" in stats:
             self.sync_s.append(float(stats["sync/seconds"]))

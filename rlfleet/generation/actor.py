@@ -3,9 +3,11 @@
 The class carries no ``@ray.remote`` decorator: resources come from the config at launch
 (:func:`make_generation_actor`); the engine comes from a factory (the vLLM :class:`Engine` by default; benchmarks
 pass a stand-in, :mod:`bench.standin`). Groups go straight to the replay actor; the caller gets a small stats dict.
-Ray runs one method at a time on the actor (its default concurrency group), in the order they were called, so a
-weight update never lands in the middle of a generation and requests deliver their groups in the order queued;
-only a broadcast round's receive runs beside it (``weights`` group), and it only stages.
+Batched engine: Ray runs one method at a time on the actor (its default concurrency group), in the order they were
+called, so a weight update never lands in the middle of a generation and requests deliver their groups in the order
+queued; only a broadcast round's receive runs beside it (``weights`` group), and it only stages. Continuous engine
+(:mod:`rlfleet.generation.continuous`): generate() calls run side by side (``stream`` group), each group's prompt
+joining the running engine, and a weight update loads between two engine steps while they generate.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import ray
 
 from rlfleet.config import RLFleetConfig
+from rlfleet.generation.continuous import ContinuousEngine
 from rlfleet.generation.engine import Engine
 from rlfleet.generation.generator import Generator
 from rlfleet.models import load_tokenizer
@@ -25,11 +28,17 @@ from rlfleet.transport import WeightHandle, capabilities, make_receiver
 EngineFactory = Callable[[RLFleetConfig, int], Any]  # (cfg, seed) -> an engine with sample / update_weights
 
 
-def vllm_engine(cfg: RLFleetConfig, seed: int) -> Engine:
+def vllm_engine(cfg: RLFleetConfig, seed: int) -> Engine | ContinuousEngine:
     # a transport with a membership reaches the engine through vLLM's weight-transfer API (rlfleet's gloo backend)
     transfer = "gloo" if capabilities(cfg.cluster.weight_transport).membership else None
-    return Engine(cfg.model, cfg.generation, seed=seed, log_level=cfg.logging.engine_log_level,
-                  weight_transfer=transfer)
+    engine = Engine(cfg.model, cfg.generation, seed=seed, log_level=cfg.logging.engine_log_level,
+                    weight_transfer=transfer)
+    if cfg.generation.engine == "continuous":
+        return ContinuousEngine(engine, cfg.generation.kv_on_update)
+    return engine
+
+
+STREAM = "stream"  # the concurrency group of generate() calls on a continuous engine: they run side by side
 
 
 class GenerationActor:
@@ -47,12 +56,20 @@ class GenerationActor:
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         self.generator = Generator.from_config(self.engine, tokenizer, cfg)
 
-    def generate(self, records: list[dict], seq: int | None = None) -> dict[str, float]:
+    def generate(self, records: list[dict], seq: int | None = None, version: int | None = None) -> dict[str, float]:
         """Generate groups for ``records``, hand them to the replay actor (waiting for its ack), return stats with the
         ack's (``replay/*``: the driver's admission hears the replay actor's drops from them). ``seq``: the
         request's number (``replay.consume_order: request``); the replay actor then hears of the request even when
-        every group was dropped, since later requests wait for it."""
+        every group was dropped, since later requests wait for it.
+
+        On a continuous engine the pool calls this in the ``stream`` concurrency group, many at once, and the
+        weight load queued before it may still be on its way: ``version`` (the weights the driver admitted the
+        request at) is waited for first, so no token of it is older."""
+        if version is not None and isinstance(self.engine, ContinuousEngine):
+            self.engine.wait_for_version(version, self.cfg.cluster.timeout_s)
         groups, stats = self.generator.generate(records)
+        if isinstance(self.engine, ContinuousEngine):
+            stats |= self.engine.stats()
         if groups or seq is not None:
             stats |= ray.get(self.replay.add.remote(groups, seq), timeout=self.cfg.cluster.timeout_s)
         return stats
@@ -60,6 +77,9 @@ class GenerationActor:
     def evaluate(self, records: list[dict], n: int, temperature: float | None, step: int) -> dict[str, float]:
         """Score ``n`` samples per held-out record with the current weights (``Generator.evaluate``); nothing goes to
         the replay actor. ``step`` (the learner step evaluated) comes back as ``eval/step``."""
+        if isinstance(self.engine, ContinuousEngine):  # step's weights throughout: loads wait for it
+            with self.engine.pinned():
+                return self.generator.evaluate(records, n, temperature) | {"eval/step": float(step)}
         return self.generator.evaluate(records, n, temperature) | {"eval/step": float(step)}
 
     def update_weights(self, handle: WeightHandle) -> float:
@@ -107,6 +127,12 @@ def make_generation_actor(cfg: RLFleetConfig, replay: str, index: int = 0,
         # Ray's default for an actor of one thread per concurrency group, stated so that no change loses it
         allow_out_of_order_execution=False,
     ) | options
-    # the "weights" group takes broadcast rounds beside a generation; other calls run one at a time
-    actor = ray.remote(concurrency_groups={"weights": 1})(GenerationActor)
+    # the "weights" group takes broadcast rounds beside a generation; other calls run one at a time, except
+    # generate() on a continuous engine, called in the "stream" group (as many at once as groups kept in flight)
+    groups = {"weights": 1}
+    if cfg.generation.engine == "continuous":
+        from rlfleet.models import inflight_groups
+
+        groups[STREAM] = inflight_groups(cfg)
+    actor = ray.remote(concurrency_groups=groups)(GenerationActor)
     return actor.options(**opts).remote(cfg, replay, index, engine_factory)

@@ -50,6 +50,7 @@ class Completion:
     token_ids: list[int]  # [T] sampled tokens, including the EOS that ended it (if any)
     logprobs: list[float]  # [T] behaviour log-prob of each sampled token (see the module docstring)
     truncated: bool  # stopped by the length limit (vLLM finish_reason == "length"), not by EOS
+    versions: list[int] | None = None  # [T] policy version that sampled each token; None: all the engine's version
 
     @property
     def model_tokens(self) -> int:
@@ -82,7 +83,9 @@ BENIGN_ENGINE_WARNINGS = {
     "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
     "vllm.engine.arg_utils": ("The global random seed is set",),
     # model.lora: each request names the in-memory adapter; rlfleet never gives an adapter its own tokenizer
-    "vllm.v1.engine.input_processor": ("different tokenizers for different LoRAs",),
+    "vllm.v1.engine.input_processor": ("different tokenizers for different LoRAs",
+                                       # the continuous engine adds token-id prompts to the engine core directly
+                                       "Passing raw prompts to InputProcessor is deprecated"),
 }
 
 
@@ -184,16 +187,14 @@ class Engine:
         """Policy version of the loaded weights: 0 for the initial checkpoint, then as given to update_weights."""
         return self._version
 
-    def sample(self, prompt_token_ids: list[list[int]], n: int, temperature: float | None = None
-               ) -> list[list[Completion]]:
-        """``n`` completions for each prompt (one ``generate`` call): ``out[i][j]`` is prompt i's j-th sample.
+    def sampling_params(self, n: int, temperature: float | None = None):
+        """vLLM's ``SamplingParams`` for ``n`` completions of a prompt: temperature, top-p, top-k and
+        ``max_completion_length`` from ``self.generation`` (read at every call); ``temperature`` overrides the first
+        (evaluation: 0 is greedy decoding). Only the final output of a request is wanted."""
+        from vllm.sampling_params import RequestOutputKind
 
-        Temperature, top-p, top-k and ``max_completion_length`` come from ``self.generation``; ``temperature``
-        overrides the first (evaluation: 0 is greedy decoding). Every prompt must be shorter than
-        ``max_model_len``; a completion that reaches ``max_model_len`` is truncated.
-        """
         g = self.generation
-        params = self._sampling_params_cls(
+        return self._sampling_params_cls(
             n=n,
             max_tokens=g.max_completion_length,
             temperature=g.temperature if temperature is None else temperature,
@@ -201,20 +202,17 @@ class Engine:
             top_k=-1 if g.top_k is None else g.top_k,
             logprobs=0,  # only the sampled token's log-prob
             detokenize=False,  # the generator decodes; vLLM's text is not needed
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], params, use_tqdm=False,
-                                    lora_request=self._adapter)
-        return [
-            [
-                Completion(
-                    token_ids=list(c.token_ids),
-                    logprobs=[step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)],
-                    truncated=c.finish_reason == "length",
-                )
-                for c in out.outputs
-            ]
-            for out in outputs
-        ]
+
+    def sample(self, prompt_token_ids: list[list[int]], n: int, temperature: float | None = None
+               ) -> list[list[Completion]]:
+        """``n`` completions for each prompt (one ``generate`` call): ``out[i][j]`` is prompt i's j-th sample,
+        with :meth:`sampling_params`. Every prompt must be shorter than ``max_model_len``; a completion that reaches
+        ``max_model_len`` is truncated."""
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids],
+                                    self.sampling_params(n, temperature), use_tqdm=False, lora_request=self._adapter)
+        return [completions(out) for out in outputs]
 
     # -- vLLM's RL weight-transfer API (a broadcast transport) ------------------------------------------------------
 
@@ -232,15 +230,17 @@ class Engine:
             self.llm.update_weights({"update_info": update_info})
             self._received = int(version)
 
-    def apply_received(self, version: int) -> int:
+    def apply_received(self, version: int, reset_cache: bool = True) -> int:
         """Load the last round received (``finish_weight_update``), between requests; it must be at least
         ``version`` (the version handshake: an engine that missed the round of ``version`` says so). Returns the
-        version now loaded: newer than ``version`` when a later round arrived first (that one is loaded)."""
+        version now loaded: newer than ``version`` when a later round arrived first (that one is loaded).
+        ``reset_cache``: drop the cached KV blocks (the caller handles them otherwise)."""
         with self._receive_lock:
             if self._received is not None and self._received > self._version:
                 self.llm.finish_weight_update(str(self._received))
                 self._round_open = False
-                self.llm.reset_prefix_cache()
+                if reset_cache:
+                    self.llm.reset_prefix_cache()
                 self._version, self._received = self._received, None
         if self._version < version:
             raise RuntimeError(f"weights version handshake: this engine holds version {self._version} and received "
@@ -248,15 +248,19 @@ class Engine:
         return self._version
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Load ``state_dict`` (Hugging Face parameter names) in place, drop cached KV blocks, set ``version``. With
-        ``model.lora`` the state dict is the adapter (peft's names): it is registered as the adapter of every
-        request from now on, and the previous one removed."""
+        """Load ``state_dict`` (:meth:`load`), drop cached KV blocks, set ``version``: between requests."""
+        self.load(state_dict, version)
+        self.llm.reset_prefix_cache()
+        self._version = int(version)
+
+    def load(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Load ``state_dict`` (Hugging Face parameter names) into the model in place; the KV cache and the version
+        are the caller's. With ``model.lora`` the state dict is the adapter (peft's names): it is registered as the
+        adapter of every request from now on, and the previous one removed."""
         if self.lora is not None:
             self._load_adapter(state_dict, int(version))
         else:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
-        self.llm.reset_prefix_cache()
-        self._version = int(version)
 
     def _load_adapter(self, tensors: Mapping[str, torch.Tensor], version: int) -> None:
         from vllm.lora.request import LoRARequest
@@ -271,6 +275,32 @@ class Engine:
         old, self._adapter = self._adapter, LoRARequest(f"rlfleet-v{version}", adapter_id, IN_MEMORY)
         if old is not None and old.lora_int_id != adapter_id:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
+
+
+def completions(output) -> list[Completion]:
+    """The :class:`Completion` s of one finished vLLM ``RequestOutput``, with each token's policy version where the
+    engine labelled them (its ``weight_versions`` spans, set by :mod:`rlfleet.generation.continuous`)."""
+    return [
+        Completion(
+            token_ids=list(c.token_ids),
+            logprobs=[step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)],
+            truncated=c.finish_reason == "length",
+            versions=token_versions(c.weight_versions, len(c.token_ids)),
+        )
+        for c in output.outputs
+    ]
+
+
+def token_versions(spans, num_tokens: int) -> list[int] | None:
+    """Per-token versions from vLLM's ``WeightVersionSpan`` s (``[start, end)`` sampled by weights labelled
+    ``version``); None when the engine labelled nothing (rlfleet's batched engine does not) or a label is not a
+    version number."""
+    if not spans or not all(s.version.isdigit() for s in spans):
+        return None
+    versions = [0] * num_tokens
+    for s in spans:
+        versions[s.start:s.end] = [int(s.version)] * (s.end - s.start)
+    return versions
 
 
 IN_MEMORY = "rlfleet://in-memory"  # the LoRARequest's path: never read, the adapter is registered before use

@@ -43,6 +43,8 @@ class Episode:
     token_ids: list[int] = field(default_factory=list)  # [T] model and environment tokens
     logprobs: list[float] = field(default_factory=list)  # [T] behaviour log-probs; 0 on environment tokens
     loss_mask: list[bool] = field(default_factory=list)  # [T] True on the model's tokens
+    versions: list[int] = field(default_factory=list)  # [T] policy version of each token (the environment's: the
+    # version of the model turn before them)
     messages: list[dict] = field(default_factory=list)  # the turns after the prompt, for the reward functions
     truncated: bool = False
     done: bool = False
@@ -178,6 +180,7 @@ class EpisodeRunner:
         ep.token_ids += completion.token_ids
         ep.logprobs += completion.logprobs
         ep.loss_mask += [True] * len(completion.token_ids)
+        ep.versions += getattr(completion, "versions", None) or [self.engine.version] * len(completion.token_ids)
         text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
         ep.messages.append({"role": "assistant", "content": text})
         ep.turns += 1
@@ -192,6 +195,7 @@ class EpisodeRunner:
         ep.token_ids += ids
         ep.logprobs += [0.0] * len(ids)
         ep.loss_mask += [False] * len(ids)
+        ep.versions += [ep.versions[-1] if ep.versions else self.engine.version] * len(ids)
         ep.messages += [dict(m) for m in messages]
 
     def _fail(self, episodes: list[list[Episode]], ep: Episode, where: str, err: BaseException) -> None:

@@ -349,6 +349,9 @@ class Generator:
             "policy_version": float(version),
             **env_stats,
         }
+        if groups:
+            spans = [g.version_span for g in groups]
+            stats |= {"gen/version_span_mean": float(np.mean(spans)), "gen/version_span_max": float(max(spans))}
         scored = rewards[ok]  # [n_ok, G]  all samples of the surviving groups
         if np.isfinite(scored).any():
             finite = scored[np.isfinite(scored)]
@@ -363,13 +366,18 @@ class Generator:
 
 def _make_group(record: dict, prompt_ids: list[int], kept: list[Completion], rewards: np.ndarray,
                 advantages: np.ndarray, reward_std: float, version: int, first_text: str) -> Group:
-    """Pack the kept completions of one prompt, right-padded with 0 to the longest: arrays ``[k, T]``."""
+    """Pack the kept completions of one prompt, right-padded with 0 to the longest: arrays ``[k, T]``. Each token's
+    policy version is the completion's own (continuous generation) or ``version``; the group's is the oldest."""
     T = max(len(c.token_ids) for c in kept)
+    per_token = [c.versions if getattr(c, "versions", None) else [version] * len(c.token_ids) for c in kept]
+    oldest = min((min(v) for v in per_token if v), default=version)
+    versions = np.full((len(kept), T), oldest, dtype=np.int32)  # [k, T]  padding: the oldest
     ids = np.zeros((len(kept), T), dtype=np.int32)  # [k, T]
     behaviour_logprobs = np.zeros((len(kept), T), dtype=np.float32)  # [k, T]
     loss_mask = np.zeros((len(kept), T), dtype=bool) if isinstance(kept[0], Episode) else None  # [k, T]
     for row, c in enumerate(kept):
         ids[row, :len(c.token_ids)] = c.token_ids
+        versions[row, :len(c.token_ids)] = per_token[row]
         behaviour_logprobs[row, :len(c.logprobs)] = c.logprobs
         if loss_mask is not None:
             loss_mask[row, :len(c.loss_mask)] = c.loss_mask
@@ -382,8 +390,9 @@ def _make_group(record: dict, prompt_ids: list[int], kept: list[Completion], rew
         rewards=np.asarray(rewards, dtype=np.float32),
         advantages=advantages,
         truncated=np.array([c.truncated for c in kept], dtype=bool),
-        policy_version=version,
+        policy_version=oldest,
         reward_std=reward_std,
         meta={"completion": first_text[:200]},  # the first kept completion (the best under GFPO), for logs
         loss_mask=loss_mask,
+        token_versions=None if (versions == oldest).all() else versions,
     )

@@ -589,11 +589,17 @@ def load_policy(model: torch.nn.Module, path: Path, trust_remote_code: bool) -> 
 
 def batch_metrics(groups: list[Group], policy_version: int) -> dict[str, float]:
     """Reward and staleness statistics of the batch. ``reward/std`` is the unbiased std of the scored (non-NaN)
-    rewards (0 with fewer than two); staleness = ``policy_version`` - the group's version."""
+    rewards (0 with fewer than two); staleness = ``policy_version`` - the group's version (its oldest token's).
+    Per token, over the model's tokens: ``staleness/token_mean`` and ``token_max``; ``staleness/version_span_max``:
+    the most versions one group's tokens spread over (above 0 only when weights loaded in flight)."""
     rewards = np.concatenate([g.rewards for g in groups]).astype(np.float64)  # [B]
     real = rewards[~np.isnan(rewards)]
     staleness = np.array([policy_version - g.policy_version for g in groups], dtype=np.float64)
+    per_token = np.concatenate([policy_version - g.versions[g.model_token_mask] for g in groups])  # [tokens]
     return _episode_metrics(groups) | {
+        "staleness/token_mean": float(per_token.mean()) if per_token.size else 0.0,
+        "staleness/token_max": float(per_token.max()) if per_token.size else 0.0,
+        "staleness/version_span_max": float(max(g.version_span for g in groups)),
         "reward/mean": float(real.mean()) if real.size else math.nan,
         "reward/std": float(real.std(ddof=1)) if real.size > 1 else 0.0,
         "frac_reward_zero_std": float(np.mean([not g.has_variance for g in groups])),
