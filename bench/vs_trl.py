@@ -140,6 +140,10 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
         "gen_idle": [r.get("idle/generator_frac") for _, r in steps_done],
         "threads": [r.get("learner/threads") for _, r in steps_done],  # the learner's torch threads
         "round_trips": [r.get("driver/round_trips") for _, r in steps_done],  # the driver's, cumulative
+        # continuous generation: each trained token's lag, and the versions one group spans
+        "token_staleness": [r.get("staleness/token_mean") for _, r in steps_done],
+        "version_span": [r.get("staleness/version_span_max") for _, r in steps_done],
+        "completion_length": [r.get("completions/mean_length") for _, r in steps_done],
     }))
 
 
@@ -163,7 +167,10 @@ def step_clock():
 
 
 def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path, task: str, threads: int,
-                    dtype: str = "float32") -> None:
+                    dtype: str = "float32", path: str | None = None, completion_length: int | None = None,
+                    lr: float | None = None) -> None:
+    """TRL's GRPOTrainer on ``builtin:model`` (or the model directory ``path``), GRPO's settings above
+    (``completion_length`` overriding its completion length)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -173,15 +180,16 @@ def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path, task: 
     from rlfleet.data import BUILTIN_REWARDS, builtin_task, load_prompt_dataset
     from rlfleet.models import load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(f"builtin:{model}")
+    path = path or resolve_model_path(f"builtin:{model}")
     dataset = load_prompt_dataset(DataConfig(dataset=f"builtin:{task}"), "train", seed=0)
     rewards = [BUILTIN_REWARDS[name] for name in builtin_task(f"builtin:{task}").reward_funcs]
     clock = step_clock()
     args = GRPOConfig(
         output_dir=str(result.with_suffix(".run")), max_steps=steps, seed=0,
         per_device_train_batch_size=GRPO["prompts"] * GRPO["num_generations"], gradient_accumulation_steps=1,
-        num_generations=GRPO["num_generations"], max_completion_length=GRPO["completion_length"],
-        learning_rate=GRPO["lr"], lr_scheduler_type="constant", loss_type="dapo", beta=0.0, epsilon=0.2,
+        num_generations=GRPO["num_generations"],
+        max_completion_length=completion_length or GRPO["completion_length"],
+        learning_rate=lr or GRPO["lr"], lr_scheduler_type="constant", loss_type="dapo", beta=0.0, epsilon=0.2,
         temperature=1.0, max_grad_norm=1.0, weight_decay=0.0, bf16=dtype == "bfloat16",
         gradient_checkpointing=False, use_cpu=True, use_vllm=use_vllm, vllm_mode="colocate", logging_steps=1,
         save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0)
@@ -191,7 +199,8 @@ def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path, task: 
     shutil.rmtree(result.with_suffix(".run"), ignore_errors=True)
     result.write_text(json.dumps({"exit_code": 0, "step_end": clock.step_end,
                                   "reward": [log.get("reward") for log in clock.logs],
-                                  "loss": [log.get("loss") for log in clock.logs]}))
+                                  "loss": [log.get("loss") for log in clock.logs],
+                                  "completion_length": [log.get("completions/mean_length") for log in clock.logs]}))
 
 
 def worker_trl_dpo(model: str, steps: int, result: Path, dtype: str = "float32") -> None:

@@ -261,3 +261,34 @@ def test_state_dict_round_trip_reproduces_future_samples():
         assert a is None or all(_same(x, y) for x, y in zip(a, b)), step
     assert restored.stats() == original.stats()
     assert original.stats()["replay/substituted"] > 10  # the draws were exercised
+
+
+def test_token_versions_round_trip_and_old_states_load():
+    """A group sampled across a weight load (continuous generation) keeps each token's version through the flat
+    arrays; a one-version group comes back with None; arrays written before continuous generation (no
+    ``token_versions``) load with None."""
+    g1 = _group("a", 0.5, version=3, n=2, t=4)
+    g1.token_versions = np.array([[3, 3, 4, 4], [3, 4, 5, 5]], dtype=np.int32)
+    g2 = _group("b", 0.0, version=4, n=3, t=1)
+    arrays, metas = groups_to_arrays([g1, g2], "x.")
+    np.testing.assert_array_equal(arrays["x.token_versions"], [3, 3, 4, 4, 3, 4, 5, 5, 4, 4, 4])
+    back = groups_from_arrays(arrays, json.loads(json.dumps(metas)), "x.")
+    np.testing.assert_array_equal(back[0].token_versions, g1.token_versions)
+    assert back[0].token_versions.dtype == np.int32 and back[1].token_versions is None
+    assert _same(back[0], g1) and _same(back[1], g2)
+    old = {k: v for k, v in arrays.items() if k != "x.token_versions"}
+    assert [g.token_versions for g in groups_from_arrays(old, metas, "x.")] == [None, None]
+
+
+def test_version_span_and_per_token_versions():
+    """Versions [[3, 3, 4, 4], [3, 4, 5, 5]] with the second row 3 tokens long: its padding (5 at index 3) is not
+    one of the model's tokens, so the span is 5 - 3 = 2 from index 2; with one version throughout, 0."""
+    g = _group("a", 0.5, version=3, n=2, t=4)
+    g.completion_lengths = np.array([4, 3], dtype=np.int32)
+    g.token_versions = np.array([[3, 3, 4, 4], [3, 4, 5, 9]], dtype=np.int32)
+    assert g.version_span == 2
+    np.testing.assert_array_equal(g.versions, g.token_versions)
+    plain = _group("b", 0.5, version=6)
+    assert plain.version_span == 0 and (plain.versions == 6).all()
+    with pytest.raises(ValueError, match="token_versions"):
+        _group("c", 0.5).__class__(**{**plain.__dict__, "token_versions": np.zeros((1, 1), np.int32)})

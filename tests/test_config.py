@@ -211,3 +211,24 @@ def test_paired_knobs_that_contradict_are_refused(overrides, problem):
 ])
 def test_paired_knobs_that_agree_pass(overrides):
     load_config(None, overrides)
+
+
+def test_continuous_engine_fields_and_refusals():
+    """generation.engine: continuous with its knobs loads; its knobs without it, LoRA and environments with it, and a
+    zero max_inflight_groups are refused, each naming the field."""
+    cfg = config.config_from_dict({"generation": {"engine": "continuous", "max_inflight_groups": 16,
+                                                  "kv_on_update": "recompute"}})
+    assert (cfg.generation.engine, cfg.generation.max_inflight_groups, cfg.generation.kv_on_update) == (
+        "continuous", 16, "recompute")
+    cases = {
+        "generation.max_inflight_groups": {"generation": {"max_inflight_groups": 16}},
+        "generation.kv_on_update": {"generation": {"kv_on_update": "recompute"}},
+        "model.lora": {"generation": {"engine": "continuous"}, "model": {"lora": {"r": 8}}},
+        "algorithm.environment": {"generation": {"engine": "continuous", "max_turns": 2},
+                                  "algorithm": {"environment": "scripted_user"}},
+        "max_inflight_groups": {"generation": {"engine": "continuous", "max_inflight_groups": 0}},
+    }
+    for field, data in cases.items():
+        with pytest.raises(ConfigError) as err:
+            config.config_from_dict(data)
+        assert field in str(err.value), (field, str(err.value))

@@ -261,3 +261,33 @@ def test_no_usable_prompts_give_no_groups_and_call_no_function(tokenizer):
 
     groups, stats = Generator(FakeEngine(), tokenizer, GEN, AlgorithmConfig(), [record_call]).generate([])
     assert groups == [] and calls == [] and stats["gen/groups"] == 0 and stats["errors/reward"] == 0
+
+
+class VersionedEngine(FakeEngine):
+    """FakeEngine's completions sampled across a load from version 7 to 8 (continuous generation): sample j's
+    first j + 1 tokens (all of them if fewer) at version 7, the rest at 8."""
+
+    version = 8
+
+    def sample(self, prompt_token_ids, n):
+        return [[Completion(c.token_ids, c.logprobs, c.truncated,
+                            versions=[7] * min(j + 1, len(c.token_ids)) + [8] * max(len(c.token_ids) - j - 1, 0))
+                 for j, c in enumerate(group)] for group in super().sample(prompt_token_ids, n)]
+
+
+def test_groups_keep_each_tokens_version_and_take_the_oldest(tokenizer):
+    """Lengths [5, 2, 7, 3]: samples 1 (2 tokens) and 3 (3) are all version 7, sample 2 has 3 tokens at 7, so every
+    group's
+    oldest token is 7 (its policy_version) and it spans 8 - 7 = 1 version; padding carries the oldest."""
+    groups, stats = Generator(VersionedEngine(), tokenizer, GEN, AlgorithmConfig(), [by_length]).generate(
+        fake_records(2))
+    for g in groups:
+        assert g.policy_version == 7 and g.version_span == 1
+        assert g.token_versions[0].tolist() == [7, 8, 8, 8, 8, 7, 7]
+        assert g.token_versions[1].tolist() == [7, 7, 7, 7, 7, 7, 7]
+        assert g.token_versions[2].tolist() == [7, 7, 7, 8, 8, 8, 8]
+    assert stats["gen/version_span_mean"] == 1.0 and stats["gen/version_span_max"] == 1.0
+    assert stats["policy_version"] == 8  # the engine's weights now (the pool's view of the member)
+    # the batched engine's completions carry no versions: one version, no per-token array
+    plain, stats = Generator(FakeEngine(), tokenizer, GEN, AlgorithmConfig(), [by_length]).generate(fake_records(1))
+    assert plain[0].token_versions is None and plain[0].policy_version == 7 and stats["gen/version_span_max"] == 0

@@ -621,3 +621,28 @@ def test_learner_actor_with_auto_threads_reports_and_switches_them(ray_cluster, 
     assert result.metrics["learner/threads"] == 1.0
     in_actor(lambda self: [self.threads.observe(0.0, 1.0) for _ in range(WINDOW)])
     assert in_actor(lambda self: torch.get_num_threads()) == node_cores()
+
+
+def test_batch_metrics_per_token_staleness_and_completion_lengths():
+    """Trained at version 5. Group a: policy_version 3, tokens [[3, 4, 4], [4, 5, pad]] with lengths [3, 2];
+    group b: version 5 throughout, lengths [1, 2], the second truncated. Per-group staleness: 5 - 3 = 2 and 0
+    (mean 1, max 2). Per model token: lags [2, 1, 1, 1, 0] and [0, 0, 0] -> mean 5 / 8, max 2. Span: 5 - 3 = 2.
+    Lengths [3, 2, 1, 2]: mean 2, min 1, max 3; one of four truncated."""
+    from rlfleet.learner.policy import batch_metrics
+
+    def group(version, lengths, truncated, token_versions=None):
+        n, t = len(lengths), 3
+        return Group(prompt_id="p", prompt_ids=np.arange(2, dtype=np.int32),
+                     completion_ids=np.ones((n, t), np.int32), completion_lengths=np.array(lengths, np.int32),
+                     behaviour_logprobs=np.zeros((n, t), np.float32), rewards=np.array([0.0, 1.0], np.float32),
+                     advantages=np.array([-1.0, 1.0], np.float32), truncated=np.array(truncated),
+                     policy_version=version, reward_std=0.7, token_versions=token_versions)
+
+    a = group(3, [3, 2], [False, False], np.array([[3, 4, 4], [4, 5, 3]], np.int32))
+    b = group(5, [1, 2], [False, True])
+    m = batch_metrics([a, b], policy_version=5)
+    assert m["staleness/mean"] == 1.0 and m["staleness/max"] == 2.0
+    assert m["staleness/token_mean"] == pytest.approx(5 / 8) and m["staleness/token_max"] == 2.0
+    assert m["staleness/version_span_max"] == 2.0
+    assert (m["completions/mean_length"], m["completions/min_length"], m["completions/max_length"]) == (2, 1, 3)
+    assert m["completions/clipped_ratio"] == 0.25
