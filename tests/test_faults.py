@@ -266,12 +266,15 @@ def run_restarting_generator(cfg, out) -> list[dict]:
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_killed_generator_is_restarted_on_current_weights(ray_cluster, tmp_path):
+@pytest.mark.parametrize("engine", ["batched", "continuous"])
+def test_killed_generator_is_restarted_on_current_weights(ray_cluster, tmp_path, engine):
     """Synchronous mode (max_staleness 0) makes "current weights" checkable: a restarted generator that sampled
     with its initial weights would produce groups older than the bound, which the replay drops forever, and the
-    run could not finish; with the driver's re-sync it finishes with ratios of exactly 1."""
+    run could not finish; with the driver's re-sync it finishes with ratios of exactly 1. A continuous engine's
+    prompts in flight when it dies are re-issued the same way."""
     cfg = load_config(DEPLOY / "dapo_sync.yaml", [f"output_dir={tmp_path}", "learner.max_steps=8",
-                                                  "replay.zero_variance=keep", "logging.plot=false"])
+                                                  "replay.zero_variance=keep", "logging.plot=false",
+                                                  f"generation.engine={engine}"])
     records = run_restarting_generator(cfg, tmp_path)
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["faults/generator_restarts"] >= 1

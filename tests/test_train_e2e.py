@@ -50,11 +50,14 @@ def test_every_algorithm_config_trains(ray_cluster, tmp_path, job):
     assert (final / "policy" / "model.safetensors").is_file()
 
 
-def test_synchronous_mode_is_exactly_on_policy(ray_cluster, tmp_path):
+@pytest.mark.parametrize("engine", ["batched", "continuous"])
+def test_synchronous_mode_is_exactly_on_policy(ray_cluster, tmp_path, engine):
     """max_staleness 0: every batch was sampled by the weights being trained, so pi_theta / pi_behaviour is 1 up to
     the float error between vLLM's and the learner's forward passes (measured ~5e-7 in fp32). If a generator ever
-    sampled with old weights, the ratio after the first step would move by the size of an update (~1e-1 here)."""
-    records = run(tmp_path, "dapo_sync", "learner.max_steps=4", "replay.zero_variance=keep")
+    sampled with old weights, the ratio after the first step would move by the size of an update (~1e-1 here).
+    The continuous engine too: its loop's log-probs, and the version its requests wait for."""
+    records = run(tmp_path, "dapo_sync", "learner.max_steps=4", "replay.zero_variance=keep",
+                  f"generation.engine={engine}")
     assert [r["staleness/max"] for r in records] == [0, 0, 0, 0]
     for r in records:
         assert abs(r["ratio/min"] - 1) < 1e-4 and abs(r["ratio/max"] - 1) < 1e-4, r
@@ -82,6 +85,22 @@ def test_async_staleness_never_exceeds_bound(ray_cluster, tmp_path):
     # next request is sent as soon as a generator delivers, before the learner has trained on what it delivered,
     # so most batches are one version old (bench/async_vs_sync.py measures how much overlap that buys).
     assert max(r["staleness/max"] for r in records) >= 1
+
+
+@pytest.mark.parametrize("transport, kv", [("object_store", "keep"), ("broadcast", "recompute")])
+def test_continuous_generation_trains_within_the_bound_on_the_oldest_token(ray_cluster, tmp_path, transport, kv):
+    """generation.engine: continuous at max_staleness 1, weights loaded in flight through either transport: every
+    step trains, every group's oldest token is within the bound, no token lags more than its group's oldest, and
+    one group spans at most the versions the bound allows (S + 1 = 2, so a span of at most 1)."""
+    records = run(tmp_path, "grpo", "learner.max_steps=6", "replay.max_staleness=1", "generation.engine=continuous",
+                  f"generation.kv_on_update={kv}", f"cluster.weight_transport={transport}")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["policy_version"] for r in records] == list(range(1, 7))
+    for r in records:
+        assert math.isfinite(r["loss"])
+        assert r["staleness/max"] <= 1 and r["staleness/token_max"] <= r["staleness/max"]
+        assert r["staleness/token_mean"] <= r["staleness/max"] and r["staleness/version_span_max"] <= 1
+        assert 1 <= r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"] <= 24
 
 
 def test_several_generation_actors_share_the_work(ray_cluster, tmp_path):
