@@ -30,6 +30,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from rlfleet.code_task import PROBLEMS, code_rows
 from rlfleet.config import DataConfig
 
 BUILTIN_PREFIX = "builtin:"
@@ -120,7 +121,7 @@ class Task:
 
     name: str
     make_rows: Callable[[random.Random, int], list[dict]]
-    reward_funcs: tuple[str, ...]  # keys of BUILTIN_REWARDS
+    reward_funcs: tuple[str, ...]  # keys of BUILTIN_REWARDS, or 'package.module:function'
     splits: tuple[tuple[str, int, int], ...] = (("train", 0, 1024), ("test", 1, 128))  # (split, seed, size)
 
     def dataset(self, split: str) -> datasets.Dataset:
@@ -134,6 +135,9 @@ class Task:
 BUILTIN_TASKS: dict[str, Task] = {
     "char_count": Task("char_count", _char_count_rows, ("char_count",)),
     "target_length": Task("target_length", _target_length_rows, ("target_length",)),
+    # function-writing problems run against their tests in the sandbox (rlfleet/code_task.py, rlfleet/sandbox.py)
+    "code": Task("code", code_rows, ("rlfleet.rewards:code_tests_reward",),
+                 (("train", 0, len(PROBLEMS)), ("test", 1, len(PROBLEMS)))),
 }
 
 

@@ -1,4 +1,5 @@
-"""Reward functions for GSM8K-style math data (TRL's signature), for jobs on real models.
+"""Reward functions for GSM8K-style math data and for code run against tests (TRL's signature), for jobs on real
+models.
 
 Use them by path in a job config::
 
@@ -14,10 +15,15 @@ reward functions as a keyword argument, one value per completion. Numbers are co
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 from rlfleet.data import final_text
+from rlfleet.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
 
 # An optional minus sign, then digits with optional thousands separators (``1,234,567``: groups of exactly three
 # after each comma, so ``1,2`` is two numbers), then an optional decimal part. ``$18.`` reads as 18.
@@ -72,3 +78,77 @@ def format_reward(prompts, completions, completion_ids=None, **kwargs) -> list[f
     final answer; when that line ends the completion, its number is the one :func:`gsm8k_accuracy` reads.
     """
     return [float(ANSWER_LINE.search(final_text(c)) is not None) for c in completions]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Code execution (the built-in ``code`` task): the completion's code runs against the record's tests in the sandbox
+# ----------------------------------------------------------------------------------------------------------------
+
+# A fenced block: ```python, ```py or a bare ```, up to the closing fence (or the end of a truncated completion).
+CODE_BLOCK = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(text: str) -> str:
+    """The last ```python (or ```py) fenced block of ``text``; else its last bare ``` block; else the whole text."""
+    blocks = CODE_BLOCK.findall(text)
+    tagged = [body for tag, body in blocks if tag]
+    return (tagged or [body for _, body in blocks] or [text])[-1]
+
+
+class CodeTestsReward:
+    """1.0 where the completion's code (:func:`extract_code`) passes the record's ``tests`` (a string of asserts) in
+    a :class:`~rlfleet.sandbox.Sandbox`, else 0.0; the completions of a call run side by side in ``max_workers``
+    threads (each in its own process).
+
+    ``outcomes`` counts the sandbox's statuses (ok, failed, timeout, memory, killed, output_limit, error) over the
+    life of the process. A run the sandbox itself could not start ("error") raises, so its groups are dropped and
+    counted as reward errors rather than scored 0. ``preflight()`` raises ``ValueError`` when the sandbox cannot
+    run here (``rlfleet train`` calls it before any actor starts).
+    """
+
+    def __init__(self, name: str, network: str = "none", limits: SandboxLimits = SandboxLimits(),
+                 max_workers: int | None = None):
+        self.__name__ = name
+        self.network = network
+        self.limits = limits
+        self.max_workers = max_workers or os.cpu_count() or 1
+        self.outcomes: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._sandbox: Sandbox | None = None
+
+    def __getstate__(self) -> dict:  # sent to the reward worker process by value: counts and lock start afresh there
+        return {"name": self.__name__, "network": self.network, "limits": self.limits, "max_workers": self.max_workers}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @property
+    def sandbox(self) -> Sandbox:
+        if self._sandbox is None:  # built on first use: importing rlfleet.rewards starts nothing
+            self._sandbox = Sandbox(self.limits, self.network)
+        return self._sandbox
+
+    def preflight(self) -> None:
+        try:
+            self.sandbox.check()
+        except SandboxUnavailable as err:
+            allow = ("; or, to run it without a network namespace, name 'rlfleet.rewards:"
+                     "code_tests_reward_allow_network' instead" if self.network == "none" else "")
+            raise ValueError(f"algorithm.reward_funcs: {self.__name__}: {err}{allow}") from err
+
+    def __call__(self, prompts, completions, completion_ids=None, *, tests, **kwargs) -> list[float]:
+        self.sandbox.check()
+        codes = [extract_code(final_text(c)) for c in completions]
+        with ThreadPoolExecutor(min(self.max_workers, max(len(codes), 1))) as pool:
+            results = list(pool.map(self.sandbox.run, codes, tests))
+        with self._lock:
+            self.outcomes.update(r.status for r in results)
+        if failed := [r for r in results if r.status == "error"]:
+            raise RuntimeError(f"{self.__name__}: the sandbox could not run {len(failed)} of {len(results)} "
+                               f"programs: {failed[0].output.strip()[-300:]}")
+        return [float(r.passed) for r in results]
+
+
+code_tests_reward = CodeTestsReward("code_tests_reward")
+# For platforms without network namespaces: the programs share the host's network. Naming it is the explicit choice.
+code_tests_reward_allow_network = CodeTestsReward("code_tests_reward_allow_network", network="allow")

@@ -47,7 +47,13 @@ def preflight(cfg: RLFleetConfig):
             eval_dataset = load_eval_dataset(cfg)
         except (ValueError, FileNotFoundError) as err:
             problems.append(str(err))
-    checks = [lambda: resolve_reward_funcs(alg, cfg.data)]
+
+    def rewards_ready() -> None:  # a reward function may declare preflight(), raising ValueError (the code sandbox)
+        for func in resolve_reward_funcs(alg, cfg.data):
+            if callable(check := getattr(func, "preflight", None)):
+                check()
+
+    checks = [rewards_ready]
     if alg.group_filter_func is not None:
         checks.append(lambda: resolve_function(alg.group_filter_func, BUILTIN_GROUP_FILTERS,
                                                "algorithm.group_filter_func"))
