@@ -13,17 +13,19 @@ import argparse
 import sys
 
 from rlfleet.config import ConfigError, dump_config, load_config
-from rlfleet.errors import CheckpointError, ClusterError, RunFailed
+from rlfleet.errors import CheckpointError, ClusterError, OutputDirError, RunFailed
 
-# Exit codes: 0 done (or stopped after a final checkpoint), 2 bad input (config, data, cluster too small, checkpoint),
-# 3 a run that had to stop (RunFailed), 130 stopped before anything was trained.
+# Exit codes: 0 done (or stopped after a final checkpoint), 2 bad input (config, data, cluster too small, checkpoint,
+# output_dir unusable or in use), 3 a run that had to stop (RunFailed), 130 stopped before anything was trained.
+# Errors are one message; --debug raises them with their traceback instead.
 EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_STOPPED = 2, 3, 130
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML job config (defaults are used for anything it omits)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.learning_rate=1e-5")
-    p.add_argument("--debug", action="store_true", help="on a run that had to stop, show the traceback too")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (bad input, a run that had to stop), not only its message")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 from rlfleet.cluster.dpo_job import train_dpo as run
             summary = run(cfg)
             return EXIT_STOPPED if summary.get("stopped") and summary.get("step") is None else 0
-    except (ConfigError, ClusterError, CheckpointError) as err:
+    except (ConfigError, ClusterError, CheckpointError, OutputDirError) as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"rlfleet {args.command}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunFailed as err:

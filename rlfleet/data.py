@@ -20,6 +20,8 @@ Built-in tasks are generated from a fixed seed per split (no download) and chose
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -175,12 +177,57 @@ def load_local_file(name: str, split: str) -> datasets.Dataset:
         raise ValueError(f"data.split: a local file holds one split, named 'train'; got {split!r}")
     if path.stat().st_size == 0:  # datasets raises StopIteration on an empty .jsonl
         raise ValueError(f"data.dataset: file {str(path)!r} is empty; it needs at least one row")
+    fmt = LOCAL_FORMATS[suffix]
+    readers = logging.getLogger("datasets.packaged_modules")  # their 'Failed to load ...': said below, once
+    level = readers.level
+    readers.setLevel(logging.CRITICAL)
     try:
-        return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
-    except ValueError as err:  # datasets' own message for a file without rows: 'Instruction "train" ... no data'
-        if "no data" not in str(err):
-            raise
-        raise ValueError(f"data.dataset: file {str(path)!r} is empty; it needs at least one row") from err
+        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as err:  # datasets' and pyarrow's errors for a file that cannot be read: named, not traced
+        if isinstance(err, ValueError) and "no data" in str(err):  # datasets': 'Instruction "train" ... no data'
+            raise ValueError(f"data.dataset: file {str(path)!r} is empty; it needs at least one row") from err
+        if fmt == "json" and (where := json_problem(path)) is not None:
+            raise ValueError(f"data.dataset: file {str(path)!r}: {where}") from err
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:  # the library's own reason, innermost
+            cause = cause.__cause__ or cause.__context__
+        reason = (str(cause).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"data.dataset: file {str(path)!r} cannot be read as {suffix[1:]}: "
+                         f"{type(cause).__name__}: {reason}") from err
+    finally:
+        readers.setLevel(level)
+
+
+def json_problem(path: Path) -> str | None:
+    """The first place where a .json/.jsonl file stops being rows, with the fix: the first line of JSON lines that
+    does not parse or is not an object (its number, the reason, the line's start), or where a file that is one JSON
+    document stops parsing; None when it parses."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        as_lines = path.suffix.lower() == ".jsonl" or isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        as_lines = False
+    if not as_lines:  # one document: a list of rows, or an object spread over lines
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as err:
+            return f"not valid JSON at line {err.lineno}, column {err.colno} ({err.msg}); fix the file"
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return (f"line {number} is not valid JSON ({err.msg}: column {err.colno}): {line.strip()[:60]!r}; "
+                        "fix or remove that line")
+            if not isinstance(row, dict):
+                return (f"line {number} is a JSON {type(row).__name__}, not an object (one row per line): "
+                        f"{line.strip()[:60]!r}; fix or remove that line")
+    return None
 
 
 def _check_prompt(prompt: Any, where: str) -> None:

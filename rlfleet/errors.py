@@ -9,6 +9,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt or incompatible."""
 
 
+class OutputDirError(RuntimeError):
+    """``output_dir`` cannot hold the run: it is a file, cannot be created or written, or another run holds its lock
+    (:mod:`rlfleet.cluster.run_lock`)."""
+
+
 class ActorLost(RuntimeError):
     """An actor the job cannot run without died: the job restarts its actors from the latest checkpoint."""
 

@@ -10,6 +10,7 @@ four special tokens; ``<|im_end|>`` is the EOS token and ends assistant turns in
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -130,6 +131,37 @@ def resolve_model_path(name_or_path: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def model_dir_problem(path: str | Path) -> str | None:
+    """What keeps the local model directory ``path`` from loading, as a ``model.name_or_path`` problem: no
+    ``config.json``, no weight files (``*.safetensors``, ``*.bin``), or shards that its index names but the
+    directory lacks; None when it has them (or is not a local directory)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return None
+    if not (path / "config.json").is_file():
+        return (f"model.name_or_path: directory {str(path)!r} has no config.json; it is not a Hugging Face model "
+                "directory (write one with save_pretrained, or point at one)")
+    files = {f.name for f in path.iterdir() if f.is_file()}
+    for index in sorted(files):
+        if index.endswith(".index.json"):  # a sharded checkpoint: every shard it maps to must be there
+            try:
+                shards = set(json.loads((path / index).read_text()).get("weight_map", {}).values())
+            except (OSError, ValueError, AttributeError):
+                return f"model.name_or_path: {str(path / index)!r} is not a readable weight index; copy it again"
+            if missing := sorted(shards - files):
+                return (f"model.name_or_path: directory {str(path)!r} lacks {len(missing)} of the {len(shards)} "
+                        f"weight shard(s) that {index} names ({', '.join(missing[:3])}"
+                        f"{', ...' if len(missing) > 3 else ''}); copy the missing files in")
+    if not any(name.endswith(WEIGHT_SUFFIXES) and not name.startswith("training_args") for name in files):
+        return (f"model.name_or_path: directory {str(path)!r} has config.json but no weights (no *.safetensors or "
+                "*.bin file); copy the weights in (model.safetensors or pytorch_model.bin, or the shards and their "
+                "index), or point at a complete model directory")
+    return None
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:

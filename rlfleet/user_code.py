@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import importlib
+import linecache
+import os
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +28,8 @@ def resolve_function(spec: str, builtins: dict[str, Callable], what: str) -> Cal
         )
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(
-            f"{what}: {spec!r}: module {module_name!r} could not be imported ({type(err).__name__}: {err}). "
-            "Install the package or add its directory to PYTHONPATH (on every Ray node), or fix the module name."
-        ) from err
+    except Exception as err:  # a syntax error or anything the module raises while it runs: named, not traced
+        raise ValueError(f"{what}: {spec!r}: {import_failure(module_name, err)}") from err
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise ValueError(
@@ -43,3 +43,26 @@ def resolve_function(spec: str, builtins: dict[str, Callable], what: str) -> Cal
             "Point at a function, e.g. 'package.module:function'."
         )
     return obj
+
+
+def import_failure(module_name: str, err: Exception) -> str:
+    """Why ``import module_name`` raised ``err``, in one line: the file and line where it failed (a syntax error's
+    own place, else the innermost frame in the first file the import ran) and the error, or that the module is not
+    there."""
+    if isinstance(err, SyntaxError):
+        where = f"{err.filename}, line {err.lineno}"
+        text = (err.text or "").strip()
+        detail = f"{type(err).__name__}: {err.msg}" + (f": {text[:80]!r}" if text else "")
+        return f"module {module_name!r} does not compile ({where}): {detail}. Fix the module."
+    frames = [(frame.f_code.co_filename, line) for frame, line in traceback.walk_tb(err.__traceback__)]
+    machinery = (os.path.dirname(importlib.__file__) + os.sep, "<frozen")  # importlib's own frames, then the module's
+    user = [(f, n) for f, n in frames if f != __file__ and not f.startswith(machinery)]
+    if not user:  # nothing of the module ran: it is not there (or is a binary extension that does not load)
+        return (f"module {module_name!r} could not be imported ({type(err).__name__}: {err}). Install the package "
+                "or add its directory to PYTHONPATH (on every Ray node), or fix the module name.")
+    file = user[0][0]  # the module (or the package above it) that the import ran
+    line = [n for f, n in user if f == file][-1]
+    text = linecache.getline(file, line).strip()
+    return (f"module {module_name!r} raised while it was imported ({file}, line {line}"
+            + (f": {text[:80]!r}" if text else "") + f"): {type(err).__name__}: {err}. Fix the module (or install what "
+            "it imports); --debug shows the traceback.")

@@ -27,6 +27,7 @@ import ray
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job
 from rlfleet.cluster.metrics import StepOutputs, dpo_series, plot
+from rlfleet.cluster.run_lock import hold_output_dir
 from rlfleet.cluster.runtime import learner_bundles, reserve
 from rlfleet.config import ConfigError, RLFleetConfig, dump_config
 from rlfleet.data import PromptStream
@@ -38,8 +39,10 @@ PLOT_KEYS = ("loss", "eval/rewards/accuracies", "eval/policy_accuracy")
 def preflight_dpo(cfg: RLFleetConfig):
     """The tokenized training split and held-out split (None without ``data.eval_split``); raises
     :class:`ConfigError` listing every problem."""
-    from rlfleet.models import load_tokenizer
+    from rlfleet.models import load_tokenizer, model_dir_problem, resolve_model_path
 
+    if problem := model_dir_problem(resolve_model_path(cfg.model.name_or_path)):  # before the learner's actor starts
+        raise ConfigError([problem])
     try:
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -62,13 +65,13 @@ def preflight_dpo(cfg: RLFleetConfig):
 
 
 def train_dpo(cfg: RLFleetConfig) -> dict:
-    """Run ``rlfleet dpo``. Returns a small summary (last metrics, output paths)."""
-    train_ds, eval_ds = preflight_dpo(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(dump_config(cfg))
-    return run_job(cfg, lambda recoveries, control: DPOJob(cfg, train_ds, eval_ds, control, recoveries),
-                   generators_to_start=0, with_reference=True, dpo=True)
+    """Run ``rlfleet dpo``. Returns a small summary (last metrics, output paths). The run holds ``output_dir``'s
+    lock (:mod:`~rlfleet.cluster.run_lock`) from before its checks to its end."""
+    with hold_output_dir(cfg.output_dir, DPOJob.command):
+        train_ds, eval_ds = preflight_dpo(cfg)
+        (Path(cfg.output_dir) / "config.json").write_text(dump_config(cfg))
+        return run_job(cfg, lambda recoveries, control: DPOJob(cfg, train_ds, eval_ds, control, recoveries),
+                       generators_to_start=0, with_reference=True, dpo=True)
 
 
 class DPOJob:

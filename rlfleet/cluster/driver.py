@@ -44,6 +44,7 @@ from rlfleet.cluster.metrics import console, fmt, plot, rl_series, warn
 from rlfleet.cluster.pool import GeneratorPool
 from rlfleet.cluster.preflight import preflight
 from rlfleet.cluster.records import StepRecords
+from rlfleet.cluster.run_lock import hold_output_dir
 from rlfleet.cluster.runtime import fleet_size, generator_bundle, learner_bundles, reserve
 from rlfleet.config import RLFleetConfig, dump_config
 from rlfleet.errors import RunFailed
@@ -54,15 +55,15 @@ REPLAY_NAME = "rlfleet-replay"
 
 def train(cfg: RLFleetConfig, engine_factory=None) -> dict:
     """Run ``rlfleet train``. Returns a small summary (last metrics, output paths). ``engine_factory`` replaces the
-    vLLM engine in every generation actor (benchmarks: :mod:`bench.standin`)."""
-    dataset, eval_dataset = preflight(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(dump_config(cfg))
-    online_dpo = cfg.algorithm.name == "online_dpo"  # its reference: a frozen copy (BEMA's) or the adapter disabled
-    return run_job(cfg, lambda recoveries, control: RLJob(cfg, dataset, control, recoveries, engine_factory,
-                                                          eval_dataset),
-                   cfg.cluster.min_generators, with_reference=cfg.algorithm.beta > 0 or online_dpo)
+    vLLM engine in every generation actor (benchmarks: :mod:`bench.standin`). The run holds ``output_dir``'s lock
+    (:mod:`~rlfleet.cluster.run_lock`) from before its checks to its end."""
+    with hold_output_dir(cfg.output_dir, RLJob.command):
+        dataset, eval_dataset = preflight(cfg)
+        (Path(cfg.output_dir) / "config.json").write_text(dump_config(cfg))
+        online_dpo = cfg.algorithm.name == "online_dpo"  # its reference: a frozen copy (BEMA's) or the adapter off
+        return run_job(cfg, lambda recoveries, control: RLJob(cfg, dataset, control, recoveries, engine_factory,
+                                                              eval_dataset),
+                       cfg.cluster.min_generators, with_reference=cfg.algorithm.beta > 0 or online_dpo)
 
 
 class RLJob:

@@ -15,18 +15,21 @@ def preflight(cfg: RLFleetConfig):
     from rlfleet.generation.scoring import BUILTIN_GROUP_FILTERS
     from rlfleet.user_code import resolve_function
     from rlfleet.data import load_prompt_dataset
-    from rlfleet.models import load_tokenizer, resolve_model_path
+    from rlfleet.models import load_tokenizer, model_dir_problem, resolve_model_path
 
-    problems = []
+    problems, errors = [], []  # errors: the first is the ConfigError's cause (the traceback --debug shows)
     path = resolve_model_path(cfg.model.name_or_path)
     if (path.startswith((".", "/", "~")) or Path(path).suffix) and not Path(path).expanduser().is_dir():
         problems.append(f"model.name_or_path: {path!r} is not a directory; give a model directory, a hub name, "
                         "or builtin:tiny")
+    if problem := model_dir_problem(path):  # refused here, not by every engine after its actor started
+        problems.append(problem)
     dataset = None
     try:
         dataset = load_prompt_dataset(cfg.data, cfg.data.split, seed=cfg.seed)
     except (ValueError, FileNotFoundError) as err:
-        problems.append(f"data.dataset: {err}")
+        problems.append(str(err) if str(err).startswith("data.") else f"data.dataset: {err}")
+        errors.append(err)
     alg = cfg.algorithm
     tools = None
     if alg.environment is not None:
@@ -36,6 +39,7 @@ def preflight(cfg: RLFleetConfig):
             tools = getattr(make_environment(alg.environment, alg.environment_kwargs), "tools", None)
         except ValueError as err:
             problems.append(str(err))
+            errors.append(err)
         if dataset is not None and len(dataset) and not isinstance(dataset[0]["prompt"], list):
             problems.append(f"algorithm.environment: {alg.environment!r} needs conversational prompts (lists of "
                             f"{{'role', 'content'}} messages), and data.dataset {cfg.data.dataset!r} has plain "
@@ -47,6 +51,7 @@ def preflight(cfg: RLFleetConfig):
             eval_dataset = load_eval_dataset(cfg)
         except (ValueError, FileNotFoundError) as err:
             problems.append(str(err))
+            errors.append(err)
 
     def rewards_ready() -> None:  # a reward function may declare preflight(), raising ValueError (the code sandbox)
         for func in resolve_reward_funcs(alg, cfg.data):
@@ -62,11 +67,12 @@ def preflight(cfg: RLFleetConfig):
             check()
         except ValueError as err:
             problems.append(str(err))
+            errors.append(err)
     if dataset is not None and not problems:
         problems += long_prompts(cfg, dataset, load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code),
                                  lambda tokenizer, prompt: prompt_token_ids(tokenizer, prompt, tools))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems) from (errors[0] if errors else None)
     if cfg.data.eval_split is not None and cfg.logging.eval_steps is None:
         console(f"data.eval_split {cfg.data.eval_split!r} is set but logging.eval_steps is not: no evaluation while "
                 "training")
