@@ -179,6 +179,13 @@ class AlgorithmConfig(Section):
         description="Stop the run when reward or filter functions fail (raise, wrong length, NaN/inf) on more than "
         "this share of the groups generated so far; below it, failing groups are dropped and counted.",
     )
+    reward_timeout_s: float = Field(
+        120.0, gt=0, description="Longest one reward call may run (a synchronous function's call covers a request's "
+        "groups, an async function's one group); past it the call's groups are dropped and counted in errors/reward "
+        "and errors/reward_timeout. Reward functions run in a worker process beside each generator.")
+    reward_concurrency: int = Field(
+        8, ge=1, le=1024, description="Reward calls one generator's worker runs at once: async functions (remote "
+        "judges) are awaited per group, this many side by side; synchronous ones run in this many threads.")
     group_filter_func: str | None = Field(
         None, description="GFPO scorer: 'shortest', 'token_efficiency' or 'package.module:function'."
     )

@@ -112,6 +112,21 @@ def test_failing_reward_functions_stop_the_run_with_one_message(tmp_path):
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_a_reward_function_that_never_returns_ends_at_its_timeout(tmp_path):
+    """Every call hangs: each ends at algorithm.reward_timeout_s (its worker killed and started again), its groups are
+    dropped and counted, and past max_reward_error_frac the run stops with one message instead of hanging."""
+    done = rlfleet("train", QUICKSTART, f"output_dir={tmp_path}", "logging.plot=false",
+                   "algorithm.reward_funcs=[tests.worker_rewards:hang_always]", "algorithm.reward_timeout_s=1")
+    output = done.stdout + done.stderr
+    assert done.returncode == EXIT_RUN_FAILED, output[-3000:]
+    assert "the run stopped: reward or group-filter functions failed on" in done.stderr, output[-3000:]
+    assert "reward function hang_always failed: no answer within algorithm.reward_timeout_s=1 s" in output
+    assert "Traceback" not in output, output[-3000:]
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_a_failing_environment_stops_the_run_past_the_error_share(tmp_path):
     """Every episode's environment fails: each group is dropped and counted, and past max_reward_error_frac of the
     groups (16 at least) the run stops with one message, no traceback."""

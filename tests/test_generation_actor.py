@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlfleet.generation.actor import make_generation_actor
-from rlfleet.config import ClusterConfig, DataConfig, GenerationConfig, ModelConfig, ReplayConfig, RLFleetConfig
+from rlfleet.config import AlgorithmConfig, ClusterConfig, DataConfig, GenerationConfig, ModelConfig, ReplayConfig, RLFleetConfig
 from rlfleet.data import PromptStream, load_prompt_dataset
 from rlfleet.models import load_causal_lm
 from rlfleet.replay.actor import make_replay_actor
@@ -105,6 +105,32 @@ def test_generation_actor_sends_groups_to_replay_and_loads_weights(ray_cluster, 
         for g in batch:
             assert g.size == 4 and g.behaviour_logprobs.shape == g.completion_ids.shape
             assert np.isfinite(g.rewards).all() and ((g.rewards >= 0) & (g.rewards <= 1)).all()
+    finally:
+        ray.kill(actor)
+        ray.kill(replay)
+
+
+def test_a_reward_function_that_kills_its_process_costs_only_its_groups(ray_cluster, tiny_model_path):
+    """The reward function exits its process on the first request: that request's groups are dropped and counted as
+    lost, the call returns (the actor lives: a dead actor would raise here), and the next request, with a new reward
+    worker, delivers every group."""
+    ray = ray_cluster
+    cfg = RLFleetConfig(
+        model=ModelConfig(name_or_path=tiny_model_path),
+        data=DataConfig(dataset="builtin:char_count"),
+        generation=GenerationConfig(num_generations=2, generation_batch_size=6, max_completion_length=8),
+        algorithm=AlgorithmConfig(reward_funcs=["tests.worker_rewards:exit_on_crash"]),
+        cluster=ClusterConfig(generator_num_cpus=1),
+    )
+    replay = make_replay_actor(cfg.replay, seed=0, name="test-replay-crash")
+    actor = make_generation_actor(cfg, "test-replay-crash", index=0, max_restarts=0)
+    try:
+        records = PromptStream(load_prompt_dataset(cfg.data, "train"), seed=0).next_batch(3)
+        stats = ray.get(actor.generate.remote([r | {"crash": True} for r in records]), timeout=TIMEOUT_S)
+        assert stats["gen/groups"] == 0 and stats["errors/reward"] == stats["errors/reward_lost"] == 3, stats
+        stats = ray.get(actor.generate.remote([r | {"crash": False} for r in records]), timeout=TIMEOUT_S)
+        assert stats["gen/groups"] == 3 and stats["errors/reward"] == 0, stats
+        assert ray.get(replay.stats.remote(), timeout=TIMEOUT_S)["replay/fresh_size"] == 3
     finally:
         ray.kill(actor)
         ray.kill(replay)

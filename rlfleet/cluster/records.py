@@ -17,6 +17,8 @@ class StepWindow:
 
     groups: int = 0
     reward_errors: int = 0
+    reward_timeouts: int = 0  # of reward_errors: calls past algorithm.reward_timeout_s
+    reward_lost: int = 0  # of reward_errors: calls lost with a reward worker that died
     env_errors: int = 0
     dropped: int = 0
     multi_turn: bool = False  # the job has an environment
@@ -28,6 +30,8 @@ class StepWindow:
     def add(self, index: int, stats: dict) -> None:
         self.groups += int(stats.get("gen/groups", 0))
         self.reward_errors += int(stats.get("errors/reward", 0))
+        self.reward_timeouts += int(stats.get("errors/reward_timeout", 0))
+        self.reward_lost += int(stats.get("errors/reward_lost", 0))
         self.env_errors += int(stats.get("errors/env", 0))
         self.env_s += float(stats.get("env/seconds", 0.0))
         self.dropped += int(stats.get("gen/dropped_groups", 0))
@@ -60,6 +64,8 @@ class StepWindow:
             "throughput/gen_tokens_per_s": tokens / busy if busy else 0.0,
             "idle/generator_frac": sum(g["rlfleet_generator_idle_frac"] for g in per_gen) / max(len(generators), 1),
             "errors/reward": self.reward_errors,
+            "errors/reward_timeout": self.reward_timeouts,
+            "errors/reward_lost": self.reward_lost,
             "gen/dropped_groups": self.dropped,
             "sync/seconds": max(self.sync_s, default=0.0),
         }

@@ -15,9 +15,12 @@ For a batch of records (dataset rows with ``prompt`` and ``prompt_id``), :meth:`
 6. computes advantages on the kept completions only (``scoring.group_advantages``, ``algorithm.scale_rewards``).
    Truncated completions are kept and count in the statistics (TRL); masking them is the learner's business.
 
-A reward or filter function that raises, returns the wrong number of values, or returns NaN / inf (a filter may
-return -inf: "keep last") spoils the groups it was scoring: they are dropped and counted in ``errors/reward``, and
-the error is logged once per function, with its name. A prompt too long for the engine is dropped and counted too.
+Reward functions run in a worker process beside the generator (:mod:`~rlfleet.generation.reward_worker`; in this
+process for a generator built directly, as unit tests do): a call past ``algorithm.reward_timeout_s`` or lost with
+a worker that died spoils its groups, as a raising one does, and ``async def`` functions are called per group, side
+by side. A reward or filter function that raises, returns the wrong number of values, or returns NaN / inf (a filter
+may return -inf: "keep last") spoils the groups it was scoring: they are dropped and counted in ``errors/reward``,
+and the error is logged once per function, with its name. A prompt too long for the engine is dropped and counted too.
 
 With an environment (``algorithm.environment``), step 2 samples multi-turn episodes
 (:class:`~rlfleet.generation.episodes.EpisodeRunner`): a completion is then the episode after the prompt, the
@@ -38,6 +41,7 @@ import numpy as np
 
 from rlfleet.generation.engine import Completion
 from rlfleet.generation.episodes import Episode, EpisodeRunner
+from rlfleet.generation.reward_worker import InlineRewards, Outcome, RewardWorker
 from rlfleet.generation.scoring import (
     BUILTIN_GROUP_FILTERS,
     combine_rewards,
@@ -110,6 +114,7 @@ class Generator:
         reward_weights: Sequence[float] | None = None,
         group_filter: Callable | None = None,
         environment: Any = None,
+        rewards: InlineRewards | RewardWorker | None = None,
     ):
         if not reward_funcs:
             raise ValueError("Generator: at least one reward function is needed")
@@ -120,6 +125,9 @@ class Generator:
         self.generation = generation
         self.algorithm = algorithm
         self.reward_funcs = list(reward_funcs)
+        # where the reward calls run: a RewardWorker process (from_config), or this process (unit tests)
+        self.rewards = rewards or InlineRewards(self.reward_funcs, algorithm.reward_timeout_s,
+                                                algorithm.reward_concurrency)
         self.reward_weights = None if reward_weights is None else list(reward_weights)
         self.group_filter = group_filter
         self._filter_takes_lengths = group_filter is not None and _accepts_keyword(group_filter, "completion_lengths")
@@ -140,8 +148,14 @@ class Generator:
             from rlfleet.environments import make_environment
 
             environment = make_environment(alg.environment, alg.environment_kwargs)
-        return cls(engine, tokenizer, cfg.generation, alg, resolve_reward_funcs(alg, cfg.data), alg.reward_weights,
-                   group_filter, environment)
+        funcs = resolve_reward_funcs(alg, cfg.data)
+        rewards = RewardWorker(funcs, alg.reward_timeout_s, alg.reward_concurrency)
+        return cls(engine, tokenizer, cfg.generation, alg, funcs, alg.reward_weights, group_filter, environment,
+                   rewards)
+
+    def close(self) -> None:
+        """Stop the reward worker (the generator's only process of its own)."""
+        self.rewards.close()
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -156,28 +170,45 @@ class Generator:
                 logger.debug("traceback of: %s", message, exc_info=err)
 
     def _score(self, prompts: list, completions: list, completion_ids: list[list[int]], columns: dict[str, list],
-               num_groups: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-function rewards ``[F, N]`` (NaN = None) and the groups a failing function spoiled ``[num_groups]``."""
+               num_groups: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """Per-function rewards ``[F, N]`` (NaN = None), the groups a failing function spoiled ``[num_groups]``, and
+        the groups lost to calls that timed out or died with the reward worker (``errors/reward_timeout``,
+        ``errors/reward_lost``; both are also in ``errors/reward``).
+
+        A synchronous function gets one call with every completion; an ``async`` one a call per group, run side by
+        side (:mod:`~rlfleet.generation.reward_worker`)."""
         N = len(completions)
+        G = N // num_groups
         per_func = np.full((len(self.reward_funcs), N), np.nan)  # [F, N]
         spoiled = np.zeros(num_groups, dtype=bool)  # [num_groups]
-        for k, func in enumerate(self.reward_funcs):
-            name = _name(func)
-            try:
-                out = list(func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns))
-                if len(out) != N:
-                    raise ValueError(f"returned {len(out)} values for {N} completions")
-                values = np.array([np.nan if v is None else float(v) for v in out])  # [N]
-            except Exception as err:  # deliberate: a user's function must not stop generation
-                self._log_once(name, f"reward function {name} failed: {type(err).__name__}: {err}; {DROPPED}", err)
-                spoiled[:] = True
+        calls, spans = [], []  # spans[i]: (function, first group, end group) of calls[i]
+        for k in range(len(self.reward_funcs)):
+            for g0, g1 in ([(g, g + 1) for g in range(num_groups)] if self.rewards.is_async[k] else [(0, num_groups)]):
+                rows = slice(g0 * G, g1 * G)
+                calls.append((k, {"prompts": prompts[rows], "completions": completions[rows],
+                                  "completion_ids": completion_ids[rows],
+                                  **{key: values[rows] for key, values in columns.items()}}))
+                spans.append((k, g0, g1))
+        failed = {"timeout": 0, "lost": 0}
+        for (k, g0, g1), out in zip(spans, self.rewards.run(calls), strict=True):
+            name, n = _name(self.reward_funcs[k]), (g1 - g0) * G
+            if out.status == "ok" and len(out.values) != n:
+                out = Outcome("error", detail=f"returned {len(out.values)} values for {n} completions")
+            if out.status != "ok":
+                self._log_once(f"{name} {out.status}", f"reward function {name} failed: {out.detail}; {DROPPED}")
+                if out.trace:
+                    logger.debug("reward function %s: %s", name, out.trace)
+                spoiled[g0:g1] = True
+                failed[out.status] = failed.get(out.status, 0) + (g1 - g0)
                 continue
-            bad = ~np.isfinite(values) & np.array([v is not None for v in out])  # [N]  NaN/inf, not None
+            values = np.array([np.nan if v is None else v for v in out.values], dtype=np.float64)  # [n]
+            bad = ~np.isfinite(values) & np.array([v is not None for v in out.values])  # NaN/inf, not None
             if bad.any():
                 self._log_once(name, f"reward function {name} returned NaN or inf; {DROPPED}")
-                spoiled |= bad.reshape(num_groups, -1).any(axis=1)
-            per_func[k] = values
-        return per_func, spoiled
+                spoiled[g0:g1] |= bad.reshape(g1 - g0, G).any(axis=1)
+            per_func[k, g0 * G:g1 * G] = values
+        return per_func, spoiled, {"errors/reward_timeout": float(failed["timeout"]),
+                                   "errors/reward_lost": float(failed["lost"])}
 
     def _filter(self, group_completions: list[list], rewards: np.ndarray, lengths: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -232,9 +263,10 @@ class Generator:
                           "env/model_tokens": float(model_tokens), "errors/env": float(len(failed))}
 
     def _decode_and_score(self, records: list[dict], flat: list, G: int
-                          ) -> tuple[list[list[int]], list[str], list, np.ndarray, np.ndarray]:
+                          ) -> tuple[list[list[int]], list[str], list, np.ndarray, np.ndarray, dict[str, float]]:
         """``flat``: ``G`` samples per record, record by record. Their token ids, decoded texts, completions as the
-        reward functions get them, per-function rewards ``[F, N]`` and the groups a failing function spoiled."""
+        reward functions get them, per-function rewards ``[F, N]``, the groups a failing function spoiled and the
+        failure counts of :meth:`_score`."""
         completion_ids = [c.token_ids for c in flat]
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True) if flat else []
         prompts = [r["prompt"] for r in records for _ in range(G)]
@@ -246,10 +278,10 @@ class Generator:
         columns = {key: [r[key] for r in records for _ in range(G)]
                    for key in (records[0] if records else {}) if key != "prompt"}
         if records:
-            per_func, spoiled = self._score(prompts, completions, completion_ids, columns, len(records))
+            per_func, spoiled, failed = self._score(prompts, completions, completion_ids, columns, len(records))
         else:  # nothing to score: do not call user functions with empty lists
-            per_func, spoiled = np.empty((len(self.reward_funcs), 0)), np.zeros(0, dtype=bool)
-        return completion_ids, texts, completions, per_func, spoiled
+            per_func, spoiled, failed = np.empty((len(self.reward_funcs), 0)), np.zeros(0, dtype=bool), {}
+        return completion_ids, texts, completions, per_func, spoiled, failed
 
     def evaluate(self, records: list[dict], n: int, temperature: float | None = None) -> dict[str, float]:
         """Held-out rewards with the engine's current weights: ``n`` samples per record (``temperature`` 0: greedy;
@@ -270,7 +302,7 @@ class Generator:
             env_failed = int(env_stats["errors/env"])
             kept, samples = [kept[i] for i in ok_env], [samples[i] for i in ok_env]
         flat = [c for group in samples for c in group]
-        _, _, _, per_func, spoiled = self._decode_and_score(kept, flat, n)
+        _, _, _, per_func, spoiled, _ = self._decode_and_score(kept, flat, n)
         rewards = combine_rewards(per_func, self.reward_weights).reshape(len(samples), n)[~spoiled]  # [ok, n]
         scored_flat = np.repeat(~spoiled, n)  # [N] samples of the groups no function spoiled
         stats = {
@@ -316,7 +348,7 @@ class Generator:
 
         # Decode and score every completion; rows are laid out group by group: [N = num_groups * G].
         flat: list[Completion] = [c for group in samples for c in group]
-        completion_ids, texts, completions, per_func, spoiled = self._decode_and_score(kept_records, flat, G)
+        completion_ids, texts, completions, per_func, spoiled, failed = self._decode_and_score(kept_records, flat, G)
         rewards = combine_rewards(per_func, self.reward_weights).reshape(num_groups, G)  # [ng, G]
         lengths = np.array([c.model_tokens for c in flat], dtype=np.int64).reshape(num_groups, G)  # [ng, G]
 
@@ -346,6 +378,7 @@ class Generator:
             "gen/dropped_groups": float(num_groups - len(groups) + too_long + env_failed),
             "gen/prompts_too_long": float(too_long),
             "errors/reward": float(num_groups - len(groups)),
+            **failed,
             "policy_version": float(version),
             **env_stats,
         }
