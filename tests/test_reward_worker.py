@@ -92,6 +92,20 @@ def test_callers_on_several_threads_share_one_worker(worker_factory):
     assert [[o.values for o in r] for r in results] == [[[2.0], [1.0 + j for j in range(i + 1)]] for i in range(3)]
 
 
+def test_what_a_function_counts_comes_back_once(worker_factory):
+    """The sandboxed code reward counts its programs' ends in ``outcomes``; the worker returns what it counted since
+    the last report with each call (a pass and a failed assert, then one pass)."""
+    from rlfleet.rewards import code_tests_reward
+
+    worker = worker_factory([code_tests_reward])
+    tests = "assert add(2, 3) == 5"
+    good, bad = "```python\ndef add(a, b):\n    return a + b\n```", "```python\ndef add(a, b):\n    return a - b\n```"
+    (out,) = worker.run([(0, {"prompts": ["p"] * 2, "completions": [good, bad], "tests": [tests] * 2})])
+    assert out.values == [1.0, 0.0] and out.counts == {"ok": 1, "failed": 1}, out
+    (out,) = worker.run([(0, {"prompts": ["p"], "completions": [good], "tests": [tests]})])
+    assert out.values == [1.0] and out.counts == {"ok": 1}, out
+
+
 def test_a_function_that_cannot_be_pickled_is_named():
     with pytest.raises(Exception, match="local"):
         RewardWorker([lambda prompts, completions, **kw: [0.0] * len(completions)], 1.0, 1)

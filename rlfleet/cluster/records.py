@@ -19,6 +19,7 @@ class StepWindow:
     reward_errors: int = 0
     reward_timeouts: int = 0  # of reward_errors: calls past algorithm.reward_timeout_s
     reward_lost: int = 0  # of reward_errors: calls lost with a reward worker that died
+    reward_counts: dict[str, float] = field(default_factory=dict)  # reward/<function>/count/<what>
     env_errors: int = 0
     dropped: int = 0
     multi_turn: bool = False  # the job has an environment
@@ -32,6 +33,9 @@ class StepWindow:
         self.reward_errors += int(stats.get("errors/reward", 0))
         self.reward_timeouts += int(stats.get("errors/reward_timeout", 0))
         self.reward_lost += int(stats.get("errors/reward_lost", 0))
+        for key, value in stats.items():
+            if key.startswith("reward/") and "/count/" in key:
+                self.reward_counts[key] = self.reward_counts.get(key, 0.0) + value
         self.env_errors += int(stats.get("errors/env", 0))
         self.env_s += float(stats.get("env/seconds", 0.0))
         self.dropped += int(stats.get("gen/dropped_groups", 0))
@@ -66,6 +70,7 @@ class StepWindow:
             "errors/reward": self.reward_errors,
             "errors/reward_timeout": self.reward_timeouts,
             "errors/reward_lost": self.reward_lost,
+            **self.reward_counts,
             "gen/dropped_groups": self.dropped,
             "sync/seconds": max(self.sync_s, default=0.0),
         }

@@ -173,7 +173,8 @@ class Generator:
                num_groups: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """Per-function rewards ``[F, N]`` (NaN = None), the groups a failing function spoiled ``[num_groups]``, and
         the groups lost to calls that timed out or died with the reward worker (``errors/reward_timeout``,
-        ``errors/reward_lost``; both are also in ``errors/reward``).
+        ``errors/reward_lost``; both are also in ``errors/reward``) with what the functions counted
+        (``reward/<function>/count/<what>``, e.g. the sandboxed code reward's program ends).
 
         A synchronous function gets one call with every completion; an ``async`` one a call per group, run side by
         side (:mod:`~rlfleet.generation.reward_worker`)."""
@@ -190,8 +191,11 @@ class Generator:
                                   **{key: values[rows] for key, values in columns.items()}}))
                 spans.append((k, g0, g1))
         failed = {"timeout": 0, "lost": 0}
+        counts: dict[str, float] = {}  # reward/<function>/count/<what>: what a function counts (``outcomes``)
         for (k, g0, g1), out in zip(spans, self.rewards.run(calls), strict=True):
             name, n = _name(self.reward_funcs[k]), (g1 - g0) * G
+            for what, c in (out.counts or {}).items():
+                counts[f"reward/{name}/count/{what}"] = counts.get(f"reward/{name}/count/{what}", 0.0) + c
             if out.status == "ok" and len(out.values) != n:
                 out = Outcome("error", detail=f"returned {len(out.values)} values for {n} completions")
             if out.status != "ok":
@@ -208,7 +212,7 @@ class Generator:
                 spoiled[g0:g1] |= bad.reshape(g1 - g0, G).any(axis=1)
             per_func[k, g0 * G:g1 * G] = values
         return per_func, spoiled, {"errors/reward_timeout": float(failed["timeout"]),
-                                   "errors/reward_lost": float(failed["lost"])}
+                                   "errors/reward_lost": float(failed["lost"]), **counts}
 
     def _filter(self, group_completions: list[list], rewards: np.ndarray, lengths: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:

@@ -38,6 +38,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class Outcome:
     values: list[float | None] | None = None
     detail: str = ""
     trace: str = ""  # the traceback of an error, for --debug
+    counts: dict[str, int] | None = None  # what the function counted since its last report (``outcomes``)
 
 
 def as_values(out: Any) -> list[float | None]:
@@ -83,6 +85,18 @@ class CallRunner:
         self.threads = ThreadPoolExecutor(concurrency, thread_name_prefix="rlfleet-reward")
         self.slots: asyncio.Semaphore | None = None  # made on the loop that runs the calls
         self.concurrency = concurrency
+        self.reported: list[Counter] = [Counter() for _ in self.funcs]
+
+    def counted(self, k: int) -> dict[str, int] | None:
+        """A function may count what happened in its calls in an ``outcomes`` Counter (the sandboxed code reward
+        counts its programs' ends): what it counted since the last report, reported once (totals are exact; with
+        calls side by side, a count may come back with a neighbouring call)."""
+        outcomes = getattr(self.funcs[k], "outcomes", None)
+        if not isinstance(outcomes, Counter):
+            return None
+        now = Counter(outcomes)
+        delta, self.reported[k] = now - self.reported[k], now
+        return dict(delta)
 
     async def run(self, k: int, kwargs: dict, started: Callable[[], None] = lambda: None) -> Outcome:
         if self.slots is None:
@@ -95,11 +109,13 @@ class CallRunner:
                 else:
                     loop = asyncio.get_running_loop()
                     out = await loop.run_in_executor(self.threads, lambda: self.funcs[k](**kwargs))
-                return Outcome("ok", as_values(out))
+                return Outcome("ok", as_values(out), counts=self.counted(k))
             except asyncio.TimeoutError:
-                return Outcome("timeout", detail=f"no answer within algorithm.reward_timeout_s={self.timeout_s:g} s")
+                return Outcome("timeout", detail=f"no answer within algorithm.reward_timeout_s={self.timeout_s:g} s",
+                               counts=self.counted(k))
             except Exception as err:  # deliberate: the user's function must not stop the worker
-                return Outcome("error", detail=f"{type(err).__name__}: {err}", trace=traceback.format_exc())
+                return Outcome("error", detail=f"{type(err).__name__}: {err}", trace=traceback.format_exc(),
+                               counts=self.counted(k))
 
 
 class InlineRewards:
