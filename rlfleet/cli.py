@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny-model":
             from rlfleet.models import build_tiny_model
 
-            out = build_tiny_model(args.out_dir, size=args.size, seed=args.seed)
+            try:
+                out = build_tiny_model(args.out_dir, size=args.size, seed=args.seed)
+            except ValueError as err:  # an unknown --size
+                print(f"rlfleet tiny-model: --size: {err}", file=sys.stderr)
+                return EXIT_BAD_INPUT
             print(f"wrote {args.size} model and tokenizer to {out}")
             return 0
         if args.command == "scale":

@@ -174,6 +174,17 @@ def test_an_environment_module_that_raises_at_import_is_named(user_modules):
         "configured. Fix the module (or install what it imports); --debug shows the traceback.")
 
 
+def test_an_environment_whose_constructor_raises_is_named(user_modules):
+    user_modules("rl33_env_ctor", "class Env:\n    def __init__(self, **kwargs):\n        raise ConnectionError("
+                 "'tool server unreachable')\n")
+    with pytest.raises(ValueError) as info:
+        make_environment("rl33_env_ctor:Env", {"url": "x"})
+    assert str(info.value) == (
+        "algorithm.environment: 'rl33_env_ctor:Env' failed while it was built with algorithm.environment_kwargs="
+        "{'url': 'x'}: ConnectionError: tool server unreachable. Fix the class or its keyword arguments; --debug "
+        "shows the traceback.")
+
+
 def test_debug_shows_the_traceback_down_to_the_syntax_error(tmp_path):
     """Without --debug one message (exit 2); with it the traceback, the SyntaxError included as the cause."""
     modules = tmp_path / "modules"
@@ -188,3 +199,9 @@ def test_debug_shows_the_traceback_down_to_the_syntax_error(tmp_path):
     assert f'File "{modules / "rl33_debug_reward.py"}", line 1' in debug.stderr  # the SyntaxError's own frame
     assert "SyntaxError: '(' was never closed" in debug.stderr
     assert debug.stderr.rstrip().splitlines()[-2] == "rlfleet.config.ConfigError: invalid config:", debug.stderr
+
+
+def test_an_unknown_tiny_model_size_is_one_line(tmp_path, capsys):
+    assert main(["tiny-model", "--size", "bogus", str(tmp_path / "m")]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == ("rlfleet tiny-model: --size: unknown built-in model 'bogus'; choose one of "
+                                       "['small', 'tiny', 'tiny-lora']\n")

@@ -81,8 +81,8 @@ def _builtin_environments() -> dict[str, type]:
 def make_environment(spec: str, kwargs: dict[str, Any]) -> Any:
     """The environment named by ``algorithm.environment`` (``spec``), built with ``algorithm.environment_kwargs``.
 
-    Raises ``ValueError`` naming the field: unknown name, import failure, missing methods, or keyword arguments the
-    class does not take.
+    Raises ``ValueError`` naming the field: unknown name, import failure, missing methods, keyword arguments the
+    class does not take, or a constructor that raised.
     """
     cls = resolve_function(spec, _builtin_environments(), "algorithm.environment")
     try:
@@ -93,6 +93,10 @@ def make_environment(spec: str, kwargs: dict[str, Any]) -> Any:
         except (TypeError, ValueError):
             signature = spec
         raise ValueError(f"algorithm.environment_kwargs: {kwargs!r} do not fit {signature}: {err}") from err
+    except Exception as err:  # the user's constructor failed: named, with its error, rather than traced
+        raise ValueError(f"algorithm.environment: {spec!r} failed while it was built with "
+                         f"algorithm.environment_kwargs={kwargs!r}: {type(err).__name__}: {err}. Fix the class or its "
+                         "keyword arguments; --debug shows the traceback.") from err
     missing = [m for m in ("setup_state", "is_completed", "env_response") if not callable(getattr(env, m, None))]
     if missing:
         raise ValueError(f"algorithm.environment: {spec!r} has no {', '.join(missing)}; an environment needs "
