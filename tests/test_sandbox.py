@@ -195,3 +195,28 @@ def test_a_sandbox_that_cannot_start_is_refused_and_a_setup_failure_raises():
     CodeTestsReward("test_reward", limits=LIMITS).preflight()  # works here: no exception
     with pytest.raises(ValueError, match="SandboxLimits.cpu_s"):
         SandboxLimits(cpu_s=0)
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_the_code_job_runs_end_to_end_and_counts_each_program(tmp_path):
+    """deploy/code_tiny.yaml for 2 steps through the real CLI: the sandbox runs inside the reward worker inside the
+    generation actor, and each step's record counts every program of the groups it reports (4 completions a group;
+    the random tiny model writes no working code, so none passes)."""
+    import json
+    import sys
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "rlfleet.cli", "train", os.path.join(REPO, "deploy", "code_tiny.yaml"),
+                           f"output_dir={tmp_path}", "learner.max_steps=2", "logging.plot=false",
+                           "replay.max_staleness=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        counts = {k: v for k, v in r.items() if k.startswith("reward/code_tests_reward/count/")}
+        assert sum(counts.values()) == 4 * r["gen/groups"] and "reward/code_tests_reward/count/ok" not in counts, r
+        assert r["errors/reward"] == 0
+    assert sum(r["gen/groups"] for r in records) > 0
