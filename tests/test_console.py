@@ -16,8 +16,9 @@ from rlfleet.cluster import metrics
 from rlfleet.cluster.metrics import Progress, window_rate
 from tests.test_cli_failures import ENV, QUICKSTART, ROOT
 
-PROGRESS = re.compile(r"^rlfleet: step (\d+)/(\d+)  reward (\d\.\d{3})  loss (-?\d+\.\d{4})  staleness (\d\.\d\d)"
-                      r"  (\d+\.\d) groups/s  (\d+\.\d\d) s/step  eta (\d+)m(\d\d)s$")
+PROGRESS = re.compile(r"^rlfleet: step (\d+)/(\d+)  reward (\d\.\d{3}) \((?:step \d+|steps \d+-\d+)\)  "
+                      r"loss (-?\d+\.\d{4})  staleness (\d\.\d\d)  (\d+\.\d) groups/s  (\d+\.\d\d) s/step  "
+                      r"eta (\d+)m(\d\d)s$")
 
 
 def test_window_rate_by_hand():
@@ -32,15 +33,41 @@ def test_plain_lines_every_log_every_steps_and_warnings_stand_out(monkeypatch, c
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
     progress = Progress(total=4, mode="plain", every=2, window=2)
     for step in range(1, 5):
-        progress.update({"step": step, "reward/mean": 0.5, "loss": -0.25, "staleness/mean": 1.0,
+        progress.update({"step": step, "reward/mean": 0.25 * step, "loss": -0.25, "staleness/mean": 1.0,
                          "learner/groups": 4})
         if step == 3:
             metrics.warn("rlfleet-generator-0 died")
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("rlfleet: step 2/4  reward 0.500  loss -0.2500  staleness 1.00  4.0 groups/s  1.00 s/step  "
-                        "eta 0m02s")
+    # the reward of steps 1-2: (0.25 + 0.5) / 2
+    assert lines[0] == ("rlfleet: step 2/4  reward 0.375 (steps 1-2)  loss -0.2500  staleness 1.00  4.0 groups/s  "
+                        "1.00 s/step  eta 0m02s")
     assert lines[1] == "rlfleet: WARNING: rlfleet-generator-0 died"
     assert PROGRESS.match(lines[2]) and len(lines) == 3
+    assert "reward 0.875 (steps 3-4)" in lines[2]  # (0.75 + 1.0) / 2: the window moved on
+
+
+def test_window_reward_and_trailing_mean_by_hand():
+    assert metrics.window_reward([(7, 0.5)]) == "0.500 (step 7)"
+    assert metrics.window_reward([(3, 0.2), (4, 0.4), (6, 0.9)]) == "0.500 (steps 3-6)"  # step 5 had no reward
+    assert metrics.window_reward([]) == "nan"
+    assert metrics.trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert metrics.trailing_mean([2.0, 4.0, 9.0], 5) == [2.0, 3.0, 5.0]
+
+
+def test_the_step_record_has_each_reward_functions_mean_and_std_by_hand():
+    """Two requests' stats for function f: samples [1, 2, 3] and [5] (n 3 + 1, sum 6 + 5, sum of squares 14 + 25):
+    mean 11 / 4 = 2.75, std sqrt((39 - 4 * 2.75^2) / 3) = sqrt(8.75 / 3) = 1.707825 (Bessel, as TRL's); g has one
+    sample: a mean and no std."""
+    from rlfleet.cluster.records import StepWindow
+
+    window = StepWindow()
+    window.add(0, {"rewards/f/n": 3.0, "rewards/f/sum": 6.0, "rewards/f/sum_sq": 14.0, "rewards/g/n": 1.0,
+                   "rewards/g/sum": 0.5, "rewards/g/sum_sq": 0.25})
+    window.add(1, {"rewards/f/n": 1.0, "rewards/f/sum": 5.0, "rewards/f/sum_sq": 25.0})
+    record = window.metrics(1.0, [0, 1])
+    assert record["rewards/f/mean"] == 2.75 and record["rewards/f/std"] == pytest.approx(1.707825, abs=1e-6)
+    assert record["rewards/g/mean"] == 0.5 and "rewards/g/std" not in record
+    assert not [k for k in record if k.endswith(("/n", "/sum", "/sum_sq"))]
 
 
 def test_the_bar_is_ended_before_a_line(monkeypatch, capsys):
@@ -75,6 +102,11 @@ def test_quickstart_console_and_learning(tmp_path):
     assert len(foreign) <= 1 and len(lines) < 25, lines
     assert not [line for line in lines if re.search(r"\bINFO\b|Failed to load weights|Traceback", line)]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["reward/mean"] for r in records}
+    for line in lines:  # the console's reward is the mean of the steps it names
+        if m := re.search(r"reward (\d\.\d{3}) \(steps (\d+)-(\d+)\)", line):
+            assert float(m[1]) == pytest.approx(np.mean([by_step[k] for k in range(int(m[2]), int(m[3]) + 1)]),
+                                                abs=5e-4), line
     first = np.mean([r["reward/mean"] for r in records[:20]])
     last = np.mean([r["reward/mean"] for r in records[-20:]])
     assert last > first + 0.1, (first, last)

@@ -170,6 +170,9 @@ def test_fake_engine_group_arithmetic(tokenizer):
         assert g.completion_ids[1].tolist() == [98, EOS_ID, 0, 0, 0, 0, 0]
         assert g.behaviour_logprobs[1].tolist() == [-0.5, -0.5, 0, 0, 0, 0, 0]
     assert stats["gen/tokens"] == 34 and stats["reward/mean"] == 4.25 and stats["reward/by_length/mean"] == 4.25
+    # two groups of lengths [5, 2, 7, 3]: n 8, sum 34, sum of squares 2 * 87
+    assert (stats["rewards/by_length/n"], stats["rewards/by_length/sum"], stats["rewards/by_length/sum_sq"]) == \
+        (8.0, 34.0, 174.0)
 
 
 def test_gfpo_shortest_from_config_gets_lengths(tokenizer):

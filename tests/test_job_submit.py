@@ -166,8 +166,8 @@ def test_prometheus_charts_a_running_job_then_job_stop_checkpoints(head, tmp_pat
     """A real Prometheus (scripts/local_head.py) scrapes rlfleet's series from the head while a job runs; each value
     it holds is one the job wrote to metrics.jsonl at some step; every query of deploy/grafana-dashboard.json
     answers; every port of the head listens on loopback. Then `ray job stop` leaves a final checkpoint."""
-    from rlfleet.cluster.metrics import (EVAL_SERIES, MULTI_TURN_SERIES, ONLINE_DPO_SERIES, RL_GENERATOR_SERIES,
-                                         rl_series)
+    from rlfleet.cluster.metrics import (EVAL_SERIES, MULTI_TURN_SERIES, ONLINE_DPO_SERIES, REWARD_FUNCTION_SERIES,
+                                         RL_GENERATOR_SERIES, rl_series)
 
     if head["prometheus"] is None:
         pytest.skip("prometheus is not installed (scripts/setup.sh --test installs it with apt-get)")
@@ -175,7 +175,8 @@ def test_prometheus_charts_a_running_job_then_job_stop_checkpoints(head, tmp_pat
     job_id = submit(head, run, "python", "-m", "rlfleet.cli", "train", "deploy/quickstart.yaml",
                     "learner.max_steps=100000", "checkpoint.save_steps=100000", f"output_dir={out_dir}",
                     "logging.plot=false")
-    series = {**rl_series(beta=0.0), **{n: (None, d) for n, d in RL_GENERATOR_SERIES.items()}}
+    series = {**rl_series(beta=0.0), **{n: (None, d) for n, d in RL_GENERATOR_SERIES.items()},
+              **{n: (None, d) for n, d in REWARD_FUNCTION_SERIES.values()}}  # tagged by function
 
     def every_series_scraped():
         if job_status(head, job_id) in ("FAILED", "STOPPED", "SUCCEEDED"):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rlfleet.cluster.metrics import (DPO_SERIES, EVAL_SERIES, ONLINE_DPO_SERIES, RL_GENERATOR_SERIES, RL_SERIES,
-                                     Reporters, dpo_series, logger_problems, rl_series, samples_markdown)
+from rlfleet.cluster.metrics import (DPO_SERIES, EVAL_SERIES, ONLINE_DPO_SERIES, REWARD_FUNCTION_SERIES,
+                                     RL_GENERATOR_SERIES, RL_SERIES, Reporters, dpo_series, logger_problems, rl_series, samples_markdown)
 from rlfleet.config import LoggingConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,8 @@ def test_series_tables_and_the_grafana_dashboard_agree():
     board = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
     queried = {m.removeprefix("ray_") for e in exprs for m in re.findall(r"ray_rlfleet_\w+", e)}
-    exported = set(RL_SERIES) | set(RL_GENERATOR_SERIES) | set(DPO_SERIES) | set(ONLINE_DPO_SERIES) | set(EVAL_SERIES)
+    exported = (set(RL_SERIES) | set(RL_GENERATOR_SERIES) | set(DPO_SERIES) | set(ONLINE_DPO_SERIES) | set(EVAL_SERIES)
+                | {name for name, _ in REWARD_FUNCTION_SERIES.values()})
     assert queried <= exported, queried - exported
     assert exported <= queried, exported - queried  # every series has a panel
     assert "rlfleet_kl" not in rl_series(0.0) and "rlfleet_kl" in rl_series(0.04)
@@ -200,5 +201,6 @@ def test_engine_log_filter_drops_only_the_known_benign_warnings(monkeypatch):
 
 def test_readme_documents_every_series():
     readme = (ROOT / "README.md").read_text()
-    for name in {**RL_SERIES, **RL_GENERATOR_SERIES, **DPO_SERIES, **ONLINE_DPO_SERIES, **EVAL_SERIES}:
+    for name in [*RL_SERIES, *RL_GENERATOR_SERIES, *DPO_SERIES, *ONLINE_DPO_SERIES, *EVAL_SERIES,
+                 *(n for n, _ in REWARD_FUNCTION_SERIES.values())]:
         assert f"`ray_{name}`" in readme, name

@@ -81,7 +81,9 @@ class Progress:
     """rlfleet's progress: a one-line bar on an interactive terminal, a plain line every ``every`` steps otherwise.
 
     The rate is that of the last ``window`` steps (groups trained per second, seconds per step, and the time left
-    at that pace), not an average since the start, which start-up would weigh on for the whole run.
+    at that pace), not an average since the start, which start-up would weigh on for the whole run. The reward is
+    the mean of the same steps' batch rewards, and the line names them (``reward 0.583 (steps 21-40)``): one step's
+    batch is a handful of groups, too few to read a trend from.
     """
 
     bar_open = False  # a bar line is on the terminal (console() ends it before printing)
@@ -91,18 +93,22 @@ class Progress:
         self.bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self.groups = 0
         self.marks: deque[tuple[float, int, int]] = deque(maxlen=window + 1)  # (time, step, groups so far)
+        self.rewards: deque[tuple[int, float]] = deque(maxlen=window)  # (step, its batch's mean reward)
 
     def line(self, record: dict) -> str:
         rate = window_rate(list(self.marks))
         pace = "" if rate is None else (f"  {rate[0]:.1f} groups/s  {rate[1]:.2f} s/step  "
                                         f"eta {format_duration(rate[1] * (self.total - record['step']))}")
-        return (f"step {record['step']}/{self.total}  reward {fmt(record.get('reward/mean'), 3)}  "
+        return (f"step {record['step']}/{self.total}  reward {window_reward(list(self.rewards))}  "
                 f"loss {fmt(record.get('loss'), 4)}  staleness {record.get('staleness/mean', 0):.2f}{pace}")
 
     def update(self, record: dict) -> None:
         step = record["step"]
         self.groups += int(record.get("learner/groups", 0))
         self.marks.append((time.perf_counter(), step, self.groups))
+        reward = record.get("reward/mean")
+        if isinstance(reward, (int, float)) and math.isfinite(reward):
+            self.rewards.append((step, float(reward)))
         text = self.line(record)
         if self.bar:
             done = int(30 * step / self.total)
@@ -115,12 +121,33 @@ class Progress:
             console(text)
 
 
+def window_reward(rewards: list[tuple[int, float]]) -> str:
+    """``"0.583 (steps 21-40)"``: the mean of the ``(step, batch reward)`` pairs and the steps they span; ``"nan"``
+    when no step had a reward."""
+    if not rewards:
+        return "nan"
+    first, last = rewards[0][0], rewards[-1][0]
+    span = f"step {last}" if first == last else f"steps {first}-{last}"
+    return f"{sum(r for _, r in rewards) / len(rewards):.3f} ({span})"
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def fmt(value, digits: int) -> str:
     return "nan" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def plot(records: list[dict], path: str | Path, keys: tuple[str, ...] = ("reward/mean", "loss")) -> Path | None:
-    """Save a PNG with one panel per key against the step."""
+def plot(records: list[dict], path: str | Path, keys: tuple[str, ...] = ("reward/mean", "loss"),
+         window: int = 20) -> Path | None:
+    """Save a PNG with one panel per key against the step: each step's value as a faint point, and the mean of the
+    last ``window`` steps (the console's reward) as a line."""
     if not records:
         return None
     import matplotlib
@@ -130,8 +157,12 @@ def plot(records: list[dict], path: str | Path, keys: tuple[str, ...] = ("reward
 
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
     for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
-        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        pts = [(r["step"], r[key]) for r in records
+               if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        steps, values = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(steps, values, ".", alpha=0.3, label="each step")
+        ax.plot(steps, trailing_mean(values, window), "-", label=f"mean of the last {window}")
+        ax.legend(loc="best", fontsize="small")
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
@@ -216,11 +247,11 @@ class StepOutputs:
     ``logging.report_to``. ``resume_step``: the step a resumed job continues from (later lines are rewritten)."""
 
     def __init__(self, cfg: RLFleetConfig, series: dict[str, tuple[str, str]], resume_step: int | None,
-                 per_generator: dict[str, str] | None = None):
+                 per_generator: dict[str, str] | None = None, per_function: bool = False):
         out = Path(cfg.output_dir)
         run = out.resolve().name  # the `run` tag of the series
         self.log = MetricsLog(out, resume_step=resume_step)
-        self.ray = RayMetrics(run, series, per_generator)
+        self.ray = RayMetrics(run, series, per_generator, per_function)
         self.reporters = Reporters(cfg.logging, out, run, cfg.model_dump(mode="json"), resume_step)
 
     def write(self, record: dict, samples: list[dict] = (), generators: dict[int, dict[str, float]] | None = None):
@@ -312,6 +343,10 @@ ONLINE_DPO_SERIES = {  # online DPO's instead of the clip share (algorithm.name:
 EVAL_SERIES = {  # jobs with logging.eval_steps; set at each evaluation, held between them
     "rlfleet_eval_reward_mean": ("eval/reward/mean", "mean reward on the held-out prompts (data.eval_split)"),
 }
+REWARD_FUNCTION_SERIES = {  # rlfleet train: tagged by reward function as well (rewards/<function>/mean, /std)
+    "mean": ("rlfleet_reward_function_mean", "mean reward of one reward function over the step's generated groups"),
+    "std": ("rlfleet_reward_function_std", "reward std of one reward function over the step's generated groups"),
+}
 MULTI_TURN_SERIES = ("rlfleet_env_errors_total", "rlfleet_env_turns_per_episode")
 
 
@@ -335,10 +370,12 @@ class RayMetrics:
     record lacks keeps its last value (the DPO held-out accuracy between evaluations)."""
 
     def __init__(self, run: str, series: dict[str, tuple[str, str]],
-                 per_generator: dict[str, str] | None = None):
+                 per_generator: dict[str, str] | None = None, per_function: bool = False):
         from ray.util.metrics import Gauge
 
         self.tags = {"run": run}
+        self.per_function = {stat: Gauge(name, description=d, tag_keys=("run", "function"))
+                             for stat, (name, d) in (REWARD_FUNCTION_SERIES.items() if per_function else ())}
         self.gauges = {n: (key, Gauge(n, description=d, tag_keys=("run",))) for n, (key, d) in series.items()}
         self.per_generator = {n: Gauge(n, description=d, tag_keys=("run", "generator"))
                               for n, d in (per_generator or {}).items()}
@@ -348,6 +385,11 @@ class RayMetrics:
             value = record.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 gauge.set(float(value), tags=self.tags)
+        for key, value in record.items():  # rewards/<function>/mean and /std
+            parts = key.split("/")
+            if (len(parts) == 3 and parts[0] == "rewards" and parts[2] in self.per_function
+                    and isinstance(value, (int, float)) and math.isfinite(value)):
+                self.per_function[parts[2]].set(float(value), tags={**self.tags, "function": parts[1]})
         for index, figures in (generators or {}).items():
             tags = {**self.tags, "generator": str(index)}
             for name, gauge in self.per_generator.items():

@@ -20,6 +20,7 @@ class StepWindow:
     reward_timeouts: int = 0  # of reward_errors: calls past algorithm.reward_timeout_s
     reward_lost: int = 0  # of reward_errors: calls lost with a reward worker that died
     reward_counts: dict[str, float] = field(default_factory=dict)  # reward/<function>/count/<what>
+    function_sums: dict[str, list[float]] = field(default_factory=dict)  # function -> [n, sum, sum of squares]
     env_errors: int = 0
     dropped: int = 0
     multi_turn: bool = False  # the job has an environment
@@ -36,6 +37,11 @@ class StepWindow:
         for key, value in stats.items():
             if key.startswith("reward/") and "/count/" in key:
                 self.reward_counts[key] = self.reward_counts.get(key, 0.0) + value
+            elif key.startswith("rewards/") and key.endswith("/n"):
+                name = key[len("rewards/"):-len("/n")]
+                sums = self.function_sums.setdefault(name, [0.0, 0.0, 0.0])
+                for i, part in enumerate(("n", "sum", "sum_sq")):
+                    sums[i] += float(stats.get(f"rewards/{name}/{part}", 0.0))
         self.env_errors += int(stats.get("errors/env", 0))
         self.env_s += float(stats.get("env/seconds", 0.0))
         self.dropped += int(stats.get("gen/dropped_groups", 0))
@@ -45,6 +51,18 @@ class StepWindow:
         self.tokens[index] = self.tokens.get(index, 0) + int(stats.get("gen/tokens", 0))
         if "sync/seconds" in stats:
             self.sync_s.append(float(stats["sync/seconds"]))
+
+    def function_rewards(self) -> dict[str, float]:
+        """Each reward function's ``rewards/<function>/mean`` and ``/std`` (TRL's names; the std with Bessel's
+        correction, as TRL's) over the samples of the window's groups."""
+        out = {}
+        for name, (n, total, total_sq) in self.function_sums.items():
+            if n:
+                mean = total / n
+                out[f"rewards/{name}/mean"] = mean
+                if n > 1:
+                    out[f"rewards/{name}/std"] = max(0.0, (total_sq - n * mean * mean) / (n - 1)) ** 0.5
+        return out
 
     def per_generator(self, wall_s: float, generators: list[int]) -> dict[int, dict[str, float]]:
         out = {}
@@ -71,6 +89,7 @@ class StepWindow:
             "errors/reward_timeout": self.reward_timeouts,
             "errors/reward_lost": self.reward_lost,
             **self.reward_counts,
+            **self.function_rewards(),
             "gen/dropped_groups": self.dropped,
             "sync/seconds": max(self.sync_s, default=0.0),
         }
@@ -84,7 +103,7 @@ class StepRecords:
     def __init__(self, cfg: RLFleetConfig, series: dict[str, tuple[str, str]], resume_step: int | None,
                  replay: dict[str, float]):
         self.multi_turn, self.groups_per_step = cfg.algorithm.environment is not None, cfg.learner.groups_per_step
-        self.outputs = StepOutputs(cfg, series, resume_step, RL_GENERATOR_SERIES)
+        self.outputs = StepOutputs(cfg, series, resume_step, RL_GENERATOR_SERIES, per_function=True)
         self.batches = MetricsLog(cfg.output_dir, resume_step=resume_step, name="batches.jsonl")
         self.progress = Progress(cfg.learner.max_steps, cfg.logging.progress, cfg.logging.log_every,
                                  start=resume_step or 0)

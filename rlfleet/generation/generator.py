@@ -333,7 +333,8 @@ class Generator:
         prompts_too_long), ``errors/reward`` (groups dropped for a failing reward or filter function), with an
         environment ``env/*`` and ``errors/env`` (:meth:`_sample_episodes`),
         ``reward/mean``, ``reward/std``, ``reward/<function>/mean`` over every sample of the surviving groups
-        (before GFPO filtering; absent when nothing was scored), ``reward/frac_zero_std`` and ``policy_version``.
+        (before GFPO filtering; absent when nothing was scored) with ``rewards/<function>/n``, ``/sum`` and ``/sum_sq``
+        (the step record's per-function mean and std add them up), ``reward/frac_zero_std`` and ``policy_version``.
         """
         start = time.perf_counter()
         G = self.generation.num_generations
@@ -397,7 +398,12 @@ class Generator:
             for k, func in enumerate(self.reward_funcs):
                 values = per_func[k].reshape(num_groups, G)[ok]
                 if np.isfinite(values).any():
-                    stats[f"reward/{_name(func)}/mean"] = float(values[np.isfinite(values)].mean())
+                    finite = values[np.isfinite(values)]
+                    name = _name(func)
+                    # the step record's rewards/<function>/mean and /std (TRL's names) over its window's groups
+                    stats |= {f"reward/{name}/mean": float(finite.mean()), f"rewards/{name}/n": float(finite.size),
+                              f"rewards/{name}/sum": float(finite.sum()),
+                              f"rewards/{name}/sum_sq": float(np.square(finite).sum())}
         return groups, stats
 
 
