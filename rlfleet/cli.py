@@ -5,11 +5,17 @@ overrides, validates everything before Ray starts, and runs the job (on the clus
 ``RAY_ADDRESS``, else on a local Ray cluster it starts itself). ``ray job submit -- rlfleet train job.yaml`` runs the
 same program as the job's driver. ``rlfleet scale --address ADDR --job NAME --generators N`` changes the size of a
 running job's generator fleet.
+
+User modules (``algorithm.reward_funcs: [my_rewards:score]``) are looked up from the directory ``rlfleet`` is started
+in, as ``python -m`` would, and on a local cluster every actor finds them there too (Ray starts its workers with the
+driver's import path). On a cluster of several nodes the other nodes have no such directory: ship it with the job
+(``ray job submit --working-dir .`` or ``runtime_env``'s ``working_dir`` / ``py_modules``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rlfleet.config import ConfigError, dump_config, load_config
@@ -67,8 +73,17 @@ def _load(args: argparse.Namespace):
     return load_config(path, overrides)
 
 
+def importable_cwd() -> None:
+    """Put the current directory first on the import path, as ``python -m`` and ``python script.py`` do; a console
+    script (``.venv/bin/rlfleet``) starts with its own directory there instead."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    importable_cwd()
     try:
         if args.command == "tiny-model":
             from rlfleet.models import build_tiny_model

@@ -59,7 +59,8 @@ def import_failure(module_name: str, err: Exception) -> str:
     user = [(f, n) for f, n in frames if f != __file__ and not f.startswith(machinery)]
     if not user:  # nothing of the module ran: it is not there (or is a binary extension that does not load)
         return (f"module {module_name!r} could not be imported ({type(err).__name__}: {err}). Install the package "
-                "or add its directory to PYTHONPATH (on every Ray node), or fix the module name.")
+                "or start rlfleet in the module's directory (or add that to PYTHONPATH; on a cluster of several nodes "
+                "ship it with the job's working_dir), or fix the module name.")
     file = user[0][0]  # the module (or the package above it) that the import ran
     line = [n for f, n in user if f == file][-1]
     text = linecache.getline(file, line).strip()

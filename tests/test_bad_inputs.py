@@ -160,8 +160,9 @@ def test_a_missing_module_still_says_to_install_it():
         make_environment("rl33_no_such_environment:Env", {})
     assert str(info.value) == (
         "algorithm.environment: 'rl33_no_such_environment:Env': module 'rl33_no_such_environment' could not be "
-        "imported (ModuleNotFoundError: No module named 'rl33_no_such_environment'). Install the package or add its "
-        "directory to PYTHONPATH (on every Ray node), or fix the module name.")
+        "imported (ModuleNotFoundError: No module named 'rl33_no_such_environment'). Install the package or start "
+        "rlfleet in the module's directory (or add that to PYTHONPATH; on a cluster of several nodes ship it with the "
+        "job's working_dir), or fix the module name.")
 
 
 def test_an_environment_module_that_raises_at_import_is_named(user_modules):
