@@ -88,3 +88,21 @@ def test_rlfleet_scale_shrinks_and_grows_a_running_job(job_cluster, tmp_path):
     ledger = prompt_ledger(cfg, out)
     assert ledger["to_reissue"] == []
     assert Counter(ledger["trained"]) + Counter(ledger["queued"]) == Counter(ledger["issued"])
+
+
+def test_closing_the_control_actor_answers_its_waiting_call(job_cluster):
+    """The driver keeps a next_request call waiting on rlfleet-control; at the job's end close_control answers it, so
+    the call ends as a finished task rather than one killed in flight (a "Failed" task on the dashboard of a run that
+    went well). Without close it would still be waiting when the actor is killed."""
+    import ray
+
+    from rlfleet.cluster.control import close_control, start_control
+
+    control = start_control()
+    try:
+        waiting = control.next_request.remote(0)
+        assert ray.wait([waiting], timeout=0.5)[1] == [waiting]  # no request yet: it waits
+        close_control(control)
+        assert ray.get(waiting, timeout=30) == (0, {})  # answered, not killed
+    finally:
+        ray.kill(control, no_restart=True)

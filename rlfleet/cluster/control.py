@@ -24,6 +24,8 @@ class FleetControl:
         self.seq = 0  # bumped by every request
         self.request: dict = {}
         self.status: dict = {}
+        self.closed = False  # the job ended: waiting calls return, so none is left to be killed with the actor
+        self.waiting = 0  # next_request calls waiting now
         self._changed = asyncio.Event()
 
     async def scale(self, generators: int) -> dict:
@@ -42,17 +44,40 @@ class FleetControl:
         return {"seq": self.seq, **self.status}
 
     async def next_request(self, seen: int) -> tuple[int, dict]:
-        """The latest request once there is one newer than ``seen``: ``(seq, request)``."""
-        while self.seq <= seen:
-            self._changed.clear()
-            await self._changed.wait()
+        """The latest request once there is one newer than ``seen`` (or the job closed the actor): ``(seq,
+        request)``."""
+        self.waiting += 1
+        try:
+            while self.seq <= seen and not self.closed:
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self.waiting -= 1
         return self.seq, dict(self.request)
+
+    async def close(self) -> None:
+        """The job is ending: answer every waiting ``next_request`` before the actor is killed (a call killed in
+        flight shows as a failed task on the Ray dashboard of a run that went well)."""
+        self.closed = True
+        self._changed.set()
+        while self.waiting:
+            await asyncio.sleep(0)
 
     async def report(self, status: dict) -> None:
         self.status = status
 
     async def get_status(self) -> dict:
         return dict(self.status)
+
+
+def close_control(control: ray.actor.ActorHandle | None, timeout_s: float = 10.0) -> None:
+    """End the control actor's waiting calls (see :meth:`FleetControl.close`); the caller kills it after."""
+    if control is None:
+        return
+    try:
+        ray.get(control.close.remote(), timeout=timeout_s)
+    except Exception:  # deliberate: already gone, or the cluster is; killing it is all that is left
+        pass
 
 
 def start_control() -> ray.actor.ActorHandle:

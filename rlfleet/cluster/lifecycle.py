@@ -25,7 +25,7 @@ from typing import Protocol
 import ray
 
 from rlfleet.cluster import checkpoint as ckpt
-from rlfleet.cluster.control import start_control
+from rlfleet.cluster.control import close_control, start_control
 from rlfleet.cluster.memory import job_estimate
 from rlfleet.cluster.metrics import logger_problems
 from rlfleet.cluster.runtime import (connect, job_name, job_namespace, preflight_cluster, preflight_local,
@@ -122,6 +122,7 @@ def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle],
             print(f"\n{label}: stopped while {phase}; {tail}", flush=True)
             return {"step": None, "stopped": phase, "checkpoint": str(kept) if kept else None}
         finally:
+            close_control(control)
             kill(control)
             if where.startswith("local"):
                 ray.shutdown()
