@@ -54,8 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--job", required=True, help="the job's name: cluster.job_name, else the last part of output_dir")
     p.add_argument("--generators", type=int, required=True, help="generation actors to keep (>= 1)")
 
-    p = sub.add_parser("config", help="print the resolved config (or its errors) without starting Ray")
+    p = sub.add_parser(
+        "config", help="check a job without starting Ray and print its resolved config, or every problem",
+        description="Check a job as far as can be done without Ray, and print its resolved config (or every problem, "
+        "exit 2): the config's fields; the model directory and its weights; the dataset, its columns (after "
+        "data.column_mapping) and its split; the evaluation split; the reward, group filter and environment modules "
+        "(imported); prompt lengths. Left to `rlfleet train` / `rlfleet dpo`: a model or dataset named on the hub "
+        "(not downloaded here; the names are listed), the cluster's resources, and the engines and actors starting.")
     _add_job_args(p)
+    p.add_argument("--for", dest="job", choices=("train", "dpo"), default=None,
+                   help="check the job as `rlfleet train` or `rlfleet dpo` runs it; default: dpo for a built-in "
+                   "preference dataset or a job that names no reward function (and no built-in task), else train")
 
     p = sub.add_parser("tiny-model", help="build the offline random-init tiny model + tokenizer")
     p.add_argument("out_dir")
@@ -99,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             return _scale(args)
         cfg = _load(args)
         if args.command == "config":
+            _check(cfg, args.job)
             print(dump_config(cfg))
             return 0
         if args.command in ("train", "dpo"):
@@ -122,6 +132,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrlfleet {args.command}: interrupted while checking the job; nothing was started", file=sys.stderr)
         return EXIT_STOPPED
     return 1
+
+
+def _check(cfg, job: str | None) -> None:
+    """``rlfleet config``'s checks: the preflight of the command the job is for, nothing fetched from the hub (what
+    that leaves unchecked is said on stderr); raises ConfigError listing every problem."""
+    from rlfleet.cluster.preflight import hub_names, preflight, preflight_dpo
+    from rlfleet.data import BUILTIN_PREFIX, BUILTIN_TASKS
+    from rlfleet.dpo.data import BUILTIN_PREFERENCES
+
+    name = cfg.data.dataset
+    builtin = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else None
+    if job is None and builtin in BUILTIN_PREFERENCES:
+        job = "dpo"
+    elif job is None and not (cfg.algorithm.reward_funcs or builtin in BUILTIN_TASKS):
+        job = "dpo"  # `rlfleet train` would have no reward function
+        print("rlfleet config: checking the job as for `rlfleet dpo` (it names no reward function; --for train checks "
+              "it as for `rlfleet train`)", file=sys.stderr)
+    job = job or "train"
+    (preflight_dpo if job == "dpo" else preflight)(cfg, fetch=False)
+    if unchecked := hub_names(cfg):
+        print(f"rlfleet config: checked as for `rlfleet {job}`; not downloaded, left to it: {', '.join(unchecked)}",
+              file=sys.stderr)
 
 
 def _scale(args: argparse.Namespace) -> int:

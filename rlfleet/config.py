@@ -77,17 +77,28 @@ class ModelConfig(Section):
 class DataConfig(Section):
     dataset: str = Field(
         "builtin:char_count",
-        description="'builtin:<task>' (see rlfleet.data.BUILTIN_TASKS), a local .json/.jsonl/.parquet/.csv file, "
-        "or a hub dataset name.",
+        description="'builtin:<task>' (see rlfleet.data.BUILTIN_TASKS), a local .json/.jsonl/.parquet/.csv file "
+        "(one split, 'train'), a directory of such files (one split per file, named by its stem: train.jsonl, "
+        "test.jsonl), or a hub dataset name.",
     )
     dataset_config: str | None = Field(
         None, description="Hub dataset subset (TRL's name), e.g. 'main' for openai/gsm8k; None for the default."
     )
-    split: str = "train"
-    eval_split: str | None = Field(None, description="Held-out split name; built-in tasks provide 'test'. "
-                                   "`rlfleet train` evaluates on it every logging.eval_steps, `rlfleet dpo` every "
-                                   "dpo.eval_steps.")
-    max_eval_prompts: int | None = Field(None, gt=0, description="Evaluate on the first N held-out prompts only; "
+    split: str = Field("train", description="Training split, in the datasets library's syntax for files and hub "
+                       "datasets alike: 'train', 'train[:90%]', 'train[:40]' (built-in tasks: 'train' or 'test').")
+    eval_split: str | None = Field(None, description="Evaluation split, same syntax: built-in tasks provide 'test'; "
+                                   "a single file, e.g. 'train[90%:]' with data.split 'train[:90%]'. Of "
+                                   "data.eval_dataset if set (default there: 'train', its whole file), else of "
+                                   "data.dataset. `rlfleet train` evaluates on it every logging.eval_steps, "
+                                   "`rlfleet dpo` every dpo.eval_steps.")
+    eval_dataset: str | None = Field(None, description="A separate evaluation source, named as data.dataset is (a "
+                                     "file, a directory, a hub name, 'builtin:<task>'); None: data.dataset.")
+    eval_dataset_config: str | None = Field(None, description="Hub subset of data.eval_dataset; None: its default.")
+    eval_on_train: bool = Field(False, description="Allow evaluation prompts that are training prompts (the same "
+                                "file, hub split or built-in split as data.split, with overlapping rows); they are "
+                                "then reported as training prompts, never as held-out. Refused where nothing "
+                                "overlaps.")
+    max_eval_prompts: int | None = Field(None, gt=0, description="Evaluate on the first N evaluation prompts only; "
                                          "None: all.")
     column_mapping: dict[str, str] = Field(
         default_factory=dict, description="Rename dataset columns before use, e.g. {question: prompt}."
@@ -370,10 +381,10 @@ class LoggingConfig(Section):
     wandb_project: str = "rlfleet"
     eval_steps: int | None = Field(
         None, gt=0, description="`rlfleet train`: every N learner steps, and at the end, one generator scores the "
-        "held-out prompts (data.eval_split) with that step's weights, between training requests: eval/reward/mean. "
-        "None: no evaluation.")
+        "evaluation prompts (data.eval_split, of data.eval_dataset if set) with that step's weights, between "
+        "training requests: eval/reward/mean. None: no evaluation.")
     eval_greedy: bool = Field(True, description="Evaluate with greedy decoding; false: the training temperature.")
-    eval_num_generations: int = Field(1, gt=0, description="Samples per held-out prompt (more than 1 needs "
+    eval_num_generations: int = Field(1, gt=0, description="Samples per evaluation prompt (more than 1 needs "
                                       "eval_greedy: false).")
     engine_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Level of vLLM's own log lines in the generation actors (INFO shows every engine "
@@ -494,9 +505,17 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     if alg.name == "online_dpo":
         out += online_dpo_problems(cfg)
     log = cfg.logging
-    if log.eval_steps is not None and cfg.data.eval_split is None:
+    data = cfg.data
+    if log.eval_steps is not None and data.eval_split is None and data.eval_dataset is None:
         out.append(f"data.eval_split: required by logging.eval_steps ({log.eval_steps}); name the held-out split "
-                   "(built-in tasks: 'test'), or remove logging.eval_steps.")
+                   "(built-in tasks: 'test'; a single file: e.g. 'train[90%:]' with data.split 'train[:90%]') or "
+                   "a separate file with data.eval_dataset, or remove logging.eval_steps.")
+    if data.eval_dataset_config is not None and data.eval_dataset is None:
+        out.append(f"data.eval_dataset_config: {data.eval_dataset_config!r} is set without data.eval_dataset; name "
+                   "the evaluation dataset or remove it.")
+    if data.eval_on_train and data.eval_split is None and data.eval_dataset is None:
+        out.append("data.eval_on_train: true without an evaluation split; set data.eval_split (or "
+                   "data.eval_dataset), or remove data.eval_on_train.")
     if log.eval_greedy and log.eval_num_generations > 1:
         out.append(f"logging.eval_num_generations: {log.eval_num_generations} greedy samples of a prompt are all the "
                    "same; set logging.eval_greedy: false to sample at the training temperature, or use 1.")

@@ -160,27 +160,80 @@ def builtin_task(dataset: str) -> Task | None:
 
 
 def is_local_file(name: str) -> bool:
-    return Path(name).suffix.lower() in LOCAL_FORMATS or os.path.exists(name) or name.startswith(("/", ".", "~"))
+    """True for a local file or directory (an existing path, a data file's extension, or a path-like name)."""
+    return (Path(name).suffix.lower() in LOCAL_FORMATS or os.path.exists(name)
+            or name.startswith(("/", ".", "~")) or name.endswith("/"))
 
 
-def load_local_file(name: str, split: str) -> datasets.Dataset:
+def local_splits(name: str) -> dict[str, Path]:
+    """A local dataset's split files: a file is one split, 'train' (the name the datasets library gives it); a
+    directory holds one split per .json/.jsonl/.parquet/.csv file, named by the file's stem."""
     path = Path(name).expanduser()
+    formats = ", ".join(LOCAL_FORMATS)
+    if path.is_dir():
+        splits: dict[str, Path] = {}
+        for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in LOCAL_FORMATS):
+            if file.stem in splits:
+                raise ValueError(f"data.dataset: directory {str(path)!r} has two files for split {file.stem!r} "
+                                 f"({splits[file.stem].name}, {file.name}); keep one")
+            splits[file.stem] = file
+        if not splits:
+            raise ValueError(f"data.dataset: directory {str(path)!r} has no split files ({formats}); add one per "
+                             "split, named by the split: train.jsonl, test.jsonl")
+        return splits
     suffix = path.suffix.lower()
-    if suffix not in LOCAL_FORMATS:
-        raise ValueError(
-            f"data.dataset: {name!r} has extension {suffix!r}; local files must be one of "
-            f"{', '.join(LOCAL_FORMATS)}"
-        )
+    if suffix not in LOCAL_FORMATS and path.exists():
+        raise ValueError(f"data.dataset: {name!r} has extension {suffix!r}; local files must be one of {formats}")
     if not path.is_file():
-        raise FileNotFoundError(f"data.dataset: file {str(path)!r} does not exist; check the path")
-    if split != "train":
-        raise ValueError(f"data.split: a local file holds one split, named 'train'; got {split!r}")
+        if suffix in LOCAL_FORMATS:
+            raise FileNotFoundError(f"data.dataset: file {str(path)!r} does not exist; check the path")
+        raise FileNotFoundError(f"data.dataset: {name!r} is neither a file nor a directory; check the path")
+    return {"train": path}
+
+
+def split_names(spec: str) -> list[str]:
+    """The splits a split spec in the datasets library's syntax reads: 'train[:90%]+test' -> ['train', 'test']."""
+    try:
+        datasets.ReadInstruction.from_spec(spec)
+    except (ValueError, AssertionError) as err:
+        raise ValueError(f"data.split: {spec!r} is not a split in the datasets library's syntax ({err}); e.g. "
+                         "'train', 'train[:90%]', 'train[90%:]', 'train[:40]', 'train[40:]'") from None
+    return [part.split("[")[0].strip() for part in spec.split("+")]
+
+
+def load_local(name: str, spec: str) -> datasets.Dataset:
+    """Split ``spec`` (the datasets library's syntax, e.g. 'train[:90%]') of a local file or directory."""
+    files = local_splits(name)
+    for split in split_names(spec):
+        if split in files:
+            continue
+        if len(files) == 1 and "train" in files and not Path(name).expanduser().is_dir():
+            raise ValueError(
+                f"data.split: a single file holds one split, named 'train'; got {spec!r}. Slice it in the datasets "
+                "library's syntax ('train[:90%]' to train on, 'train[90%:]' to evaluate on), give evaluation its "
+                "own file (data.eval_dataset), or use a directory of split files (train.jsonl, test.jsonl)")
+        raise ValueError(f"data.split: directory {str(Path(name).expanduser())!r} has no split {split!r}; its split "
+                         f"files are {', '.join(f.name for f in files.values())} (a split is named by its file's "
+                         f"stem): use one of {', '.join(repr(s) for s in files)}")
+    tables = {split: read_local_file(files[split]) for split in split_names(spec)}
+    if spec in tables:  # a whole split
+        return tables[spec]
+    rows = datasets.ReadInstruction.from_spec(spec).to_absolute({s: len(t) for s, t in tables.items()})
+    parts = [tables[part.splitname].select(range(part.from_, part.to)) for part in rows]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def read_local_file(path: Path) -> datasets.Dataset:
+    """The rows of one .json/.jsonl/.parquet/.csv file; errors name the file and, for JSON, the line."""
+    suffix = path.suffix.lower()
     if path.stat().st_size == 0:  # datasets raises StopIteration on an empty .jsonl
         raise ValueError(f"data.dataset: file {str(path)!r} is empty; it needs at least one row")
     fmt = LOCAL_FORMATS[suffix]
     readers = logging.getLogger("datasets.packaged_modules")  # their 'Failed to load ...': said below, once
     level = readers.level
     readers.setLevel(logging.CRITICAL)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # 'Generating train split', among the messages of the checks
     try:
         return datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as err:  # datasets' and pyarrow's errors for a file that cannot be read: named, not traced
@@ -196,6 +249,8 @@ def load_local_file(name: str, split: str) -> datasets.Dataset:
                          f"{type(cause).__name__}: {reason}") from err
     finally:
         readers.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def json_problem(path: Path) -> str | None:
@@ -258,7 +313,7 @@ def load_mapped(cfg: DataConfig, split: str, builtin: Callable[[str], datasets.D
     if builtin is not None:
         ds = builtin(split)
     elif is_local_file(name):
-        ds = load_local_file(name, split)
+        ds = load_local(name, split)
     else:
         ds = datasets.load_dataset(name, cfg.dataset_config, split=split)
     missing = [src for src in cfg.column_mapping if src not in ds.column_names]
@@ -273,9 +328,10 @@ def load_prompt_dataset(cfg: DataConfig, split: str, seed: int = 0) -> datasets.
     """The prompt dataset named by ``cfg.dataset``, columns renamed by ``cfg.column_mapping``, validated.
 
     ``'builtin:<task>'``: generated (splits 'train' and 'test'). A local ``.json/.jsonl/.parquet/.csv`` file: one
-    split, 'train'. Anything else: ``datasets.load_dataset(name, split=split)`` (the hub). ``cfg.max_prompts`` keeps
-    the first N rows, after a shuffle with ``seed`` when ``cfg.shuffle``. Raises ``FileNotFoundError`` or
-    ``ValueError`` naming the field and the fix.
+    split, 'train'; a directory of them: a split per file, named by its stem; ``split`` may slice them in the
+    datasets library's syntax ('train[:90%]'). Anything else: ``datasets.load_dataset(name, split=split)`` (the
+    hub). ``cfg.max_prompts`` keeps the first N rows, after a shuffle with ``seed`` when ``cfg.shuffle``. Raises
+    ``FileNotFoundError`` or ``ValueError`` naming the field and the fix.
     """
     name = cfg.dataset
     task = builtin_task(name)
@@ -300,6 +356,87 @@ def load_prompt_dataset(cfg: DataConfig, split: str, seed: int = 0) -> datasets.
     if cfg.max_prompts is not None and cfg.max_prompts < len(ds):
         ds = (ds.shuffle(seed=seed) if cfg.shuffle else ds).select(range(cfg.max_prompts))
     return ds
+
+
+def eval_data(cfg: DataConfig) -> DataConfig:
+    """The evaluation data as a data section: ``eval_dataset`` (subset ``eval_dataset_config``, split ``eval_split``,
+    default 'train': its whole file) if set, else ``dataset`` (split ``eval_split``); its first ``max_eval_prompts``
+    rows, in order. Column mapping and system prompt are the training data's."""
+    update = {"split": cfg.eval_split, "max_prompts": cfg.max_eval_prompts, "shuffle": False}
+    if cfg.eval_dataset is not None:
+        update |= {"dataset": cfg.eval_dataset, "dataset_config": cfg.eval_dataset_config,
+                   "split": cfg.eval_split or "train"}
+    return cfg.model_copy(update=update)
+
+
+def _split_source(name: str, config: str | None, split: str) -> str:
+    """What split ``split`` of dataset ``name`` reads, the same for every way of naming it: a file's resolved path
+    (a directory's split is its file), a hub dataset's subset and split, a built-in dataset's split."""
+    if name.startswith(BUILTIN_PREFIX):
+        return f"{name!r} split {split!r}"
+    if is_local_file(name):
+        files = local_splits(name)
+        return repr(str(files[split].resolve())) if split in files else f"{name!r} split {split!r}"
+    return f"hub dataset {name!r} ({config or 'default'} subset) split {split!r}"
+
+
+def _split_length(name: str, config: str | None, split: str) -> int:
+    if is_local_file(name):
+        return len(read_local_file(local_splits(name)[split]))
+    return len(datasets.load_dataset(name, config, split=split))
+
+
+def training_overlap(cfg: DataConfig) -> str | None:
+    """Where the evaluation split (:func:`eval_data`) reads rows of the training split (``split`` of ``dataset``),
+    before ``max_prompts``: 'rows a-b of <source>; ...', or None when they share none. Splits of different sources
+    never share rows; a split's length is read only where both read the same source (a built-in split, never
+    sliced, is shared whole)."""
+    ev = eval_data(cfg)
+    train = [(_split_source(cfg.dataset, cfg.dataset_config, s), s, part)
+             for s, part in zip(split_names(cfg.split), cfg.split.split("+"))]
+    held = [(_split_source(ev.dataset, ev.dataset_config, s), s, part)
+            for s, part in zip(split_names(ev.split), ev.split.split("+"))]
+    where = []
+    for source, split in dict.fromkeys((k, s) for k, s, _ in train if k in {k for k, _, _ in held}):
+        if cfg.dataset.startswith(BUILTIN_PREFIX):
+            where.append(f"all rows of {source}")
+            continue
+        n = _split_length(cfg.dataset, cfg.dataset_config, split)
+        trained, evaluated = ([datasets.ReadInstruction.from_spec(part).to_absolute({split: n})[0]
+                               for k, _, part in parts if k == source] for parts in (train, held))
+        for a in trained:
+            for b in evaluated:
+                if (lo := max(a.from_, b.from_)) < (hi := min(a.to, b.to)):
+                    where.append(f"rows {lo}-{hi - 1} of {source}")
+    return "; ".join(where) or None
+
+
+def eval_on_train_problem(cfg: DataConfig) -> str | None:
+    """Evaluation on training rows without ``eval_on_train``, or ``eval_on_train`` where none are shared."""
+    overlap = training_overlap(cfg)
+    split = eval_data(cfg).split
+    of = f" of data.eval_dataset {cfg.eval_dataset!r}" if cfg.eval_dataset is not None else ""
+    if overlap is not None and not cfg.eval_on_train:
+        hold_out = ("use the held-out split (data.eval_split: test)" if cfg.dataset.startswith(BUILTIN_PREFIX) else
+                    "hold rows out in the datasets library's syntax (data.split: 'train[:90%]', data.eval_split: "
+                    "'train[90%:]')")
+        return (f"data.eval_split: {split!r}{of} reads training prompts (data.split {cfg.split!r}: {overlap}), so "
+                f"it is not held out. To evaluate on held-out prompts, {hold_out} or name other data with "
+                "data.eval_dataset; to evaluate on training prompts knowingly, set data.eval_on_train: true (they "
+                "are then reported as training prompts)")
+    if overlap is None and cfg.eval_on_train:
+        return (f"data.eval_on_train: true, but the evaluation split ({split!r}{of}) shares no row with the "
+                f"training split (data.split {cfg.split!r}): it is held out; remove data.eval_on_train")
+    return None
+
+
+def eval_load_problem(cfg: DataConfig, err: Exception) -> str:
+    """An error loading the evaluation data (:func:`eval_data`), named by the evaluation's fields."""
+    message = str(err).removeprefix("data.split: ").removeprefix("data.dataset: ")
+    if cfg.eval_dataset is not None:
+        return (f"data.eval_dataset: {cfg.eval_dataset!r} split {eval_data(cfg).split!r} cannot be loaded for "
+                f"evaluation: {message}")
+    return f"data.eval_split: {cfg.eval_split!r} cannot be loaded for evaluation: {message}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,41 +27,14 @@ import ray
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job
 from rlfleet.cluster.metrics import StepOutputs, dpo_series, plot
+from rlfleet.cluster.preflight import preflight_dpo
 from rlfleet.cluster.run_lock import hold_output_dir
 from rlfleet.cluster.runtime import learner_bundles, reserve
-from rlfleet.config import ConfigError, RLFleetConfig, dump_config
+from rlfleet.config import RLFleetConfig, dump_config
 from rlfleet.data import PromptStream
-from rlfleet.dpo.data import PreferencePair, load_preference_dataset, tokenize_preferences
+from rlfleet.dpo.data import PreferencePair
 
 PLOT_KEYS = ("loss", "eval/rewards/accuracies", "eval/policy_accuracy")
-
-
-def preflight_dpo(cfg: RLFleetConfig):
-    """The tokenized training split and held-out split (None without ``data.eval_split``); raises
-    :class:`ConfigError` listing every problem."""
-    from rlfleet.models import load_tokenizer, model_dir_problem, resolve_model_path
-
-    if problem := model_dir_problem(resolve_model_path(cfg.model.name_or_path)):  # before the learner's actor starts
-        raise ConfigError([problem])
-    try:
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ConfigError([f"model.name_or_path: cannot load a tokenizer from {cfg.model.name_or_path!r}: {err}"])
-    from rlfleet.cluster.preflight import model_problems
-
-    problems, splits = model_problems(cfg), []
-    for field, split in (("data.split", cfg.data.split), ("data.eval_split", cfg.data.eval_split)):
-        if split is None:
-            splits.append(None)
-            continue
-        try:
-            raw = load_preference_dataset(cfg.data, split)
-            splits.append(tokenize_preferences(raw, tokenizer, cfg.dpo.max_length, f"{field} {split!r}"))
-        except (ValueError, FileNotFoundError) as err:
-            problems.append(str(err))
-    if problems:
-        raise ConfigError(problems)
-    return splits[0], splits[1]
 
 
 def train_dpo(cfg: RLFleetConfig) -> dict:
@@ -150,7 +123,8 @@ class DPOJob:
             rate = (self.step - self.start_step) / max(time.perf_counter() - self.t0, 1e-9)
             held_out = ""
             if "eval/rewards/accuracies" in record:
-                held_out = (f"  held-out acc {record['eval/rewards/accuracies']:.3f} "
+                prompts = "train-prompt" if self.cfg.data.eval_on_train else "held-out"  # data.eval_on_train
+                held_out = (f"  {prompts} acc {record['eval/rewards/accuracies']:.3f} "
                             f"(policy {record['eval/policy_accuracy']:.3f})")
             print(f"rlfleet dpo: step {self.step}/{max_steps}  loss {record['loss']:.4f}  acc "
                   f"{record['rewards/accuracies']:.3f}  margin {record['rewards/margins']:.4f}{held_out}  "

@@ -238,7 +238,7 @@ class RLJob:
         self.records.outputs.write(record)
         self.evaluations.done(record)
         console(f"eval at step {step}: reward {fmt(record.get('eval/reward/mean'), 3)} on "
-                f"{int(record['eval/prompts'])} held-out prompts")
+                f"{int(record['eval/prompts'])} {self.evaluations.prompts}")
 
     def finish_evaluations(self) -> None:
         """Wait for the evaluations still queued or running (the last step's at least), serving them first;

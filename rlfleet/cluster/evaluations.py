@@ -15,13 +15,18 @@ class Evaluations:
     (the object store) the handle keeps its weights loadable, so the evaluation loads exactly step s's weights even if
     later steps were published meanwhile; otherwise (a broadcast round is received once) a queued evaluation takes
     the latest weights when it starts, and its record names their step (so does every evaluation on continuous
-engines, which load each publication in flight and never go back to older weights). An evaluation whose generator died is
-    queued again."""
+    engines, which load each publication in flight and never go back to older weights). An evaluation whose generator
+    died is queued again.
+
+    ``prompts`` names what is evaluated, for the console: 'held-out prompts', or 'training prompts' with
+    ``data.eval_on_train`` (the preflight refuses that flag where the evaluation split shares no training row, and
+    evaluation on shared rows without it)."""
 
     def __init__(self, cfg: RLFleetConfig, dataset):
         self.every, self.max_steps = cfg.logging.eval_steps, cfg.learner.max_steps
         self.n = cfg.logging.eval_num_generations
         self.temperature = 0.0 if cfg.logging.eval_greedy else None
+        self.prompts = "training prompts" if cfg.data.eval_on_train else "held-out prompts"
         self.records = None
         if dataset is not None and self.every is not None:
             import ray

@@ -1,5 +1,7 @@
-"""``rlfleet train``'s preflight: everything that can be checked without actors (model, data, reward and filter
-functions, LoRA targets, prompt lengths), each problem named with its field and fix; all are reported at once."""
+"""The checks before a job starts: everything that can be checked without actors (model, data, the evaluation
+split, reward and filter functions, environments, LoRA targets, prompt lengths), each problem named with its field
+and fix; all are reported at once. ``rlfleet train`` and ``rlfleet dpo`` run them before Ray starts, and
+``rlfleet config`` runs them without fetching anything from the hub (:func:`hub_names`: left to the job)."""
 
 from __future__ import annotations
 
@@ -9,27 +11,48 @@ from rlfleet.cluster.metrics import console
 from rlfleet.config import ConfigError, RLFleetConfig
 
 
-def preflight(cfg: RLFleetConfig):
-    """Checks that need files or imports but no actors: model path, dataset, reward and filter functions."""
+def on_hub(name: str) -> bool:
+    """A dataset or model named on the hub (neither built-in nor a local path)."""
+    from rlfleet.data import BUILTIN_PREFIX, is_local_file
+
+    return not name.startswith(BUILTIN_PREFIX) and not is_local_file(name)
+
+
+def hub_names(cfg: RLFleetConfig) -> list[str]:
+    """The model and datasets of ``cfg`` named on the hub: what the checks with ``fetch=False`` leave to the job."""
+    data = cfg.data
+    named = [("model.name_or_path", cfg.model.name_or_path), ("data.dataset", data.dataset)]
+    if data.eval_dataset is not None:
+        named.append(("data.eval_dataset", data.eval_dataset))
+    return [f"{field} {name!r}" for field, name in named if on_hub(name)]
+
+
+def preflight(cfg: RLFleetConfig, fetch: bool = True):
+    """``rlfleet train``'s checks that need files or imports but no actors: model path, dataset, evaluation split,
+    environment, reward and filter functions, prompt lengths. ``fetch=False``: a model or dataset named on the hub
+    is not downloaded, nor are the checks that need it run. Returns the training and evaluation datasets (None where
+    not loaded); raises :class:`ConfigError` listing every problem."""
     from rlfleet.generation.generator import prompt_token_ids, resolve_reward_funcs
     from rlfleet.generation.scoring import BUILTIN_GROUP_FILTERS
     from rlfleet.user_code import resolve_function
-    from rlfleet.data import load_prompt_dataset
+    from rlfleet.data import eval_data, eval_on_train_problem, load_prompt_dataset
     from rlfleet.models import load_tokenizer, model_dir_problem, resolve_model_path
 
     problems, errors = [], []  # errors: the first is the ConfigError's cause (the traceback --debug shows)
     path = resolve_model_path(cfg.model.name_or_path)
-    if (path.startswith((".", "/", "~")) or Path(path).suffix) and not Path(path).expanduser().is_dir():
+    local = path.startswith((".", "/", "~")) or Path(path).exists()  # not its suffix: Qwen/Qwen3-0.6B is a hub name
+    if local and not Path(path).expanduser().is_dir():
         problems.append(f"model.name_or_path: {path!r} is not a directory; give a model directory, a hub name, "
                         "or builtin:tiny")
     if problem := model_dir_problem(path):  # refused here, not by every engine after its actor started
         problems.append(problem)
     dataset = None
-    try:
-        dataset = load_prompt_dataset(cfg.data, cfg.data.split, seed=cfg.seed)
-    except (ValueError, FileNotFoundError) as err:
-        problems.append(str(err) if str(err).startswith("data.") else f"data.dataset: {err}")
-        errors.append(err)
+    if fetch or not on_hub(cfg.data.dataset):
+        try:
+            dataset = load_prompt_dataset(cfg.data, cfg.data.split, seed=cfg.seed)
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(str(err) if str(err).startswith("data.") else f"data.dataset: {err}")
+            errors.append(err)
     alg = cfg.algorithm
     tools = None
     if alg.environment is not None:
@@ -44,14 +67,18 @@ def preflight(cfg: RLFleetConfig):
             problems.append(f"algorithm.environment: {alg.environment!r} needs conversational prompts (lists of "
                             f"{{'role', 'content'}} messages), and data.dataset {cfg.data.dataset!r} has plain "
                             "strings; set data.system_prompt (\"\" for none) to make each string a user message")
-    problems += model_problems(cfg)
+    model_local = fetch or not on_hub(cfg.model.name_or_path)
+    problems += model_problems(cfg) if model_local else []
     eval_dataset = None
-    if cfg.logging.eval_steps is not None:
+    evaluated = fetch or not on_hub(eval_data(cfg.data).dataset)
+    if cfg.logging.eval_steps is not None and evaluated:
         try:
             eval_dataset = load_eval_dataset(cfg)
         except (ValueError, FileNotFoundError) as err:
             problems.append(str(err))
             errors.append(err)
+        if eval_dataset is not None and dataset is not None and (problem := eval_on_train_problem(cfg.data)):
+            problems.append(problem)
 
     def rewards_ready() -> None:  # a reward function may declare preflight(), raising ValueError (the code sandbox)
         for func in resolve_reward_funcs(alg, cfg.data):
@@ -68,29 +95,66 @@ def preflight(cfg: RLFleetConfig):
         except ValueError as err:
             problems.append(str(err))
             errors.append(err)
-    if dataset is not None and not problems:
+    if dataset is not None and model_local and not problems:
         problems += long_prompts(cfg, dataset, load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code),
                                  lambda tokenizer, prompt: prompt_token_ids(tokenizer, prompt, tools))
     if problems:
         raise ConfigError(problems) from (errors[0] if errors else None)
-    if cfg.data.eval_split is not None and cfg.logging.eval_steps is None:
-        console(f"data.eval_split {cfg.data.eval_split!r} is set but logging.eval_steps is not: no evaluation while "
-                "training")
+    unused = next((f for f in ("eval_split", "eval_dataset") if getattr(cfg.data, f) is not None), None)
+    if fetch and unused is not None and cfg.logging.eval_steps is None:
+        console(f"data.{unused} {getattr(cfg.data, unused)!r} is set but logging.eval_steps is not: no evaluation "
+                "while training")
     return dataset, eval_dataset
 
 
 def load_eval_dataset(cfg: RLFleetConfig):
-    """The held-out prompts (``data.eval_split``, the first ``data.max_eval_prompts``, in the split's order);
-    errors name ``data.eval_split``."""
-    from rlfleet.data import load_prompt_dataset
+    """The evaluation prompts (:func:`rlfleet.data.eval_data`: ``data.eval_split`` of ``data.eval_dataset`` or of
+    ``data.dataset``, the first ``data.max_eval_prompts``, in order); errors name those fields."""
+    from rlfleet.data import eval_data, eval_load_problem, load_prompt_dataset
 
-    data = cfg.data.model_copy(update={"max_prompts": cfg.data.max_eval_prompts, "shuffle": False})
+    data = eval_data(cfg.data)
     try:
-        return load_prompt_dataset(data, cfg.data.eval_split, seed=cfg.seed)
+        return load_prompt_dataset(data, data.split, seed=cfg.seed)
     except (ValueError, FileNotFoundError) as err:
-        message = str(err).removeprefix("data.split: ").removeprefix("data.dataset: ")
-        raise ValueError(f"data.eval_split: {cfg.data.eval_split!r} cannot be loaded (used by logging.eval_steps): "
-                         f"{message}") from None
+        raise ValueError(eval_load_problem(cfg.data, err)) from None
+
+
+def preflight_dpo(cfg: RLFleetConfig, fetch: bool = True):
+    """``rlfleet dpo``'s checks: the tokenized training split and evaluation split (None without one); raises
+    :class:`ConfigError` listing every problem. ``fetch=False``: nothing named on the hub is loaded, and the splits
+    are loaded but not tokenized where the model is."""
+    from rlfleet.data import eval_data, eval_load_problem, eval_on_train_problem
+    from rlfleet.dpo.data import load_preference_dataset, tokenize_preferences
+    from rlfleet.models import load_tokenizer, model_dir_problem, resolve_model_path
+
+    if problem := model_dir_problem(resolve_model_path(cfg.model.name_or_path)):  # before the learner's actor starts
+        raise ConfigError([problem])
+    tokenizer = None
+    if fetch or not on_hub(cfg.model.name_or_path):
+        try:
+            tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise ConfigError([f"model.name_or_path: cannot load a tokenizer from {cfg.model.name_or_path!r}: "
+                               f"{err}"])
+    problems, splits = (model_problems(cfg) if tokenizer is not None else []), []
+    data = cfg.data
+    evaluated = data.eval_split is not None or data.eval_dataset is not None
+    for field, part in [("data.split", data), *([("data.eval_split", eval_data(data))] if evaluated else [])]:
+        if not fetch and on_hub(part.dataset):
+            splits.append(None)
+            continue
+        try:
+            raw = load_preference_dataset(part, part.split)
+            splits.append(raw if tokenizer is None else
+                          tokenize_preferences(raw, tokenizer, cfg.dpo.max_length, f"{field} {part.split!r}"))
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(eval_load_problem(data, err) if part is not data else str(err))
+            splits.append(None)
+    if evaluated and None not in splits and not problems and (problem := eval_on_train_problem(data)):
+        problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
+    return splits[0], (splits[1] if evaluated else None)
 
 
 def model_problems(cfg: RLFleetConfig) -> list[str]:
