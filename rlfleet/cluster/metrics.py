@@ -329,7 +329,7 @@ DPO_SERIES = {
     "rlfleet_loss": ("loss", "DPO loss"),
     "rlfleet_dpo_accuracy": ("rewards/accuracies", "share of pairs whose chosen reward is higher"),
     "rlfleet_dpo_margin": ("rewards/margins", "mean chosen - rejected reward"),
-    "rlfleet_dpo_eval_accuracy": ("eval/rewards/accuracies", "held-out reward accuracy (jobs with an eval split; "
+    "rlfleet_dpo_eval_accuracy": ("eval/rewards/accuracies", "reward accuracy on the evaluation pairs (jobs with an eval split; "
                                   "from step 0, then every dpo.eval_steps)"),
     "rlfleet_recoveries": ("faults/recoveries", "restarts of the job's actors from a checkpoint (cumulative)"),
 }
@@ -341,7 +341,8 @@ ONLINE_DPO_SERIES = {  # online DPO's instead of the clip share (algorithm.name:
     "rlfleet_dpo_pairs": ("dpo/pairs", "preference pairs in the step (online DPO)"),
 }
 EVAL_SERIES = {  # jobs with logging.eval_steps; set at each evaluation, held between them
-    "rlfleet_eval_reward_mean": ("eval/reward/mean", "mean reward on the held-out prompts (data.eval_split)"),
+    "rlfleet_eval_reward_mean": ("eval/reward/mean", "mean reward on the evaluation prompts (data.eval_dataset / "
+                                 "data.eval_split; held-out unless data.eval_on_train)"),
 }
 REWARD_FUNCTION_SERIES = {  # rlfleet train: tagged by reward function as well (rewards/<function>/mean, /std)
     "mean": ("rlfleet_reward_function_mean", "mean reward of one reward function over the step's generated groups"),

@@ -12,6 +12,7 @@ joining the running engine, and a weight update loads between two engine steps w
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -127,6 +128,10 @@ def make_generation_actor(cfg: RLFleetConfig, replay: str, index: int = 0,
         # Ray's default for an actor of one thread per concurrency group, stated so that no change loses it
         allow_out_of_order_execution=False,
     ) | options
+    if cfg.logging.engine_log_level in ("WARNING", "ERROR") and "TORCH_CPP_LOG_LEVEL" not in os.environ:
+        # vLLM's CPU worker binds memory to the NUMA node through a torch op that warns about it at every start;
+        # torch's C++ log level is read once, when the process starts (Ray merges env_vars with the job's)
+        opts.setdefault("runtime_env", {"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}})
     # the "weights" group takes broadcast rounds beside a generation; other calls run one at a time, except
     # generate() on a continuous engine, called in the "stream" group (as many at once as groups kept in flight)
     groups = {"weights": 1}
