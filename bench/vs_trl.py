@@ -177,7 +177,8 @@ def worker_trl_grpo(model: str, steps: int, use_vllm: bool, result: Path, task: 
     from trl import GRPOConfig, GRPOTrainer
 
     from rlfleet.config import DataConfig
-    from rlfleet.data import BUILTIN_REWARDS, builtin_task, load_prompt_dataset
+    from rlfleet.data import builtin_task, load_prompt_dataset
+    from rlfleet.rewards import BUILTIN_REWARDS
     from rlfleet.models import load_tokenizer, resolve_model_path
 
     path = path or resolve_model_path(f"builtin:{model}")

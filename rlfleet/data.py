@@ -1,4 +1,5 @@
-"""Prompt datasets: built-in tasks, local files and hub datasets; their reward functions; the prompt stream.
+"""Prompt datasets: built-in tasks, local files and hub datasets; the prompt stream. (The built-in tasks' reward
+functions are in :mod:`rlfleet.rewards`.)
 
 A prompt dataset is a ``datasets.Dataset`` with a ``prompt`` column, in TRL's formats: a plain string ("standard")
 or a list of ``{"role", "content"}`` messages ("conversational"). Every other column is passed to the reward
@@ -40,53 +41,6 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Built-in reward functions (TRL signature)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def completion_text(completion: str | list[dict]) -> str:
-    """The model's text in a standard (str) or conversational completion: the contents of its assistant messages,
-    joined (a multi-turn episode's other messages are the environment's)."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(m["content"] for m in completion if m.get("role", "assistant") == "assistant")
-
-
-def final_text(completion: str | list[dict]) -> str:
-    """The model's last turn: the completion itself, or its last assistant message's content."""
-    if isinstance(completion, str):
-        return completion
-    return next((m["content"] for m in reversed(completion) if m.get("role", "assistant") == "assistant"), "")
-
-
-def char_count_reward(prompts, completions, completion_ids=None, *, target, **kwargs) -> list[float]:
-    """Share of the completion's UTF-8 bytes equal to ``target``: ``count(target) / max(num_bytes, 1)``, in [0, 1].
-    In a multi-turn episode, over the bytes of all the model's turns."""
-    out = []
-    for completion, char in zip(completions, target, strict=True):
-        data = completion_text(completion).encode("utf-8")
-        out.append(data.count(char.encode("utf-8")) / max(len(data), 1))
-    return out
-
-
-def target_length_reward(prompts, completions, completion_ids=None, *, target_length, **kwargs) -> list[float]:
-    """``min(L, N) / max(L, N)``, L = sampled tokens (EOS included), N = ``target_length``: 1 at L = N."""
-    if completion_ids is None:
-        raise ValueError("target_length_reward counts tokens: pass completion_ids (TRL and rlfleet both do)")
-    out = []
-    for ids, n in zip(completion_ids, target_length, strict=True):
-        length = len(ids)
-        out.append(min(length, n) / max(length, n, 1))
-    return out
-
-
-BUILTIN_REWARDS: dict[str, Callable[..., list[float | None]]] = {
-    "char_count": char_count_reward,
-    "target_length": target_length_reward,
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Built-in tasks
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -123,7 +77,7 @@ class Task:
 
     name: str
     make_rows: Callable[[random.Random, int], list[dict]]
-    reward_funcs: tuple[str, ...]  # keys of BUILTIN_REWARDS, or 'package.module:function'
+    reward_funcs: tuple[str, ...]  # keys of rlfleet.rewards.BUILTIN_REWARDS, or 'package.module:function'
     splits: tuple[tuple[str, int, int], ...] = (("train", 0, 1024), ("test", 1, 128))  # (split, seed, size)
 
     def dataset(self, split: str) -> datasets.Dataset:

@@ -1,5 +1,5 @@
-"""Reward functions for GSM8K-style math data and for code run against tests (TRL's signature), for jobs on real
-models.
+"""Every built-in reward function (TRL's signature): the built-in tasks' (``BUILTIN_REWARDS``, named by their keys),
+and, for jobs on real models, GSM8K-style math and code run against tests.
 
 Use them by path in a job config::
 
@@ -19,11 +19,63 @@ import os
 import re
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
-from rlfleet.data import final_text
 from rlfleet.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
+
+# ----------------------------------------------------------------------------------------------------------------
+# The built-in tasks' reward functions (TRL signature; data.BUILTIN_TASKS names them by the keys of BUILTIN_REWARDS)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def completion_text(completion: str | list[dict]) -> str:
+    """The model's text in a standard (str) or conversational completion: the contents of its assistant messages,
+    joined (a multi-turn episode's other messages are the environment's)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m["content"] for m in completion if m.get("role", "assistant") == "assistant")
+
+
+def final_text(completion: str | list[dict]) -> str:
+    """The model's last turn: the completion itself, or its last assistant message's content."""
+    if isinstance(completion, str):
+        return completion
+    return next((m["content"] for m in reversed(completion) if m.get("role", "assistant") == "assistant"), "")
+
+
+def char_count_reward(prompts, completions, completion_ids=None, *, target, **kwargs) -> list[float]:
+    """Share of the completion's UTF-8 bytes equal to ``target``: ``count(target) / max(num_bytes, 1)``, in [0, 1].
+    In a multi-turn episode, over the bytes of all the model's turns."""
+    out = []
+    for completion, char in zip(completions, target, strict=True):
+        data = completion_text(completion).encode("utf-8")
+        out.append(data.count(char.encode("utf-8")) / max(len(data), 1))
+    return out
+
+
+def target_length_reward(prompts, completions, completion_ids=None, *, target_length, **kwargs) -> list[float]:
+    """``min(L, N) / max(L, N)``, L = sampled tokens (EOS included), N = ``target_length``: 1 at L = N."""
+    if completion_ids is None:
+        raise ValueError("target_length_reward counts tokens: pass completion_ids (TRL and rlfleet both do)")
+    out = []
+    for ids, n in zip(completion_ids, target_length, strict=True):
+        length = len(ids)
+        out.append(min(length, n) / max(length, n, 1))
+    return out
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., list[float | None]]] = {
+    "char_count": char_count_reward,
+    "target_length": target_length_reward,
+}
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GSM8K-style math
+# ----------------------------------------------------------------------------------------------------------------
 
 # An optional minus sign, then digits with optional thousands separators (``1,234,567``: groups of exactly three
 # after each comma, so ``1,2`` is two numbers), then an optional decimal part. ``$18.`` reads as 18.

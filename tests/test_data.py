@@ -5,16 +5,8 @@ import json
 import pytest
 
 from rlfleet.config import DataConfig
-from rlfleet.data import (
-    BUILTIN_REWARDS,
-    BUILTIN_TASKS,
-    CHAR_COUNT_ALPHABET,
-    TARGET_LENGTH_RANGE,
-    PromptStream,
-    char_count_reward,
-    load_prompt_dataset,
-    target_length_reward,
-)
+from rlfleet.data import BUILTIN_TASKS, CHAR_COUNT_ALPHABET, TARGET_LENGTH_RANGE, PromptStream, load_prompt_dataset
+from rlfleet.rewards import BUILTIN_REWARDS, char_count_reward, target_length_reward
 
 
 def test_char_count_task_is_conversational_deterministic_and_split():

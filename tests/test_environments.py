@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from rlfleet.config import AlgorithmConfig, DataConfig, GenerationConfig, ModelConfig, RLFleetConfig, load_config
-from rlfleet.data import PromptStream, char_count_reward, load_prompt_dataset
+from rlfleet.data import PromptStream, load_prompt_dataset
+from rlfleet.rewards import char_count_reward
 from rlfleet.environments import Environment, ScriptedUser, make_environment
 from rlfleet.generation.engine import Engine
 from rlfleet.generation.generator import Generator

@@ -50,7 +50,8 @@ from rlfleet.generation.scoring import (
 )
 from rlfleet.user_code import resolve_function
 from rlfleet.config import AlgorithmConfig, DataConfig, GenerationConfig, RLFleetConfig
-from rlfleet.data import BUILTIN_REWARDS, builtin_task
+from rlfleet.data import builtin_task
+from rlfleet.rewards import BUILTIN_REWARDS
 from rlfleet.types import Group
 
 logger = logging.getLogger(__name__)
