@@ -627,7 +627,8 @@ def test_batch_metrics_per_token_staleness_and_completion_lengths():
     """Trained at version 5. Group a: policy_version 3, tokens [[3, 4, 4], [4, 5, pad]] with lengths [3, 2];
     group b: version 5 throughout, lengths [1, 2], the second truncated. Per-group staleness: 5 - 3 = 2 and 0
     (mean 1, max 2). Per model token: lags [2, 1, 1, 1, 0] and [0, 0, 0] -> mean 5 / 8, max 2. Span: 5 - 3 = 2.
-    Lengths [3, 2, 1, 2]: mean 2, min 1, max 3; one of four truncated."""
+    Lengths [3, 2, 1, 2]: mean 2, min 1, max 3; one of four truncated, so those that ended with EOS are [3, 2, 1]:
+    mean 2, min 1, max 3; a batch where none ended has 0 for them (TRL's convention)."""
     from rlfleet.learner.policy import batch_metrics
 
     def group(version, lengths, truncated, token_versions=None):
@@ -646,3 +647,8 @@ def test_batch_metrics_per_token_staleness_and_completion_lengths():
     assert m["staleness/version_span_max"] == 2.0
     assert (m["completions/mean_length"], m["completions/min_length"], m["completions/max_length"]) == (2, 1, 3)
     assert m["completions/clipped_ratio"] == 0.25
+    assert (m["completions/mean_terminated_length"], m["completions/min_terminated_length"],
+            m["completions/max_terminated_length"]) == (2, 1, 3)
+    cut = batch_metrics([group(5, [3, 3], [True, True])], policy_version=5)
+    assert cut["completions/clipped_ratio"] == 1.0 and cut["completions/mean_length"] == 3
+    assert (cut["completions/mean_terminated_length"], cut["completions/max_terminated_length"]) == (0, 0)

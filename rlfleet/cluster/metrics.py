@@ -83,7 +83,8 @@ class Progress:
     The rate is that of the last ``window`` steps (groups trained per second, seconds per step, and the time left
     at that pace), not an average since the start, which start-up would weigh on for the whole run. The reward is
     the mean of the same steps' batch rewards, and the line names them (``reward 0.583 (steps 21-40)``): one step's
-    batch is a handful of groups, too few to read a trend from.
+    batch is a handful of groups, too few to read a trend from. So is the completion length (``length 10.4``, tokens;
+    jobs that sample completions).
     """
 
     bar_open = False  # a bar line is on the terminal (console() ends it before printing)
@@ -94,12 +95,14 @@ class Progress:
         self.groups = 0
         self.marks: deque[tuple[float, int, int]] = deque(maxlen=window + 1)  # (time, step, groups so far)
         self.rewards: deque[tuple[int, float]] = deque(maxlen=window)  # (step, its batch's mean reward)
+        self.lengths: deque[float] = deque(maxlen=window)  # the same steps' mean completion lengths
 
     def line(self, record: dict) -> str:
         rate = window_rate(list(self.marks))
         pace = "" if rate is None else (f"  {rate[0]:.1f} groups/s  {rate[1]:.2f} s/step  "
                                         f"eta {format_duration(rate[1] * (self.total - record['step']))}")
-        return (f"step {record['step']}/{self.total}  reward {window_reward(list(self.rewards))}  "
+        length = f"  length {sum(self.lengths) / len(self.lengths):.1f}" if self.lengths else ""
+        return (f"step {record['step']}/{self.total}  reward {window_reward(list(self.rewards))}{length}  "
                 f"loss {fmt(record.get('loss'), 4)}  staleness {record.get('staleness/mean', 0):.2f}{pace}")
 
     def update(self, record: dict) -> None:
@@ -109,6 +112,8 @@ class Progress:
         reward = record.get("reward/mean")
         if isinstance(reward, (int, float)) and math.isfinite(reward):
             self.rewards.append((step, float(reward)))
+        if "completions/mean_length" in record:
+            self.lengths.append(float(record["completions/mean_length"]))
         text = self.line(record)
         if self.bar:
             done = int(30 * step / self.total)
@@ -305,6 +310,13 @@ RL_SERIES = {
     "rlfleet_kl": ("loss/kl", "mean k3 KL to the reference model (jobs with algorithm.beta > 0)"),
     "rlfleet_clip_frac": ("clip/frac", "share of clipped tokens"),
     "rlfleet_staleness_mean": ("staleness/mean", "policy versions between sampling and training"),
+    "rlfleet_completion_length_mean": ("completions/mean_length", "mean completion length of the trained batch "
+                                       "(tokens)"),
+    "rlfleet_completion_length_max": ("completions/max_length", "longest completion of the trained batch (tokens)"),
+    "rlfleet_completion_terminated_length_mean": ("completions/mean_terminated_length", "mean length of the trained "
+                                                  "batch's completions that ended with EOS (0: none did)"),
+    "rlfleet_completion_clipped_ratio": ("completions/clipped_ratio", "share of the trained batch's completions cut "
+                                         "at generation.max_completion_length"),
     "rlfleet_replay_fresh_size": ("replay/fresh_size", "groups queued for training"),
     "rlfleet_replay_reservoir_size": ("replay/reservoir_size", "high-variance groups held for replay"),
     "rlfleet_replay_substituted_total": ("replay/substituted", "zero-variance groups replaced from the reservoir"),

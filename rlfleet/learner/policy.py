@@ -598,12 +598,17 @@ def batch_metrics(groups: list[Group], policy_version: int) -> dict[str, float]:
     per_token = np.concatenate([policy_version - g.versions[g.model_token_mask] for g in groups])  # [tokens]
     lengths = np.concatenate([g.completion_lengths for g in groups]).astype(np.float64)  # [B]
     truncated = np.concatenate([g.truncated for g in groups])  # [B]
+    ended = lengths[~truncated] if (~truncated).any() else np.zeros(1)  # TRL: 0 when none ended with EOS
     return _episode_metrics(groups) | {
-        # TRL's names: completion lengths in tokens, and the share cut by the length limit
+        # TRL's names: completion lengths in tokens, the share cut by the length limit, and the lengths of those
+        # that ended with EOS
         "completions/mean_length": float(lengths.mean()),
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": float(truncated.mean()),
+        "completions/mean_terminated_length": float(ended.mean()),
+        "completions/min_terminated_length": float(ended.min()),
+        "completions/max_terminated_length": float(ended.max()),
         "staleness/token_mean": float(per_token.mean()) if per_token.size else 0.0,
         "staleness/token_max": float(per_token.max()) if per_token.size else 0.0,
         "staleness/version_span_max": float(max(g.version_span for g in groups)),
