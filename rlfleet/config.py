@@ -150,7 +150,7 @@ class GenerationConfig(Section):
     )
 
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
 ImportanceSamplingLevel = Literal["token", "sequence", "sequence_token"]
 
 
@@ -159,13 +159,22 @@ class AlgorithmConfig(Section):
         "grpo", description="'grpo': the group-relative policy-gradient family (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, "
         "GFPO: chosen by the fields below); 'online_dpo': DPO on preference pairs formed from each scored group "
         "(the dpo section: beta, bema, pairs, min_reward_margin).")
-    loss_type: LossType = Field("dapo", description="Loss normalisation (TRL default 'dapo').")
+    loss_type: LossType = Field("dapo", description="Loss normalisation of the clipped surrogate (grpo, bnpo, "
+                                "dr_grpo, dapo: TRL default), or another surrogate with its TRL normalisation: "
+                                "'cispo' (the weight clipped and detached, every token's gradient kept; needs "
+                                "epsilon_high, the weight's cap) or 'sapo' (a soft, temperature-controlled gate).")
     importance_sampling_level: ImportanceSamplingLevel = Field(
         "token", description="'token' (GRPO), 'sequence' (GSPO) or 'sequence_token' (GSPO-token)."
     )
     epsilon: float = Field(0.2, gt=0, description="Lower clip range: ratio >= 1 - epsilon.")
-    epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO clip-higher); None = epsilon.")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO clip-higher); None = epsilon. "
+                                       "With loss_type cispo: the cap on the importance weight itself (TRL's "
+                                       "meaning; ScaleRL recommends 5.0).")
     delta: float | None = Field(None, gt=1, description="Two-sided clip: the unclipped ratio is capped at delta.")
+    sapo_temperature_pos: float = Field(1.0, gt=0, description="SAPO's gate temperature for positive advantages "
+                                        "(TRL default 1.0).")
+    sapo_temperature_neg: float = Field(1.05, gt=0, description="SAPO's gate temperature for negative advantages "
+                                        "(TRL default 1.05).")
     beta: float = Field(0.0, ge=0, description="k3 KL coefficient; > 0 loads a frozen reference model.")
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = Field(1, ge=1, description="mu: optimisation passes over each batch.")
@@ -490,6 +499,7 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
             f"algorithm.num_remains_in_group: must be set when algorithm.group_filter_func "
             f"({alg.group_filter_func!r}) is, e.g. {max(2, G // 2)}."
         )
+    out += surrogate_problems(alg)
     if alg.reward_weights is not None and len(alg.reward_weights) != len(alg.reward_funcs):
         out.append(
             f"algorithm.reward_weights: {len(alg.reward_weights)} weights for {len(alg.reward_funcs)} "
@@ -576,6 +586,27 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     if c.learner_workers > 1 and cfg.learner.device == "cuda" and not c.learner_num_gpus:
         out.append(f"learner.device: cuda with cluster.learner_workers={c.learner_workers} and "
                    "cluster.learner_num_gpus: 0; give each rank a GPU (learner_num_gpus: 1) or use device cpu/auto.")
+    return out
+
+
+def surrogate_problems(alg: AlgorithmConfig) -> list[str]:
+    """Knobs that the chosen surrogate has no use for or needs: CISPO's cap, the clipped surrogate's delta and
+    SAPO's temperatures."""
+    out = []
+    if alg.loss_type == "cispo" and alg.epsilon_high is None:
+        out.append("algorithm.epsilon_high: required with loss_type cispo, which caps the importance weight at "
+                   "epsilon_high itself (TRL's meaning, not 1 + epsilon_high); ScaleRL recommends 5.0.")
+    if alg.loss_type == "cispo" and alg.importance_sampling_level == "sequence_token":
+        out.append("algorithm.importance_sampling_level: sequence_token with loss_type cispo is 'sequence' itself "
+                   "(CISPO's weight carries no gradient, every token's log-prob does); use sequence.")
+    if alg.loss_type in ("cispo", "sapo") and alg.delta is not None:
+        out.append(f"algorithm.delta: {alg.delta:g} caps the clipped surrogate's ratio, which loss_type "
+                   f"{alg.loss_type} does not use; remove it.")
+    if alg.loss_type != "sapo":
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            value = getattr(alg, name)
+            if value != AlgorithmConfig.model_fields[name].default:
+                out.append(f"algorithm.{name}: {value:g} is SAPO's; set loss_type sapo or remove it.")
     return out
 
 

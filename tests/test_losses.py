@@ -320,6 +320,121 @@ def test_equal_rewards_give_zero_advantages_and_zero_policy_gradient(loss_type, 
     assert out.loss.item() == 0.0 and (grad == 0).all()
 
 
+# ---------------------------------------------------------------------------------------------- CISPO and SAPO
+
+
+def test_cispo_value_and_gradient_by_hand():
+    """CISPO, cap epsilon_high = 5: w = (7, 2, 0.5), A = (1, -1, 1), one token each (logp = log w, old = 0).
+    Per token L = -min(w, 5) A log w and dL/dlogp = -min(w, 5) A = (-5, 2, -0.5); normaliser = 3 tokens. The
+    weight 7 is capped but its token keeps a gradient (PPO's clip would give it none); only it counts as clipped."""
+    logprobs, old, adv, mask = _single_tokens([7.0, 2.0, 0.5], [1.0, -1.0, 1.0])
+    out = _loss("cispo", epsilon_high=5.0)(logprobs, old, adv, mask, normalizer=3.0)
+    out.loss.backward()
+    expected = (-5 * math.log(7) + 2 * math.log(2) - 0.5 * math.log(0.5)) / 3
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+    torch.testing.assert_close(logprobs.grad.squeeze(1), torch.tensor([-5.0, 2.0, -0.5]) / 3)
+    assert out.metrics["clip/high_frac"] == pytest.approx(1 / 3) and out.metrics["clip/low_frac"] == 0.0
+    assert out.metrics["clip/frac"] == pytest.approx(1 / 3)
+
+
+def test_sapo_value_and_gradient_by_hand():
+    """SAPO, tau+ = 1, tau- = 1.05: w = (1, 2, 0.5), A = (1, 1, -1), one token per sequence, grpo aggregation
+    (normaliser B = 3). L = -(4/tau) sigmoid(tau (w - 1)) A; dL/dlogp = -4 p (1 - p) w A with p = sigmoid(tau (w-1)):
+    at w = 1 exactly -A (the plain policy gradient); nothing is hard-clipped."""
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
+
+    logprobs, old, adv, mask = _single_tokens([1.0, 2.0, 0.5], [1.0, 1.0, -1.0])
+    out = _loss("sapo")(logprobs, old, adv, mask, normalizer=3.0)
+    out.loss.backward()
+    p = [sig(0.0), sig(1.0), sig(1.05 * -0.5)]
+    values = [-4 * p[0], -4 * p[1], (4 / 1.05) * p[2]]
+    grads = [-4 * p[0] * (1 - p[0]) * 1.0, -4 * p[1] * (1 - p[1]) * 2.0, 4 * p[2] * (1 - p[2]) * 0.5]
+    assert grads[0] == -1.0
+    assert out.loss.item() == pytest.approx(sum(values) / 3, abs=1e-6)
+    torch.testing.assert_close(logprobs.grad.squeeze(1), torch.tensor(grads) / 3)
+    assert out.metrics["clip/frac"] == 0.0
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_cispo_and_sapo_micro_batches_sum_to_full_batch_and_ignore_padding(loss_type, level):
+    """As for the clipped losses: micro-batches (0:2, 2:3, 3:6) with one normaliser sum to the full batch in loss
+    and gradient (KL and IS weights on), and masked columns of NaN / inf change nothing."""
+    batch = _random_batch(3)
+    loss_fn = _loss(loss_type, level, beta=0.04, epsilon_high=1.2)
+    norm = loss_normalizer(loss_type, batch["mask"], 12)
+    full, full_grad = _run(loss_fn, batch, norm)
+    if loss_type == "cispo":
+        assert full.metrics["clip/frac"] > 0  # the cap binds somewhere
+    total, grads = 0.0, []
+    for lo, hi in ((0, 2), (2, 3), (3, 6)):
+        t = max(int(batch["mask"][lo:hi].sum(1).max()), 1)
+        part, grad = _run(loss_fn, {k: v[lo:hi, :t] if v.dim() == 2 else v[lo:hi] for k, v in batch.items()}, norm)
+        total += part.loss.item()
+        grads.append(torch.nn.functional.pad(grad, (0, 7 - t)))
+    assert total == pytest.approx(full.loss.item(), abs=1e-6)
+    torch.testing.assert_close(torch.cat(grads), full_grad, atol=1e-7, rtol=0)
+    garbage = torch.tensor([float("nan"), float("inf"), -1e30]).expand(6, 3)
+    padded = {k: torch.cat([v, garbage if v.dtype != torch.bool else v[:, :3] & False], 1) if v.dim() == 2 else v
+              for k, v in batch.items()}
+    out, grad = _run(loss_fn, padded, loss_normalizer(loss_type, padded["mask"], 12))
+    assert out.loss.item() == pytest.approx(full.loss.item(), abs=1e-6)
+    torch.testing.assert_close(grad[:, :7], full_grad, atol=1e-7, rtol=0)
+    assert (grad[:, 7:] == 0).all()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_cispo_and_sapo_equal_rewards_give_zero_policy_gradient(loss_type, level):
+    adv = torch.from_numpy(group_advantages(np.full((1, 4), 3.0), "group").advantages[0])
+    batch = _random_batch(3, lengths=(7, 3, 5, 1))
+    out, grad = _run(_loss(loss_type, level, epsilon_high=5.0), batch, 4.0, advantages=adv, ref_logprobs=None,
+                     is_weights=None)
+    assert out.loss.item() == 0.0 and (grad == 0).all()
+
+
+def test_the_config_names_what_cispo_and_sapo_need_and_ignore():
+    from rlfleet.config import surrogate_problems
+
+    def problems(**fields):
+        return surrogate_problems(AlgorithmConfig(**fields))
+
+    assert problems(loss_type="cispo", epsilon_high=5.0) == [] and problems(loss_type="sapo") == []
+    assert problems(loss_type="cispo") == [
+        "algorithm.epsilon_high: required with loss_type cispo, which caps the importance weight at epsilon_high "
+        "itself (TRL's meaning, not 1 + epsilon_high); ScaleRL recommends 5.0."]
+    assert problems(loss_type="cispo", epsilon_high=5.0, importance_sampling_level="sequence_token") == [
+        "algorithm.importance_sampling_level: sequence_token with loss_type cispo is 'sequence' itself (CISPO's "
+        "weight carries no gradient, every token's log-prob does); use sequence."]
+    assert problems(loss_type="sapo", delta=1.5) == [
+        "algorithm.delta: 1.5 caps the clipped surrogate's ratio, which loss_type sapo does not use; remove it."]
+    assert problems(loss_type="dapo", sapo_temperature_neg=2.0) == [
+        "algorithm.sapo_temperature_neg: 2 is SAPO's; set loss_type sapo or remove it."]
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_cispo_and_sapo_match_trl_grpo_trainer(trl_trainers, loss_type, level):
+    """TRL 1.16's cispo (dapo's normaliser) and sapo (grpo's), on the inputs of the clipped-loss comparison with
+    cap 1.1 for cispo (it binds on 5 of 24 tokens, and on 1 of 6 sequences): loss and gradient equal ours. TRL's cispo_clip_ratio counts capped
+    tokens with A > 0 only; ours counts every capped token (the cap scales both signs), so the metric is not compared."""
+    batch = _random_batch(7, lengths=(7, 3, 5, 1, 6, 2))
+    batch = {k: torch.where(batch["mask"], v, 0.0) if v.dim() == 2 and k != "mask" else v for k, v in batch.items()}
+    if level == "sequence":
+        batch["is_weights"] = batch["is_weights"][:, :1].expand(-1, 7).clone()
+    trl_loss, trl_grad, trl_metrics = _trl_grpo(trl_trainers[0], loss_type, level, batch, 9, eps=0.2, eps_high=1.1,
+                                                delta=None, beta=0.04)
+    ours_fn = _loss(loss_type, level, epsilon_high=1.1, beta=0.04)
+    is_w = batch["is_weights"] if level == "token" else batch["is_weights"][:, 0]
+    ours, grad = _run(ours_fn, batch, loss_normalizer(loss_type, batch["mask"], 9), is_weights=is_w)
+    assert ours.loss.item() == pytest.approx(trl_loss, abs=1e-6)
+    torch.testing.assert_close(grad, trl_grad, atol=1e-6, rtol=0)
+    assert ours.metrics["loss/kl"] == pytest.approx(trl_metrics["kl"], abs=1e-6)
+    if loss_type == "cispo":
+        assert ours.metrics["clip/frac"] > 0
+
+
 # ---------------------------------------------------------------------------------------------- config binding
 
 
@@ -404,7 +519,8 @@ def _trl_grpo(trainer_cls, loss_type, level, batch, max_len, eps, eps_high, delt
         _get_per_token_logps_and_entropies=lambda *a, **k: (logprobs, torch.zeros_like(logprobs), None),
         aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
         importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=eps, epsilon_high=eps_high,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=1),
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=1,
+                             sapo_temperature_pos=1.0, sapo_temperature_neg=1.05),
         use_vllm=True, vllm_importance_sampling_correction=True, model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1, max_completion_length=max_len, accelerator=_OneProcessAccelerator(),
         _entropy_bonus_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),

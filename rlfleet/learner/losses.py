@@ -1,4 +1,4 @@
-"""Policy losses (GRPO / DAPO / Dr. GRPO / BNPO x token, GSPO, GSPO-token) and the sigmoid DPO loss.
+"""Policy losses (GRPO / DAPO / Dr. GRPO / BNPO x token, GSPO, GSPO-token; CISPO, SAPO) and the sigmoid DPO loss.
 
 Pure torch: no Ray, no vLLM, no global state. Each loss returns a :class:`LossResult` (the loss tensor to
 backpropagate and detached float metrics).
@@ -10,7 +10,8 @@ losses then sum to the full-batch loss (and their gradients to its gradient).
 Notation: ``B`` sequences, ``T`` completion positions, ``m`` the mask, ``l_t = logp_t - old_t`` the log-ratio
 against the behaviour policy, ``A`` the advantages, ``sg`` stop-gradient (``detach``).
 References: TRL ``GRPOTrainer._compute_loss`` and ``DPOTrainer._compute_loss`` (``reference/trl-algorithms.md``
-sections 1.4, 1.5, 2 and 6), GSPO (arXiv 2507.18071), DPO (arXiv 2305.18290).
+sections 1.4, 1.5, 2 and 6), GSPO (arXiv 2507.18071), CISPO (MiniMax-M1, arXiv 2506.13585), SAPO (arXiv
+2511.20347), DPO (arXiv 2305.18290).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def loss_normalizer(loss_type: LossType, mask: torch.Tensor, max_completion_leng
     - bnpo, dapo: ``N`` (``sum m L / N``). TRL's bnpo divides by the local micro-batch's tokens and dapo by the
       generation batch's tokens over all ranks; for one learner process stepping on its whole batch both are the
       step's token count, so they coincide here;
-    - dr_grpo: ``B_total * max_completion_length``.
+    - dr_grpo: ``B_total * max_completion_length``;
+    - cispo: as dapo, sapo: as grpo (TRL's pairing, and the papers': CISPO averages over the batch's tokens, SAPO
+      over each sequence's tokens, then over sequences).
     """
     return _NORMALIZERS[loss_type](mask.bool(), max_completion_length)
 
@@ -54,6 +57,8 @@ _NORMALIZERS: dict[str, Callable[[torch.Tensor, int], float]] = {
     "bnpo": lambda valid, max_len: float(max(int(valid.sum()), 1)),
     "dapo": lambda valid, max_len: float(max(int(valid.sum()), 1)),
     "dr_grpo": lambda valid, max_len: float(valid.shape[0] * max_len),
+    "cispo": lambda valid, max_len: float(max(int(valid.sum()), 1)),
+    "sapo": lambda valid, max_len: float(valid.shape[0]),
 }
 
 
@@ -72,6 +77,8 @@ _AGGREGATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
     "bnpo": _token_sum,
     "dapo": _token_sum,
     "dr_grpo": _token_sum,
+    "cispo": _token_sum,
+    "sapo": _sum_of_sequence_means,
 }
 
 
@@ -125,6 +132,58 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> float:
     return float(torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Surrogates: per-token loss terms (before aggregation) and the tokens each one clips
+# ----------------------------------------------------------------------------------------------------------------
+# Each takes the bound loss, the importance weight w ([B, T], or [B, 1] at sequence level), the advantages A and the
+# log-probs logp ([B, T], both 0 off the mask) and returns (L [B, T], clipped low [B, T], clipped high [B, T]).
+
+
+def _clipped_surrogate(loss: PolicyLoss, w: torch.Tensor, adv: torch.Tensor, logp: torch.Tensor):
+    """PPO's, with DAPO's asymmetric range and the optional ``delta`` cap::
+
+        L_t = -min( min(w, delta) * A,  clip(w, 1 - epsilon_low, 1 + epsilon_high) * A )
+
+    d L_t / d logp_t = -w A where the unclipped branch is the minimum, 0 where the clip binds (``w < 1 - eps_low``
+    with ``A < 0``, or ``w > 1 + eps_high`` with ``A > 0``) or ``delta`` caps ``w``."""
+    w_clipped = w.clamp(1 - loss.epsilon_low, 1 + loss.epsilon_high)
+    w_capped = w if loss.delta is None else w.clamp(max=loss.delta)
+    policy = -torch.minimum(w_capped * adv, w_clipped * adv)
+    return policy, (w < 1 - loss.epsilon_low) & (adv < 0), (w > 1 + loss.epsilon_high) & (adv > 0)
+
+
+def _cispo_surrogate(loss: PolicyLoss, w: torch.Tensor, adv: torch.Tensor, logp: torch.Tensor):
+    """CISPO (MiniMax-M1, eq. 4): the REINFORCE term weighted by the clipped importance weight, which is detached::
+
+        L_t = -sg(min(w, epsilon_high)) * A * logp_t,      d L_t / d logp_t = -min(w, epsilon_high) * A
+
+    so every token keeps its gradient (PPO's clip zeroes it), scaled down where the weight exceeds the cap. The paper
+    writes the clip as ``clip(w, 1 - eps_low, 1 + eps_high)`` with no effective lower bound; ``epsilon_high`` is the
+    upper bound itself, as in TRL (ScaleRL's eps_max = 5). The value of L is no objective (it carries logp), only
+    its gradient is. Clipped high: every token whose weight the cap lowered, whatever A's sign (the cap scales both;
+    TRL's ``cispo_clip_ratio`` counts those with A > 0 only); nothing is clipped low."""
+    capped = w > loss.epsilon_high
+    policy = -w.clamp(max=loss.epsilon_high).detach() * adv * logp
+    return policy, torch.zeros_like(capped), capped
+
+
+def _sapo_surrogate(loss: PolicyLoss, w: torch.Tensor, adv: torch.Tensor, logp: torch.Tensor):
+    """SAPO (arXiv 2511.20347, eq. 5-7): a smooth gate in place of the hard clip, with a temperature per sign of A::
+
+        L_t = -(4 / tau) * sigmoid(tau (w - 1)) * A,   tau = sapo_temperature_pos if A > 0 else sapo_temperature_neg
+        d L_t / d logp_t = -4 p (1 - p) * w * A,       p = sigmoid(tau (w - 1))
+
+    At w = 1 the gradient is -A (the policy gradient, as unclipped GRPO's); it decays smoothly as w leaves 1, faster
+    for negative advantages (tau_neg > tau_pos), instead of dropping to 0 at a boundary. Nothing is hard-clipped."""
+    tau = torch.where(adv > 0, loss.sapo_temperature_pos, loss.sapo_temperature_neg)  # [B, T]
+    policy = -(4 / tau) * torch.sigmoid(tau * (w - 1)) * adv
+    none = torch.zeros_like(policy, dtype=torch.bool)
+    return policy, none, none
+
+
+_SURROGATES: dict[str, Callable] = {"cispo": _cispo_surrogate, "sapo": _sapo_surrogate}  # others: the clipped one
+
+
 @dataclass(frozen=True)
 class PolicyLoss:
     """The clipped surrogate loss with its knobs bound; build it with :func:`make_policy_loss`.
@@ -135,7 +194,8 @@ class PolicyLoss:
         KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1        (k3 estimator, gradient through logp only)
 
     ``min(w, delta)`` only when ``delta`` is set; ``rho`` are the optional truncated importance-sampling weights
-    (``is_weights``, detached). The loss is ``aggregate(L) / normalizer``: for grpo the sum over sequences of the
+    (``is_weights``, detached). ``loss_type`` cispo and sapo replace the clipped term by their own
+    (:func:`_cispo_surrogate`, :func:`_sapo_surrogate`), with the same weights ``w``, ``rho`` and KL. The loss is ``aggregate(L) / normalizer``: for grpo the sum over sequences of the
     per-sequence token mean, otherwise the token sum (see :func:`loss_normalizer`).
 
     ``mask`` [B, T] marks the tokens that train: it must already exclude padding and, when
@@ -148,7 +208,8 @@ class PolicyLoss:
     - ``loss/kl`` (when ``ref_logprobs`` is given): mean ``KL_t`` over valid tokens, without beta;
     - ``clip/low_frac``: share of valid tokens with ``w < 1 - epsilon_low`` and ``A < 0``;
       ``clip/high_frac``: ``w > 1 + epsilon_high`` and ``A > 0``; ``clip/frac``: either (the tokens whose gradient
-      the clip removes; the ``delta`` cap is not counted);
+      the clip removes; the ``delta`` cap is not counted). cispo: the tokens whose weight its cap lowered (high);
+      sapo: none (its gate is smooth);
     - ``ratio/mean``, ``ratio/min``, ``ratio/max``: of ``w`` over valid tokens (a sequence ratio counts once per
       token); min/max are NaN when there is no valid token;
     - ``is_weight/mean`` (when ``is_weights`` is given): mean ``rho`` over valid tokens.
@@ -163,7 +224,10 @@ class PolicyLoss:
     epsilon_high: float
     delta: float | None = None
     beta: float = 0.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
     _aggregate: Callable = field(init=False, repr=False, compare=False)
+    _surrogate: Callable = field(init=False, repr=False, compare=False)
     _log_weights: Callable = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -176,6 +240,7 @@ class PolicyLoss:
             )
         object.__setattr__(self, "_aggregate", _AGGREGATORS[self.loss_type])
         object.__setattr__(self, "_log_weights", _LOG_IMPORTANCE_WEIGHTS[self.importance_sampling_level])
+        object.__setattr__(self, "_surrogate", _SURROGATES.get(self.loss_type, _clipped_surrogate))
 
     def __call__(
         self,
@@ -203,9 +268,8 @@ class PolicyLoss:
         log_ratio = torch.where(valid, logprobs - proximal_logprobs.detach(), 0.0)  # [B, T]
 
         w = torch.exp(self._log_weights(log_ratio, logprobs, valid))  # [B, T] or [B, 1]
-        w_clipped = w.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
-        w_capped = w if self.delta is None else w.clamp(max=self.delta)
-        policy = -torch.minimum(w_capped * adv, w_clipped * adv)  # [B, T]
+        logp = torch.where(valid, logprobs, 0.0)  # [B, T]  (CISPO's term carries it)
+        policy, low, high = self._surrogate(self, w, adv, logp)  # [B, T] each
         if is_weights is not None:
             rho = torch.where(valid, _broadcastable(is_weights).detach(), 0.0)  # [B, T]
             policy = policy * rho  # [B, T]
@@ -219,8 +283,6 @@ class PolicyLoss:
             loss = loss + self.beta * self._aggregate(kl, valid) / normalizer
             metrics["loss/kl"] = _masked_mean(kl, valid)
 
-        low = (w < 1 - self.epsilon_low) & (adv < 0)
-        high = (w > 1 + self.epsilon_high) & (adv > 0)
         w_valid = w.detach().expand(valid.shape)[valid]  # [N]
         metrics |= {
             "clip/low_frac": _masked_mean(low.float(), valid),
@@ -244,6 +306,8 @@ def make_policy_loss(cfg: AlgorithmConfig) -> PolicyLoss:
         epsilon_high=cfg.clip_high,
         delta=cfg.delta,
         beta=cfg.beta,
+        sapo_temperature_pos=cfg.sapo_temperature_pos,
+        sapo_temperature_neg=cfg.sapo_temperature_neg,
     )
 
 
