@@ -152,6 +152,8 @@ class GenerationConfig(Section):
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
 ImportanceSamplingLevel = Literal["token", "sequence", "sequence_token"]
+RolloutCorrection = Literal["none", "truncate", "mask"]
+RolloutCorrectionLevel = Literal["token", "sequence", "geometric"]
 
 
 class AlgorithmConfig(Section):
@@ -185,6 +187,18 @@ class AlgorithmConfig(Section):
         description="Truncated importance-sampling weight min(pi_proximal / pi_behaviour, cap) applied when the "
         "learner's proximal policy differs from the generator's (num_iterations > 1). None disables it.",
     )
+    rollout_correction: RolloutCorrection = Field(
+        "none", description="Correct the gap between the engine's and the learner's log-probs of the sampled tokens "
+        "at every num_iterations: the ratio's base becomes the learner's own pre-step policy and the policy term is "
+        "weighted by r = pi_learner / pi_engine, 'truncate'd to [rollout_correction_min, rollout_correction_max] "
+        "(TIS) or set to 0 outside that band ('mask': MIS, IcePop). 'none': the base is the engine's log-probs at "
+        "num_iterations 1, importance_sampling_cap's weights above it.")
+    rollout_correction_level: RolloutCorrectionLevel = Field(
+        "token", description="r per token, per sequence (the product of its tokens' ratios) or their geometric mean "
+        "per sequence ('geometric', length-independent); a sequence's r weighs or masks all its tokens.")
+    rollout_correction_min: float | None = Field(None, gt=0, description="Lower bound of r; None: none.")
+    rollout_correction_max: float | None = Field(3.0, gt=0, description="Upper bound of r (TRL's clip_max, 3.0); "
+                                                 "None: none.")
     reward_funcs: list[str] = Field(
         default_factory=list,
         description="Reward functions: built-in names or 'package.module:function'. Empty: the task's own.",
@@ -593,6 +607,14 @@ def surrogate_problems(alg: AlgorithmConfig) -> list[str]:
     """Knobs that the chosen surrogate has no use for or needs: CISPO's cap, the clipped surrogate's delta and
     SAPO's temperatures."""
     out = []
+    lo, hi = alg.rollout_correction_min, alg.rollout_correction_max
+    if alg.rollout_correction != "none" and lo is None and hi is None:
+        out.append(f"algorithm.rollout_correction: {alg.rollout_correction} with neither rollout_correction_min nor "
+                   "rollout_correction_max; set a bound (e.g. rollout_correction_max: 3.0).")
+    if (lo is not None and lo > 1) or (hi is not None and hi < 1):
+        field, value = ("rollout_correction_min", lo) if lo is not None and lo > 1 else ("rollout_correction_max", hi)
+        out.append(f"algorithm.{field}: {value:g} leaves r = 1 (a token the engine and the learner agree on) outside "
+                   "the band; keep rollout_correction_min <= 1 <= rollout_correction_max (e.g. 0.5 and 2.0).")
     if alg.loss_type == "cispo" and alg.epsilon_high is None:
         out.append("algorithm.epsilon_high: required with loss_type cispo, which caps the importance weight at "
                    "epsilon_high itself (TRL's meaning, not 1 + epsilon_high); ScaleRL recommends 5.0.")

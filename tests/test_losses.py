@@ -435,6 +435,65 @@ def test_cispo_and_sapo_match_trl_grpo_trainer(trl_trainers, loss_type, level):
         assert ours.metrics["clip/frac"] > 0
 
 
+# ---------------------------------------------------------------------------------------------- rollout correction
+
+
+def _two_rows():
+    """Row 0: learner/engine probabilities (0.5 | 0.25), (0.2 | 0.4), a masked third token: r = 2, 0.5.
+    Row 1: (0.5 | 0.25) twice: r = 2, 2 (sequence ratio 4, geometric mean 2), masked third token."""
+    learner = torch.tensor([[0.5, 0.2, 0.9], [0.5, 0.5, 0.7]]).log()
+    engine = torch.tensor([[0.25, 0.4, 0.1], [0.25, 0.25, 0.1]]).log()
+    return learner, engine, torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("mode, level, rho, changed", [
+    ("truncate", "token", [[1.5, 0.5, 0], [1.5, 1.5, 0]], 3 / 4),
+    ("mask", "token", [[0, 0, 0], [0, 0, 0]], 1.0),
+    ("truncate", "sequence", [[1.0, 1.0, 0], [1.5, 1.5, 0]], 2 / 4),
+    ("mask", "sequence", [[1, 1, 0], [0, 0, 0]], 2 / 4),
+    ("truncate", "geometric", [[1.0, 1.0, 0], [1.5, 1.5, 0]], 2 / 4),
+    ("mask", "geometric", [[1, 1, 0], [0, 0, 0]], 2 / 4),
+])
+def test_rollout_weights_by_hand(mode, level, rho, changed):
+    """Upper bound 1.5 for both; mask adds the lower bound 0.6 (truncate has none, so its r = 0.5 stays 0.5).
+    Token ratios (2, 0.5 | 2, 2): truncate -> (1.5, 0.5 | 1.5, 1.5), 3 of 4 changed; mask -> all 4 leave [0.6, 1.5].
+    Sequence ratios 2 * 0.5 = 1 (inside) and 4 (above); geometric means 1 and 2 (above): row 0 kept, row 1 cut to
+    1.5 or masked, 2 of 4 tokens. Masked positions get 0."""
+    learner, engine, mask = _two_rows()
+    low = None if mode == "truncate" else 0.6
+    from rlfleet.learner.losses import rollout_weights
+    weights, stats = rollout_weights(learner, engine, mask, mode, level, low, 1.5)
+    torch.testing.assert_close(weights, torch.tensor(rho, dtype=weights.dtype), atol=1e-6, rtol=0)
+    assert stats == pytest.approx({f"rollout/{'truncated' if mode == 'truncate' else 'masked'}_frac": changed})
+
+
+def test_rollout_gap_by_hand():
+    """r = (2, 0.5 | 2, 2) on the valid tokens: k3 = r - 1 - log r = 1 - ln 2 = 0.306853 for r = 2 and
+    -0.5 + ln 2 = 0.193147 for r = 0.5; token mean (3 * 0.306853 + 0.193147) / 4 = 0.278426; extremes 0.5 and 2."""
+    from rlfleet.learner.losses import rollout_gap
+    learner, engine, mask = _two_rows()
+    gap = rollout_gap(learner, engine, mask)
+    assert gap["rollout/kl"] == pytest.approx((3 * (1 - math.log(2)) + (math.log(2) - 0.5)) / 4, abs=1e-6)
+    assert (gap["rollout/ratio/min"], gap["rollout/ratio/max"]) == pytest.approx((0.5, 2.0))
+    same = rollout_gap(learner, learner, mask)
+    assert same["rollout/kl"] == 0.0 and (same["rollout/ratio/min"], same["rollout/ratio/max"]) == (1.0, 1.0)
+
+
+def test_rollout_correction_bounds_are_checked():
+    from rlfleet.config import surrogate_problems
+
+    def problems(**fields):
+        return surrogate_problems(AlgorithmConfig(**fields))
+
+    assert problems(rollout_correction="mask", rollout_correction_min=0.5, rollout_correction_max=2.0) == []
+    assert problems(rollout_correction="truncate", rollout_correction_max=None) == [
+        "algorithm.rollout_correction: truncate with neither rollout_correction_min nor rollout_correction_max; set a "
+        "bound (e.g. rollout_correction_max: 3.0)."]
+    assert problems(rollout_correction="mask", rollout_correction_max=0.9) == [
+        "algorithm.rollout_correction_max: 0.9 leaves r = 1 (a token the engine and the learner agree on) outside the "
+        "band; keep rollout_correction_min <= 1 <= rollout_correction_max (e.g. 0.5 and 2.0)."]
+
+
 # ---------------------------------------------------------------------------------------------- config binding
 
 

@@ -415,6 +415,42 @@ def test_num_iterations_two_uses_capped_importance_weights():
     assert m["ratio/min"] <= 1.0 <= m["ratio/max"] and m["ratio/max"] > 1.0 + 1e-4  # pass 2 moved off ratio 1
 
 
+def test_rollout_correction_on_policy_changes_nothing_and_reports_no_gap():
+    """Engine log-probs equal to the learner's: r = 1 on every token, so truncation weighs 1 and the base's value is
+    the engine's; the gradient equals the uncorrected step's, rollout/kl is 0 and nothing is truncated."""
+    plain, corrected = make_learner(), make_learner({"rollout_correction": "truncate",
+                                                     "rollout_correction_level": "sequence"})
+    grads = [captured_grads(plain), captured_grads(corrected)]
+    m_plain = plain.train_step(two_groups(plain.model))
+    m = corrected.train_step(two_groups(corrected.model))
+    assert_grads_close(grads[1][0], grads[0][0])
+    for metrics in (m, m_plain):  # the gap is reported with or without the correction
+        assert metrics["rollout/kl"] == pytest.approx(0.0, abs=1e-6)
+        assert metrics["rollout/ratio/min"] == pytest.approx(1.0, abs=1e-5)
+        assert metrics["rollout/ratio/max"] == pytest.approx(1.0, abs=1e-5)
+    assert m["rollout/truncated_frac"] == 0.0 and "rollout/truncated_frac" not in m_plain
+
+
+def test_rollout_mask_drops_the_tokens_the_engine_overrated():
+    """Row 0's engine log-probs raised by 0.5 per token: r = e^-0.5 = 0.606531 on its 7 tokens, below the band
+    [0.9, 1.1], so mask mode weighs them 0: the step's gradient is that of the same batch with row 0's advantage 0
+    and exact log-probs (the normaliser, dapo's token count, keeps its 7 tokens). masked_frac = 7 / 51."""
+    masked = make_learner({"rollout_correction": "mask", "rollout_correction_min": 0.9,
+                           "rollout_correction_max": 1.1})
+    plain = make_learner()
+    grads = [captured_grads(masked), captured_grads(plain)]
+    groups = two_groups(masked.model)
+    groups[0].behaviour_logprobs[0, :7] += 0.5
+    m = masked.train_step(groups)
+    expected = two_groups(plain.model)
+    expected[0].advantages[0] = 0.0
+    plain.train_step(expected)
+    assert_grads_close(grads[0][0], grads[1][0])
+    assert m["rollout/masked_frac"] == pytest.approx(7 / 51)
+    assert m["rollout/ratio/min"] == pytest.approx(math.exp(-0.5), abs=1e-5)
+    assert m["rollout/kl"] == pytest.approx(7 * (math.exp(-0.5) - 1 + 0.5) / 51, abs=1e-5)
+
+
 def test_gradient_checkpointing_gives_the_same_gradient():
     """Checkpointing recomputes the same forward in backward: same gradient up to float rounding."""
     results = []

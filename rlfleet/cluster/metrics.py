@@ -310,6 +310,8 @@ RL_SERIES = {
     "rlfleet_kl": ("loss/kl", "mean k3 KL to the reference model (jobs with algorithm.beta > 0)"),
     "rlfleet_clip_frac": ("clip/frac", "share of clipped tokens"),
     "rlfleet_staleness_mean": ("staleness/mean", "policy versions between sampling and training"),
+    "rlfleet_rollout_kl": ("rollout/kl", "KL(engine || learner) on the sampled tokens, k3 estimate: the rollout-train "
+                           "mismatch"),
     "rlfleet_completion_length_mean": ("completions/mean_length", "mean completion length of the trained batch "
                                        "(tokens)"),
     "rlfleet_completion_length_max": ("completions/max_length", "longest completion of the trained batch (tokens)"),
@@ -366,11 +368,11 @@ MULTI_TURN_SERIES = ("rlfleet_env_errors_total", "rlfleet_env_turns_per_episode"
 def rl_series(beta: float, multi_turn: bool = False, online_dpo: bool = False, evaluation: bool = False
               ) -> dict[str, tuple[str, str]]:
     """The series an ``rlfleet train`` job exports: RL_SERIES, KL only when there is a reference model, the
-    environment's only with one (``algorithm.environment``), online DPO's instead of the clip share, the held-out
-    reward with evaluation (``logging.eval_steps``)."""
+    environment's only with one (``algorithm.environment``), online DPO's instead of the clip share and the rollout
+    gap (its loss has no importance ratio), the held-out reward with evaluation (``logging.eval_steps``)."""
     series = {n: v for n, v in RL_SERIES.items()
               if (beta > 0 or n != "rlfleet_kl") and (multi_turn or n not in MULTI_TURN_SERIES)
-              and not (online_dpo and n == "rlfleet_clip_frac")}
+              and not (online_dpo and n in ("rlfleet_clip_frac", "rlfleet_rollout_kl"))}
     return series | (ONLINE_DPO_SERIES if online_dpo else {}) | (EVAL_SERIES if evaluation else {})
 
 

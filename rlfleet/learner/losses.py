@@ -16,6 +16,7 @@ sections 1.4, 1.5, 2 and 6), GSPO (arXiv 2507.18071), CISPO (MiniMax-M1, arXiv 2
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -114,6 +115,63 @@ _LOG_IMPORTANCE_WEIGHTS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.T
     "sequence": _sequence_log_weights,
     "sequence_token": _sequence_token_log_weights,
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout-train mismatch: the engine's log-probs against the learner's
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rollout_gap(learner_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor
+                ) -> dict[str, float]:
+    """How far the engine that sampled the tokens is from the learner's policy before the step, over valid tokens,
+    with ``log r_t = learner_t - engine_t`` (each token's own engine log-prob, whatever weights sampled it):
+
+    - ``rollout/kl``: KL(engine || learner) by the k3 estimator on the engine's samples, ``r - 1 - log r``
+      (unbiased, non-negative per token), token mean;
+    - ``rollout/ratio/min``, ``/max``: the extreme ``r_t`` (NaN without a valid token).
+
+    Combine micro-batches as :class:`PolicyLoss`'s metrics (token mean; min / max)."""
+    valid = mask.bool()
+    log_r = torch.where(valid, learner_logprobs.detach() - engine_logprobs.detach(), 0.0)  # [B, T]
+    r = log_r.exp()
+    r_valid = r[valid]
+    return {"rollout/kl": _masked_mean(r - 1 - log_r, valid),
+            "rollout/ratio/min": float(r_valid.min()) if r_valid.numel() else float("nan"),
+            "rollout/ratio/max": float(r_valid.max()) if r_valid.numel() else float("nan")}
+
+
+def rollout_weights(learner_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                    level: str, low: float | None, high: float | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The rollout correction's weights ``rho`` ``[B, T]`` (detached) and the share of valid tokens it changed.
+
+    With ``log r_t = learner_t - engine_t`` on valid tokens (0 elsewhere), the ratio ``r`` is, by ``level``:
+
+        token:      r_t = exp(log r_t)
+        sequence:   r_i = exp(sum_t m_t log r_t)                    (the sequence's probability ratio)
+        geometric:  r_i = exp(sum_t m_t log r_t / max(sum_t m_t, 1))  (its per-token geometric mean)
+
+    ``truncate`` (TIS): ``rho = clip(r, low, high)``, the bias of the engine's sampling corrected up to the bounds;
+    ``mask`` (MIS, IcePop): ``rho = 1`` where ``low <= r <= high``, else 0 (a sequence level masks the whole
+    sequence). A missing bound is no bound. ``rollout/truncated_frac`` / ``rollout/masked_frac``: the share of valid
+    tokens whose ratio left the band (a sequence's tokens count with it)."""
+    valid = mask.bool()
+    log_r = torch.where(valid, learner_logprobs.detach() - engine_logprobs.detach(), 0.0)  # [B, T]
+    if level == "sequence":
+        log_r = log_r.sum(-1, keepdim=True)  # [B, 1]
+    elif level == "geometric":
+        log_r = log_r.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
+    r = log_r.exp().expand(valid.shape)  # [B, T]
+    lo = -math.inf if low is None else low
+    hi = math.inf if high is None else high
+    outside = (r < lo) | (r > hi)  # [B, T]
+    if mode == "truncate":
+        rho, name = r.clamp(min=low, max=high), "rollout/truncated_frac"
+    elif mode == "mask":
+        rho, name = (~outside).to(r.dtype), "rollout/masked_frac"
+    else:
+        raise ValueError(f"rollout_correction: {mode!r} is not 'truncate' or 'mask'")
+    return torch.where(valid, rho, 0.0), {name: _masked_mean(outside.float(), valid)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

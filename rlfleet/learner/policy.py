@@ -23,6 +23,13 @@ One ``train_step(groups)``:
      gap between that proximal policy and the (possibly stale) behaviour policy is corrected by truncated
      importance weights ``min(pi_proximal / pi_behaviour, importance_sampling_cap)`` on the policy term
      (:func:`importance_weights`; per token, or per sequence for the sequence levels), when the cap is set.
+   * ``algorithm.rollout_correction`` (truncate / mask) at any mu: the proximal policy is the learner's own
+     pre-step policy (at mu == 1 the pass's log-probs, detached: the ratio is 1 in value, the gradient PG's), and
+     the policy term is weighted by ``rollout_weights``: the engine-vs-learner ratio of each token (each token's own
+     behaviour log-prob, whatever weights sampled it), sequence or geometric mean, truncated or masked to a band.
+
+   Every step logs the gap between the engine's and the learner's pre-step log-probs (``rollout/kl``,
+   ``rollout/ratio/min`` and ``/max``: :func:`~rlfleet.learner.losses.rollout_gap`), corrected or not.
 
    The lr schedule advances once per ``train_step``: ``max_steps`` and ``warmup_steps`` count train steps, and
    the mu passes over one batch share its lr. ``policy_version`` counts train steps, i.e. weight publications: the
@@ -58,7 +65,7 @@ from rlfleet import lora as lora_
 from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, ModelConfig
 from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import SINGLE, Rank, micro_batches
-from rlfleet.learner.losses import loss_normalizer, make_policy_loss
+from rlfleet.learner.losses import loss_normalizer, make_policy_loss, rollout_gap, rollout_weights
 from rlfleet.models import float32_attention_on_cpu, load_causal_lm, load_tokenizer, torch_dtype
 from rlfleet.types import Group
 from rlfleet.learner.state_files import load_optimizer, save_optimizer
@@ -439,8 +446,17 @@ class PolicyLearner:
         for _ in range(alg.num_iterations):
             for mb, is_real, proximal, ref, w in zip(micro, real, proximals, refs, weights):
                 logprobs = self._logprobs(self.model, mb)  # [b, T]
+                # the learner's policy before the step: this pass's log-probs at mu = 1, the proximal's above
+                before = logprobs.detach() if alg.num_iterations == 1 else proximal
+                gap = rollout_gap(before, mb.behaviour_logprobs, mb.mask)
+                if alg.rollout_correction != "none":
+                    proximal, (w, corrected) = before, rollout_weights(
+                        before, mb.behaviour_logprobs, mb.mask, alg.rollout_correction, alg.rollout_correction_level,
+                        alg.rollout_correction_min, alg.rollout_correction_max)
+                    gap |= corrected
                 result = self.loss_fn(logprobs, proximal, mb.advantages, mb.mask, normalizer,
                                       ref_logprobs=ref, is_weights=w)
+                result.metrics |= gap
                 (result.loss if is_real else result.loss * 0.0).backward()
                 if is_real:
                     total_loss += result.loss.item()
