@@ -1,15 +1,17 @@
 """The memory estimate (rlfleet/cluster/memory.py), by hand, and its logits term against the peaks that
-bench/logprob_memory.py measured (bench/results/logprob_memory.json)."""
+bench/logprob_memory.py measured (bench/results/logprob_memory.json); what a refusal lists as fitting."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from rlfleet.cluster.memory import (ENGINE_PROCESS_GIB, GIB, LEARNER_PROCESS_GIB, LOGIT_COPIES, count_parameters,
-                                    estimate, job_estimate, logit_positions)
+                                    estimate, job_estimate, logit_positions, memory_problems, ways_out)
 from rlfleet.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +62,61 @@ def test_logits_term_is_a_floor_of_the_measured_peaks():
     for row, counted in zip(run["rows"], (positions, min(positions, run["chunk_tokens"]))):
         term = LOGIT_COPIES * counted * vocab * 4 / GIB
         assert 0.5 * row["peak_gib"] <= term <= row["peak_gib"], (row, term)
+
+
+QWEN3_06B_SHAPE = {  # Qwen/Qwen3-0.6B's config: its shape only (no weights are read)
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "tie_word_embeddings": True, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6}
+
+
+def _refusal(overrides: list[str], generators: int, have_gib: float) -> tuple[str, object]:
+    cfg = load_config(ROOT / "deploy" / "quickstart.yaml", overrides)
+    options = functools.partial(ways_out, cfg, False, False)
+    problems = memory_problems(job_estimate(cfg, False), generators, have_gib, "the cluster", options)
+    assert len(problems) == 1
+    return problems[0], cfg
+
+
+def _listed(message: str) -> list[tuple[str, float]]:
+    """The 'What would fit' lines: (the change, its estimate in GiB)."""
+    return [(m[1], float(m[2])) for m in re.finditer(r"\n      (.+): about (\d+\.\d) GiB", message)]
+
+
+def test_a_refusal_lists_the_changes_that_would_fit_with_their_estimates(tmp_path):
+    """Issue 34's case: the Qwen3-0.6B shape (596M parameters), float32 on CPU, one generator, refused at 16.1 GiB.
+    The refusal lists LoRA (with and without bfloat16), each with the estimate the job would have with that change
+    made as a user makes it (a dotted override), below 16.1; bfloat16 alone, which is not listed, stays above."""
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_06B_SHAPE))
+    base = [f"model.name_or_path={tmp_path}", "generation.kv_cache_space_gib=4", "learner.micro_batch_size=8",
+            "generation.max_completion_length=32"]
+    message, cfg = _refusal(base, 1, 16.1)
+    total = job_estimate(cfg, False).total_gib(1)
+    assert total > 16.1 and f"or a machine or cluster with at least {total:.1f} GiB" in message
+    listed = _listed(message)
+    assert [change for change, _ in listed] == ["model.lora: {r: 16} and model.dtype: bfloat16",
+                                                "model.lora: {r: 16} (train an adapter)"]
+    by_override = {"model.lora: {r: 16} and model.dtype: bfloat16": ["model.lora={r: 16}", "model.dtype=bfloat16"],
+                   "model.lora: {r: 16} (train an adapter)": ["model.lora={r: 16}"]}
+    for change, gib in listed:
+        user = load_config(ROOT / "deploy" / "quickstart.yaml", base + by_override[change])
+        assert job_estimate(user, False).total_gib(1) == pytest.approx(gib, abs=0.05) and gib <= 16.1
+    bf16 = load_config(ROOT / "deploy" / "quickstart.yaml", base + ["model.dtype=bfloat16"])
+    assert job_estimate(bf16, False).total_gib(1) > 16.1
+
+
+def test_fewer_generators_or_a_smaller_cache_are_listed_with_the_numbers_that_fit():
+    """The tiny model, 4 generators with 4 GiB of KV cache each: 3 generators fit 19.3 GiB, and so do 4 with 3 GiB;
+    at 3.5 GiB only one generator with 1 GiB does; below the learner alone nothing does, and the refusal says so."""
+    base = ["cluster.num_generators=4", "generation.kv_cache_space_gib=4"]
+    message, _ = _refusal(base, 4, 19.3)
+    listed = dict(_listed(message))
+    assert set(listed) == {"cluster.num_generators: 3", "generation.kv_cache_space_gib: 3"}, message
+    three = load_config(ROOT / "deploy" / "quickstart.yaml", base[1:])
+    assert job_estimate(three, False).total_gib(3) == pytest.approx(listed["cluster.num_generators: 3"], abs=0.05)
+    smaller = load_config(ROOT / "deploy" / "quickstart.yaml", [base[0], "generation.kv_cache_space_gib=3"])
+    assert job_estimate(smaller, False).total_gib(4) <= 19.3
+    message, _ = _refusal(base, 4, 3.5)
+    assert [c for c, _ in _listed(message)] == ["cluster.num_generators: 1 and generation.kv_cache_space_gib: 1"]
+    message, _ = _refusal(base, 4, 0.5)
+    assert "What would fit" not in message and "use a machine or cluster with more memory" in message

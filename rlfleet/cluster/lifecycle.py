@@ -18,6 +18,7 @@ for both:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -26,7 +27,7 @@ import ray
 
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.control import close_control, start_control
-from rlfleet.cluster.memory import job_estimate
+from rlfleet.cluster.memory import job_estimate, ways_out
 from rlfleet.cluster.metrics import logger_problems
 from rlfleet.cluster.runtime import (connect, job_name, job_namespace, preflight_cluster, preflight_local,
                                      starts_local_cluster)
@@ -71,8 +72,9 @@ def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle],
         # a corrupt or incompatible checkpoint (another learner group size too) is refused before Ray starts
         ckpt.verify(latest, cfg.cluster.learner_workers, lora=cfg.model.lora is not None)
     memory = job_estimate(cfg, with_reference, dpo)
+    options = functools.partial(ways_out, cfg, with_reference, dpo)  # what would fit, for a refusal
     if starts_local_cluster(cfg.cluster):
-        preflight_local(cfg.cluster, generators_to_start, memory)  # before Ray starts any process
+        preflight_local(cfg.cluster, generators_to_start, memory, options)  # before Ray starts any process
     resume, recoveries = cfg.checkpoint.resume, 0
     label, phase, where, control, job = "rlfleet", "connecting to Ray", "", None, None
     with stop_on_sigterm():
@@ -81,7 +83,7 @@ def run_job(cfg: RLFleetConfig, make_job: Callable[[int, ray.actor.ActorHandle],
             take_back_signals()  # ray.init replaced our SIGTERM handler with its own
             check_stop()  # a signal that arrived while ray.init ran
             phase = "checking the cluster's resources"
-            preflight_cluster(cfg.cluster, generators_to_start, memory)
+            preflight_cluster(cfg.cluster, generators_to_start, memory, options)
             control = start_control()
             while True:
                 job = make_job(recoveries, control)

@@ -20,6 +20,8 @@ cannot fit, not to promise that one will.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -136,13 +138,67 @@ def logit_positions(cfg, dpo: bool) -> int:
     return min(positions, chunk) if chunk > 0 else positions
 
 
-def memory_problems(need: MemoryEstimate, generators: int, have_gib: float, where: str) -> list[str]:
-    """A problem naming the numbers and the fix when the learner and ``generators`` cannot fit ``have_gib``."""
+def memory_problems(need: MemoryEstimate, generators: int, have_gib: float, where: str,
+                    options: Callable[[int, float], list[str]] | None = None) -> list[str]:
+    """A problem naming the numbers and the fix when the learner and ``generators`` cannot fit ``have_gib``;
+    ``options(generators, have_gib)`` (:func:`ways_out`) lists the changes that would fit, with their estimates."""
     total = need.total_gib(generators)
     if total <= have_gib:
         return []
-    return [f"the job needs about {total:.1f} GiB of memory to start (learner {need.learner_gib:.1f} + {generators} "
+    head = (f"the job needs about {total:.1f} GiB of memory to start (learner {need.learner_gib:.1f} + {generators} "
             f"generators x {need.generator_gib:.1f}, for a {need.params / 1e6:.1f}M-parameter model) but {where} has "
-            f"{have_gib:.1f} GiB; lower cluster.num_generators (its min) or generation.kv_cache_space_gib, or use "
-            "a machine or cluster with more memory"]
+            f"{have_gib:.1f} GiB")
+    fits = options(generators, have_gib) if options is not None else []
+    if not fits:
+        return [f"{head}; lower cluster.num_generators (its min) or generation.kv_cache_space_gib, or use a machine "
+                "or cluster with more memory"]
+    return [f"{head}. What would fit:" + "".join(f"\n      {o}" for o in fits)
+            + f"\n      or a machine or cluster with at least {total:.1f} GiB"]
+
+
+def ways_out(cfg, with_reference: bool, dpo: bool, generators: int, have_gib: float) -> list[str]:
+    """The changes to ``cfg`` that would bring the job within ``have_gib``, each with its estimate, most effective
+    first among: a LoRA adapter (r 16, on every linear layer), bfloat16 weights (engine and published copies; the
+    learner keeps float32 master weights), both, the largest KV cache that fits (CPU engines), the most generators
+    that fit (with the smallest KV cache when none fits with today's). Nothing when none of these fits (more memory
+    is the caller's last line). Colocation is not among them yet (issue 34)."""
+    from rlfleet.config import LoraConfig
+    from rlfleet.models import torch_dtype
+
+    def changed(**sections) -> object:
+        return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=fields)
+                                      for name, fields in sections.items()})
+
+    options: list[tuple[float, str]] = []
+
+    def consider(label: str, variant, gens: int = generators) -> None:
+        total = job_estimate(variant, with_reference, dpo).total_gib(gens)
+        if total <= have_gib:
+            options.append((total, f"{label}: about {total:.1f} GiB"))
+
+    lora = {"lora": LoraConfig(r=16)}
+    float32 = torch_dtype(cfg.model.dtype, "cuda" if cfg.cluster.generator_num_gpus else "cpu").itemsize == 4
+    if cfg.model.lora is None:
+        consider("model.lora: {r: 16} (train an adapter)", changed(model=lora))
+    if float32:
+        consider("model.dtype: bfloat16", changed(model={"dtype": "bfloat16"}))
+    if cfg.model.lora is None and float32:
+        consider("model.lora: {r: 16} and model.dtype: bfloat16", changed(model={**lora, "dtype": "bfloat16"}))
+    need = job_estimate(cfg, with_reference, dpo)
+    kv = cfg.generation.kv_cache_space_gib
+    if generators and not cfg.cluster.generator_num_gpus and kv > 1:
+        fit = kv - math.ceil((need.total_gib(generators) - have_gib) / generators)
+        if fit >= 1:
+            consider(f"generation.kv_cache_space_gib: {fit}", changed(generation={"kv_cache_space_gib": fit}))
+    if generators > 1:
+        most = int((have_gib - need.learner_gib) // need.generator_gib)
+        if 1 <= most < generators:
+            consider(f"cluster.num_generators: {most}", cfg, gens=most)
+        elif most < 1 and kv > 1 and not cfg.cluster.generator_num_gpus:  # fewer generators, each with less cache
+            small = changed(generation={"kv_cache_space_gib": 1})
+            per = job_estimate(small, with_reference, dpo)
+            most = int((have_gib - per.learner_gib) // per.generator_gib)
+            if 1 <= most < generators:
+                consider(f"cluster.num_generators: {most} and generation.kv_cache_space_gib: 1", small, gens=most)
+    return [label for _, label in sorted(options, key=lambda o: o[0])]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +64,11 @@ def local_cpus(cfg: ClusterConfig) -> int:
     return cfg.local_num_cpus or os.cpu_count() or 1
 
 
-def preflight_local(cfg: ClusterConfig, generators: int, memory: MemoryEstimate) -> None:
+def preflight_local(cfg: ClusterConfig, generators: int, memory: MemoryEstimate,
+                    options: Callable[[int, float], list[str]] | None = None) -> None:
     """When rlfleet starts its own Ray cluster, refuse (before Ray starts) a job this machine cannot hold: the
-    learner and ``generators`` need more cores than it has, or more memory than is available now."""
+    learner and ``generators`` need more cores than it has, or more memory than is available now (``options``: the
+    changes that would fit, :func:`~rlfleet.cluster.memory.ways_out`)."""
     import psutil
 
     need = cfg.learner_workers * cfg.learner_num_cpus + generators * cfg.generator_num_cpus
@@ -79,7 +82,7 @@ def preflight_local(cfg: ClusterConfig, generators: int, memory: MemoryEstimate)
             "(or give it a range, {min, max}, to grow where there is room), or set cluster.local_num_cpus to "
             "oversubscribe the cores on purpose")
     problems += memory_problems(memory, generators, psutil.virtual_memory().available / GIB,
-                                "this machine (available now)")
+                                "this machine (available now)", options)
     if problems:
         raise ClusterError("cannot start the job on this machine:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -149,7 +152,8 @@ def alive_nodes() -> list[dict]:
 
 
 def preflight_cluster(cfg: ClusterConfig, num_generators: int | None = None,
-                      memory: MemoryEstimate | None = None) -> None:
+                      memory: MemoryEstimate | None = None,
+                      options: Callable[[int, float], list[str]] | None = None) -> None:
     """Fail before any actor starts when the cluster can never hold the learner and the generators to start with
     (their resources; with ``memory``, also the memory its nodes report)."""
     nodes = [n["Resources"] for n in alive_nodes()]
@@ -157,7 +161,7 @@ def preflight_cluster(cfg: ClusterConfig, num_generators: int | None = None,
     if memory is not None:
         have = sum(n.get("memory", 0) for n in nodes) / GIB
         problems += memory_problems(memory, cfg.min_generators if num_generators is None else num_generators,
-                                    have, "the cluster's nodes (Ray's memory resource)")
+                                    have, "the cluster's nodes (Ray's memory resource)", options)
     if problems:
         raise ClusterError("cannot place the job:\n" + "\n".join(f"  - {p}" for p in problems))
 
