@@ -14,13 +14,14 @@ starts, and name the field, the value and the fix.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,11 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+# A path a user may write as ``~/...``: the home directory is expanded, as a shell would (hub and built-in names,
+# which never start with '~', pass unchanged).
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,7 +64,7 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    name_or_path: str = Field(
+    name_or_path: UserPath = Field(
         "builtin:tiny",
         description="Hugging Face hub name, local directory, or 'builtin:tiny' (a random-init Qwen2 built offline).",
     )
@@ -75,7 +81,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: str = Field(
+    dataset: UserPath = Field(
         "builtin:char_count",
         description="'builtin:<task>' (see rlfleet.data.BUILTIN_TASKS), a local .json/.jsonl/.parquet/.csv file "
         "(one split, 'train'), a directory of such files (one split per file, named by its stem: train.jsonl, "
@@ -91,7 +97,7 @@ class DataConfig(Section):
                                    "data.eval_dataset if set (default there: 'train', its whole file), else of "
                                    "data.dataset. `rlfleet train` evaluates on it every logging.eval_steps, "
                                    "`rlfleet dpo` every dpo.eval_steps.")
-    eval_dataset: str | None = Field(None, description="A separate evaluation source, named as data.dataset is (a "
+    eval_dataset: UserPath | None = Field(None, description="A separate evaluation source, named as data.dataset is (a "
                                      "file, a directory, a hub name, 'builtin:<task>'); None: data.dataset.")
     eval_dataset_config: str | None = Field(None, description="Hub subset of data.eval_dataset; None: its default.")
     eval_on_train: bool = Field(False, description="Allow evaluation prompts that are training prompts (the same "
@@ -451,7 +457,7 @@ def removed_field_problems(data: Any) -> list[str]:
 
 
 class RLFleetConfig(Section):
-    output_dir: str = "runs/default"
+    output_dir: UserPath = "runs/default"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -232,3 +232,14 @@ def test_continuous_engine_fields_and_refusals():
         with pytest.raises(ConfigError) as err:
             config.config_from_dict(data)
         assert field in str(err.value), (field, str(err.value))
+
+
+def test_a_path_written_from_the_home_directory_is_expanded(monkeypatch, tmp_path):
+    """output_dir, model.name_or_path, data.dataset and data.eval_dataset take '~/...' as a shell does; names that
+    do not start with '~' (hub names, built-ins) are unchanged."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = config.config_from_dict({"output_dir": "~/runs/a", "model": {"name_or_path": "~/models/m"},
+                            "data": {"dataset": "~/d/train.jsonl", "eval_dataset": "~/d/eval.jsonl"}})
+    assert (cfg.output_dir, cfg.model.name_or_path) == (f"{tmp_path}/runs/a", f"{tmp_path}/models/m")
+    assert (cfg.data.dataset, cfg.data.eval_dataset) == (f"{tmp_path}/d/train.jsonl", f"{tmp_path}/d/eval.jsonl")
+    assert config.config_from_dict({"model": {"name_or_path": "Qwen/Qwen3-0.6B"}}).model.name_or_path == "Qwen/Qwen3-0.6B"
