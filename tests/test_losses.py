@@ -290,6 +290,19 @@ def test_padding_columns_with_garbage_change_nothing(loss_type, level):
 # ---------------------------------------------------------------------------------------------- invariances
 
 
+def _micro_batches(loss_fn, batch, normalizer) -> tuple[float, torch.Tensor]:
+    """The 7-column batch in micro-batches of rows 0:2, 2:3 and 3:6, each trimmed to its own longest row: the sum
+    of their losses and their gradients, padded back to 7 columns and concatenated."""
+    total, grads = 0.0, []
+    for lo, hi in ((0, 2), (2, 3), (3, 6)):
+        t = max(int(batch["mask"][lo:hi].sum(1).max()), 1)
+        part, grad = _run(loss_fn, {k: v[lo:hi, :t] if v.dim() == 2 else v[lo:hi] for k, v in batch.items()},
+                          normalizer)
+        total += part.loss.item()
+        grads.append(torch.nn.functional.pad(grad, (0, 7 - t)))
+    return total, torch.cat(grads)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_micro_batches_with_shared_normalizer_sum_to_full_batch(loss_type, level):
@@ -300,14 +313,9 @@ def test_micro_batches_with_shared_normalizer_sum_to_full_batch(loss_type, level
     norm = loss_normalizer(loss_type, batch["mask"], 12)
     full, full_grad = _run(loss_fn, batch, norm)
     assert full.metrics["clip/frac"] > 0  # the case exercises clipping
-    total, grads = 0.0, []
-    for lo, hi in ((0, 2), (2, 3), (3, 6)):
-        t = max(int(batch["mask"][lo:hi].sum(1).max()), 1)
-        part, grad = _run(loss_fn, {k: v[lo:hi, :t] if v.dim() == 2 else v[lo:hi] for k, v in batch.items()}, norm)
-        total += part.loss.item()
-        grads.append(torch.nn.functional.pad(grad, (0, 7 - t)))
+    total, grads = _micro_batches(loss_fn, batch, norm)
     assert total == pytest.approx(full.loss.item(), abs=1e-6)
-    torch.testing.assert_close(torch.cat(grads), full_grad, atol=1e-7, rtol=0)
+    torch.testing.assert_close(grads, full_grad, atol=1e-7, rtol=0)
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -367,14 +375,9 @@ def test_cispo_and_sapo_micro_batches_sum_to_full_batch_and_ignore_padding(loss_
     full, full_grad = _run(loss_fn, batch, norm)
     if loss_type == "cispo":
         assert full.metrics["clip/frac"] > 0  # the cap binds somewhere
-    total, grads = 0.0, []
-    for lo, hi in ((0, 2), (2, 3), (3, 6)):
-        t = max(int(batch["mask"][lo:hi].sum(1).max()), 1)
-        part, grad = _run(loss_fn, {k: v[lo:hi, :t] if v.dim() == 2 else v[lo:hi] for k, v in batch.items()}, norm)
-        total += part.loss.item()
-        grads.append(torch.nn.functional.pad(grad, (0, 7 - t)))
+    total, grads = _micro_batches(loss_fn, batch, norm)
     assert total == pytest.approx(full.loss.item(), abs=1e-6)
-    torch.testing.assert_close(torch.cat(grads), full_grad, atol=1e-7, rtol=0)
+    torch.testing.assert_close(grads, full_grad, atol=1e-7, rtol=0)
     garbage = torch.tensor([float("nan"), float("inf"), -1e30]).expand(6, 3)
     padded = {k: torch.cat([v, garbage if v.dtype != torch.bool else v[:, :3] & False], 1) if v.dim() == 2 else v
               for k, v in batch.items()}

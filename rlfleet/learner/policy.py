@@ -434,9 +434,10 @@ class PolicyLearner:
             proximals, weights = [mb.behaviour_logprobs for mb in micro], [None] * len(micro)
         else:
             proximals = self._detached_logprobs(self.model, micro)
+            capped = alg.importance_sampling_cap and alg.rollout_correction == "none"  # else the loop weighs them
             weights = [
                 importance_weights(proximal, mb.behaviour_logprobs, mb.mask, alg.importance_sampling_level,
-                                   alg.importance_sampling_cap) if alg.importance_sampling_cap else None
+                                   alg.importance_sampling_cap) if capped else None
                 for proximal, mb in zip(proximals, micro)
             ]
         version_before = self.policy_version
