@@ -340,7 +340,7 @@ def synthetic_groups(groups: int, group_size: int, prompt: int, completion: int,
         completions = rng.integers(3, 256, (group_size, completion)).astype(np.int32)
         completions[np.arange(completion)[None, :] >= lengths[:, None]] = 0  # padding past each completion's end
         out.append(Group(
-            prompt_id=f"p{g}", prompt_ids=rng.integers(3, 256, p).astype(np.int32), completion_ids=completions,
+            prompt_id=f"p{g}", prompt_token_ids=rng.integers(3, 256, p).astype(np.int32), completion_ids=completions,
             completion_lengths=lengths, behaviour_logprobs=np.full((group_size, completion), -5.5, dtype=np.float32),
             rewards=advantages.copy(), advantages=advantages, truncated=np.zeros(group_size, dtype=bool),
             policy_version=0, reward_std=1.0))

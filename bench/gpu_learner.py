@@ -71,7 +71,7 @@ def synthetic_groups(count: int, G: int, P: int, T: int, seed: int):
         rewards = rng.random(G).astype(np.float32)
         std = float(rewards.std(ddof=1))
         groups.append(Group(
-            prompt_id=str(i), prompt_ids=rng.integers(0, 256, P).astype(np.int32),
+            prompt_id=str(i), prompt_token_ids=rng.integers(0, 256, P).astype(np.int32),
             completion_ids=rng.integers(0, 256, (G, T)).astype(np.int32),
             completion_lengths=np.full(G, T, dtype=np.int32),
             behaviour_logprobs=np.full((G, T), -5.0, dtype=np.float32), rewards=rewards,

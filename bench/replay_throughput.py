@@ -51,7 +51,7 @@ def make_groups(count: int, G: int, T: int, seed: int, zero_variance_frac: float
         std = float(rewards.std(ddof=1))
         advantages = ((rewards - rewards.mean()) / (std + 1e-4)).astype(np.float32)  # [G]
         groups.append(Group(
-            prompt_id=str(i), prompt_ids=rng.integers(0, 256, PROMPT_TOKENS).astype(np.int32),
+            prompt_id=str(i), prompt_token_ids=rng.integers(0, 256, PROMPT_TOKENS).astype(np.int32),
             completion_ids=(rng.integers(0, 256, (G, T)) * mask).astype(np.int32),
             completion_lengths=lengths, behaviour_logprobs=(-rng.random((G, T)) * 5 * mask).astype(np.float32),
             rewards=rewards, advantages=advantages, truncated=lengths == T, policy_version=0, reward_std=std))

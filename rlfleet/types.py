@@ -26,7 +26,7 @@ class Group:
     """
 
     prompt_id: str  # stable id of the prompt record (dataset index or id column)
-    prompt_ids: np.ndarray  # int32 [P]  prompt token ids (chat template applied)
+    prompt_token_ids: np.ndarray  # int32 [P]  prompt token ids (chat template applied)
     completion_ids: np.ndarray  # int32 [n, T]  right-padded with 0
     completion_lengths: np.ndarray  # int32 [n]
     behaviour_logprobs: np.ndarray  # float32 [n, T]  behaviour log-probs of the sampled tokens, 0 on padding
@@ -113,7 +113,7 @@ def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.nda
     """Concatenate groups of different shapes into flat arrays keyed ``prefix + name``, plus one JSON dict per group.
 
     Arrays (k groups; P_i prompt lengths, [n_i, T_i] completion shapes; offsets are the cumulative sums):
-    ``prompt_lengths`` int64 [k], ``prompt_ids`` int32 [sum P_i], ``completion_shapes`` int64 [k, 2],
+    ``prompt_lengths`` int64 [k], ``prompt_token_ids`` int32 [sum P_i], ``completion_shapes`` int64 [k, 2],
     ``completion_ids`` int32 and ``behaviour_logprobs`` float32 [sum n_i T_i] (row-major), ``completion_lengths`` int32,
     ``rewards`` and ``advantages`` float32, ``truncated`` bool [sum n_i], ``loss_mask`` bool [sum n_i T_i] (all 1 for
     a single-turn group), ``token_versions`` int64 [sum n_i T_i] (``policy_version`` throughout for a group sampled at
@@ -126,8 +126,8 @@ def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.nda
         return np.concatenate([np.zeros(0, dtype)] + [np.asarray(p, dtype=dtype).reshape(-1) for p in parts])
 
     arrays = {
-        "prompt_lengths": np.array([len(g.prompt_ids) for g in groups], dtype=np.int64),
-        "prompt_ids": cat([g.prompt_ids for g in groups], np.int32),
+        "prompt_lengths": np.array([len(g.prompt_token_ids) for g in groups], dtype=np.int64),
+        "prompt_token_ids": cat([g.prompt_token_ids for g in groups], np.int32),
         "completion_shapes": np.array([g.completion_ids.shape for g in groups], dtype=np.int64).reshape(-1, 2),
         "completion_ids": cat([g.completion_ids for g in groups], np.int32),
         "behaviour_logprobs": cat([g.behaviour_logprobs for g in groups], np.float32),
@@ -152,10 +152,12 @@ def groups_to_arrays(groups: list[Group], prefix: str) -> tuple[dict[str, np.nda
 
 def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix: str) -> list[Group]:
     """Inverse of :func:`groups_to_arrays`."""
-    names = ("prompt_lengths", "prompt_ids", "completion_shapes", "completion_ids", "behaviour_logprobs")
+    names = ("prompt_lengths", "prompt_token_ids", "completion_shapes", "completion_ids", "behaviour_logprobs")
     names += ("completion_lengths", "rewards", "advantages", "truncated")
     if prefix + "behaviour_logprobs" not in arrays and prefix + "old_logprobs" in arrays:  # written before the rename
         arrays = {**arrays, prefix + "behaviour_logprobs": arrays[prefix + "old_logprobs"]}
+    if prefix + "prompt_token_ids" not in arrays and prefix + "prompt_ids" in arrays:  # written before the rename
+        arrays = {**arrays, prefix + "prompt_token_ids": arrays[prefix + "prompt_ids"]}
     a = {name: np.asarray(arrays[prefix + name]) for name in names}
     loss_masks = arrays.get(prefix + "loss_mask")  # absent in states written before multi-turn episodes
     versions = arrays.get(prefix + "token_versions")  # absent in states written before continuous generation
@@ -179,7 +181,7 @@ def groups_from_arrays(arrays: dict[str, np.ndarray], metas: list[dict], prefix:
                 token_versions = stored.astype(np.int32)
         group = Group(
             prompt_id=m["prompt_id"],
-            prompt_ids=a["prompt_ids"][p0:p1].copy(),  # [P]
+            prompt_token_ids=a["prompt_token_ids"][p0:p1].copy(),  # [P]
             completion_ids=a["completion_ids"][c0:c1].reshape(n, t).copy(),  # [n, T]
             completion_lengths=lengths.copy(),  # [n]
             behaviour_logprobs=a["behaviour_logprobs"][c0:c1].reshape(n, t).copy(),  # [n, T]

@@ -18,7 +18,7 @@ def _group(pid: str, score: float = 1.0, version: int = 0, n: int = 2, t: int = 
     advantages[0] = score
     return Group(
         prompt_id=pid,
-        prompt_ids=np.arange(prompt_len, dtype=np.int32),
+        prompt_token_ids=np.arange(prompt_len, dtype=np.int32),
         completion_ids=np.full((n, t), 7, np.int32),
         completion_lengths=np.full(n, t, np.int32),
         behaviour_logprobs=np.full((n, t), -0.5, np.float32),
@@ -40,7 +40,7 @@ def _ids(groups) -> list[str]:
 
 def _same(g: Group, h: Group) -> bool:
     """Field-by-field equality: same dtypes and values (NaN equals NaN), same scalars and meta."""
-    arrays = ("prompt_ids", "completion_ids", "completion_lengths", "behaviour_logprobs", "rewards", "advantages")
+    arrays = ("prompt_token_ids", "completion_ids", "completion_lengths", "behaviour_logprobs", "rewards", "advantages")
     for name in arrays + ("truncated",):
         x, y = getattr(g, name), getattr(h, name)
         if x.dtype != y.dtype or not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):
@@ -261,6 +261,30 @@ def test_state_dict_round_trip_reproduces_future_samples():
         assert a is None or all(_same(x, y) for x, y in zip(a, b)), step
     assert restored.stats() == original.stats()
     assert original.stats()["replay/substituted"] > 10  # the draws were exercised
+
+
+def test_state_written_with_the_old_prompt_ids_key_loads():
+    """States are written with ``prompt_token_ids``; a checkpoint's replay.npz written before the rename holds the
+    prompt tokens under ``prompt_ids`` and still loads, through np.savez and JSON, to the same groups."""
+    original = ReplayBuffer(ReplayConfig(replay_buffer_size=2, zero_variance="replay", max_staleness=2), seed=3)
+    original.add([_group("r1", 0.9, prompt_len=3), _group("r2", 0.5, prompt_len=1)])
+    original.sample(2, 0)
+    original.add([_group("q1", 0.0, version=1, prompt_len=4), _group("q2", 0.7, version=1, prompt_len=2)])
+    arrays, meta = original.state_dict()
+    assert {"fresh.prompt_token_ids", "reservoir.prompt_token_ids"} <= set(arrays)
+    assert not any(k.endswith(".prompt_ids") for k in arrays)
+    old = {k.replace(".prompt_token_ids", ".prompt_ids"): v for k, v in arrays.items()}
+    blob = io.BytesIO()
+    np.savez(blob, **old)
+    blob.seek(0)
+    with np.load(blob, allow_pickle=False) as npz:
+        loaded = {k: npz[k] for k in npz.files}
+    restored = ReplayBuffer(original.cfg, seed=99)
+    restored.load_state_dict(loaded, json.loads(json.dumps(meta)))
+    assert restored.stats() == original.stats()
+    assert len(restored.reservoir) == 2 and all(_same(a, b) for a, b in zip(restored.reservoir, original.reservoir))
+    a, b = restored.sample(2, 1), original.sample(2, 1)
+    assert a is not None and len(a) == 2 and all(_same(x, y) for x, y in zip(a, b))
 
 
 def test_token_versions_round_trip_and_old_states_load():

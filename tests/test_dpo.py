@@ -101,9 +101,9 @@ def test_sequence_logprobs_equal_unpadded_sums(tiny_model_path, pairs):
         expected = []
         for completions in ([p.chosen_ids for p in sample], [p.rejected_ids for p in sample]):
             for p, c in zip(sample, completions):
-                ids = torch.tensor([p.prompt_ids + c])
+                ids = torch.tensor([p.prompt_token_ids + c])
                 logp = model(input_ids=ids).logits[0].log_softmax(-1)  # [L, V]
-                expected.append(sum(logp[len(p.prompt_ids) - 1 + k, tok].item() for k, tok in enumerate(c)))
+                expected.append(sum(logp[len(p.prompt_token_ids) - 1 + k, tok].item() for k, tok in enumerate(c)))
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
     assert chunked.tolist() == pytest.approx(expected, abs=1e-5)
     for values in packed:

@@ -58,7 +58,7 @@ def prompt_ledger(cfg, out: Path) -> dict:
     return {
         "step": driver["step"],
         "trained": [p for line in (out / "batches.jsonl").read_text().splitlines()
-                    for p in json.loads(line)["prompt_ids"]],
+                    for p in json.loads(line)["prompt_record_ids"]],
         "queued": [g["prompt_id"] for g in replay_meta["fresh"]],
         "to_reissue": [str(r["prompt_id"]) for r in driver["retry"]],
         "issued": issued_prompts(cfg, driver["stream"]),

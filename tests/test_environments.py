@@ -121,7 +121,7 @@ def test_episodes_hold_the_template_tokens_masked_and_the_engines_logprobs(engin
                 env_tokens += b - a
             assert not g.loss_mask[row, L:].any() and not g.completion_ids[row, L:].any()
             # the engine's log-probs of the model's tokens, against HF over prompt + the whole episode
-            reference = hf_logprobs(hf, g.prompt_ids, ids)  # [L]
+            reference = hf_logprobs(hf, g.prompt_token_ids, ids)  # [L]
             np.testing.assert_allclose(logprobs[mask], reference[mask], atol=1e-4)
             # the reward: the target's share of the model's bytes, all three turns
             text = b"".join(tokenizer.decode(t, skip_special_tokens=True).encode() for t in turns)
@@ -383,7 +383,7 @@ def test_a_tool_call_is_answered_in_the_template_and_the_answer_scored():
               "answer": "48 + 24 = 72 and 72 / 3 = 24\n#### 24"}
     (group,), stats = gen.generate([record])
     # the prompt lists the tool (the environment's schemas reached the template)
-    assert bytes(t for t in group.prompt_ids if t < 256).decode().startswith("system\nTools: calculator\n")
+    assert bytes(t for t in group.prompt_token_ids if t < 256).decode().startswith("system\nTools: calculator\n")
     L = int(group.completion_lengths[0])
     runs = segments(group.loss_mask[0, :L])
     assert [m for m, _, _ in runs] == [True, False, True]  # call, tool result, answer; then is_completed
@@ -391,6 +391,6 @@ def test_a_tool_call_is_answered_in_the_template_and_the_answer_scored():
     tool_turn = [ord("\n"), IM_START_ID, *b"user\n<tool_response>\n24\n</tool_response>", EOS_ID, ord("\n"),
                  IM_START_ID, *b"assistant\n"]
     assert group.completion_ids[0, a:b].tolist() == tool_turn
-    assert engine.contexts[-1] == group.prompt_ids.tolist() + group.completion_ids[0, :b].tolist()
+    assert engine.contexts[-1] == group.prompt_token_ids.tolist() + group.completion_ids[0, :b].tolist()
     np.testing.assert_array_equal(group.rewards, np.ones(4))  # the last turn's number, 24, is the answer
     assert stats["env/turns"] == 8 and stats["errors/env"] == 0

@@ -21,7 +21,7 @@ def group(i: int, version: int = 0) -> Group:
     """A 2-completion group with rewards [0, 1]: std 1/sqrt(2), A = +-0.5 / (0.707107 + 1e-4)."""
     a = 0.5 / (2**-0.5 + 1e-4)
     return Group(
-        prompt_id=str(i), prompt_ids=np.array([i], np.int32), completion_ids=np.ones((2, 3), np.int32),
+        prompt_id=str(i), prompt_token_ids=np.array([i], np.int32), completion_ids=np.ones((2, 3), np.int32),
         completion_lengths=np.array([3, 3], np.int32), behaviour_logprobs=np.full((2, 3), -1.0, np.float32),
         rewards=np.array([0, 1], np.float32), advantages=np.array([-a, a], np.float32),
         truncated=np.zeros(2, bool), policy_version=version, reward_std=2**-0.5,

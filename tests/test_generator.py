@@ -55,7 +55,7 @@ def test_groups_have_consistent_shapes_ids_rewards_and_logprobs(engine, tokenize
     assert [g.prompt_id for g in groups] == [r["prompt_id"] for r in batch]
     hf = load_causal_lm(tiny_model_path).eval()
     for g, record in zip(groups, batch):
-        assert g.prompt_ids.tolist() == list(record["prompt"].encode())
+        assert g.prompt_token_ids.tolist() == list(record["prompt"].encode())
         assert g.size == 4 and g.completion_ids.shape == (4, g.completion_lengths.max())
         assert g.policy_version == engine.version == 0
         n = record["target_length"]
@@ -65,9 +65,9 @@ def test_groups_have_consistent_shapes_ids_rewards_and_logprobs(engine, tokenize
             assert not g.completion_ids[row, L:].any() and not g.behaviour_logprobs[row, L:].any()
             tokens = g.completion_ids[row, :L].tolist()
             assert g.truncated[row] == (tokens[-1] != EOS_ID)
-            ids = torch.tensor([g.prompt_ids.tolist() + tokens])
+            ids = torch.tensor([g.prompt_token_ids.tolist() + tokens])
             with torch.no_grad():
-                logits = hf(ids).logits[0, len(g.prompt_ids) - 1:-1] / GEN.temperature  # [L, V]
+                logits = hf(ids).logits[0, len(g.prompt_token_ids) - 1:-1] / GEN.temperature  # [L, V]
             ref = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
             assert (torch.from_numpy(g.behaviour_logprobs[row, :L]) - ref).abs().max() < 1e-4
     assert stats["gen/groups"] == 3 and stats["errors/reward"] == 0 and stats["gen/dropped_groups"] == 0
@@ -94,7 +94,7 @@ def test_conversational_prompts_use_the_chat_template(engine, tokenizer):
     for g, record in zip(groups, batch):
         content = record["prompt"][0]["content"].encode()
         expected = [IM_START_ID, *b"user\n", *content, EOS_ID, *b"\n", IM_START_ID, *b"assistant\n"]
-        assert g.prompt_ids.tolist() == expected
+        assert g.prompt_token_ids.tolist() == expected
     assert seen["prompts"] == [r["prompt"] for r in batch for _ in range(4)]
     assert seen["columns"] == {"target": [r["target"] for r in batch for _ in range(4)],
                                "prompt_id": [r["prompt_id"] for r in batch for _ in range(4)]}

@@ -43,8 +43,8 @@ def config_run(capsys, *overrides: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def prompt_ids(*overrides: str) -> tuple[list[int], list[int]]:
-    """The prompt ids of the training and evaluation datasets the preflight of ``rlfleet train`` loads."""
+def prompt_record_ids(*overrides: str) -> tuple[list[int], list[int]]:
+    """The record ids (``prompt_id``) of the training and evaluation rows the preflight of ``rlfleet train`` loads."""
     train, held = preflight(load_config(QUICKSTART, list(overrides)))
     return [int(i) for i in train["prompt_id"]], [int(i) for i in held["prompt_id"]]
 
@@ -56,7 +56,8 @@ def test_a_second_file_is_the_evaluation_data(tmp_path, capsys):
     code, out, err = config_run(capsys, *overrides)
     assert code == 0, err
     assert json.loads(out)["data"]["eval_dataset"] == str(held)
-    assert prompt_ids(*overrides) == (list(range(10)), list(range(100, 105)))  # eval_split: 'train', the whole file
+    # eval_split: 'train', the whole file
+    assert prompt_record_ids(*overrides) == (list(range(10)), list(range(100, 105)))
 
 
 @pytest.mark.parametrize("train_split, eval_split, n_train", [("train[:90%]", "train[90%:]", 45),
@@ -68,7 +69,7 @@ def test_slices_of_one_file_split_its_prompts_in_two(tmp_path, capsys, train_spl
     overrides = [f"data.dataset={data}", f"data.split={train_split}", f"data.eval_split={eval_split}", *LOCAL]
     code, _, err = config_run(capsys, *overrides)
     assert code == 0, err
-    trained, evaluated = prompt_ids(*overrides)
+    trained, evaluated = prompt_record_ids(*overrides)
     assert sorted(trained) == list(range(n_train)) and evaluated == list(range(n_train, 50))
 
 
@@ -79,7 +80,7 @@ def test_a_directory_holds_a_split_per_file(tmp_path, capsys):
     overrides = [f"data.dataset={tmp_path / 'data'}/", "data.eval_split=test", *LOCAL]
     code, _, err = config_run(capsys, *overrides)
     assert code == 0, err
-    assert prompt_ids(*overrides) == (list(range(10)), [100, 101, 102])
+    assert prompt_record_ids(*overrides) == (list(range(10)), [100, 101, 102])
 
 
 def test_a_split_the_directory_lacks_is_named_with_its_files(tmp_path, capsys):

@@ -465,8 +465,8 @@ def test_rollout_weights_by_hand(mode, level, rho, changed):
     learner, engine, mask = _two_rows()
     low = None if mode == "truncate" else 0.6
     from rlfleet.learner.losses import rollout_weights
-    weights, stats = rollout_weights(learner, engine, mask, mode, level, low, 1.5)
-    torch.testing.assert_close(weights, torch.tensor(rho, dtype=weights.dtype), atol=1e-6, rtol=0)
+    is_weights, stats = rollout_weights(learner, engine, mask, mode, level, low, 1.5)
+    torch.testing.assert_close(is_weights, torch.tensor(rho, dtype=is_weights.dtype), atol=1e-6, rtol=0)
     assert stats == pytest.approx({f"rollout/{'truncated' if mode == 'truncate' else 'masked'}_frac": changed})
 
 

@@ -31,7 +31,7 @@ def group(rewards, lengths=None, prompt=(5, 6, 7), seed: int = 0, prompt_id: str
     ids = np.zeros((n, lengths.max()), dtype=np.int32)
     for j, L in enumerate(lengths):
         ids[j, :L] = rng.integers(1, 256, L)
-    return Group(prompt_id=prompt_id, prompt_ids=np.asarray(prompt, dtype=np.int32), completion_ids=ids,
+    return Group(prompt_id=prompt_id, prompt_token_ids=np.asarray(prompt, dtype=np.int32), completion_ids=ids,
                  completion_lengths=lengths, behaviour_logprobs=np.zeros(ids.shape, dtype=np.float32),
                  rewards=np.asarray(rewards, dtype=np.float32), advantages=np.zeros(n, dtype=np.float32),
                  truncated=np.zeros(n, dtype=bool), policy_version=0, reward_std=0.0)
@@ -110,8 +110,9 @@ def test_a_step_is_the_dpo_step_on_the_groups_pairs():
         for g in groups:
             r = g.rewards.tolist()
             best, worst = r.index(max(r)), r.index(min(r))
-            by_hand.append(PreferencePair(g.prompt_ids.tolist(), g.completion_ids[best, :g.completion_lengths[best]]
-                                          .tolist(), g.completion_ids[worst, :g.completion_lengths[worst]].tolist()))
+            by_hand.append(PreferencePair(g.prompt_token_ids.tolist(),
+                                          g.completion_ids[best, :g.completion_lengths[best]].tolist(),
+                                          g.completion_ids[worst, :g.completion_lengths[worst]].tolist()))
         metrics = online.train_step(groups)
         expected = offline.train_step(by_hand)
         assert metrics["loss"] == expected["loss"] and metrics["dpo/pairs"] == 3

@@ -76,6 +76,6 @@ def test_readmes_walkthrough_runs_as_written_learns_and_evaluates_on_prompts_it_
     assert all(r["eval/prompts"] == len(held_out) for r in evaluations)
     assert output.count(f"on {len(held_out)} held-out prompts") == 4 and "training prompts" not in output
     trained = {i for line in (job / "runs" / "shout" / "batches.jsonl").read_text().splitlines()
-               for i in json.loads(line)["prompt_ids"]}
+               for i in json.loads(line)["prompt_record_ids"]}
     assert trained <= {str(i) for i in range(len(train))}  # row numbers of train.jsonl
     assert "Warning: NUMA binding" not in output  # torch's notice at every engine start (issue 36, point 6)

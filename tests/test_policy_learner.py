@@ -66,7 +66,7 @@ def make_group(model, gen: torch.Generator, advantages, prompt_len: int, lengths
     real = rewards[~np.isnan(rewards)]
     return Group(
         prompt_id=prompt_id,
-        prompt_ids=prompt,
+        prompt_token_ids=prompt,
         completion_ids=completions,
         completion_lengths=lengths,
         behaviour_logprobs=old,
@@ -383,7 +383,7 @@ def test_mask_truncated_completions_equals_dropping_those_rows():
     learner = make_learner({"mask_truncated_completions": True})
     gen = torch.Generator().manual_seed(4)
     full = make_group(learner.model, gen, [2.0, -0.5, 0.7], 5, [12, 4, 6], truncated=[True, False, False])
-    kept = Group(full.prompt_id, full.prompt_ids, full.completion_ids[1:, :6], full.completion_lengths[1:],
+    kept = Group(full.prompt_id, full.prompt_token_ids, full.completion_ids[1:, :6], full.completion_lengths[1:],
                  full.behaviour_logprobs[1:, :6], full.rewards[1:], full.advantages[1:], full.truncated[1:], 0)
     grads = captured_grads(learner)
     m_full = learner.train_step([full])
@@ -550,7 +550,7 @@ def test_bfloat16_learner_on_cpu_runs_attention_in_float32_with_its_padding_mask
     rows = [(g, j) for g in groups for j in range(len(g.completion_lengths))]
     for row, (g, j) in enumerate(rows):
         n = g.completion_lengths[j]
-        expected = reference_logprobs(learner.model, g.prompt_ids, g.completion_ids[j, :n])
+        expected = reference_logprobs(learner.model, g.prompt_token_ids, g.completion_ids[j, :n])
         assert np.abs(logprobs[row, :n].numpy() - expected).max() < 0.02, row
 
 
@@ -563,11 +563,13 @@ def test_repeated_steps_raise_the_logprob_of_the_positive_advantage_completion()
     group = make_group(learner.model, gen, [1.5, -0.5, -0.5, -0.5], 6, [8, 8, 8, 8])
 
     def seq_logprobs() -> np.ndarray:
-        return np.array([reference_logprobs(learner.model, group.prompt_ids, c).sum() for c in group.completion_ids])
+        prompt = group.prompt_token_ids
+        return np.array([reference_logprobs(learner.model, prompt, c).sum() for c in group.completion_ids])
 
     start = seq_logprobs()
     for _ in range(10):
-        group.behaviour_logprobs[:] = [reference_logprobs(learner.model, group.prompt_ids, c) for c in group.completion_ids]
+        group.behaviour_logprobs[:] = [reference_logprobs(learner.model, group.prompt_token_ids, c)
+                                       for c in group.completion_ids]
         learner.train_step([group])
     end = seq_logprobs()
     assert end[0] > start[0] + 1.0
@@ -615,7 +617,7 @@ def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_
     ray.get(replay.add.remote(groups), timeout=60)
     result = ray.get(learner.train_step.remote(30.0), timeout=120)
     metrics, handle = result.metrics, result.weights
-    assert result.prompt_ids == [g.prompt_id for g in groups]  # the learner reports the batch it took
+    assert result.prompt_record_ids == [g.prompt_id for g in groups]  # the learner reports the batch it took
     assert metrics["policy_version"] == 1.0 and metrics["learner/sequences"] == 8.0
     local_metrics = local.train_step(groups)
     assert metrics["loss"] == pytest.approx(local_metrics["loss"], rel=1e-5)
@@ -669,7 +671,7 @@ def test_batch_metrics_per_token_staleness_and_completion_lengths():
 
     def group(version, lengths, truncated, token_versions=None):
         n, t = len(lengths), 3
-        return Group(prompt_id="p", prompt_ids=np.arange(2, dtype=np.int32),
+        return Group(prompt_id="p", prompt_token_ids=np.arange(2, dtype=np.int32),
                      completion_ids=np.ones((n, t), np.int32), completion_lengths=np.array(lengths, np.int32),
                      behaviour_logprobs=np.zeros((n, t), np.float32), rewards=np.array([0.0, 1.0], np.float32),
                      advantages=np.array([-1.0, 1.0], np.float32), truncated=np.array(truncated),

@@ -60,7 +60,7 @@ def test_conversational_format_applies_the_chat_template(tokenizer):
     """prompt+chosen renders as the prompt's text + "A<|im_end|>\\n", so the completion is [65, 259, 10] and the
     prompt is the template's generation prompt (CHAT_PROMPT_IDS)."""
     pair = tokenize_pair(tokenizer, USER_HI, ANSWER_A, ANSWER_B)
-    assert pair.prompt_ids == CHAT_PROMPT_IDS
+    assert pair.prompt_token_ids == CHAT_PROMPT_IDS
     assert pair.chosen_ids == [65, EOS_ID, 10] and pair.rejected_ids == [66, EOS_ID, 10]
 
 
@@ -91,8 +91,8 @@ def test_local_standard_file_with_column_mapping(tmp_path, tokenizer):
     path = _jsonl(tmp_path, [{"question": "ab", "good": "c", "bad": "d"}])
     cfg = DataConfig(dataset=path, column_mapping={"question": "prompt", "good": "chosen", "bad": "rejected"})
     ds = tokenize_preferences(load_preference_dataset(cfg, "train"), tokenizer, max_length=16)
-    assert ds.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
-    assert ds[0] == {"prompt_ids": [97, 98], "chosen_ids": [99, EOS_ID], "rejected_ids": [100, EOS_ID]}
+    assert ds.column_names == ["prompt_token_ids", "chosen_ids", "rejected_ids"]
+    assert ds[0] == {"prompt_token_ids": [97, 98], "chosen_ids": [99, EOS_ID], "rejected_ids": [100, EOS_ID]}
 
 
 def test_max_length_drops_rows_whose_prompt_fills_it(tokenizer):
@@ -100,7 +100,7 @@ def test_max_length_drops_rows_whose_prompt_fills_it(tokenizer):
     ds = datasets.Dataset.from_list([{"prompt": "abcd", "chosen": "x", "rejected": "y"},
                                      {"prompt": "ab", "chosen": "x", "rejected": "y"}])
     kept = tokenize_preferences(ds, tokenizer, max_length=4)
-    assert kept["prompt_ids"] == [[97, 98]]
+    assert kept["prompt_token_ids"] == [[97, 98]]
     with pytest.raises(ValueError, match="dpo.max_length=2"):
         tokenize_preferences(ds, tokenizer, max_length=2)
 
@@ -168,7 +168,7 @@ def test_builtin_prefs_is_seeded_and_consistent(tokenizer):
         assert row["rejected"] == d * n and d != c.upper() and d.lower() in PREFS_ALPHABET
     pair = PreferencePair.from_record(tokenize_preferences(test, tokenizer, max_length=64)[0])
     row = test[0]
-    assert pair.prompt_ids == _b(row["prompt"]) and pair.chosen_ids == _b(row["chosen"]) + [EOS_ID]
+    assert pair.prompt_token_ids == _b(row["prompt"]) and pair.chosen_ids == _b(row["chosen"]) + [EOS_ID]
     assert pair.rejected_ids == _b(row["rejected"]) + [EOS_ID]
 
 

@@ -152,7 +152,7 @@ def test_request_order_trains_the_prompts_in_the_order_requested_across_generato
     stream = PromptStream(load_prompt_dataset(cfg.data, cfg.data.split, seed=cfg.seed), seed=cfg.seed,
                           shuffle=cfg.data.shuffle)
     trained = [pid for line in (tmp_path / "grpo" / "batches.jsonl").read_text().splitlines()
-               for pid in json.loads(line)["prompt_ids"]]
+               for pid in json.loads(line)["prompt_record_ids"]]
     assert len(trained) == 6 * 2
     assert trained == [r["prompt_id"] for r in stream.next_batch(len(trained))]
 

@@ -128,7 +128,7 @@ class StepRecords:
                   "idle/learner_frac": max(0.0, 1.0 - learner_s / wall_s), "learner/groups": self.groups_per_step}
         self.outputs.write(record, result.samples, self.window.per_generator(wall_s, generators))
         self.t_step, self.window, self.last = now, StepWindow(multi_turn=self.multi_turn), record
-        self.batches.write({"step": step, "policy_version": version, "prompt_ids": result.prompt_ids})
+        self.batches.write({"step": step, "policy_version": version, "prompt_record_ids": result.prompt_record_ids})
         self.progress.update(record)
         return record
 

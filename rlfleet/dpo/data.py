@@ -41,13 +41,13 @@ Messages = list[dict[str, str]]
 class PreferencePair:
     """One tokenized preference pair: the prompt's tokens and the two completions' tokens (EOS included)."""
 
-    prompt_ids: list[int]
+    prompt_token_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> PreferencePair:
-        return cls(list(record["prompt_ids"]), list(record["chosen_ids"]), list(record["rejected_ids"]))
+        return cls(list(record["prompt_token_ids"]), list(record["chosen_ids"]), list(record["rejected_ids"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,24 +187,24 @@ def tokenize_pair(tokenizer, prompt: str | Messages, chosen: str | Messages, rej
         texts = [prompt, prompt + (chosen if chosen.endswith(eos) else chosen + eos),
                  prompt + (rejected if rejected.endswith(eos) else rejected + eos)]
     specials = not isinstance(chosen, list)
-    prompt_ids, with_chosen, with_rejected = (tokenizer(t, add_special_tokens=specials)["input_ids"] for t in texts)
-    n = min(_common_prefix_length(prompt_ids, with_chosen), _common_prefix_length(prompt_ids, with_rejected))
-    return PreferencePair(prompt_ids[:n], with_chosen[n:], with_rejected[n:])
+    prompt_only, with_chosen, with_rejected = (tokenizer(t, add_special_tokens=specials)["input_ids"] for t in texts)
+    n = min(_common_prefix_length(prompt_only, with_chosen), _common_prefix_length(prompt_only, with_rejected))
+    return PreferencePair(prompt_only[:n], with_chosen[n:], with_rejected[n:])
 
 
 def tokenize_preferences(ds: datasets.Dataset, tokenizer, max_length: int, where: str = "data.dataset"
                          ) -> datasets.Dataset:
-    """Columns ``prompt_ids``, ``chosen_ids``, ``rejected_ids``; rows whose prompt has ``>= max_length`` tokens are
-    dropped (TRL). Raises when no row is left."""
+    """Columns ``prompt_token_ids``, ``chosen_ids``, ``rejected_ids``; rows whose prompt has ``>= max_length`` tokens
+    are dropped (TRL). Raises when no row is left."""
     pairs = [tokenize_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"]) for row in ds]
-    kept = [p for p in pairs if len(p.prompt_ids) < max_length]
+    kept = [p for p in pairs if len(p.prompt_token_ids) < max_length]
     if not kept:
         raise ValueError(
             f"{where}: every one of the {len(pairs)} prompts has at least dpo.max_length={max_length} tokens, so no "
             "completion token would be left; raise dpo.max_length"
         )
     return datasets.Dataset.from_dict({
-        "prompt_ids": [p.prompt_ids for p in kept],
+        "prompt_token_ids": [p.prompt_token_ids for p in kept],
         "chosen_ids": [p.chosen_ids for p in kept],
         "rejected_ids": [p.rejected_ids for p in kept],
     })

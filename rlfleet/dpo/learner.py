@@ -95,7 +95,7 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, max_length: int) -> 
     rows = []  # (context, completion)
     for completions in ([p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]):
         for pair, completion in zip(pairs, completions):
-            prompt = list(pair.prompt_ids)
+            prompt = list(pair.prompt_token_ids)
             if len(prompt) >= max_length:
                 raise ValueError(f"collate_pairs: a prompt has {len(prompt)} >= dpo.max_length={max_length} tokens")
             completion = list(completion)[: max_length - len(prompt)]

@@ -61,7 +61,7 @@ def preference_pairs(groups: list[Group], mode: str = "best_worst", min_margin: 
     for g in groups:
         rows = group_pairs(np.asarray(g.rewards, dtype=np.float64), mode, min_margin)
         unpaired += not rows
-        prompt = [int(t) for t in g.prompt_ids]
+        prompt = [int(t) for t in g.prompt_token_ids]
         for c, r in rows:
             pairs.append(PreferencePair(prompt, completion(g, c), completion(g, r)))
             margins.append(float(g.rewards[c] - g.rewards[r]))

@@ -123,7 +123,7 @@ class EpisodeRunner:
         self.timeout_s = timeout_s
         self.observation = ObservationTokens(tokenizer, getattr(environment, "tools", None))
 
-    def run(self, records: list[dict], prompt_ids: list[list[int]], n: int, temperature: float | None = None
+    def run(self, records: list[dict], prompt_token_ids: list[list[int]], n: int, temperature: float | None = None
             ) -> tuple[list[list[Episode]], float]:
         """``n`` episodes per record: ``out[i][j]`` is record i's j-th; and the seconds spent in the environment.
         ``temperature``: the engine's sampling temperature for every turn (evaluation); None: the training one."""
@@ -139,7 +139,7 @@ class EpisodeRunner:
             if err is not None:
                 self._fail(episodes, ep, "setup_state", err)
         ready = [i for i, group in enumerate(episodes) if not group[0].done]
-        samples = self.engine.sample([prompt_ids[i] for i in ready], n, **sampling) if ready else []  # turn 1
+        samples = self.engine.sample([prompt_token_ids[i] for i in ready], n, **sampling) if ready else []  # turn 1
         running = [(ep, completion) for i, group in zip(ready, samples)
                    for ep, completion in zip(episodes[i], group)]
         for turn in range(1, self.max_turns + 1):
@@ -157,11 +157,11 @@ class EpisodeRunner:
                 elif out is None:
                     ep.done = True
                 else:
-                    self._add_observation(ep, len(prompt_ids[ep.group]), out)
+                    self._add_observation(ep, len(prompt_token_ids[ep.group]), out)
             going = [ep for ep in asking if not ep.done]
             if not going:
                 break
-            contexts = [prompt_ids[ep.group] + ep.token_ids for ep in going]
+            contexts = [prompt_token_ids[ep.group] + ep.token_ids for ep in going]
             running = [(ep, out[0]) for ep, out in zip(going, self.engine.sample(contexts, 1, **sampling))]
         return episodes, env_s
 

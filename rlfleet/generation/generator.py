@@ -237,7 +237,7 @@ class Generator:
 
     def _encode_prompts(self, records: list[dict]) -> tuple[list[dict], list[list[int]], int]:
         """Prompt token ids of the records that fit the engine, those records, and how many did not fit."""
-        kept, prompt_ids = [], []
+        kept, prompt_token_ids = [], []
         for record in records:
             ids = self._prompt_token_ids(record["prompt"])
             if len(ids) >= self.engine.max_model_len:
@@ -246,14 +246,14 @@ class Generator:
                                "counted in gen/prompts_too_long")
                 continue
             kept.append(record)
-            prompt_ids.append(ids)
-        return kept, prompt_ids, len(records) - len(kept)
+            prompt_token_ids.append(ids)
+        return kept, prompt_token_ids, len(records) - len(kept)
 
-    def _sample_episodes(self, records: list[dict], prompt_ids: list[list[int]], n: int,
+    def _sample_episodes(self, records: list[dict], prompt_token_ids: list[list[int]], n: int,
                          temperature: float | None = None) -> tuple[list[list[Episode]], dict[str, float]]:
         """``n`` episodes per record, and their stats: ``env/episodes``, ``env/turns`` (model turns, summed),
         ``env/seconds``, ``env/tokens`` (the environment's), ``env/model_tokens``, ``errors/env`` (groups failed)."""
-        episodes, env_s = self.episodes.run(records, prompt_ids, n, temperature) if records else ([], 0.0)
+        episodes, env_s = self.episodes.run(records, prompt_token_ids, n, temperature) if records else ([], 0.0)
         flat = [ep for group in episodes for ep in group]
         failed = [group for group in episodes if any(ep.error for ep in group)]
         for group in failed:
@@ -296,13 +296,13 @@ class Generator:
         ``eval/truncated_frac``, ``eval/errors`` (prompts a failing reward function or environment spoiled, or too
         long), ``eval/seconds`` and ``policy_version``."""
         start = time.perf_counter()
-        kept, prompt_ids, too_long = self._encode_prompts(records)
+        kept, prompt_token_ids, too_long = self._encode_prompts(records)
         env_failed = 0
         if self.episodes is None:
             sampling = {} if temperature is None else {"temperature": temperature}
-            samples = self.engine.sample(prompt_ids, n, **sampling) if prompt_ids else []  # [prompts][n]
+            samples = self.engine.sample(prompt_token_ids, n, **sampling) if prompt_token_ids else []  # [prompts][n]
         else:
-            samples, env_stats = self._sample_episodes(kept, prompt_ids, n, temperature)
+            samples, env_stats = self._sample_episodes(kept, prompt_token_ids, n, temperature)
             ok_env = [i for i, group in enumerate(samples) if not any(ep.error for ep in group)]
             env_failed = int(env_stats["errors/env"])
             kept, samples = [kept[i] for i in ok_env], [samples[i] for i in ok_env]
@@ -339,16 +339,17 @@ class Generator:
         """
         start = time.perf_counter()
         G = self.generation.num_generations
-        kept_records, prompt_ids, too_long = self._encode_prompts(records)
+        kept_records, prompt_token_ids, too_long = self._encode_prompts(records)
         env_stats: dict[str, float] = {}
         if self.episodes is None:
-            samples = self.engine.sample(prompt_ids, G) if prompt_ids else []  # [num_groups][G]
+            samples = self.engine.sample(prompt_token_ids, G) if prompt_token_ids else []  # [num_groups][G]
             sampled_tokens = sum(len(c.token_ids) for group in samples for c in group)
         else:
-            samples, env_stats = self._sample_episodes(kept_records, prompt_ids, G)
+            samples, env_stats = self._sample_episodes(kept_records, prompt_token_ids, G)
             sampled_tokens = int(env_stats.pop("env/model_tokens"))
             ok_env = [i for i, group in enumerate(samples) if not any(ep.error for ep in group)]
-            kept_records, prompt_ids, samples = ([x[i] for i in ok_env] for x in (kept_records, prompt_ids, samples))
+            kept_records, prompt_token_ids, samples = ([x[i] for i in ok_env]
+                                                       for x in (kept_records, prompt_token_ids, samples))
         version = self.engine.version
         num_groups = len(samples)
 
@@ -368,7 +369,7 @@ class Generator:
             keep = np.tile(np.arange(G), (len(ok), 1))  # [n_ok, G]
         adv = group_advantages(np.take_along_axis(rewards[ok], keep, axis=1), self.algorithm.scale_rewards)
         groups = [
-            _make_group(kept_records[g], prompt_ids[g], [samples[g][j] for j in keep[i]], rewards[g, keep[i]],
+            _make_group(kept_records[g], prompt_token_ids[g], [samples[g][j] for j in keep[i]], rewards[g, keep[i]],
                         adv.advantages[i], float(adv.std[i]), version, texts[g * G + int(keep[i][0])])
             for i, g in enumerate(ok)
         ]
@@ -408,7 +409,7 @@ class Generator:
         return groups, stats
 
 
-def _make_group(record: dict, prompt_ids: list[int], kept: list[Completion], rewards: np.ndarray,
+def _make_group(record: dict, prompt_token_ids: list[int], kept: list[Completion], rewards: np.ndarray,
                 advantages: np.ndarray, reward_std: float, version: int, first_text: str) -> Group:
     """Pack the kept completions of one prompt, right-padded with 0 to the longest: arrays ``[k, T]``. Each token's
     policy version is the completion's own (continuous generation) or ``version``; the group's is the oldest."""
@@ -427,7 +428,7 @@ def _make_group(record: dict, prompt_ids: list[int], kept: list[Completion], rew
             loss_mask[row, :len(c.loss_mask)] = c.loss_mask
     return Group(
         prompt_id=str(record["prompt_id"]),
-        prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
+        prompt_token_ids=np.asarray(prompt_token_ids, dtype=np.int32),
         completion_ids=ids,
         completion_lengths=np.array([len(c.token_ids) for c in kept], dtype=np.int32),
         behaviour_logprobs=behaviour_logprobs,

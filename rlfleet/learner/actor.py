@@ -28,11 +28,11 @@ LearnerFactory = Callable[[RLFleetConfig, Rank], Any]
 @dataclass(frozen=True)
 class StepResult:
     """One learner step as the driver sees it: metrics, the published weights, and the batch the learner took
-    (``prompt_ids`` of its groups, in order): the learner's own report of what it trained."""
+    (the ``prompt_id`` of each of its groups, in order): the learner's own report of what it trained."""
 
     metrics: dict[str, float]
     weights: WeightHandle
-    prompt_ids: list[str]
+    prompt_record_ids: list[str]  # Group.prompt_id: dataset record ids, not token ids
     samples: list[dict] = field(default_factory=list)  # a few groups' first completion, for the loggers
     replay_stats: dict[str, float] = field(default_factory=dict)  # the replay actor's, as the batch's pull left them
 

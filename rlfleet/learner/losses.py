@@ -143,7 +143,8 @@ def rollout_gap(learner_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, m
 
 def rollout_weights(learner_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
                     level: str, low: float | None, high: float | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The rollout correction's weights ``rho`` ``[B, T]`` (detached) and the share of valid tokens it changed.
+    """The rollout correction's importance weights ``rho`` ``[B, T]`` (detached; the policy loss's ``is_weights``)
+    and the share of valid tokens it changed.
 
     With ``log r_t = learner_t - engine_t`` on valid tokens (0 elsewhere), the ratio ``r`` is, by ``level``:
 

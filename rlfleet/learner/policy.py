@@ -117,7 +117,7 @@ def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool =
     """
     if not groups:
         raise ValueError("collate: got no groups; a train step needs at least one group")
-    prompts = [g.prompt_ids for g in groups for _ in range(g.size)]
+    prompts = [g.prompt_token_ids for g in groups for _ in range(g.size)]
     lengths = np.concatenate([g.completion_lengths for g in groups]).astype(np.int64)  # [B]
     B, P, T = len(prompts), max(len(p) for p in prompts), max(int(lengths.max()), 1)
     input_ids = np.full((B, P + T), pad_id, dtype=np.int64)  # [B, P+T]
@@ -127,7 +127,7 @@ def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool =
     row = 0
     for g in groups:
         for j in range(g.size):
-            n, prompt = int(g.completion_lengths[j]), g.prompt_ids
+            n, prompt = int(g.completion_lengths[j]), g.prompt_token_ids
             completion_ids[row, :n] = g.completion_ids[j, :n]
             behaviour_logprobs[row, :n] = g.behaviour_logprobs[j, :n]
             input_ids[row, P - len(prompt) : P] = prompt
