@@ -7,8 +7,9 @@ from pydantic import ValidationError
 
 from rlfleet import config
 from rlfleet.cli import main
-from rlfleet.config import (AlgorithmConfig, BEMAConfig, ClusterConfig, ConfigError, GenerationConfig, ReplayConfig,
-                            RLFleetConfig, load_config, parse_overrides)
+from rlfleet.config import (AlgorithmBase, AlgorithmConfig, BEMAConfig, ClusterConfig, ConfigError, GenerationConfig,
+                            GRPOConfig, OnlineDPOConfig, ReplayConfig, RLFleetConfig, dump_config, load_config,
+                            parse_overrides)
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -147,6 +148,7 @@ def test_counts_are_bounded_with_one_line_naming_field_value_and_fix(overrides, 
     (ClusterConfig, {"num_generators": -2}),
     (GenerationConfig, {"num_generations": 1}),
     (AlgorithmConfig, {"num_remains_in_group": 1}),
+    (OnlineDPOConfig, {"num_remains_in_group": 1}),
     (ReplayConfig, {"replay_buffer_size": -1}),
     (ReplayConfig, {"max_staleness": -1}),
     (BEMAConfig, {"update_freq": 0}),
@@ -243,3 +245,108 @@ def test_a_path_written_from_the_home_directory_is_expanded(monkeypatch, tmp_pat
     assert (cfg.output_dir, cfg.model.name_or_path) == (f"{tmp_path}/runs/a", f"{tmp_path}/models/m")
     assert (cfg.data.dataset, cfg.data.eval_dataset) == (f"{tmp_path}/d/train.jsonl", f"{tmp_path}/d/eval.jsonl")
     assert config.config_from_dict({"model": {"name_or_path": "Qwen/Qwen3-0.6B"}}).model.name_or_path == "Qwen/Qwen3-0.6B"
+
+
+# ---------------------------------------------------------------------------------------------- issue 31: algorithm
+
+
+GRPO_ONLY = {"loss_type", "importance_sampling_level", "epsilon", "epsilon_high", "delta", "sapo_temperature_pos",
+             "sapo_temperature_neg", "beta", "num_iterations", "mask_truncated_completions", "importance_sampling_cap",
+             "rollout_correction", "rollout_correction_level", "rollout_correction_min", "rollout_correction_max"}
+
+
+def test_the_policy_gradient_knobs_are_grpos_only():
+    """The shared base holds what the generators, the replay reservoir and the driver read under either algorithm;
+    the policy-gradient knobs are GRPO's alone, and online DPO adds nothing (its knobs are the dpo section's)."""
+    shared = set(AlgorithmBase.model_fields)
+    assert set(GRPOConfig.model_fields) - shared == GRPO_ONLY
+    assert set(OnlineDPOConfig.model_fields) == shared
+    assert {"reward_funcs", "reward_weights", "reward_timeout_s", "reward_concurrency", "max_reward_error_frac",
+            "num_remains_in_group", "group_filter_func", "environment", "environment_kwargs", "scale_rewards"} < shared
+
+
+def test_each_algorithm_parses_and_grpo_is_the_default(tmp_path):
+    assert type(RLFleetConfig().algorithm) is GRPOConfig and AlgorithmConfig is GRPOConfig
+    nameless = load_config(write(tmp_path, "algorithm:\n  beta: 0.04\n  reward_funcs: [char_count_reward]\n"))
+    assert type(nameless.algorithm) is GRPOConfig and nameless.algorithm.name == "grpo"
+    assert (nameless.algorithm.beta, nameless.algorithm.reward_funcs) == (0.04, ["char_count_reward"])
+    online = load_config(write(tmp_path, "algorithm:\n  name: online_dpo\n  reward_timeout_s: 5\n"
+                                         "  num_remains_in_group: 4\n  group_filter_func: shortest\n"))
+    assert type(online.algorithm) is OnlineDPOConfig and online.algorithm.reward_timeout_s == 5
+    assert online.group_size == 4
+    assert type(load_config(DEPLOY / "online_dpo.yaml").algorithm) is OnlineDPOConfig
+
+
+def test_what_the_job_asks_of_each_algorithm():
+    """The driver asks the variant, not its name: a reference model (memory estimate) and the KL series."""
+    assert (GRPOConfig().keeps_reference, GRPOConfig().kl_coef) == (False, 0.0)
+    assert (GRPOConfig(beta=0.04).keeps_reference, GRPOConfig(beta=0.04).kl_coef) == (True, 0.04)
+    assert (OnlineDPOConfig().keeps_reference, OnlineDPOConfig().kl_coef) == (True, 0.0)
+
+
+@pytest.mark.parametrize("field", sorted(GRPO_ONLY))
+def test_a_grpo_field_under_online_dpo_is_refused_by_name(field):
+    """Even at its default value: the key itself is not online DPO's."""
+    value = GRPOConfig.model_fields[field].default
+    with pytest.raises(ConfigError) as err:
+        config.config_from_dict({"algorithm": {"name": "online_dpo", field: value}})
+    assert err.value.problems == [
+        f"algorithm.{field}: a field of algorithm.name grpo, not of online_dpo; remove it, or set algorithm.name: "
+        "grpo (online DPO's own knobs are the dpo section's: dpo.beta, dpo.bema, dpo.pairs, dpo.min_reward_margin)"]
+
+
+def test_online_dpo_refuses_an_environment_beside_grpo_fields():
+    """The environment is a shared field that online DPO keeps None; refused in the same pass as GRPO's fields."""
+    with pytest.raises(ConfigError) as err:
+        load_config(DEPLOY / "multi_turn.yaml", ["algorithm.name=online_dpo"])
+    problems = dict(p.split(": ", 1) for p in err.value.problems)
+    assert sorted(problems) == ["algorithm.environment", "algorithm.loss_type"]
+    assert problems["algorithm.environment"].startswith("'scripted_user' with algorithm.name online_dpo; multi-turn "
+                                                        "episodes are trained with the policy-gradient losses only")
+
+
+def test_rlfleet_config_names_the_grpo_field_of_an_online_dpo_job(capsys):
+    assert main(["config", str(DEPLOY / "online_dpo.yaml"), "algorithm.loss_type=cispo"]) == 2
+    err = capsys.readouterr().err
+    assert "algorithm.loss_type: a field of algorithm.name grpo, not of online_dpo" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["algorithm.name=ppo"], "algorithm.name: 'ppo' is not one of 'grpo', 'online_dpo'"),
+    (["algorithm.name=null"], "algorithm.name: None is not one of 'grpo', 'online_dpo'"),
+    (["algorithm=online_dpo"], "algorithm: expected a section, e.g. {name: grpo, ...} (got 'online_dpo')"),
+    (["algorithm.name=online_dpo", "algorithm.lose_type=dapo"],
+     "algorithm.lose_type: unknown key (check the spelling; `rlfleet config` prints every known key)"),
+])
+def test_an_unknown_algorithm_is_one_line(overrides, problem):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert err.value.problems == [problem]
+
+
+def test_an_override_switches_the_algorithm(tmp_path):
+    to_grpo = load_config(DEPLOY / "online_dpo.yaml", ["algorithm.name=grpo", "algorithm.beta=0.04"])
+    assert type(to_grpo.algorithm) is GRPOConfig and to_grpo.algorithm.beta == 0.04
+    shared = write(tmp_path, "algorithm:\n  reward_funcs: [char_count_reward]\n  reward_timeout_s: 5\n")
+    to_dpo = load_config(shared, ["algorithm.name=online_dpo", "dpo.max_length=512"])
+    assert type(to_dpo.algorithm) is OnlineDPOConfig
+    assert (to_dpo.algorithm.reward_funcs, to_dpo.algorithm.reward_timeout_s) == (["char_count_reward"], 5)
+    with pytest.raises(ConfigError) as err:  # the file's GRPO knobs do not follow the switch
+        load_config(DEPLOY / "quickstart.yaml", ["algorithm.name=online_dpo", "dpo.max_length=512"])
+    assert [p.split(":")[0] for p in err.value.problems] == ["algorithm.loss_type", "algorithm.beta"]
+
+
+NAMED = ["online_dpo.yaml", "quickstart.yaml", "grpo_kl.yaml", "gfpo.yaml", "multi_turn.yaml", "cispo.yaml"]
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_the_saved_config_reloads_as_the_same_config(name, tmp_path):
+    """A run writes dump_config(cfg) as output_dir/config.json (cluster/driver.py, cluster/dpo_job.py); given back to
+    load_config it is the same config, the algorithm's variant included, and names its algorithm."""
+    cfg = load_config(DEPLOY / name)
+    saved = tmp_path / "config.json"
+    saved.write_text(dump_config(cfg))
+    again = load_config(saved)
+    assert again == cfg and type(again.algorithm) is type(cfg.algorithm)
+    assert '"name": "' + cfg.algorithm.name + '"' in saved.read_text()
+

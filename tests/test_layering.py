@@ -39,8 +39,9 @@ def test_the_check_can_fail(tmp_path):
 
 # The package's layers, lowest first: a module imports only modules of its own layer or lower ones.
 LAYERS = {
-    "base": ("__init__.py", "types.py", "config.py", "errors.py", "models.py", "data.py", "lora.py", "rewards.py",
-             "user_code.py", "rendezvous.py", "sandbox.py", "code_task.py"),
+    "base": ("__init__.py", "types.py", "config.py", "config_sections.py", "config_algorithm.py", "config_root.py",
+             "errors.py", "models.py", "data.py", "lora.py", "rewards.py", "user_code.py", "rendezvous.py",
+             "sandbox.py", "code_task.py"),
     "pure": ("learner/losses.py", "generation/scoring.py", "replay/buffer.py", "replay/order.py", "dpo/bema.py",
              "cluster/admission.py"),
     "actors": ("generation/", "environments/", "replay/", "learner/", "dpo/", "transport/"),

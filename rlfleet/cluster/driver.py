@@ -60,10 +60,9 @@ def train(cfg: RLFleetConfig, engine_factory=None) -> dict:
     with hold_output_dir(cfg.output_dir, RLJob.command):
         dataset, eval_dataset = preflight(cfg)
         (Path(cfg.output_dir) / "config.json").write_text(dump_config(cfg))
-        online_dpo = cfg.algorithm.name == "online_dpo"  # its reference: a frozen copy (BEMA's) or the adapter off
         return run_job(cfg, lambda recoveries, control: RLJob(cfg, dataset, control, recoveries, engine_factory,
                                                               eval_dataset),
-                       cfg.cluster.min_generators, with_reference=cfg.algorithm.beta > 0 or online_dpo)
+                       cfg.cluster.min_generators, with_reference=cfg.algorithm.keeps_reference)
 
 
 class RLJob:
@@ -143,7 +142,7 @@ class RLJob:
         stats = call(self.replay.stats.remote(), t, "the replay actor")
         # admission's count of live groups starts with those trained (one batch per version) and those queued
         self.pool.live = LiveGroups(self.weights.version * cfg.learner.groups_per_step, stats)
-        series = rl_series(cfg.algorithm.beta, multi_turn=cfg.algorithm.environment is not None,
+        series = rl_series(cfg.algorithm.kl_coef, multi_turn=cfg.algorithm.environment is not None,
                            online_dpo=cfg.algorithm.name == "online_dpo", evaluation=self.eval_dataset is not None)
         self.records = StepRecords(cfg, series, self.step if resume_from else None, stats)
         self.control_seen, self.control_future = 0, self.control.next_request.remote(0)  # any request so far

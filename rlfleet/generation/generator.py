@@ -49,7 +49,7 @@ from rlfleet.generation.scoring import (
     select_top_k,
 )
 from rlfleet.user_code import resolve_function
-from rlfleet.config import AlgorithmConfig, DataConfig, GenerationConfig, RLFleetConfig
+from rlfleet.config import AlgorithmBase, DataConfig, GenerationConfig, RLFleetConfig
 from rlfleet.data import builtin_task
 from rlfleet.rewards import BUILTIN_REWARDS
 from rlfleet.types import Group
@@ -67,7 +67,7 @@ class SamplingEngine(Protocol):
     def sample(self, prompt_token_ids: list[list[int]], n: int) -> list[list[Completion]]: ...
 
 
-def resolve_reward_funcs(algorithm: AlgorithmConfig, data: DataConfig) -> list[Callable]:
+def resolve_reward_funcs(algorithm: AlgorithmBase, data: DataConfig) -> list[Callable]:
     """``algorithm.reward_funcs`` as callables; if empty, the built-in task's own reward functions."""
     specs = list(algorithm.reward_funcs)
     if not specs:
@@ -110,7 +110,7 @@ class Generator:
         engine: SamplingEngine,
         tokenizer: Any,
         generation: GenerationConfig,
-        algorithm: AlgorithmConfig,
+        algorithm: AlgorithmBase,
         reward_funcs: Sequence[Callable],
         reward_weights: Sequence[float] | None = None,
         group_filter: Callable | None = None,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlfleet.config import AlgorithmConfig, ImportanceSamplingLevel, LossType
+from rlfleet.config import GRPOConfig, ImportanceSamplingLevel, LossType
 
 
 @dataclass
@@ -356,7 +356,7 @@ class PolicyLoss:
         return LossResult(loss=loss, metrics=metrics)
 
 
-def make_policy_loss(cfg: AlgorithmConfig) -> PolicyLoss:
+def make_policy_loss(cfg: GRPOConfig) -> PolicyLoss:
     """Bind the loss variant and its knobs from the algorithm config, once."""
     return PolicyLoss(
         loss_type=cfg.loss_type,
