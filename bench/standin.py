@@ -5,7 +5,8 @@ functions, group building, replay, learner) from generation compute. It plugs in
 engine factory (``train(cfg, engine_factory=fixed_latency(0.5))``): the actor is rlfleet's own
 ``GenerationActor`` with the same ``Generator`` (tokenization, reward functions, advantages, ``Group`` packing),
 ``generate`` (groups to the replay actor, waiting for its ack), ``update_weights`` (the transport still reads the
-weights; only the engine's load is skipped) and ``ready``.
+weights; only the engine's load is skipped: it is a :class:`rlfleet.transport.WeightLoader`, which is all the object
+store's receiver calls) and ``ready``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class FixedLatencyEngine:
                                    logprobs=[STAND_IN_LOGPROB] * int(L), truncated=bool(L == T)) for L in lengths])
         return out
 
-    def update_weights(self, state_dict: Mapping, version: int) -> None:
+    def load_weights(self, state_dict: Mapping, version: int, contents=None) -> None:
         self.version = int(version)
 
 

@@ -75,9 +75,9 @@ def bench_actor_classes():
             return self.publish_weights(generators)
 
     class BenchGenerator(GenerationActor):
-        def update_weights_dict(self, state_dict: dict, version: int) -> float:
+        def load_weights_dict(self, state_dict: dict, version: int) -> float:
             start = time.perf_counter()
-            self.engine.update_weights(state_dict, version)
+            self.engine.load_weights(state_dict, version)
             return time.perf_counter() - start
 
     return BenchLearner, BenchGenerator
@@ -155,7 +155,7 @@ def measure_size(size: str, gen_counts: list[int], reps: int) -> tuple[list[dict
             handle = WeightHandle("object_store", version, refs[0])
             loads = ray.get([g.update_weights.remote(handle) for g in gens[:n]], timeout=600)
         else:
-            loads = ray.get([g.update_weights_dict.remote(refs[0], version) for g in gens[:n]], timeout=600)
+            loads = ray.get([g.load_weights_dict.remote(refs[0], version) for g in gens[:n]], timeout=600)
         t2 = time.perf_counter()
         ok = ray.get([g.version.remote() for g in gens[:n]], timeout=600) == [version] * n
         return {"size": size, "path": path_name, "generators": n, "sync_s": t2 - t0, "publish_s": t1 - t0,

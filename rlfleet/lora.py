@@ -3,8 +3,9 @@
 With ``model.lora`` set, the learner wraps its model with peft (``get_peft_model``) and trains the adapter's
 parameters only (the base weights are frozen and carry no optimizer state). What it publishes is the adapter alone,
 under peft's names (``base_model.model.<module>.lora_A.weight``, as ``adapter_model.safetensors`` holds them), with
-:func:`adapter_config`: the engines register it in memory (:meth:`rlfleet.generation.engine.Engine.update_weights`)
-and sample every request with it. The update of an adapted linear layer is ``W x + (alpha / r) B A x``.
+:func:`adapter_config`, which travels with every publication (``rlfleet.transport.Contents`` of kind ``adapter``):
+the engines register it in memory (:meth:`rlfleet.generation.engine.Engine.load_weights`) and sample every request
+with it. The update of an adapted linear layer is ``W x + (alpha / r) B A x``.
 """
 
 from __future__ import annotations

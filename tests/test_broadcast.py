@@ -3,7 +3,10 @@
 
 The trainer side is vLLM's ``WeightTransferTrainerFactory.trainer_init`` / ``send_weights`` with the gloo backend
 registered; the engine side is rlfleet's :class:`~rlfleet.generation.engine.Engine` built with
-``weight_transfer="gloo"``, reached through a small in-process client (the protocol vLLM's trainer engines drive).
+``weight_transfer="gloo"`` (or its continuous wrapper), reached through a small in-process client (the protocol vLLM's
+trainer engines drive) and a :class:`~rlfleet.transport.broadcast.BroadcastReceiver`, which keeps the receive state
+and loads rounds through the engine's declared :class:`~rlfleet.transport.GroupWeightLoader` methods, as a generation
+actor's does.
 Reference log-probs come from an independent transformers forward pass of the weights sent (as in test_engine).
 """
 
@@ -11,15 +14,20 @@ from __future__ import annotations
 
 import copy
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
 from rlfleet.config import GenerationConfig, ModelConfig
+from rlfleet.generation.continuous import ContinuousEngine
 from rlfleet.generation.engine import Engine
 from rlfleet.models import load_causal_lm
-from tests.test_engine import LONG, SHORT, max_logprob_error
+from rlfleet.transport import WeightHandle
+from rlfleet.transport.broadcast import BroadcastReceiver
+from tests.test_engine import LONG, SHORT, hf_logprobs, max_logprob_error
 
 pytestmark = pytest.mark.vllm
 
@@ -28,20 +36,20 @@ GEN = GenerationConfig(num_generations=4, max_completion_length=16, temperature=
 
 class EngineClient:
     """vLLM's ``VLLMWeightSyncClient`` protocol over one in-process engine. The trainer engine calls
-    ``update_weights`` on a thread of its own while it broadcasts; ``start``/``finish`` are the engine's own
-    (receive opens the round, the generator applies it between requests)."""
+    ``update_weights`` on a thread of its own while it broadcasts; ``start``/``finish`` are the generator's own
+    (its receiver opens the round when it receives, and loads it between requests)."""
 
     def __init__(self, engine: Engine):
-        self.engine, self.version = engine, 0
+        self.engine, self.version, self.receiver = engine, 0, BroadcastReceiver()
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self.engine.join_weight_group(init_info)
+        self.receiver.join(init_info, self.engine)
 
     def start_weight_update(self) -> None:
         pass
 
     def update_weights(self, update_info: dict) -> None:
-        self.engine.receive_weights(update_info, self.version)
+        self.receiver.receive(update_info, self.version, self.engine)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         pass
@@ -90,6 +98,11 @@ def send(sender, weights, version: int) -> None:
     trainer.send_weights()
 
 
+def apply(sender, version: int, engine) -> int:
+    """What a generation actor's ``update_weights`` does with the handle of publication ``version``."""
+    return sender[1].receiver.apply(WeightHandle("broadcast", version, None), engine)
+
+
 def test_a_broadcast_round_loads_exactly_the_sent_weights_between_requests(engine, hf_model, sender):
     """Receiving stages the weights (the engine still samples with the old ones, log-probs as before); applying
     loads them: the engine's log-probs then match the HF forward of the weights sent (1e-4, as the object-store
@@ -100,7 +113,8 @@ def test_a_broadcast_round_loads_exactly_the_sent_weights_between_requests(engin
     send(sender, new, version=1)
     out = engine.sample([LONG, SHORT], n=4)  # received, not applied
     assert engine.version == 0 and max_logprob_error(hf_model, [LONG, SHORT], out) < 1e-4
-    assert engine.apply_received(1) == 1 and engine.version == 1
+    assert sender[1].receiver.staged == 1  # the receive state is the receiver's
+    assert apply(sender, 1, engine) == 1 and engine.version == 1 and sender[1].receiver.staged is None
     out = engine.sample([LONG, SHORT], n=4)
     assert max_logprob_error(new, [LONG, SHORT], out) < 1e-4
     assert max_logprob_error(hf_model, [LONG, SHORT], out) > 1e-2  # the old weights would not match
@@ -114,14 +128,49 @@ def test_a_later_round_replaces_one_not_yet_applied_and_the_handshake_names_a_mi
     send(sender, perturbed(hf_model, seed=1), version=2)
     newest = perturbed(hf_model, seed=2)
     send(sender, newest, version=3)
-    assert engine.apply_received(2) == 3
+    assert apply(sender, 2, engine) == 3
     assert max_logprob_error(newest, [SHORT], engine.sample([SHORT], n=4)) < 1e-4
-    assert engine.apply_received(3) == 3  # nothing new: no reload
+    assert apply(sender, 3, engine) == 3  # nothing new: no reload
     with pytest.raises(RuntimeError, match="holds version 3 and received no round of version 4"):
-        engine.apply_received(4)
+        apply(sender, 4, engine)
     send(sender, hf_model, version=4)  # leave the module's engine as it started
-    assert engine.apply_received(4) == 4
+    assert apply(sender, 4, engine) == 4
     assert max_logprob_error(hf_model, [LONG], engine.sample([LONG], n=2)) < 1e-4
+
+
+def test_a_round_received_while_the_continuous_engine_runs_loads_between_two_steps(engine, hf_model, sender):
+    """The continuous engine (kv_on_update recompute) generates; a round arrives after ``BEFORE`` steps and is only
+    staged (the engine keeps stepping with the old weights); the receiver's load then lands between two steps, on
+    the loop's thread. Every completion's tokens up to the load (at least ``BEFORE``) are the old weights' (version
+    ``base``), the rest the new weights' (``base + 1``), each matching a clean forward pass of its own weights to
+    1e-4."""
+    BEFORE = 3
+    base = engine.version
+    continuous = ContinuousEngine(engine, "recompute", start=False)
+    group = continuous.submit(SHORT, n=2)
+    for _ in range(BEFORE):
+        assert continuous.run_once()
+    new = perturbed(hf_model, seed=3)
+    send(sender, new, version=base + 1)  # received beside the engine: nothing loaded yet
+    assert continuous.version == base
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        applied = pool.submit(apply, sender, base + 1, continuous)  # waits for the loop to run it
+        time.sleep(0.5)  # the load queued before the next step
+        while not applied.done():
+            continuous.run_once()
+        assert applied.result() == base + 1 and continuous.loads == 1
+    while not group.done():
+        continuous.run_once()
+    for c in group.result():
+        k = c.versions.index(base + 1) if base + 1 in c.versions else len(c.token_ids)
+        assert BEFORE <= k < len(c.token_ids)  # the load landed inside the completion, not before the round came
+        assert c.versions == [base] * k + [base + 1] * (len(c.token_ids) - k)
+        got = torch.tensor(c.logprobs)
+        assert (got[:k] - hf_logprobs(hf_model, SHORT, c.token_ids)[:k]).abs().max() < 1e-4
+        assert (got[k:] - hf_logprobs(new, SHORT, c.token_ids)[k:]).abs().max() < 1e-4
+        assert (got[k:] - hf_logprobs(hf_model, SHORT, c.token_ids)[k:]).abs().max() > 1e-2
+    send(sender, hf_model, version=base + 2)  # leave the module's engine as it started
+    assert apply(sender, base + 2, engine) == base + 2
 
 
 # ---------------------------------------------------------------------------------------------- jobs on Ray

@@ -75,7 +75,7 @@ def kept(old, new, prompt: list[int], completion: list[int], k: int) -> torch.Te
 def sample_across_load(engine, kv_on_update: str, state: dict) -> tuple[list, int, int]:
     """Sample ``GEN.num_generations`` completions of PROMPT, loading ``state`` after ``BEFORE`` engine steps."""
     base = next(VERSIONS)
-    engine.update_weights(engine_state := state["old"], version=base)  # batched path: the old weights, cache clean
+    engine.load_weights(engine_state := state["old"], version=base)  # batched path: the old weights, cache clean
     continuous = ContinuousEngine(engine, kv_on_update, start=False)
     assert continuous.version == base
     group = continuous.submit(PROMPT, n=GEN.num_generations)
@@ -122,12 +122,12 @@ def test_keep_samples_from_the_new_weights_over_the_old_cache(engine, hf_model, 
 def test_new_requests_after_a_load_never_reuse_the_old_weights_cache(engine, perturbed, states):
     """A prompt cached under the old weights, sampled again after a load (keep): all of it is the new weights'."""
     base = next(VERSIONS)
-    engine.update_weights(states["old"], version=base)
+    engine.load_weights(states["old"], version=base)
     continuous = ContinuousEngine(engine, "keep")  # the loop thread this time
     try:
         long_prompt = list(b"abcdefghij" * 20)  # 200 tokens: more than one KV block, so the prefix cache holds it
         continuous.sample([long_prompt], n=2)
-        continuous.update_weights(states["new"], version=base + 1)
+        continuous.load_weights(states["new"], version=base + 1)
         out = continuous.sample([long_prompt], n=2)[0]
         for c in out:
             assert c.versions == [base + 1] * len(c.token_ids)
@@ -143,7 +143,7 @@ def test_a_load_waits_for_pinned_requests(engine, states):
     """An evaluation's requests (pinned) finish under the weights they started with, the load queued meanwhile
     lands after them, and an unpinned request submitted with them is sampled across the load."""
     base = next(VERSIONS)
-    engine.update_weights(states["old"], version=base)
+    engine.load_weights(states["old"], version=base)
     continuous = ContinuousEngine(engine, "keep", start=False)
     with continuous.pinned():
         evaluation = continuous.submit(PROMPT, n=2)

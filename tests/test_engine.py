@@ -112,8 +112,8 @@ def eos_boosted(model):
     return boosted
 
 
-def test_update_weights_in_place_follows_new_weights(engine, hf_model):
-    """After update_weights the engine's log-probs match HF with the new weights (also for the 200-token prompt,
+def test_load_weights_in_place_follows_new_weights(engine, hf_model):
+    """After load_weights the engine's log-probs match HF with the new weights (also for the 200-token prompt,
     whose first KV block was cached under the old weights), the version is reported, and the EOS-boosted weights
     make every completion a lone EOS that is not truncated."""
     original = {k: v.clone() for k, v in hf_model.state_dict().items()}
@@ -124,18 +124,18 @@ def test_update_weights_in_place_follows_new_weights(engine, hf_model):
         for p in perturbed.parameters():  # tied embedding / lm_head perturbed once
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     try:
-        engine.update_weights(perturbed.state_dict(), version=1)
+        engine.load_weights(perturbed.state_dict(), version=1)
         assert engine.version == 1
         out = engine.sample([LONG, SHORT], n=4)
         assert max_logprob_error(perturbed, [LONG, SHORT], out) < 1e-4
         assert max_logprob_error(hf_model, [LONG, SHORT], out) > 1e-2  # the old weights would not match
 
         boosted = eos_boosted(hf_model)
-        engine.update_weights(boosted.state_dict(), version=2)
+        engine.load_weights(boosted.state_dict(), version=2)
         out = engine.sample([LONG, SHORT], n=4)
         assert engine.version == 2
         assert all(c.token_ids == [EOS_ID] and not c.truncated for group in out for c in group)
         assert max_logprob_error(boosted, [LONG, SHORT], out) < 1e-4
     finally:
-        engine.update_weights(original, version=0)
+        engine.load_weights(original, version=0)
     assert max_logprob_error(hf_model, [LONG], engine.sample([LONG], n=2)) < 1e-4

@@ -57,8 +57,10 @@ def logprobs(model, prompt: list[int], tokens: list[int], temperature: float) ->
 def test_engine_samples_with_the_adapter_registered_in_memory(tiny_model_path):
     """After each update the engine's log-probs are those of base + that adapter (HF + peft), not the base's and not
     the previous adapter's; a fresh adapter (B = 0) gives the base model's: the engine's base weights never
-    changed."""
+    changed. The adapter travels as a publication's contents (kind ``adapter``, with its config, as the learner
+    publishes it); full weights given to this engine are refused before anything is loaded."""
     from rlfleet.generation.engine import Engine
+    from rlfleet.transport import FULL, published_contents
 
     engine = Engine(ModelConfig(name_or_path=tiny_model_path, lora=LORA), GEN, seed=0)
     base = load_causal_lm(tiny_model_path).eval()
@@ -67,7 +69,7 @@ def test_engine_samples_with_the_adapter_registered_in_memory(tiny_model_path):
     second, _ = random_adapter(tiny_model_path, seed=2)
     fresh = add_adapter(load_causal_lm(tiny_model_path).eval(), LORA).get_base_model()
     for version, model, others in ((1, first, (base, second)), (2, second, (base, first)), (3, fresh, ())):
-        engine.update_weights(adapter_state(model.state_dict()), version)
+        engine.load_weights(adapter_state(model.state_dict()), version, published_contents(LORA))
         assert engine.version == version
         for prompt, samples in zip(prompts, engine.sample(prompts, 2)):
             for c in samples:
@@ -75,6 +77,9 @@ def test_engine_samples_with_the_adapter_registered_in_memory(tiny_model_path):
                 np.testing.assert_allclose(ours, logprobs(model, prompt, c.token_ids, GEN.temperature), atol=1e-4)
                 for other in others:  # the test can tell adapters apart
                     assert np.abs(ours - logprobs(other, prompt, c.token_ids, GEN.temperature)).max() > 1e-2
+    with pytest.raises(ValueError, match="loads adapter weights, not a publication of kind 'full'"):
+        engine.load_weights(first.state_dict(), 4, FULL)
+    assert engine.version == 3
     for prompt, samples in zip(prompts, engine.sample(prompts, 2)):  # version 3: B = 0, the base model
         for c in samples:
             np.testing.assert_allclose(c.logprobs, logprobs(base, prompt, c.token_ids, GEN.temperature), atol=1e-4)

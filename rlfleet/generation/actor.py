@@ -24,9 +24,10 @@ from rlfleet.generation.continuous import ContinuousEngine
 from rlfleet.generation.engine import Engine
 from rlfleet.generation.generator import Generator
 from rlfleet.models import load_tokenizer
-from rlfleet.transport import WeightHandle, capabilities, make_receiver
+from rlfleet.transport import TRANSPORTS, WeightHandle, capabilities, make_receiver
 
-EngineFactory = Callable[[RLFleetConfig, int], Any]  # (cfg, seed) -> an engine with sample / update_weights
+# (cfg, seed) -> an engine with sample and what the transport's receiver loads through (rlfleet.transport.WeightLoader)
+EngineFactory = Callable[[RLFleetConfig, int], Any]
 
 
 def vllm_engine(cfg: RLFleetConfig, seed: int) -> Engine | ContinuousEngine:
@@ -48,12 +49,18 @@ class GenerationActor:
 
     The replay actor is passed by name, not by handle: Ray keeps an actor handle given to a restartable actor's
     constructor as an argument in the object store (and warns that a restart fails once it goes out of scope,
-    ray#53727); a name is looked up again on every restart."""
+    ray#53727); a name is looked up again on every restart.
+
+    It keeps one receiver per transport for its life (each holds its transport's receive state); a handle is loaded
+    by the receiver of the transport it names, the rounds of ``cluster.weight_transport`` are received by that
+    transport's."""
 
     def __init__(self, cfg: RLFleetConfig, replay: str, index: int = 0, engine_factory: EngineFactory = vllm_engine):
         self.cfg = cfg
         self.replay = ray.get_actor(replay)
         self.engine = engine_factory(cfg, cfg.seed + index)
+        self.receivers = {name: make_receiver(name) for name in TRANSPORTS}
+        self.receiver = self.receivers[cfg.cluster.weight_transport]  # the one rounds are pushed to
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         self.generator = Generator.from_config(self.engine, tokenizer, cfg)
 
@@ -86,23 +93,23 @@ class GenerationActor:
     def update_weights(self, handle: WeightHandle) -> float:
         """Load the published weights in place through the transport; returns the seconds it took."""
         start = time.perf_counter()
-        make_receiver(handle.transport).apply(handle, self.engine)  # the handle names its transport
+        self.receivers[handle.transport].apply(handle, self.engine)  # the handle names its transport
         return time.perf_counter() - start
 
     @ray.method(concurrency_group="weights")
     def fetch_weights(self, handle: WeightHandle) -> None:
         """Bring published weights to this node while a request generates, for the load queued behind it."""
-        make_receiver(handle.transport).fetch(handle, self.cfg.cluster.timeout_s)
+        self.receivers[handle.transport].fetch(handle, self.cfg.cluster.timeout_s)
 
     @ray.method(concurrency_group="weights")
     def join_weight_group(self, init_info: dict) -> None:
         """Join the learner's weight-transfer group (``broadcast`` transport), beside a generation in flight."""
-        self.engine.join_weight_group(init_info)
+        self.receiver.join(init_info, self.engine)
 
     @ray.method(concurrency_group="weights")
     def receive_weights(self, update_info: dict, version: int) -> None:
         """Take part in a broadcast round (staged; loaded before the next request by ``update_weights``)."""
-        self.engine.receive_weights(update_info, version)
+        self.receiver.receive(update_info, version, self.engine)
 
     def version(self) -> int:
         return self.engine.version

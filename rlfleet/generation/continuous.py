@@ -1,8 +1,8 @@
 """Continuous generation: vLLM's engine core stepped by a thread of its own, new weights loaded between two steps.
 
-:class:`ContinuousEngine` wraps an :class:`~rlfleet.generation.engine.Engine` (which owns the ``vllm.LLM``, the
-LoRA adapter and the broadcast receive) and drives its ``LLMEngine`` itself: one loop thread runs, between two
-engine steps, every command other threads queued (add a request, load weights, abort), then one step. So:
+:class:`ContinuousEngine` wraps an :class:`~rlfleet.generation.engine.Engine` (which owns the ``vllm.LLM`` and its
+weight loaders) and drives its ``LLMEngine`` itself: one loop thread runs, between two engine steps, every command
+other threads queued (add a request, load weights, abort), then one step. So:
 
 - **No request barrier.** A prompt joins the running batch at the next step and its group is handed back the moment
   its last completion ends (:meth:`submit` returns a future per group); the engine idles only when nothing is in
@@ -48,6 +48,7 @@ from contextlib import contextmanager
 import torch
 
 from rlfleet.generation.engine import Completion, Engine, completions
+from rlfleet.transport import FULL, Contents
 
 logger = logging.getLogger(__name__)
 KV_ON_UPDATE = ("keep", "recompute")
@@ -102,7 +103,7 @@ class ContinuousEngine:
             request_id = f"g{next(self._ids)}"
             salt = f"v{self.engine.version}"  # no request reuses KV blocks cached under older weights
             self.core.add_request(request_id, {"prompt_token_ids": list(prompt_token_ids), "cache_salt": salt},
-                                  params, lora_request=self.engine._adapter)
+                                  params, lora_request=self.engine.lora_request)
             self._requests[request_id] = (done, pinned)
 
         self._call(add).add_done_callback(lambda f: f.exception() and done.set_exception(f.exception()))
@@ -123,31 +124,38 @@ class ContinuousEngine:
         finally:
             self._pin_next.on = False
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+    # -- loading weights (rlfleet.transport.GroupWeightLoader): every load between two engine steps ---------------
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int, contents: Contents = FULL) -> None:
         """Load ``state_dict`` between two engine steps, requests in flight kept (``kv_on_update``); returns once
         it is loaded."""
-        self.load_async(state_dict, version).result()
+        self.load_async(state_dict, version, contents).result()
 
-    def load_async(self, state_dict: Mapping[str, torch.Tensor], version: int) -> Future:
-        """:meth:`update_weights` without waiting: the future resolves once the loop has loaded the weights."""
-        return self._call(lambda: self._loaded(lambda: self.engine.load(state_dict, version), version), load=True)
+    def load_async(self, state_dict: Mapping[str, torch.Tensor], version: int, contents: Contents = FULL) -> Future:
+        """:meth:`load_weights` without waiting: the future resolves once the loop has loaded the weights."""
+        def load() -> int:
+            self.engine.load(state_dict, contents)
+            return int(version)
+        return self._call(self._at_boundary(load), load=True)
 
-    def apply_received(self, version: int) -> int:
-        """Load the last broadcast round received (:meth:`Engine.apply_received`'s handshake) between two steps."""
-        def apply() -> int:
-            before = self.engine.version
-            loaded = self.engine.apply_received(version, reset_cache=False)
-            if loaded != before:
-                self._loaded(lambda: None, loaded)
-            return loaded
-        return self._call(apply, load=True).result()
-
-    def receive_weights(self, update_info: dict, version: int) -> None:
-        """A broadcast round, staged beside the running engine (:meth:`Engine.receive_weights`)."""
-        self.engine.receive_weights(update_info, version)
+    def between_requests(self, load: Callable[[], int | None]) -> int:
+        """Run ``load`` between two engine steps (held while pinned requests run); a version it loaded labels every
+        token from then on. Returns the version served."""
+        return self._call(self._at_boundary(load), load=True).result()
 
     def join_weight_group(self, init_info: dict) -> None:
         self.engine.join_weight_group(init_info)
+
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update()
+
+    def receive_weights(self, update_info: dict) -> None:
+        """A broadcast round, staged beside the running engine (:meth:`Engine.receive_weights`)."""
+        self.engine.receive_weights(update_info)
+
+    def finish_weight_update(self, version: int) -> None:
+        """The staged round into the model; inside :meth:`between_requests` (so on the loop thread)."""
+        self.engine.finish_weight_update(version)
 
     def wait_for_version(self, version: int, timeout_s: float) -> None:
         """Return once weights of at least ``version`` are loaded (a load queued by another thread may be on its
@@ -188,9 +196,17 @@ class ContinuousEngine:
         self._wake.set()
         return done
 
-    def _loaded(self, load: Callable[[], None], version: int) -> None:
-        """Run ``load`` (the weights into the model) and make ``version`` the label of every token from now on."""
-        load()
+    def _at_boundary(self, load: Callable[[], int | None]) -> Callable[[], int]:
+        """``load`` as the loop runs it: a version it loaded becomes the engine's (:meth:`_loaded`)."""
+        def run() -> int:
+            loaded = load()
+            if loaded is not None:
+                self._loaded(loaded)
+            return self.engine.version
+        return run
+
+    def _loaded(self, version: int) -> None:
+        """Make ``version`` (just loaded into the model) the label of every token from now on."""
         self.engine._version = int(version)
         self.core.set_weight_version(str(int(version)))
         if self.kv_on_update == "recompute":

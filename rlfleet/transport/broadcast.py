@@ -6,10 +6,12 @@ round of vLLM's protocol, driven by vLLM's own trainer engine (``WeightTransferT
 :class:`GeneratorsClient`, which reaches the generation actors over Ray:
 
 - ``init_weight_transfer_engine`` -> each actor's ``join_weight_group`` (its own rank in the group);
-- ``update_weights`` -> each actor's ``receive_weights``, run in the actor's ``weights`` concurrency group, so it
-  takes part in the broadcast while the actor's engine keeps generating (the backend stages the round);
+- ``update_weights`` (the name vLLM's client protocol gives a round's receive) -> each actor's ``receive_weights``,
+  run in the actor's ``weights`` concurrency group, so it takes part in the broadcast while the actor's engine keeps
+  generating (the backend stages the round; :meth:`BroadcastReceiver.receive` notes its version);
 - ``finish_weight_update`` is each generator's own, at its next request boundary: the driver's usual weight update
-  before a request (:meth:`BroadcastReceiver.apply`) loads the newest round received, after a version handshake.
+  before a request (the actor's ``update_weights(handle)``, :meth:`BroadcastReceiver.apply`) loads the newest round
+  received, after a version handshake.
 
 Membership follows the fleet: the driver passes the names of the active generators with every learner step; when
 they differ from the group's, the group is rebuilt with them and the current weights are sent to it at once, so a
@@ -20,13 +22,14 @@ during a round fails the round: the group is rebuilt without it and the round se
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import ray
 import torch
 from torch import Tensor
 
-from rlfleet.transport import CAPABILITIES, WeightHandle, WeightLoader
+from rlfleet.transport import CAPABILITIES, FULL, Contents, GroupWeightLoader, WeightHandle
 
 NAME = "broadcast"
 DEAD_GRACE_S = 30.0  # after a failed round, how long the members' calls get to fail or return
@@ -55,6 +58,8 @@ class GeneratorsClient:
         """Each generator opens its round when it receives (see the module docstring)."""
 
     def update_weights(self, update_info: dict) -> None:
+        """One round's receive on every member (vLLM's protocol names it so; for a generator it is
+        ``receive_weights``: staged, not loaded)."""
         self._all({name: h.receive_weights.remote(update_info, self.version) for name, h in self.handles.items()},
                   f"receiving weights version {self.version}")
 
@@ -97,8 +102,8 @@ class BroadcastPublisher:
 
     capabilities = CAPABILITIES[NAME]
 
-    def __init__(self, dtype: torch.dtype, timeout_s: float):
-        self.dtype, self.timeout_s = dtype, timeout_s
+    def __init__(self, dtype: torch.dtype, timeout_s: float, contents: Contents = FULL):
+        self.dtype, self.timeout_s, self.contents = dtype, timeout_s, contents
         self.members: tuple[str, ...] = ()
         self.trainer = None
         self.source = StateSource()
@@ -121,7 +126,7 @@ class BroadcastPublisher:
                 self._build([m for m in self.members if m not in self._dead()])
                 if self.members:
                     self._send(state, version)
-        return WeightHandle(NAME, int(version), None, members=frozenset(self.members))
+        return WeightHandle(NAME, int(version), None, members=frozenset(self.members), contents=self.contents)
 
     def stats(self) -> dict[str, float]:
         return {"sync/rebuilds": float(self.rebuilds)}  # weight-transfer groups rebuilt so far in this life
@@ -190,10 +195,45 @@ def _exists(name: str) -> bool:
 
 
 class BroadcastReceiver:
-    """The generator's side of a publication: load the newest round received (at least the handle's version)."""
+    """The generator's side: rounds received as they are published (beside the engine's generation), the newest
+    loaded at the next request boundary. The receive state is here, not in the engine: the version of the round
+    staged and not yet loaded, whether vLLM's round is open, and a lock that keeps a round from being received while
+    one is being loaded (both touch the backend's staged tensors)."""
+
+    def __init__(self):
+        self.staged: int | None = None  # version of the round received and not yet loaded
+        self.round_open = False  # start_weight_update was called and its finish is pending
+        self.lock = threading.Lock()
 
     def fetch(self, handle: WeightHandle, timeout_s: float) -> None:
         """Nothing: the round was received at publication, beside the engine's generation."""
 
-    def apply(self, handle: WeightHandle, engine: WeightLoader) -> None:
-        engine.apply_received(handle.version)
+    def join(self, init_info: dict, engine: GroupWeightLoader) -> None:
+        engine.join_weight_group(init_info)
+
+    def receive(self, update_info: dict, version: int, engine: GroupWeightLoader) -> None:
+        """Take part in the round of ``version``; a round not yet loaded is replaced by it."""
+        with self.lock:
+            if not self.round_open:
+                engine.start_weight_update()
+                self.round_open = True
+            engine.receive_weights(update_info)
+            self.staged = int(version)
+
+    def apply(self, handle: WeightHandle, engine: GroupWeightLoader) -> int:
+        """Load the last round received, between requests; it must be at least ``handle.version`` (the version
+        handshake: an engine that missed that round says so). Returns the version loaded: newer than the handle's
+        when a later round arrived first (that one is loaded)."""
+        def load() -> int | None:
+            with self.lock:  # taken where the load runs (the continuous engine: between two steps), not before
+                if self.staged is None or self.staged <= engine.version:
+                    return None
+                engine.finish_weight_update(self.staged)
+                loaded, self.staged, self.round_open = self.staged, None, False
+                return loaded
+
+        version = engine.between_requests(load)
+        if version < handle.version:
+            raise RuntimeError(f"weights version handshake: this engine holds version {version} and received no "
+                               f"round of version {handle.version} or later (it was not in the weight-transfer group)")
+        return version
