@@ -2,6 +2,7 @@
 counted under its status; a correct program scores 1. These run the real sandbox (user, mount, PID and network
 namespaces); where the platform refuses namespaces the module is skipped, saying why."""
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -26,9 +27,10 @@ except SandboxUnavailable as err:
     pytest.skip(f"no sandbox on this platform: {err}", allow_module_level=True)
 
 
-def score(code: str, tests: str = "assert True", network: str = "none") -> tuple[float, dict, str]:
+def score(code: str, tests: str = "assert True", network: str = "none", limits: SandboxLimits = LIMITS
+          ) -> tuple[float, dict, str]:
     """(reward, outcome counts, output) of one completion through a fresh reward object."""
-    reward = CodeTestsReward("test_reward", network=network, limits=LIMITS)
+    reward = CodeTestsReward("test_reward", network=network, limits=limits)
     (value,) = reward(None, [f"```python\n{code}\n```"], tests=[tests])
     output = reward.sandbox.run(code, tests).output if value == 0.0 else ""
     return value, dict(reward.outcomes), output
@@ -85,8 +87,11 @@ def test_a_fork_bomb_is_contained_and_leaves_nothing_running():
 
 
 def test_memory_bombs_are_refused():
-    assert score("x = bytearray(2**34)")[:2] == (0.0, {"memory": 1})
-    assert score("xs = []\nwhile True:\n    xs.append(bytearray(2**20))")[:2] == (0.0, {"memory": 1})
+    """The address-space limit ends them, whatever the wall clock allows: with LIMITS' 2.5 s, the interpreter's start
+    on a loaded machine could run out the clock first (seen once), so these get 30 s."""
+    limits = dataclasses.replace(LIMITS, timeout_s=30.0)
+    assert score("x = bytearray(2**34)", limits=limits)[:2] == (0.0, {"memory": 1})
+    assert score("xs = []\nwhile True:\n    xs.append(bytearray(2**20))", limits=limits)[:2] == (0.0, {"memory": 1})
 
 
 @pytest.fixture
