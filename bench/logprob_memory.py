@@ -34,7 +34,8 @@ def one_pass(layers: int, batch: int, prompt: int, completion: int, chunk: int, 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlfleet.learner.policy import Batch, completion_logprobs
+    from rlfleet.learner.logprobs import completion_logprobs
+    from rlfleet.learner.policy import Batch
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("qwen3", num_hidden_layers=layers, **QWEN3_06B)

@@ -376,9 +376,9 @@ def test_rlfleet_dpo_end_to_end_with_resume(ray_cluster, tmp_path):
     for step in (30, 60):
         ckpt = tmp_path / "checkpoints" / f"step-{step}"
         assert (ckpt / "COMPLETE").is_file() and json.loads((ckpt / "driver.json").read_text())["step"] == step
-        for name in ("policy/model.safetensors", "optimizer.safetensors", "reference.safetensors",
-                     "bema.safetensors", "bema.json", "scheduler.json"):
-            assert (ckpt / "learner" / name).is_file(), name
+        for name in ("policy/model.safetensors", "learner/optimizer.safetensors", "learner/reference.safetensors",
+                     "learner/bema.safetensors", "learner/bema.json", "learner/scheduler.json"):
+            assert (ckpt / name).is_file(), name
     assert (tmp_path / "bema" / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
     assert (tmp_path / "dpo.png").is_file()
 

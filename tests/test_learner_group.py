@@ -160,11 +160,11 @@ def test_two_ranks_dapo_token_level_and_checkpoint_round_trip(groups, tmp_path):
     assert two["next"][0] == two["next"][1]
     for name in two["next_params"][0]:
         np.testing.assert_array_equal(two["next_params"][0][name], two["next_params"][1][name], err_msg=name)
-    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert {"optimizer-rank0-of-2.safetensors", "optimizer-rank1-of-2.safetensors", "scheduler.json",
-            "model.safetensors", "learner.json"} <= set(files)
+    files = sorted(p.relative_to(tmp_path / "ckpt").as_posix() for p in (tmp_path / "ckpt").rglob("*"))
+    assert {"learner/optimizer-rank0-of-2.safetensors", "learner/optimizer-rank1-of-2.safetensors",
+            "learner/scheduler.json", "policy/model.safetensors", "learner/learner.json"} <= set(files)
     from rlfleet.models import load_causal_lm  # the policy is a whole Hugging Face model, loadable alone
-    saved = load_causal_lm(str(tmp_path / "ckpt"), torch.float32, "cpu", False).state_dict()
+    saved = load_causal_lm(str(tmp_path / "ckpt" / "policy"), torch.float32, "cpu", False).state_dict()
     assert set(saved) == set(one["after"])
     for name, value in saved.items():  # written after the first step: the policy then
         np.testing.assert_array_equal(value.numpy(), two["after"][name], err_msg=name)
@@ -295,7 +295,7 @@ def test_two_rank_dpo_with_bema_equals_one_process(tmp_path):
     for key, value in one["eval"].items():
         assert two["eval"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert two["next"][0] == two["next"][1]
-    assert (tmp_path / "ckpt" / "reference-rank1-of-2.safetensors").exists()
+    assert (tmp_path / "ckpt" / "learner" / "reference-rank1-of-2.safetensors").exists()
     from rlfleet.models import load_causal_lm
     saved = load_causal_lm(str(tmp_path / "ckpt-bema"), torch.float32, "cpu", False).state_dict()
     np.testing.assert_allclose(saved["model.norm.weight"].numpy(), two["bema"]["model.norm.weight"], rtol=1e-6)
@@ -341,7 +341,7 @@ def test_rl_job_with_two_learner_ranks_is_on_policy_and_resumes(ray_cluster, tmp
     assert [r["staleness/max"] for r in first] == [0, 0, 0, 0]
     for r in first:
         assert abs(r["ratio/min"] - 1) < 1e-4 and abs(r["ratio/max"] - 1) < 1e-4, r
-    saved = ckpt.latest_checkpoint(tmp_path) / "policy"
+    saved = ckpt.latest_checkpoint(tmp_path) / "learner"
     assert {"optimizer-rank0-of-2.safetensors", "optimizer-rank1-of-2.safetensors"} <= {p.name for p in saved.iterdir()}
 
     train(load_config(REPO / "deploy" / "dapo_sync.yaml", overrides + ["learner.max_steps=6",
@@ -410,10 +410,10 @@ def test_dpo_job_with_two_learner_ranks_learns_and_resumes(ray_cluster, tmp_path
     evals = {r["step"]: r for r in records if "eval/policy_accuracy" in r}
     assert evals[60]["eval/policy_accuracy"] >= max(0.8, evals[0]["eval/policy_accuracy"] + 0.3)
     assert [r["step"] for r in records if r.get("bema/ref_updated")] == [20, 40, 60]
-    learner = tmp_path / "checkpoints" / "step-60" / "learner"
-    for name in ("optimizer-rank1-of-2.safetensors", "reference-rank1-of-2.safetensors", "bema-rank1-of-2.safetensors",
-                 "policy/model.safetensors"):
-        assert (learner / name).is_file(), name
+    step_dir = tmp_path / "checkpoints" / "step-60"
+    for name in ("learner/optimizer-rank1-of-2.safetensors", "learner/reference-rank1-of-2.safetensors",
+                 "learner/bema-rank1-of-2.safetensors", "policy/model.safetensors"):
+        assert (step_dir / name).is_file(), name
     resumed = train_dpo(load_config(REPO / "deploy" / "dpo_quickstart.yaml",
                                     overrides + ["checkpoint.resume=true", "learner.max_steps=62"]))
     assert resumed["step"] == 62

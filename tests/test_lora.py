@@ -117,9 +117,9 @@ def test_policy_learner_trains_and_publishes_the_adapter_only(tmp_path, tiny_mod
     from peft import PeftModel
 
     learner.save(tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "adapter_config.json").is_file()
-    assert not (tmp_path / "ckpt" / "model.safetensors").exists()
-    reloaded = PeftModel.from_pretrained(load_causal_lm(tiny_model_path), str(tmp_path / "ckpt")).eval()
+    assert (tmp_path / "ckpt" / "policy" / "adapter_config.json").is_file()
+    assert not (tmp_path / "ckpt" / "policy" / "model.safetensors").exists()
+    reloaded = PeftModel.from_pretrained(load_causal_lm(tiny_model_path), str(tmp_path / "ckpt" / "policy")).eval()
     ids = torch.tensor([list(b"any tokens at all")])
     learner.model.eval()
     with torch.no_grad():
@@ -141,7 +141,8 @@ def test_policy_learner_trains_and_publishes_the_adapter_only(tmp_path, tiny_mod
 def test_policy_reference_is_the_base_model_without_a_copy(tiny_model_path):
     """beta > 0 with LoRA: no reference model is loaded; the reference log-probs are the base model's, before and
     after training the adapter (its KL is 0 at the first step, when the fresh adapter is the base)."""
-    from rlfleet.learner.policy import collate, completion_logprobs
+    from rlfleet.learner.logprobs import completion_logprobs
+    from rlfleet.learner.policy import collate
 
     learner = policy_learner(beta=0.04)
     assert learner.ref_model is None
@@ -150,7 +151,8 @@ def test_policy_reference_is_the_base_model_without_a_copy(tiny_model_path):
     second = learner.train_step(two_groups(learner.model))
     assert second["loss/kl"] > 1e-6
     batch = collate(two_groups(learner.model), 256)
-    (ref,) = learner._reference_logprobs([batch])
+    with learner.trainee.as_reference() as reference:
+        ref = learner.trainee.logprobs(reference, batch, GEN.temperature)
     base = load_causal_lm(tiny_model_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(ref, completion_logprobs(base, batch, GEN.temperature), rtol=0, atol=1e-5)
@@ -210,8 +212,8 @@ def test_dpo_with_lora_uses_the_base_as_reference(pairs, tiny_model_path):
     with torch.no_grad():
         expected = sequence_logprobs(base, batch)
         with learner.peft.disable_adapter():
-            torch.testing.assert_close(learner._logps(learner.model, batch), expected, rtol=0, atol=1e-4)
-        assert (learner._logps(learner.model, batch) - expected).abs().max() > 1e-3
+            torch.testing.assert_close(learner.logps(learner.model, batch), expected, rtol=0, atol=1e-4)
+        assert (learner.logps(learner.model, batch) - expected).abs().max() > 1e-3
 
 
 def test_dpo_bema_tracks_the_adapter_and_the_reference_is_base_plus_bema_adapter(pairs, tmp_path):
@@ -282,8 +284,9 @@ def test_lora_dpo_job_learns_and_resumes(ray_cluster, tmp_path):
     overrides = [f"output_dir={tmp_path}", "logging.plot=false"]
     first = train_dpo(load_config(REPO / "deploy" / "dpo_lora.yaml", overrides + ["learner.max_steps=30"]))
     assert first["step"] == 30
-    saved = tmp_path / "checkpoints" / "step-30" / "learner"
-    assert (saved / "policy" / "adapter_model.safetensors").is_file() and not (saved / "reference.safetensors").exists()
+    saved = tmp_path / "checkpoints" / "step-30"
+    assert (saved / "policy" / "adapter_model.safetensors").is_file()
+    assert not (saved / "learner" / "reference.safetensors").exists()
     resumed = train_dpo(load_config(REPO / "deploy" / "dpo_lora.yaml", overrides + ["checkpoint.resume=true"]))
     assert resumed["step"] == 60
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -119,7 +119,7 @@ def test_a_step_is_the_dpo_step_on_the_groups_pairs():
         assert metrics["policy_version"] == seed + 1 and metrics["dpo/optimizer_steps"] == seed + 1
         assert metrics["reward/mean"] == pytest.approx(np.mean([g.rewards for g in groups]))
     assert_same(params(online.model), params(offline.model))
-    assert_same(params(online.dpo.ref_model), params(offline.ref_model))
+    assert_same(params(online.ref_model), params(offline.ref_model))
     assert online.state_dict().keys() == offline.model.state_dict().keys()
 
 
@@ -130,7 +130,7 @@ def test_a_step_without_pairs_changes_nothing_but_the_version():
     assert_same(params(learner.model), before)
     assert math.isnan(metrics["loss"]) and metrics["dpo/pairs"] == 0 and metrics["dpo/unpaired_groups"] == 2
     assert metrics["policy_version"] == 1 and metrics["dpo/skipped_steps"] == 1 and metrics["dpo/optimizer_steps"] == 0
-    assert learner.dpo.step == 0  # BEMA's clock counts optimizer steps only
+    assert learner.step == 0  # BEMA's clock counts optimizer steps only
 
 
 def test_resume_continues_exactly(tmp_path):

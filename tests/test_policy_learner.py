@@ -16,15 +16,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, ModelConfig, RLFleetConfig
-from rlfleet.learner.policy import (
-    _decoder_and_head,
-    PolicyLearner,
-    collate,
-    combine_loss_metrics,
-    completion_logprobs,
-    importance_weights,
-    lr_factor,
-)
+from rlfleet.learner.core import Learner
+from rlfleet.learner.logprobs import _decoder_and_head, completion_logprobs
+from rlfleet.learner.policy import PolicyLearner, collate, combine_loss_metrics, importance_weights
+from rlfleet.learner.trainee import lr_factor
 from rlfleet.models import FLOAT32_ATTENTION, PAD_ID, resolve_model_path
 from rlfleet.types import Group
 from rlfleet.transport.packed import unpack
@@ -32,7 +27,7 @@ from rlfleet.transport.packed import unpack
 TEMPERATURE = 0.7
 
 
-def make_learner(algorithm: dict | None = None, learner: dict | None = None, dtype: str = "auto") -> PolicyLearner:
+def make_learner(algorithm: dict | None = None, learner: dict | None = None, dtype: str = "auto") -> Learner:
     return PolicyLearner(
         ModelConfig(dtype=dtype),
         AlgorithmConfig(**(algorithm or {})),
@@ -546,7 +541,7 @@ def test_bfloat16_learner_on_cpu_runs_attention_in_float32_with_its_padding_mask
     assert set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
     batch = collate(groups, PAD_ID)
     with torch.no_grad():
-        logprobs = learner._logprobs(learner.model, batch)  # [8, T]
+        logprobs = learner.trainee.logprobs(learner.model, batch, TEMPERATURE)  # [8, T]
     rows = [(g, j) for g in groups for j in range(len(g.completion_lengths))]
     for row, (g, j) in enumerate(rows):
         n = g.completion_lengths[j]
@@ -627,7 +622,7 @@ def test_learner_actor_pulls_from_replay_and_publishes_weights(ray_cluster, tmp_
     assert again.version == 1 and np.array_equal(ray.get(again.payload).buffer, ray.get(handle.payload).buffer)
     published = unpack(ray.get(handle.payload, timeout=60))
     ray.get(learner.save.remote(str(tmp_path / "ckpt")), timeout=60)
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "policy").state_dict()
     assert published.keys() == saved.keys()
     assert all(torch.equal(published[n], saved[n]) for n in saved)
     initial = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny")).state_dict()

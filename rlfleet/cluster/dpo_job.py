@@ -12,8 +12,8 @@ The job lifecycle (connect, restore, stop signals, recovery from a lost learner,
 4. a final checkpoint, the BEMA weights in Hugging Face format under ``output_dir/bema`` (TRL's place), the plot,
    ``summary.json`` and a clean shutdown (also on Ctrl-C / SIGTERM / ``ray job stop``).
 
-A checkpoint ``checkpoints/step-N/`` holds ``learner/`` (policy in HF format, optimizer, scheduler, reference model,
-BEMA state: see :meth:`~rlfleet.dpo.learner.DPOLearner.save`) and ``driver.json`` (step, stream cursor).
+A checkpoint ``checkpoints/step-N/`` holds ``policy/`` (HF format), ``learner/`` (optimizer, scheduler, reference model,
+BEMA state: :mod:`rlfleet.learner.trainee`'s layout) and ``driver.json`` (step, stream cursor).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class DPOJob:
         self.step = 0
         if resume_from is not None:
             ckpt.verify(resume_from, lora=self.cfg.model.lora is not None)
-            call(self.learner.load.remote(str(resume_from / "learner")), t, "the DPO learner (loading a checkpoint)")
+            call(self.learner.load.remote(str(resume_from)), t, "the DPO learner (loading a checkpoint)")
             state = json.loads((resume_from / "driver.json").read_text())
             self.stream.load_state_dict(state["stream"])
             self.step = int(state["step"])
@@ -137,7 +137,7 @@ class DPOJob:
 
     def save(self) -> Path:
         staging = ckpt.staging_dir(self.out, self.step)
-        call(self.learner.save.remote(str(staging / "learner")), self.cfg.cluster.timeout_s,
+        call(self.learner.save.remote(str(staging)), self.cfg.cluster.timeout_s,
              "the DPO learner (saving)")
         (staging / "driver.json").write_text(json.dumps({"step": self.step, "stream": self.stream.state_dict()},
                                                         indent=2))

@@ -123,7 +123,7 @@ class RLJob:
         if resume_from is not None:
             self.phase = f"restoring {resume_from}"
             replay_state, driver_state = ckpt.read_state(resume_from)
-            call(self.learner.load.remote(str(resume_from / "policy")), t, "the learner (loading a checkpoint)")
+            call(self.learner.load.remote(str(resume_from)), t, "the learner (loading a checkpoint)")
             call(self.replay.load_state_dict.remote(*replay_state), t, "the replay actor (loading a checkpoint)")
             self.stream.load_state_dict(driver_state["stream"])
             self.pool.retry = list(driver_state.get("retry", []))
@@ -361,7 +361,7 @@ class RLJob:
         the prompts to re-issue describe the same moment."""
         self.collect(self.pool.quiesce())
         t, staging = self._timeout(), ckpt.staging_dir(self.out, self.step)
-        call(self.learner.save.remote(str(staging / "policy")), t, "the learner (saving)")
+        call(self.learner.save.remote(str(staging)), t, "the learner (saving)")
         replay_state = call(self.replay.state_dict.remote(), t, "the replay actor (saving)")
         ckpt.write_state(staging, replay_state, {"step": self.step, "policy_version": self.version,
                                                  "stream": self.stream.state_dict(), "retry": self.pool.retry,

@@ -13,7 +13,7 @@ from rlfleet.dpo.learner import DPOLearner
 from rlfleet.dpo.data import PreferencePair
 from rlfleet.learner.distributed import Rank
 from rlfleet.learner.group import LearnerGroup, follow, learner_options
-from rlfleet.learner.policy import resolve_device
+from rlfleet.learner.trainee import resolve_device
 from rlfleet.learner.threads import node_cores, set_threads
 
 

@@ -4,7 +4,7 @@ DPO learner trains on them with BEMA updates of its reference.
 The rest of ``rlfleet train`` is unchanged: the generators sample ``num_generations`` completions per prompt and
 score them, the replay actor queues the groups under the staleness bound (its ``zero_variance`` rule applies; a
 group whose rewards are all equal holds no pair), and each learner step takes ``learner.groups_per_step`` groups,
-forms their pairs (:func:`preference_pairs`), takes one DPO step on them (:class:`~rlfleet.dpo.learner.DPOLearner`:
+forms their pairs (:func:`preference_pairs`), takes one DPO step on them (:class:`~rlfleet.dpo.learner.DPO`:
 the sigmoid loss, ``dpo.beta``, BEMA reference updates, its checkpoint format) and publishes the new weights as a
 GRPO step does. TRL's ``OnlineDPOTrainer`` asks a judge or a reward model to rank two completions per prompt in one
 process; here the ranking is the reward functions', over every completion of the group, on a distributed fleet.
@@ -23,20 +23,17 @@ compared: prompts and completions are the engine's token ids, never decoded and 
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from rlfleet.config import DPOConfig, LearnerConfig, ModelConfig, RLFleetConfig
 from rlfleet.dpo.data import PreferencePair
-from rlfleet.dpo.learner import DPOLearner
+from rlfleet.dpo.learner import DPO, DPOLearner, mean_by_pairs
+from rlfleet.learner.core import Learner, Loss, Micro, Plan
 from rlfleet.learner.distributed import SINGLE, Rank
-from rlfleet.learner.policy import batch_metrics, engine_state, save_merged
+from rlfleet.learner.policy import batch_metrics
 from rlfleet.types import Group
 
 
@@ -73,82 +70,78 @@ def completion(group: Group, row: int) -> list[int]:
     return [int(t) for t in group.completion_ids[row, :int(group.completion_lengths[row])]]
 
 
-class OnlineDPOLearner:
-    """The learner of ``algorithm.name: online_dpo``: :class:`~rlfleet.dpo.learner.DPOLearner` fed with groups,
-    with :class:`~rlfleet.learner.policy.PolicyLearner`'s interface to the learner actor (``train_step(groups)``,
-    ``state_dict``, ``policy_version``, ``save`` / ``load``, ``save_merged``).
+class OnlineDPO:
+    """Online DPO's objective: :class:`~rlfleet.dpo.learner.DPO` on the pairs of the fleet's groups (see the module
+    doc). A step without a pair plans no micro-batch, so the learner makes no update (``dpo/skipped_steps``) but
+    still counts the version."""
 
-    ``policy_version`` counts learner steps (publications), ``self.dpo.step`` optimizer steps: BEMA's clock. They
-    differ only after steps without a pair.
-    """
-
-    def __init__(self, model_cfg: ModelConfig, dpo_cfg: DPOConfig, learner_cfg: LearnerConfig, seed: int = 0,
-                 rank: Rank = SINGLE):
-        self.cfg, self.rank = dpo_cfg, rank
-        self.dpo = DPOLearner(model_cfg, dpo_cfg, learner_cfg, seed, rank=rank)
-        self.compute_dtype = self.dpo.compute_dtype
-        self.policy_version = 0
+    def __init__(self, dpo: DPO):
+        self.dpo, self.cfg = dpo, dpo.cfg
         self.skipped_steps = 0  # steps without a pair, over the run (checkpointed)
 
     @property
-    def model(self) -> torch.nn.Module:
-        return self.dpo.model
+    def bema(self):
+        return self.dpo.bema
 
-    def train_step(self, groups: list[Group]) -> dict[str, float]:
-        """Pairs from ``groups``, one DPO step on them (none without a pair), the next version. Metrics: the DPO
-        step's (``loss``, ``rewards/*`` (DPO's implicit rewards), ``logps/*``, ``policy_accuracy``, ``grad_norm``,
-        ``lr``, ``bema/*``), the task rewards and staleness of the groups (``reward/*``, ``staleness/*``, as GRPO),
-        ``dpo/pairs``, ``dpo/reward_margin`` (mean task-reward margin of the pairs), ``dpo/unpaired_groups``,
-        ``dpo/skipped_steps`` and ``dpo/optimizer_steps``, ``learner/sequences`` (two per pair) and ``learner/tokens``,
-        ``time/step_s``, ``policy_version``."""
-        start = time.perf_counter()
+    def plan(self, groups: list[Group], version: int) -> Plan:
         pairs, margins, unpaired = preference_pairs(groups, self.cfg.pairs, self.cfg.min_reward_margin)
-        version_before = self.policy_version
-        if pairs:
-            metrics = self.dpo.train_step(pairs)
-        else:
-            self.skipped_steps += 1
-            metrics = {"loss": math.nan, "grad_norm": math.nan, "learner/tokens": 0.0,
-                       "lr": self.dpo.optimizer.param_groups[0]["lr"]}
-        metrics.pop("step", None)
-        metrics.pop("learner/pairs", None)
-        self.policy_version += 1
-        return metrics | batch_metrics(groups, version_before) | {
-            "dpo/pairs": float(len(pairs)),
-            "dpo/reward_margin": float(np.mean(margins)) if margins else math.nan,
-            "dpo/unpaired_groups": float(unpaired),
+        plan = self.dpo.plan(pairs, version) if pairs else Plan([])
+        self.skipped_steps += not pairs
+        plan.context |= {"groups": groups, "version": version, "pairs": pairs, "margins": margins,
+                         "unpaired": unpaired}
+        return plan
+
+    def loss(self, plan: Plan, micro: Micro) -> Loss:
+        return self.dpo.loss(plan, micro)
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return self.dpo.after_step(step)
+
+    def report(self, plan: Plan, records, common: dict[str, float]) -> dict[str, float]:
+        """The DPO step's metrics (``loss``, ``rewards/*`` (DPO's implicit rewards), ``logps/*``,
+        ``policy_accuracy``, ``grad_norm``, ``lr``, ``bema/*``; NaN loss and norm without a pair), the task rewards
+        and staleness of the groups (``reward/*``, ``staleness/*``, as GRPO), ``dpo/pairs``, ``dpo/reward_margin``
+        (mean task-reward margin of the pairs), ``dpo/unpaired_groups``, ``dpo/skipped_steps`` and
+        ``dpo/optimizer_steps``, ``learner/sequences`` (two per pair) and ``learner/tokens``, ``policy_version``."""
+        c = plan.context
+        step = mean_by_pairs(records) | common if records else {"loss": math.nan, "grad_norm": math.nan,
+                                                                  "learner/tokens": 0.0, "lr": common["lr"]}
+        return step | batch_metrics(c["groups"], c["version"]) | {
+            "dpo/pairs": float(len(c["pairs"])),
+            "dpo/reward_margin": float(np.mean(c["margins"])) if c["margins"] else math.nan,
+            "dpo/unpaired_groups": float(c["unpaired"]),
             "dpo/skipped_steps": float(self.skipped_steps),
             "dpo/optimizer_steps": float(self.dpo.step),
-            "learner/sequences": 2.0 * len(pairs),
-            "time/step_s": time.perf_counter() - start,
-            "policy_version": float(self.policy_version),
+            "learner/sequences": 2.0 * len(c["pairs"]),
+            "policy_version": float(c["version"] + 1),
         }
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """What the engines load (:func:`~rlfleet.learner.policy.engine_state`)."""
-        return engine_state(self.dpo.model, self.dpo.lora, self.rank, self.compute_dtype)
+    def state(self) -> dict:
+        return {"skipped_steps": self.skipped_steps}
 
-    def save(self, directory: str | Path) -> None:
-        """The DPO learner's checkpoint (:meth:`~rlfleet.dpo.learner.DPOLearner.save`) and ``online.json``
-        (policy_version, skipped steps). Every rank of a group calls it."""
+    def load_state(self, state: dict) -> None:
+        self.dpo.load_state(state)
+        self.skipped_steps = int(state["skipped_steps"])
+
+    def save(self, directory: Path) -> None:
         self.dpo.save(directory)
-        if self.rank.leader:
-            (Path(directory) / "online.json").write_text(json.dumps({"policy_version": self.policy_version,
-                                                                    "skipped_steps": self.skipped_steps}))
 
-    def load(self, directory: str | Path) -> None:
+    def load(self, directory: Path) -> None:
         self.dpo.load(directory)
-        state = json.loads((Path(directory) / "online.json").read_text())
-        self.policy_version, self.skipped_steps = int(state["policy_version"]), int(state["skipped_steps"])
 
-    def save_merged(self, directory: str | Path) -> None:
-        save_merged(self.dpo.model, self.dpo.peft, self.dpo.tokenizer, self.dpo.lora, Path(directory), self.rank)
-
-    def save_bema(self, directory: str | Path) -> None:
+    def save_bema(self, directory: Path) -> None:
         """The BEMA weights (``dpo.bema``), as ``rlfleet dpo`` writes them to ``output_dir/bema``."""
         self.dpo.save_bema(directory)
 
 
-def online_dpo_learner(cfg: RLFleetConfig, rank: Rank) -> OnlineDPOLearner:
+def OnlineDPOLearner(model_cfg: ModelConfig, dpo_cfg: DPOConfig, learner_cfg: LearnerConfig, seed: int = 0,
+                     rank: Rank = SINGLE) -> Learner:
+    """The learner of ``algorithm.name: online_dpo``: :func:`~rlfleet.dpo.learner.DPOLearner`'s trainee trained for
+    :class:`OnlineDPO`."""
+    learner = DPOLearner(model_cfg, dpo_cfg, learner_cfg, seed, rank=rank)
+    return Learner(learner.trainee, OnlineDPO(learner.objective))
+
+
+def online_dpo_learner(cfg: RLFleetConfig, rank: Rank) -> Learner:
     """The learner actor's ``make_learner`` for ``algorithm.name: online_dpo``."""
     return OnlineDPOLearner(cfg.model, cfg.dpo, cfg.learner, cfg.seed, rank)

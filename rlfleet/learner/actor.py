@@ -15,7 +15,8 @@ import ray
 from rlfleet.config import RLFleetConfig
 from rlfleet.learner.distributed import Rank
 from rlfleet.learner.group import LearnerGroup, follow, learner_options
-from rlfleet.learner.policy import PolicyLearner, resolve_device
+from rlfleet.learner.policy import PolicyLearner
+from rlfleet.learner.trainee import resolve_device
 from rlfleet.learner.threads import LearnerThreads, node_cores
 from rlfleet.transport import WeightHandle, make_publisher, published_contents
 

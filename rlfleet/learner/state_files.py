@@ -1,4 +1,6 @@
-"""A learner's optimizer and lr-scheduler state on disk, without pickle: safetensors for tensors, JSON for the rest.
+"""A learner's state on disk, without pickle: the policy in Hugging Face format (or its LoRA adapter in peft's),
+the optimizer and lr-scheduler state as safetensors for tensors and JSON for the rest; and the state the engines
+load (:func:`engine_state`).
 
 A learner group writes one optimizer file per rank (its FSDP2 shard of every state tensor,
 ``optimizer-rank<r>-of-<K>.safetensors``); resume needs a group of the same size and says so otherwise. A single
@@ -14,7 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from rlfleet import lora as lora_
+from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import SINGLE, Rank, check_shards, like_shard, local, shard_file
+from rlfleet.models import load_causal_lm
 
 
 def optimizer_state_to_files(state: dict) -> tuple[dict[str, Tensor], dict]:
@@ -59,3 +64,71 @@ def load_optimizer(optimizer: torch.optim.Optimizer, scheduler, path: Path, rank
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.load_state_dict(optimizer_state_from_files(tensors, meta, params))
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+
+
+def engine_state(model: torch.nn.Module, lora, rank: Rank, compute_dtype: torch.dtype) -> dict[str, Tensor]:
+    """What the engines load: the policy's whole state dict under Hugging Face names, or with ``model.lora`` (``lora``)
+    the adapter's tensors under peft's names. ``model.state_dict()`` itself with one rank; with a learner group,
+    gathered one tensor at a time in the compute dtype (a collective: every rank calls it, in the same order, and
+    every rank gets the tensors)."""
+    keep = None if lora is None else lora_.is_adapter_parameter
+    if not rank.sharded:
+        state = model.state_dict()
+        state = state if keep is None else {k: v for k, v in state.items() if keep(k)}
+    else:
+        state = dist_.full_state_dict(model, compute_dtype, keep=keep)
+    return state if lora is None else lora_.adapter_state(state)
+
+
+def save_merged(model: torch.nn.Module, peft_model, tokenizer, lora, path: Path, rank: Rank = SINGLE) -> None:
+    """Base + adapter merged (``model.lora.save_merged``), in Hugging Face format with the tokenizer; every rank of a
+    group calls it. ``model``: the policy with its adapter's layers; ``peft_model``: its peft wrapper."""
+    state = lora_.merged_state(dist_.full_state_dict(model, copy=True), lora)
+    if rank.leader:
+        peft_model.get_base_model().save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
+
+
+def save_policy(model: torch.nn.Module, tokenizer, path: Path, rank: Rank = SINGLE,
+                state: dict[str, Tensor] | None = None) -> None:
+    """``model`` (or ``state``, its weights under its names) and the tokenizer in Hugging Face format, from the
+    leader; a learner group gathers the sharded weights first (every rank calls this)."""
+    if state is None and rank.sharded:
+        state = dist_.full_state_dict(model)
+    if rank.leader:
+        model.save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
+
+
+def save_adapter(peft_model, tokenizer, path: Path, rank: Rank = SINGLE) -> None:
+    """The adapter in peft's format (``adapter_model.safetensors``, ``adapter_config.json``: loadable with
+    ``PeftModel.from_pretrained(base, path)``) and the tokenizer, from the leader; a learner group gathers the
+    adapter's shards first (every rank calls this)."""
+    model = peft_model.get_base_model()
+    state = dist_.full_state_dict(model, keep=lora_.is_adapter_parameter) if rank.sharded else None
+    if rank.leader:
+        prefixed = None if state is None else {"base_model.model." + k: v for k, v in state.items()}
+        peft_model.save_pretrained(path, state_dict=prefixed)
+        tokenizer.save_pretrained(path)
+
+
+def load_adapter(model: torch.nn.Module, path: Path) -> None:
+    """Load the adapter :func:`save_adapter` wrote into ``model`` (peft-wrapped; each rank's shard when sharded).
+    Raises naming the file when the checkpoint holds no adapter (written without ``model.lora``)."""
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ValueError(f"{path}: no adapter_model.safetensors: this checkpoint was written without model.lora (a "
+                         "full model); resume it with the same model.lora setting as the run that wrote it")
+    saved = load_file(file)
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if lora_.is_adapter_parameter(name):
+                dist_.local(value).copy_(dist_.shard_of(saved[lora_.peft_name(name)], value))
+
+
+def load_policy(model: torch.nn.Module, path: Path, trust_remote_code: bool) -> None:
+    """Load Hugging Face weights into ``model``; into each rank's shard when it is FSDP-sharded."""
+    saved = load_causal_lm(str(path), torch.float32, "cpu", trust_remote_code).state_dict()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            dist_.local(value).copy_(dist_.shard_of(saved[name], value))
