@@ -191,7 +191,7 @@ def test_two_ranks_with_a_lora_adapter_equal_one_process(groups, tmp_path):
     for name, value in one["published"].items():
         np.testing.assert_allclose(two["published"][name], value, rtol=0, atol=1e-6, err_msg=name)
     assert two["next"][0] == two["next"][1]
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (tmp_path / "ckpt" / "policy").iterdir()}
 
 
 @pytest.mark.slow
@@ -421,7 +421,7 @@ def test_dpo_job_with_two_learner_ranks_learns_and_resumes(ray_cluster, tmp_path
 
 
 def test_learner_options_make_threads_beyond_the_cpus_wait_passively():
-    from rlfleet.learner.group import learner_options
+    from rlfleet.learner.actor import learner_options
     from rlfleet.config import ClusterConfig
 
     # its own cores: OpenMP's default waiting (spinning a while) is kept; no runtime_env of its own

@@ -4,7 +4,8 @@ The job lifecycle (connect, restore, stop signals, recovery from a lost learner,
 :func:`rlfleet.cluster.lifecycle.run_job`'s, shared with ``rlfleet train``; this module supplies the rest:
 1. validate what can be checked without actors (tokenizer, preference data, tokenized lengths), write the resolved
    ``config.json``;
-2. :class:`DPOJob`: the :class:`~rlfleet.dpo.actor.DPOLearnerActor` in a placement group of its own, restored from
+2. :class:`DPOJob`: the learner (:class:`~rlfleet.cluster.learners.LearnerGroup` of
+   :class:`~rlfleet.learner.actor.LearnerActor`, the DPO objective) in a placement group of its own, restored from
    the latest checkpoint when resuming (or recovering);
 3. the loop: ``dpo.batch_size`` pairs per step from a seeded, checkpointed stream over the training split; one line
    of ``metrics.jsonl`` per step (loss, rewards chosen / rejected, margins, accuracies, BEMA events), held-out
@@ -25,7 +26,8 @@ from pathlib import Path
 import ray
 
 from rlfleet.cluster import checkpoint as ckpt
-from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job
+from rlfleet.cluster.learners import LearnerGroup
+from rlfleet.cluster.lifecycle import RunStopped, call, run_job
 from rlfleet.cluster.metrics import StepOutputs, dpo_series, plot
 from rlfleet.cluster.preflight import preflight_dpo
 from rlfleet.cluster.run_lock import hold_output_dir
@@ -60,11 +62,11 @@ class DPOJob:
         self.learner = self.placement = self.future = self.outputs = None  # future: the train_step in flight
 
     def start(self, resume_from: Path | None) -> None:
-        from rlfleet.dpo.actor import make_dpo_learner_actor
+        from rlfleet.dpo.learner import dpo_learner
 
         cfg, t = self.cfg, self.cfg.cluster.timeout_s
         self.placement = reserve(learner_bundles(cfg.cluster), "rlfleet-dpo-learner", timeout_s=min(t, 120.0))
-        self.learner = make_dpo_learner_actor(cfg, name="rlfleet-dpo-learner", **self.placement.options())
+        self.learner = LearnerGroup(cfg, dpo_learner, None, "rlfleet-dpo-learner", self.placement)
         self.stream = PromptStream(self.train_ds, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.eval_pairs = None
         if self.eval_ds is not None:
@@ -72,12 +74,12 @@ class DPOJob:
         self.step = 0
         if resume_from is not None:
             ckpt.verify(resume_from, lora=self.cfg.model.lora is not None)
-            call(self.learner.load.remote(str(resume_from)), t, "the DPO learner (loading a checkpoint)")
+            self.learner.run("load", str(resume_from), what="the DPO learner (loading a checkpoint)")
             state = json.loads((resume_from / "driver.json").read_text())
             self.stream.load_state_dict(state["stream"])
             self.step = int(state["step"])
             print(f"rlfleet dpo: resumed from {resume_from} at step {self.step}", flush=True)
-        if call(self.learner.step.remote(), t, "the DPO learner (starting)") != self.step:
+        if self.learner.run("step", what="the DPO learner (starting)") != self.step:
             raise RuntimeError(f"the DPO learner is at a different step than the driver's {self.step}")
         self.outputs = StepOutputs(cfg, dpo_series(self.eval_pairs is not None), self.step if resume_from else None)
         self.last_record: dict = {}
@@ -91,15 +93,14 @@ class DPOJob:
     def evaluate(self) -> dict:
         if self.eval_pairs is None:
             return {}
-        return call(self.learner.evaluate.remote(self.eval_pairs), self.cfg.cluster.timeout_s,
-                    "the DPO learner (evaluating)")
+        return self.learner.run("evaluate", self.eval_pairs, what="the DPO learner (evaluating)")
 
     def loop(self) -> None:
         cfg, max_steps = self.cfg, self.cfg.learner.max_steps
         while self.step < max_steps:
             pairs = [PreferencePair.from_record(r) for r in self.stream.next_batch(cfg.dpo.batch_size)]
-            self.future = self.learner.train_step.remote(pairs)
-            metrics = call(self.future, cfg.cluster.timeout_s, "the DPO learner")
+            self.future = self.learner.call("train", pairs)
+            metrics = self.learner.get(self.future, "the DPO learner")
             self.future = None
             self.finish_step(metrics, with_eval=(self.step + 1) % cfg.dpo.eval_steps == 0
                              or self.step + 1 == max_steps)
@@ -132,13 +133,12 @@ class DPOJob:
 
     def settle(self) -> None:
         if self.future is not None:  # a step in flight changes the weights: count it before saving
-            self.finish_step(call(self.future, self.cfg.cluster.timeout_s, "the DPO learner"), with_eval=False)
+            self.finish_step(self.learner.get(self.future, "the DPO learner"), with_eval=False)
             self.future = None
 
     def save(self) -> Path:
         staging = ckpt.staging_dir(self.out, self.step)
-        call(self.learner.save.remote(str(staging)), self.cfg.cluster.timeout_s,
-             "the DPO learner (saving)")
+        self.learner.run("save", str(staging), what="the DPO learner (saving)")
         (staging / "driver.json").write_text(json.dumps({"step": self.step, "stream": self.stream.state_dict()},
                                                         indent=2))
         return ckpt.commit(staging, self.step, self.cfg.checkpoint.keep_last)
@@ -148,8 +148,7 @@ class DPOJob:
         bema_dir = None
         if cfg.dpo.bema is not None:
             bema_dir = out / "bema"
-            call(self.learner.save_bema.remote(str(bema_dir)), cfg.cluster.timeout_s,
-                 "the DPO learner (saving the BEMA weights)")
+            self.learner.run("save_bema", str(bema_dir), what="the DPO learner (saving the BEMA weights)")
         png = plot(self.outputs.log.read(), out / "dpo.png", keys=PLOT_KEYS) if cfg.logging.plot else None
         summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.outputs.log.path),
                    "bema": str(bema_dir) if bema_dir else None, "plot": str(png) if png else None,
@@ -161,6 +160,7 @@ class DPOJob:
     def teardown(self) -> None:
         if self.outputs is not None:
             self.outputs.close()
-        kill(self.learner)
+        if self.learner is not None:
+            self.learner.kill()
         if self.placement is not None:
             self.placement.release()

@@ -39,6 +39,7 @@ from pathlib import Path
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.cluster.admission import LiveGroups, admission_budget
 from rlfleet.cluster.evaluations import Evaluations
+from rlfleet.cluster.learners import LearnerGroup
 from rlfleet.cluster.lifecycle import RunStopped, call, kill, run_job, wait_any
 from rlfleet.cluster.metrics import console, fmt, plot, rl_series, warn
 from rlfleet.cluster.pool import GeneratorPool
@@ -88,7 +89,7 @@ class RLJob:
         from rlfleet.models import inflight_groups
         from rlfleet.generation.actor import STREAM, make_generation_actor, vllm_engine
         from rlfleet.dpo.online import online_dpo_learner
-        from rlfleet.learner.actor import make_learner_actor, policy_learner
+        from rlfleet.learner.actor import policy_learner
         from rlfleet.replay.actor import make_replay_actor
 
         cfg, c, t = self.cfg, self.cfg.cluster, self._timeout()
@@ -96,8 +97,7 @@ class RLJob:
         self.replay = make_replay_actor(cfg.replay, cfg.seed, name=REPLAY_NAME, num_cpus=0)
         self.learner_placement = reserve(learner_bundles(c), "rlfleet-learner", timeout_s=min(t, 120.0))
         objective = online_dpo_learner if cfg.algorithm.name == "online_dpo" else policy_learner
-        self.learner = make_learner_actor(cfg, REPLAY_NAME, objective, name="rlfleet-learner",
-                                          **self.learner_placement.options())
+        self.learner = LearnerGroup(cfg, objective, REPLAY_NAME, "rlfleet-learner", self.learner_placement)
         factory = self.engine_factory or vllm_engine
         fleet = c.max_generators
         if fleet is None:  # cluster.num_generators: auto
@@ -123,7 +123,7 @@ class RLJob:
         if resume_from is not None:
             self.phase = f"restoring {resume_from}"
             replay_state, driver_state = ckpt.read_state(resume_from)
-            call(self.learner.load.remote(str(resume_from)), t, "the learner (loading a checkpoint)")
+            self.learner.run("load", str(resume_from), what="the learner (loading a checkpoint)")
             call(self.replay.load_state_dict.remote(*replay_state), t, "the replay actor (loading a checkpoint)")
             self.stream.load_state_dict(driver_state["stream"])
             self.pool.retry = list(driver_state.get("retry", []))
@@ -137,8 +137,7 @@ class RLJob:
               flush=True)
         self.pool.start(c.min_generators)
         self.phase = "publishing the first weights"
-        self.weights = call(self.learner.publish_weights.remote(self.pool.weight_group()), t,
-                            "the learner (publishing)")
+        self.weights = self.learner.run("publish_weights", self.pool.weight_group(), what="the learner (publishing)")
         stats = call(self.replay.stats.remote(), t, "the replay actor")
         # admission's count of live groups starts with those trained (one batch per version) and those queued
         self.pool.live = LiveGroups(self.weights.version * cfg.learner.groups_per_step, stats)
@@ -187,7 +186,7 @@ class RLJob:
             if self.control_future in ready:
                 self.on_control()
             if self.learner_future in ready:
-                result = call(self.learner_future, t, "the learner")
+                result = self.learner.get(self.learner_future, "the learner")
                 self.learner_future = None
                 if result is None:  # no batch within pull_s: admission runs again with fresh replay stats
                     self.pool.live.heard(self.ask(self.replay.stats.remote(), "the replay actor"))
@@ -210,7 +209,7 @@ class RLJob:
         self.finish_evaluations()
 
     def start_learner_step(self, pull_s: float) -> None:
-        self.learner_future = self.learner.train_step.remote(pull_s, self.pool.weight_group())
+        self.learner_future = self.learner.call("train_step", pull_s, self.pool.weight_group())
 
     def admit_all(self) -> None:
         """Evaluations first (one waits for no training request), then generation as far as the bound admits."""
@@ -283,8 +282,9 @@ class RLJob:
         reach (joined or restarted since) get nothing to do until one does; while no batch comes (they may be the
         ones to generate it), the current weights are published again to the group as it is now."""
         if any(not self.weights.reaches(key) for key in self.pool.weight_group()):
-            self.weights = self.ask(self.learner.publish_weights.remote(self.pool.weight_group()),
-                                    "the learner (publishing to the generators that joined)")
+            self.round_trips += 1
+            self.weights = self.learner.run("publish_weights", self.pool.weight_group(),
+                                            what="the learner (publishing to the generators that joined)")
 
     def on_control(self) -> None:
         """An operator's request through the rlfleet-control actor (``rlfleet scale``, a stop)."""
@@ -351,7 +351,7 @@ class RLJob:
     def settle(self) -> None:
         """A step in flight changes the weights: count it before the final checkpoint."""
         if self.learner_future is not None:
-            result = call(self.learner_future, self._timeout(), "the learner")
+            result = self.learner.get(self.learner_future, "the learner")
             self.learner_future = None
             if result is not None:
                 self.record_step(result, self.advance(result))
@@ -361,7 +361,7 @@ class RLJob:
         the prompts to re-issue describe the same moment."""
         self.collect(self.pool.quiesce())
         t, staging = self._timeout(), ckpt.staging_dir(self.out, self.step)
-        call(self.learner.save.remote(str(staging)), t, "the learner (saving)")
+        self.learner.run("save", str(staging), what="the learner (saving)")
         replay_state = call(self.replay.state_dict.remote(), t, "the replay actor (saving)")
         ckpt.write_state(staging, replay_state, {"step": self.step, "policy_version": self.version,
                                                  "stream": self.stream.state_dict(), "retry": self.pool.retry,
@@ -376,10 +376,10 @@ class RLJob:
         merged = bema = None
         if self.cfg.algorithm.name == "online_dpo" and self.cfg.dpo.bema is not None:
             bema = self.out / "bema"
-            call(self.learner.save_bema.remote(str(bema)), self._timeout(), "the learner (saving the BEMA weights)")
+            self.learner.run("save_bema", str(bema), what="the learner (saving the BEMA weights)")
         if self.cfg.model.lora is not None and self.cfg.model.lora.save_merged:
             merged = self.out / "merged"
-            call(self.learner.save_merged.remote(str(merged)), self._timeout(), "the learner (saving the merged model)")
+            self.learner.run("save_merged", str(merged), what="the learner (saving the merged model)")
         summary = {"step": self.step, "checkpoint": str(final), "metrics": str(self.records.outputs.log.path),
                    "plot": str(png) if png else None, "merged": str(merged) if merged else None,
                    "bema": str(bema) if bema else None,
@@ -393,6 +393,8 @@ class RLJob:
             self.records.close()
         if self.pool is not None:
             self.pool.shutdown()
-        kill(self.learner, self.replay)
+        if self.learner is not None:
+            self.learner.kill()
+        kill(self.replay)
         if self.learner_placement is not None:
             self.learner_placement.release()

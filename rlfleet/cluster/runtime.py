@@ -182,8 +182,10 @@ class Placement:
     def ready(self) -> ray.ObjectRef:
         return self.group.ready()
 
-    def options(self) -> dict:
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=0)}
+    def options(self, bundle: int = 0) -> dict:
+        """Ray options that run an actor in bundle ``bundle`` (a learner group's rank r in bundle r)."""
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.group,
+                                                                        placement_group_bundle_index=bundle)}
 
     def release(self) -> None:
         try:

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from rlfleet import lora as lora_
-from rlfleet.config import DPOConfig, LearnerConfig, ModelConfig
+from rlfleet.config import DPOConfig, LearnerConfig, ModelConfig, RLFleetConfig
 from rlfleet.dpo.bema import BEMA
 from rlfleet.dpo.data import PreferencePair
 from rlfleet.learner import distributed as dist_
@@ -261,3 +261,8 @@ def DPOLearner(model_cfg: ModelConfig, dpo_cfg: DPOConfig, learner_cfg: LearnerC
     reference = "copy" if model_cfg.lora is None or dpo_cfg.bema is not None else "adapter_off"
     trainee = Trainee(model_cfg, learner_cfg, seed, rank, reference, model)
     return Learner(trainee, DPO(trainee, dpo_cfg))
+
+
+def dpo_learner(cfg: RLFleetConfig, rank: Rank) -> Learner:
+    """The learner actor's ``make_learner`` for ``rlfleet dpo``."""
+    return DPOLearner(cfg.model, cfg.dpo, cfg.learner, cfg.seed, rank=rank)

@@ -212,6 +212,16 @@ def micro_batches(num_rows: int, size: int, rank: Rank = SINGLE) -> list[MicroBa
     return mine + [MicroBatch(0, min(size, num_rows), real=False)] * (count - len(mine))
 
 
+def broadcast_object(value, rank: Rank):
+    """Rank 0's ``value`` on every rank (``value`` itself with one rank): what rank 0 pulled for the whole group (a
+    batch of groups); the bytes stay inside the process group."""
+    if not rank.sharded:
+        return value
+    box = [value if rank.leader else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(value, rank: Rank) -> list:
     """``value`` from every rank, in rank order (``[value]`` with one rank): small picklable values only (metrics);
     the bytes stay inside the process group."""
