@@ -118,6 +118,9 @@ def test_a_step_is_the_dpo_step_on_the_groups_pairs():
         assert metrics["loss"] == expected["loss"] and metrics["dpo/pairs"] == 3
         assert metrics["policy_version"] == seed + 1 and metrics["dpo/optimizer_steps"] == seed + 1
         assert metrics["reward/mean"] == pytest.approx(np.mean([g.rewards for g in groups]))
+        # DPO's own metrics under dpo/ (a reward function may be called "chosen": rewards/chosen/mean)
+        for key in ("rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "policy_accuracy"):
+            assert metrics[f"dpo/{key}"] == expected[key] and key not in metrics, key
     assert_same(params(online.model), params(offline.model))
     assert_same(params(online.ref_model), params(offline.ref_model))
     assert online.state_dict().keys() == offline.model.state_dict().keys()

@@ -5,7 +5,7 @@ Layout of one checkpoint::
     step-N/
       policy/          the policy: Hugging Face model (or LoRA adapter) + tokenizer
       learner/         the learner's state: optimizer, scheduler, reference, BEMA, learner.json
-                       (:mod:`rlfleet.learner.trainee`; older layouts still load: :func:`~rlfleet.learner.trainee.locate`)
+                       (:mod:`rlfleet.learner.trainee`; the layouts before it still load: ``trainee.locate``)
       replay.npz       the replay buffer's arrays (numeric only; np.load(allow_pickle=False))
       replay.json      the replay buffer's metadata
       driver.json      step, policy version, prompt cursor, RNG state

@@ -350,8 +350,8 @@ DPO_SERIES = {
 
 
 ONLINE_DPO_SERIES = {  # online DPO's instead of the clip share (algorithm.name: online_dpo)
-    "rlfleet_dpo_accuracy": ("rewards/accuracies", "share of pairs whose chosen reward is higher"),
-    "rlfleet_dpo_margin": ("rewards/margins", "mean chosen - rejected reward"),
+    "rlfleet_dpo_accuracy": ("dpo/rewards/accuracies", "share of pairs whose chosen reward is higher"),
+    "rlfleet_dpo_margin": ("dpo/rewards/margins", "mean chosen - rejected reward"),
     "rlfleet_dpo_pairs": ("dpo/pairs", "preference pairs in the step (online DPO)"),
 }
 EVAL_SERIES = {  # jobs with logging.eval_steps; set at each evaluation, held between them

@@ -70,6 +70,9 @@ def completion(group: Group, row: int) -> list[int]:
     return [int(t) for t in group.completion_ids[row, :int(group.completion_lengths[row])]]
 
 
+DPO_OWN = ("rewards/", "logps/", "policy_accuracy")  # the DPO step's metrics that online DPO reports under dpo/
+
+
 class OnlineDPO:
     """Online DPO's objective: :class:`~rlfleet.dpo.learner.DPO` on the pairs of the fleet's groups (see the module
     doc). A step without a pair plans no micro-batch, so the learner makes no update (``dpo/skipped_steps``) but
@@ -98,14 +101,16 @@ class OnlineDPO:
         return self.dpo.after_step(step)
 
     def report(self, plan: Plan, records, common: dict[str, float]) -> dict[str, float]:
-        """The DPO step's metrics (``loss``, ``rewards/*`` (DPO's implicit rewards), ``logps/*``,
-        ``policy_accuracy``, ``grad_norm``, ``lr``, ``bema/*``; NaN loss and norm without a pair), the task rewards
+        """The DPO step's metrics (``loss``, ``grad_norm``, ``lr``, ``bema/*``, NaN loss and norm without a pair;
+        ``dpo/rewards/*`` (DPO's implicit rewards), ``dpo/logps/*``, ``dpo/policy_accuracy``), the task rewards
         and staleness of the groups (``reward/*``, ``staleness/*``, as GRPO), ``dpo/pairs``, ``dpo/reward_margin``
         (mean task-reward margin of the pairs), ``dpo/unpaired_groups``, ``dpo/skipped_steps`` and
         ``dpo/optimizer_steps``, ``learner/sequences`` (two per pair) and ``learner/tokens``, ``policy_version``."""
         c = plan.context
-        step = mean_by_pairs(records) | common if records else {"loss": math.nan, "grad_norm": math.nan,
-                                                                  "learner/tokens": 0.0, "lr": common["lr"]}
+        step = {"loss": math.nan, "grad_norm": math.nan, "learner/tokens": 0.0, "lr": common["lr"]}
+        if records:  # DPO's own metrics under dpo/: beside rewards/<function>/mean, a reward function may be "chosen"
+            step = {("dpo/" + k if k.startswith(DPO_OWN) else k): v
+                    for k, v in (mean_by_pairs(records) | common).items()}
         return step | batch_metrics(c["groups"], c["version"]) | {
             "dpo/pairs": float(len(c["pairs"])),
             "dpo/reward_margin": float(np.mean(c["margins"])) if c["margins"] else math.nan,
