@@ -55,9 +55,10 @@ class LearnerGroup:
 
     def call(self, method: str, *args) -> ray.ObjectRef:
         """``method(*args)`` on every rank, together (their collectives meet); rank 0's answer's ref, to wait for
-        with the job's other work and to read with :meth:`get`. Arguments go through the object store once."""
+        with the job's other work and to read with :meth:`get`. Arguments go through the object store once (an
+        ``ObjectRef`` argument is passed as is)."""
         if self.world > 1:
-            args = tuple(ray.put(a) for a in args)
+            args = tuple(a if isinstance(a, ray.ObjectRef) else ray.put(a) for a in args)
         calls = [getattr(actor, method).remote(*args) for actor in self.ranks]
         self.others[calls[0]] = calls[1:]
         return calls[0]
