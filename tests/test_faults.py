@@ -59,6 +59,26 @@ def test_checkpoint_round_trip_and_keep_last(tmp_path):
     assert driver["step"] == 6 and driver["stream"]["position"] == 8
 
 
+def test_resume_hashes_each_file_once_until_one_changes(tmp_path, monkeypatch):
+    """The job verifies the checkpoint before it starts and reads it afterwards: the files are hashed once; a file
+    changed in between (same size, another byte, a later modification time) is hashed again and refused."""
+    final = write_checkpoint(tmp_path, 2)
+    hashed = []
+    sha256 = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda path: hashed.append(path.name) or sha256(path))
+    ckpt.verify(final, learner_workers=None)
+    ckpt.read_state(final)
+    assert sorted(hashed) == ["driver.json", "model.safetensors", "replay.json", "replay.npz"]
+    weights = final / "policy" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[0] ^= 0xFF
+    before = weights.stat().st_mtime_ns
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(before + 10**9, before + 10**9))  # as a later write shows (not within the clock's tick)
+    with pytest.raises(CheckpointError, match="corrupt: policy/model.safetensors does not match"):
+        ckpt.read_state(final)
+
+
 def test_truncated_file_is_refused(tmp_path):
     final = write_checkpoint(tmp_path, 2)
     weights = final / "policy" / "model.safetensors"

@@ -79,6 +79,14 @@ def _manifest(directory: Path) -> dict[str, list]:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MARKER}
 
 
+_HASHED: set[tuple] = set()  # checkpoints whose files this process hashed, as their stat() had them then
+
+
+def _stat_key(directory: Path, names) -> tuple:
+    """What identifies ``directory``'s files as they are now: every file's path, size and modification time."""
+    return (str(directory.resolve()), *((n, (s := (directory / n).stat()).st_size, s.st_mtime_ns) for n in names))
+
+
 def verify(directory: Path, learner_workers: int | None = None, lora: bool | None = None) -> None:
     """Refuse an incomplete, corrupt or incompatible checkpoint with a message that says which and why; with
     ``learner_workers``, also one written by a learner group of another size (its optimizer state is sharded); with
@@ -94,13 +102,17 @@ def verify(directory: Path, learner_workers: int | None = None, lora: bool | Non
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{directory} has checkpoint format {meta.get('format')!r}; this rlfleet reads format "
                               f"{FORMAT}. Use the rlfleet version that wrote it")
-    for name, (size, digest) in meta["files"].items():
-        path = directory / name
-        if not path.is_file():
+    for name in meta["files"]:
+        if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} is corrupt: {name} is missing")
-        if path.stat().st_size != size or _sha256(path) != digest:
-            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its recorded size "
-                                  f"({size} bytes) and SHA-256; resume from an earlier checkpoint")
+    seen = _stat_key(directory, meta["files"])
+    if seen not in _HASHED:  # once per process while no file changes size or mtime (resume verifies, then reads)
+        for name, (size, digest) in meta["files"].items():
+            path = directory / name
+            if path.stat().st_size != size or _sha256(path) != digest:
+                raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its recorded size "
+                                      f"({size} bytes) and SHA-256; resume from an earlier checkpoint")
+        _HASHED.add(seen)
     written_by = learner_ranks(meta["files"])
     if learner_workers is not None and written_by is not None and written_by != learner_workers:
         raise CheckpointError(
