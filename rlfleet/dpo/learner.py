@@ -258,9 +258,15 @@ def DPOLearner(model_cfg: ModelConfig, dpo_cfg: DPOConfig, learner_cfg: LearnerC
                model: torch.nn.Module | None = None, rank: Rank = SINGLE) -> Learner:
     """The DPO learner: ``model`` (default: ``model_cfg``'s, in float32) trained for :class:`DPO`. The reference is
     a frozen copy of the policy; with LoRA and no BEMA, the policy with its adapter disabled (no second copy)."""
-    reference = "copy" if model_cfg.lora is None or dpo_cfg.bema is not None else "adapter_off"
-    trainee = Trainee(model_cfg, learner_cfg, seed, rank, reference, model)
+    trainee = dpo_trainee(model_cfg, dpo_cfg, learner_cfg, seed, rank, model)
     return Learner(trainee, DPO(trainee, dpo_cfg))
+
+
+def dpo_trainee(model_cfg: ModelConfig, dpo_cfg: DPOConfig, learner_cfg: LearnerConfig, seed: int = 0,
+                rank: Rank = SINGLE, model: torch.nn.Module | None = None) -> Trainee:
+    """DPO's trainee: its reference a frozen copy of the policy, or with LoRA and no BEMA the adapter disabled."""
+    reference = "copy" if model_cfg.lora is None or dpo_cfg.bema is not None else "adapter_off"
+    return Trainee(model_cfg, learner_cfg, seed, rank, reference, model)
 
 
 def dpo_learner(cfg: RLFleetConfig, rank: Rank) -> Learner:

@@ -30,7 +30,7 @@ import numpy as np
 
 from rlfleet.config import DPOConfig, LearnerConfig, ModelConfig, RLFleetConfig
 from rlfleet.dpo.data import PreferencePair
-from rlfleet.dpo.learner import DPO, DPOLearner, mean_by_pairs
+from rlfleet.dpo.learner import DPO, dpo_trainee, mean_by_pairs
 from rlfleet.learner.core import Learner, Loss, Micro, Plan
 from rlfleet.learner.distributed import SINGLE, Rank
 from rlfleet.learner.policy import batch_metrics
@@ -141,10 +141,10 @@ class OnlineDPO:
 
 def OnlineDPOLearner(model_cfg: ModelConfig, dpo_cfg: DPOConfig, learner_cfg: LearnerConfig, seed: int = 0,
                      rank: Rank = SINGLE) -> Learner:
-    """The learner of ``algorithm.name: online_dpo``: :func:`~rlfleet.dpo.learner.DPOLearner`'s trainee trained for
-    :class:`OnlineDPO`."""
-    learner = DPOLearner(model_cfg, dpo_cfg, learner_cfg, seed, rank=rank)
-    return Learner(learner.trainee, OnlineDPO(learner.objective))
+    """The learner of ``algorithm.name: online_dpo``: DPO's trainee (:func:`~rlfleet.dpo.learner.dpo_trainee`) trained
+    for :class:`OnlineDPO`."""
+    trainee = dpo_trainee(model_cfg, dpo_cfg, learner_cfg, seed, rank)
+    return Learner(trainee, OnlineDPO(DPO(trainee, dpo_cfg)))
 
 
 def online_dpo_learner(cfg: RLFleetConfig, rank: Rank) -> Learner:

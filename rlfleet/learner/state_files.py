@@ -100,12 +100,13 @@ def save_policy(model: torch.nn.Module, tokenizer, path: Path, rank: Rank = SING
         tokenizer.save_pretrained(path)
 
 
-def save_adapter(peft_model, tokenizer, path: Path, rank: Rank = SINGLE) -> None:
-    """The adapter in peft's format (``adapter_model.safetensors``, ``adapter_config.json``: loadable with
-    ``PeftModel.from_pretrained(base, path)``) and the tokenizer, from the leader; a learner group gathers the
-    adapter's shards first (every rank calls this)."""
-    model = peft_model.get_base_model()
-    state = dist_.full_state_dict(model, keep=lora_.is_adapter_parameter) if rank.sharded else None
+def save_adapter(peft_model, tokenizer, path: Path, rank: Rank = SINGLE,
+                 state: dict[str, Tensor] | None = None) -> None:
+    """The adapter (or ``state``, adapter weights under the model's names) in peft's format
+    (``adapter_model.safetensors``, ``adapter_config.json``: loadable with ``PeftModel.from_pretrained(base, path)``)
+    and the tokenizer, from the leader; a learner group gathers the adapter's shards first (every rank calls this)."""
+    if state is None and rank.sharded:
+        state = dist_.full_state_dict(peft_model.get_base_model(), keep=lora_.is_adapter_parameter)
     if rank.leader:
         prefixed = None if state is None else {"base_model.model." + k: v for k, v in state.items()}
         peft_model.save_pretrained(path, state_dict=prefixed)

@@ -240,11 +240,8 @@ class Trainee:
         the tokenizer; every rank of a group calls it."""
         if self.peft is None:
             save_policy(self.model, self.tokenizer, path, self.rank, state)
-        elif state is None:
-            save_adapter(self.peft, self.tokenizer, path, self.rank)
-        elif self.rank.leader:
-            self.peft.save_pretrained(path, state_dict={"base_model.model." + k: v for k, v in state.items()})
-            self.tokenizer.save_pretrained(path)
+        else:
+            save_adapter(self.peft, self.tokenizer, path, self.rank, state)
 
     def save_state(self, path: Path) -> None:
         """The optimizer (one file per rank), ``scheduler.json`` and, for a reference of kind "copy", its
