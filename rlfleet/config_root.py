@@ -150,14 +150,7 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
             f"staleness bound lets one policy version produce. Use at most {window * G}, or raise "
             "replay.max_staleness or learner.groups_per_step."
         )
-    if gen.engine == "continuous":
-        if lora is not None:
-            out.append("generation.engine: continuous loads full weights in flight; an adapter (model.lora) is not "
-                       "carried in flight yet: use generation.engine: batched with model.lora.")
-        if alg.environment is not None:
-            out.append("generation.engine: continuous runs single-turn groups; multi-turn episodes "
-                       f"(algorithm.environment: {alg.environment!r}) run on generation.engine: batched.")
-    elif gen.max_inflight_groups is not None or gen.kv_on_update != "keep":
+    if gen.engine != "continuous" and (gen.max_inflight_groups is not None or gen.kv_on_update != "keep"):
         field = "generation.max_inflight_groups" if gen.max_inflight_groups is not None else "generation.kv_on_update"
         out.append(f"{field}: applies to generation.engine: continuous only; set that, or remove {field}.")
     if gen.top_k == 0:

@@ -216,18 +216,20 @@ def test_paired_knobs_that_agree_pass(overrides):
 
 
 def test_continuous_engine_fields_and_refusals():
-    """generation.engine: continuous with its knobs loads; its knobs without it, LoRA and environments with it, and a
-    zero max_inflight_groups are refused, each naming the field."""
+    """generation.engine: continuous with its knobs loads, and so does it with multi-turn episodes and with LoRA;
+    its knobs without it and a zero max_inflight_groups are refused, each naming the field."""
     cfg = config.config_from_dict({"generation": {"engine": "continuous", "max_inflight_groups": 16,
                                                   "kv_on_update": "recompute"}})
     assert (cfg.generation.engine, cfg.generation.max_inflight_groups, cfg.generation.kv_on_update) == (
         "continuous", 16, "recompute")
+    cfg = config.config_from_dict({"generation": {"engine": "continuous", "max_turns": 2},
+                                   "algorithm": {"environment": "scripted_user"}})
+    assert (cfg.generation.engine, cfg.algorithm.environment) == ("continuous", "scripted_user")
+    cfg = config.config_from_dict({"generation": {"engine": "continuous"}, "model": {"lora": {"r": 8}}})
+    assert (cfg.generation.engine, cfg.model.lora.r) == ("continuous", 8)
     cases = {
         "generation.max_inflight_groups": {"generation": {"max_inflight_groups": 16}},
         "generation.kv_on_update": {"generation": {"kv_on_update": "recompute"}},
-        "model.lora": {"generation": {"engine": "continuous"}, "model": {"lora": {"r": 8}}},
-        "algorithm.environment": {"generation": {"engine": "continuous", "max_turns": 2},
-                                  "algorithm": {"environment": "scripted_user"}},
         "max_inflight_groups": {"generation": {"engine": "continuous", "max_inflight_groups": 0}},
     }
     for field, data in cases.items():

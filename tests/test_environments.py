@@ -19,6 +19,7 @@ from rlfleet.config import AlgorithmConfig, DataConfig, GenerationConfig, ModelC
 from rlfleet.data import PromptStream, load_prompt_dataset
 from rlfleet.rewards import char_count_reward
 from rlfleet.environments import Environment, ScriptedUser, make_environment
+from rlfleet.generation.continuous import ContinuousEngine
 from rlfleet.generation.engine import Engine
 from rlfleet.generation.generator import Generator
 from rlfleet.learner.policy import collate
@@ -39,10 +40,21 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_path):
+def vllm_engine(tiny_model_path):
     threads = torch.get_num_threads()
     yield Engine(ModelConfig(name_or_path=tiny_model_path), GEN, seed=0)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["batched", "continuous"])
+def engine(request, vllm_engine):
+    """The episodes' tests run on both engines: turns batched per request, and every episode on its own."""
+    if request.param == "batched":
+        yield vllm_engine
+        return
+    continuous = ContinuousEngine(vllm_engine)
+    yield continuous
+    continuous.shutdown()
 
 
 def char_records(n: int) -> list[dict]:
@@ -194,6 +206,72 @@ def test_failing_environments_drop_their_groups_and_are_counted(engine, tokenize
     text = caplog.text
     assert "RuntimeError: tool crashed" in text and "TimeoutError" in text and "not a non-empty list" in text
     assert text.count("RuntimeError: tool crashed") == 1  # logged once, though several groups failed alike
+
+
+@pytest.mark.vllm
+def test_on_the_continuous_engine_a_slow_environment_delays_only_its_own_episode(engine, tokenizer):
+    """Every episode runs on its own: while the environment holds one episode's first answer, every other
+    episode (its group's and the other group's) gets its first answer, samples its second turn and asks again; only
+    then is the held answer given. Shown by the order of the environment's calls; the held call waits on an event
+    that a turn-batched engine could never set (it would need the held answer first), so there it times out."""
+    if not isinstance(engine, ContinuousEngine):
+        pytest.skip("turns are batched per request on the batched engine")
+    lock, events, others_asked_twice = threading.Lock(), [], threading.Event()
+    episodes = 8  # 2 records x num_generations 4
+
+    class HoldsTheFirst(Environment):
+        def setup_state(self, record):
+            with lock:
+                self.started += 1
+                return {"number": self.started, "asked": 0}
+
+        def env_response(self, messages, state):
+            state["asked"] += 1
+            with lock:
+                events.append(("asked", state["number"], state["asked"]))
+                if sum(1 for e in events if e[0] == "asked" and e[2] == 2) == episodes - 1:
+                    others_asked_twice.set()
+            if state["number"] == 1 and state["asked"] == 1:
+                assert others_asked_twice.wait(60), "the other episodes waited for the held one"
+            with lock:
+                events.append(("answered", state["number"], state["asked"]))
+            return [{"role": "user", "content": "go on"}]
+
+    env = HoldsTheFirst()
+    env.started = 0
+    generation = GEN.model_copy(update={"env_timeout_s": 120})  # past the held call's own 60 s wait
+    groups, stats = generator(engine, tokenizer, env, generation=generation).generate(char_records(2))
+    assert stats["errors/env"] == 0 and stats["env/turns"] == episodes * 3 and len(groups) == 2
+    held = events.index(("answered", 1, 1))
+    assert {n for kind, n, k in events[:held] if kind == "asked" and k == 2} == set(range(2, episodes + 1))
+    assert events[held + 1:].count(("asked", 1, 2)) == 1  # the held episode then went on to its second turn
+
+
+@pytest.mark.vllm
+def test_an_evaluation_keeps_one_version_between_the_turns_of_its_episodes(engine, tokenizer, tiny_model_path):
+    """On the continuous engine a load queued while an evaluation's episodes wait for the environment (no request of
+    theirs in flight) is held until the evaluation ends: every token of every turn carries the version it started
+    with. Without the hold, the load (queued before the next turn's request, on the one loop thread) would label
+    every second turn with the new version."""
+    if not isinstance(engine, ContinuousEngine):
+        pytest.skip("a batched engine loads weights only between requests")
+    base = engine.version
+    all_waiting, loads = threading.Barrier(2, timeout=60), []
+    weights = load_causal_lm(tiny_model_path).state_dict()  # the same weights, a new version label
+
+    class LoadsMidEpisode(Environment):
+        def env_response(self, messages, state):
+            if all_waiting.wait() == 0:  # both episodes wait here: none of their requests is in flight
+                loads.append(engine.load_async(weights, version=base + 1))
+            return [{"role": "user", "content": "go on"}]
+
+    one_turn_each = GEN.model_copy(update={"num_generations": 2, "max_turns": 2})
+    with engine.pinned():
+        (group,), _ = generator(engine, tokenizer, LoadsMidEpisode(), generation=one_turn_each).generate(
+            char_records(1))
+        assert not loads[0].done()
+    assert group.token_versions is None and group.policy_version == base  # every token: the version it began with
+    assert loads[0].result(timeout=60) == base + 1 and engine.version == base + 1
 
 
 @pytest.mark.vllm

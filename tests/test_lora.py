@@ -85,6 +85,42 @@ def test_engine_samples_with_the_adapter_registered_in_memory(tiny_model_path):
             np.testing.assert_allclose(c.logprobs, logprobs(base, prompt, c.token_ids, GEN.temperature), atol=1e-4)
 
 
+@pytest.mark.vllm
+def test_a_new_adapter_loads_in_flight_on_the_continuous_engine(tiny_model_path):
+    """A completion started under adapter 1 takes adapter 2 mid-way (one engine step chosen by the test, which
+    drives the loop): with ``recompute`` every token's behaviour log-prob equals HF + peft under the adapter of its
+    own version, those sampled before the load adapter 1's and those after adapter 2's (each told apart from the
+    other adapter's)."""
+    from rlfleet.generation.continuous import ContinuousEngine
+    from rlfleet.generation.engine import Engine
+    from rlfleet.transport import published_contents
+
+    engine = Engine(ModelConfig(name_or_path=tiny_model_path, lora=LORA), GEN.model_copy(
+        update={"max_completion_length": 24}), seed=0)
+    first, _ = random_adapter(tiny_model_path, seed=1)
+    second, _ = random_adapter(tiny_model_path, seed=2)
+    engine.load_weights(adapter_state(first.state_dict()), 1, published_contents(LORA))
+    continuous = ContinuousEngine(engine, "recompute", start=False)
+    prompt = list(b"hello there")
+    group = continuous.submit(prompt, n=2)
+    for _ in range(5):  # the prefill samples each completion's first token, every decode step one more
+        assert continuous.run_once()
+    loaded = continuous.load_async(adapter_state(second.state_dict()), 2, published_contents(LORA))
+    while not group.done():
+        continuous.run_once()
+    assert loaded.result() == 2 and continuous.version == 2
+    for c in group.result():
+        assert len(c.token_ids) > 5, "the completion ended before the load"
+        assert c.versions == [1] * 5 + [2] * (len(c.token_ids) - 5)
+        ours = np.array(c.logprobs)
+        under = {1: logprobs(first, prompt, c.token_ids, GEN.temperature),
+                 2: logprobs(second, prompt, c.token_ids, GEN.temperature)}
+        own = np.array([under[v][t] for t, v in enumerate(c.versions)])
+        other = np.array([under[3 - v][t] for t, v in enumerate(c.versions)])
+        np.testing.assert_allclose(ours, own, atol=1e-4)
+        assert np.abs(ours[5:] - other[5:]).max() > 1e-2 and np.abs(ours[:5] - other[:5]).max() > 1e-2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The policy learner
 # ---------------------------------------------------------------------------------------------------------------

@@ -120,6 +120,31 @@ def test_continuous_generation_trains_within_the_bound_on_the_oldest_token(ray_c
         assert 1 <= r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"] <= 24
 
 
+def test_multi_turn_episodes_train_on_the_continuous_engine(ray_cluster, tmp_path):
+    """deploy/multi_turn.yaml on generation.engine: continuous: every episode runs on its own, weights load between
+    its turns, and the oldest-token bound holds over the whole episode (a group spans at most S + 1 = 2 versions).
+    Every episode has its three turns and no environment call failed."""
+    records = run(tmp_path, "multi_turn", "learner.max_steps=6", "generation.engine=continuous")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for r in records:
+        assert r["env/turns_per_episode"] == 3.0 and r["errors/env_total"] == 0 and 0 < r["env/token_frac"] < 1
+        assert r["staleness/max"] <= 1 and r["staleness/token_max"] <= r["staleness/max"]
+        assert r["staleness/version_span_max"] <= 1 and math.isfinite(r["loss"])
+
+
+def test_lora_adapters_load_in_flight_on_the_continuous_engine(ray_cluster, tmp_path):
+    """deploy/lora.yaml on generation.engine: continuous: each publication (an adapter) replaces the engine's one
+    adapter in place between two engine steps, completions in flight kept; every step trains within the
+    oldest-token bound (whether a load lands mid-group here is the scheduler's affair: tests/test_lora.py places
+    one there and checks every token's log-prob against its own adapter)."""
+    records = run(tmp_path, "lora", "learner.max_steps=8", "generation.engine=continuous")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["policy_version"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert math.isfinite(r["loss"]) and r["staleness/max"] <= 1
+        assert r["staleness/token_max"] <= r["staleness/max"] and r["staleness/version_span_max"] <= 1
+
+
 def test_several_generation_actors_share_the_work(ray_cluster, tmp_path):
     records = run(tmp_path, "grpo", "learner.max_steps=6", "cluster.num_generators=2", "replay.max_staleness=2",
                   "generation.generation_batch_size=16", "learner.groups_per_step=2")

@@ -30,12 +30,14 @@ same continuous batching and the same "pause keeping requests, load, resume" wit
 loaded by reference, and no event loop in the Ray actor. The batched path (``Engine.sample``, one ``generate`` per
 request) is ``generation.engine: batched``.
 
-Evaluations pin the weights (:meth:`pinned`): a load waits until no pinned request is in flight, so an evaluation
-of step s is sampled with step s's weights throughout.
+Evaluations pin the weights (:meth:`pinned`): a load waits until the evaluation's block has closed and none of its
+requests is in flight, so an evaluation of step s is sampled with step s's weights throughout, between the turns of
+its episodes too.
 """
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import queue
@@ -52,6 +54,7 @@ from rlfleet.transport import FULL, Contents
 
 logger = logging.getLogger(__name__)
 KV_ON_UPDATE = ("keep", "recompute")
+_PINNED = contextvars.ContextVar("rlfleet_pinned", default=False)  # requests submitted now hold weight loads back
 
 
 class EngineStopped(RuntimeError):
@@ -74,10 +77,10 @@ class ContinuousEngine:
         self._held: list[tuple[Callable[[], object], Future]] = []  # loads waiting for pinned requests to end
         self._ids = itertools.count()
         self._wake = threading.Event()
+        self._pins, self._pins_lock = 0, threading.Lock()  # pinned() blocks open
         self._version_changed = threading.Condition()
         self._reported = {"busy_s": 0.0, "idle_s": 0.0, "loads": 0}
         self._stopped = False
-        self._pin_next = threading.local()
         self.busy_s = self.idle_s = 0.0  # time the loop spent in engine steps / waiting for work
         self.steps = self.loads = 0
         self._thread = None
@@ -96,7 +99,7 @@ class ContinuousEngine:
                ) -> Future[list[Completion]]:
         """``n`` completions of one prompt, sampled as the engine runs; the future resolves when the last ends."""
         params = self.engine.sampling_params(n, temperature)
-        pinned = getattr(self._pin_next, "on", False)
+        pinned = _PINNED.get()
         done: Future[list[Completion]] = Future()
 
         def add() -> None:
@@ -117,12 +120,19 @@ class ContinuousEngine:
 
     @contextmanager
     def pinned(self):
-        """Requests submitted in this block (by this thread) hold weight loads back until they end."""
-        self._pin_next.on = True
+        """While this block runs, and until every request submitted in it (in this context: this thread, and threads
+        started with a copy of its context, as an evaluation's episodes are) has ended, weight loads wait: an
+        evaluation's multi-turn episodes keep one version between their turns too."""
+        token = _PINNED.set(True)
+        with self._pins_lock:
+            self._pins += 1
         try:
             yield
         finally:
-            self._pin_next.on = False
+            _PINNED.reset(token)
+            with self._pins_lock:
+                self._pins -= 1
+            self._wake.set()  # a load held back may run now
 
     # -- loading weights (rlfleet.transport.GroupWeightLoader): every load between two engine steps ---------------
 
@@ -233,7 +243,7 @@ class ContinuousEngine:
 
     def _run_commands(self) -> None:
         while True:
-            if self._held and not any(pinned for _, pinned in self._requests.values()):
+            if self._held and not self._pinning():
                 pending, self._held = self._held, []
                 for fn, done in pending:
                     self._execute(fn, done)
@@ -241,10 +251,14 @@ class ContinuousEngine:
                 fn, done, load = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if load and any(pinned for _, pinned in self._requests.values()):
+            if load and self._pinning():
                 self._held.append((fn, done))  # after the pinned requests (an evaluation) end
             else:
                 self._execute(fn, done)
+
+    def _pinning(self) -> bool:
+        """A pinned block is open or a pinned request is in flight: loads wait."""
+        return self._pins > 0 or any(pinned for _, pinned in self._requests.values())
 
     def _execute(self, fn: Callable[[], object], done: Future) -> None:
         try:

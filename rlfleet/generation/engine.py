@@ -30,7 +30,6 @@ environment defaults (``os.environ.setdefault``: a user's own values win).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import warnings
@@ -179,8 +178,7 @@ class Engine:
             **transfer,
             **lora,
         )
-        self.lora_request = None  # the LoRARequest every request carries (model.lora: the adapter loaded last)
-        self._adapter_ids = itertools.count(1)  # vLLM's adapter ids start at 1
+        self.lora_request = None  # the LoRARequest every request carries (model.lora: once an adapter is loaded)
         self._sampling_params_cls = SamplingParams
         self.generation = generation  # read at every sample() call
         self.max_model_len = model.max_model_len
@@ -252,18 +250,17 @@ class Engine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
 
     def _load_adapter(self, tensors: Mapping[str, torch.Tensor], contents: Contents) -> None:
-        """An adapter under peft's names, registered as the adapter of every request from now on; the previous one
-        is removed. The base weights are never touched."""
+        """An adapter under peft's names, replacing the engine's one adapter in place (one id for the engine's
+        life, as vLLM's own ``load_inplace``): a request in flight, which names that id, takes the new adapter at
+        the next engine step (the continuous engine's in-flight loads). The base weights are never touched."""
         from vllm.lora.request import LoRARequest
 
-        adapter_id = next(self._adapter_ids)
         # copies: vLLM keeps the tensors it is given and scales B in place (LoRALayerWeights.optimize), and these
         # may be views of a read-only object-store buffer
         tensors = {name: t.clone() for name, t in tensors.items()}
-        self.llm.collective_rpc(_register_adapter, args=(adapter_id, tensors, dict(contents.adapter_config)))
-        old, self.lora_request = self.lora_request, LoRARequest(f"rlfleet-{adapter_id}", adapter_id, IN_MEMORY)
-        if old is not None:
-            self.llm.llm_engine.remove_lora(old.lora_int_id)
+        self.llm.collective_rpc(_register_adapter, args=(ADAPTER_ID, tensors, dict(contents.adapter_config)))
+        if self.lora_request is None:
+            self.lora_request = LoRARequest("rlfleet-policy", ADAPTER_ID, IN_MEMORY)
 
     # -- vLLM's RL weight-transfer API (rlfleet.transport.GroupWeightLoader: the receive state is the receiver's) --
 
@@ -311,12 +308,13 @@ def token_versions(spans, num_tokens: int) -> list[int] | None:
 
 
 IN_MEMORY = "rlfleet://in-memory"  # the LoRARequest's path: never read, the adapter is registered before use
+ADAPTER_ID = 1  # the engine's one adapter (vLLM's ids start at 1), replaced in place at every load
 
 
 def _register_adapter(worker, adapter_id: int, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """On the engine's worker: build the adapter from ``tensors`` and add it to the LoRA manager's cache under
-    ``adapter_id`` (replacing one of that id), so requests naming the id find it there and vLLM never reads the
-    request's path. The steps of vLLM's ``WorkerLoRAManager._load_adapter`` and ``add_adapter``, from tensors
+    ``adapter_id`` (replacing one of that id: it is deactivated, so the next engine step copies the new one into
+    its slot), so requests naming the id find it there and vLLM never reads the request's path. The steps of vLLM's ``WorkerLoRAManager._load_adapter`` and ``add_adapter``, from tensors
     instead of a directory (vLLM 0.32 offers no public in-memory load)."""
     from vllm.lora.peft_helper import PEFTHelper
 

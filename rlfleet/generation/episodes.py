@@ -10,10 +10,17 @@ start of the next assistant turn. When the model's turn ended with its EOS token
 template writes for it is left out; a turn cut by ``generation.max_completion_length`` gets the template's end of
 turn from the environment's side. Those tokens carry ``loss_mask`` 0 and behaviour log-prob 0.
 
-**Batched.** All episodes of a request advance together: the first turn samples ``num_generations`` completions
-per prompt in one engine call (as a single-turn request does), and each later turn is one engine call for every
-episode still running. The environment answers the episodes of a turn in parallel threads, each within
-``generation.env_timeout_s``.
+**Batched engine** (``generation.engine: batched``). All episodes of a request advance together: the first turn
+samples ``num_generations`` completions per prompt in one engine call (as a single-turn request does), and each
+later turn is one engine call for every episode still running. The environment answers the episodes of a turn in
+parallel threads, each within ``generation.env_timeout_s``.
+
+**Continuous engine** (:class:`~rlfleet.generation.continuous.ContinuousEngine`). Every episode runs on its own
+thread: its first turn is its share of its group's ``num_generations`` completions (one request), and its next turn
+is submitted to the running engine the moment its environment answered, so turns of different episodes interleave
+and a slow environment delays only its own episode (and, as ever, its group's delivery). Environment calls run on
+the episodes' threads (and a timeout thread each), never on the engine's loop thread. The threads start with a copy
+of the caller's context, so an evaluation's pinned weights hold for every turn.
 
 **Ending.** An episode ends when the environment says it is complete, after ``generation.max_turns`` model turns,
 or when the next turn would not fit ``model.max_model_len``. It is ``truncated`` (for
@@ -24,12 +31,16 @@ An environment that raises, times out or answers with something other than a non
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from rlfleet.generation.continuous import ContinuousEngine
 
 logger = logging.getLogger(__name__)
 MARKER = "\u2063rlfleet-turn\u2063"  # an invisible separator around a word no template or environment writes
@@ -130,15 +141,16 @@ class EpisodeRunner:
         sampling = {} if temperature is None else {"temperature": temperature}
         episodes = [[Episode(group=i) for _ in range(n)] for i in range(len(records))]
         flat = [ep for group in episodes for ep in group]
-        env_s = 0.0
         start = time.perf_counter()
         setups = call_all([lambda r=records[ep.group]: self.env.setup_state(dict(r)) for ep in flat], self.timeout_s)
-        env_s += time.perf_counter() - start
+        env_s = time.perf_counter() - start
         for ep, (state, err) in zip(flat, setups):
             ep.state = state
             if err is not None:
                 self._fail(episodes, ep, "setup_state", err)
         ready = [i for i, group in enumerate(episodes) if not group[0].done]
+        if isinstance(self.engine, ContinuousEngine):
+            return episodes, env_s + self._run_each(records, prompt_token_ids, episodes, ready, n, sampling)
         samples = self.engine.sample([prompt_token_ids[i] for i in ready], n, **sampling) if ready else []  # turn 1
         running = [(ep, completion) for i, group in zip(ready, samples)
                    for ep, completion in zip(episodes[i], group)]
@@ -164,6 +176,45 @@ class EpisodeRunner:
             contexts = [prompt_token_ids[ep.group] + ep.token_ids for ep in going]
             running = [(ep, out[0]) for ep, out in zip(going, self.engine.sample(contexts, 1, **sampling))]
         return episodes, env_s
+
+    def _run_each(self, records: list[dict], prompt_token_ids: list[list[int]], episodes: list[list[Episode]],
+                  ready: list[int], n: int, sampling: dict) -> float:
+        """The continuous engine's way: every episode of the ``ready`` groups on its own thread (module docstring).
+        Returns the seconds its environment calls took, summed over episodes (they overlap)."""
+        firsts = {i: self.engine.submit(prompt_token_ids[i], n, **sampling) for i in ready}  # turn 1, per group
+        each = [(i, j, ep) for i in ready for j, ep in enumerate(episodes[i])]
+        env_s = [0.0] * len(each)  # per episode
+        with ThreadPoolExecutor(max(1, len(each)), thread_name_prefix="rlfleet-episode") as pool:
+            runs = [pool.submit(contextvars.copy_context().run, self._episode, records[i], prompt_token_ids[i],
+                                episodes, ep, firsts[i], j, sampling, env_s, slot)
+                    for slot, (i, j, ep) in enumerate(each)]
+            for run in runs:
+                run.result()  # an engine failure (EngineStopped) reaches the caller
+        return sum(env_s)
+
+    def _episode(self, record: dict, prompt: list[int], episodes: list[list[Episode]], ep: Episode, first, j: int,
+                 sampling: dict, env_s: list[float], slot: int) -> None:
+        """One episode on the continuous engine: its turns, each submitted once the environment has answered."""
+        completion = first.result()[j]
+        for turn in range(1, self.max_turns + 1):
+            if ep.error is not None or any(e.error for e in episodes[ep.group]):
+                return  # its group failed: the other episodes stop
+            self._add_model_turn(ep, completion, last=turn == self.max_turns)
+            if ep.done:
+                return
+            start = time.perf_counter()
+            ((out, err),) = call_all([lambda: self._answer(record, ep)], self.timeout_s)
+            env_s[slot] += time.perf_counter() - start
+            if err is not None:
+                self._fail(episodes, ep, "is_completed / env_response", err)
+                return
+            if out is None:
+                ep.done = True
+                return
+            self._add_observation(ep, len(prompt), out)
+            if ep.done:
+                return
+            completion = self.engine.submit(prompt + ep.token_ids, 1, **sampling).result()[0]
 
     def _answer(self, record: dict, ep: Episode) -> list[dict] | None:
         """None when the episode is complete, else the environment's checked messages (runs in a thread)."""
