@@ -25,7 +25,8 @@ request batching at the same bound (``samples_vs_batched``):
 Per system: ``step_s`` (mean wall between step ends, steps 3..N-1), ``samples_per_s`` (32 / step_s), ``gen_s``
 (the engines' busy time per step), ``engine_busy`` (gen_s / step_s: one engine), ``learner_s``, the token staleness
 (mean lag of a trained token behind the weights it trains) and the most versions one group spanned, the mean
-completion length, and ``reward_first10`` / ``reward_last10``. The machine's bound is each rlfleet run's own work
+completion length, the continuous engine's mean batch (``engine_batch``: tokens over engine steps, each step sampling
+one token of every running completion), and ``reward_first10`` / ``reward_last10``. The machine's bound is each rlfleet run's own work
 per step, its engine busy time plus its learner time, over the machine's cores (``step_vs_bound``); no system doing
 that work steps faster on this machine.
 """
@@ -53,6 +54,10 @@ RLFLEET = {  # name -> overrides
     "rlfleet batched (request batching)": ["generation.engine=batched"],
     "rlfleet continuous, keep": ["generation.engine=continuous", "generation.kv_on_update=keep"],
     "rlfleet continuous, recompute": ["generation.engine=continuous", "generation.kv_on_update=recompute"],
+    # request order: no group overtakes an earlier one, so admission need not hold new groups behind a straggler
+    "rlfleet continuous, recompute, request order": ["generation.engine=continuous",
+                                                     "generation.kv_on_update=recompute",
+                                                     "replay.consume_order=request"],
 }
 TRL_SYSTEMS = {"TRL GRPOTrainer, HF generate, 1 thread": ["trl", "1"],
                "TRL GRPOTrainer, HF generate, 2 threads": ["trl", "2"]}
@@ -163,7 +168,8 @@ def launch(name: str, worker_args: list[str], model_dir: Path, steps: int, workd
     row = {"system": name, "steps": len(ends), "step_s": mean([b - a for a, b in zip(ends, ends[1:])][1:-1]),
            "total_s": time.time() - t0, "reward_first10": mean(data["reward"][:10]),
            "reward_last10": mean(data["reward"][-10:])}
-    for key in ("learner_s", "gen_s", "sync_s", "token_staleness", "version_span", "completion_length"):
+    for key in ("learner_s", "gen_s", "sync_s", "token_staleness", "version_span", "completion_length",
+                "engine_batch"):
         values = [v for v in (data.get(key) or [])[timed] if v is not None]
         if values:
             row[key] = mean(values) if key != "version_span" else max(values)
@@ -225,7 +231,7 @@ def main() -> None:
             r["step_vs_bound"] = r["step_s"] / r["bound_s"]
     table = print_table(rows, ["system", "runs", "steps", "step_s", "samples_per_s", "samples_vs_batched",
                                "step_vs_trl", "gen_s", "engine_busy", "learner_s", "sync_s", "bound_s",
-                               "step_vs_bound", "token_staleness", "version_span", "completion_length",
+                               "step_vs_bound", "token_staleness", "version_span", "completion_length", "engine_batch",
                                "reward_first10", "reward_last10", "total_s"],
                         title=f"Long-tailed lengths (builtin:tiny, EOS boosted: mean {lengths['mean']:.1f}, median "
                               f"{lengths['median']}, p90 {lengths['p90']}, {lengths['at_cap']:.1%} at the cap {CAP}),"

@@ -142,6 +142,7 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
         "gen_s": [r.get("time/gen_s") for _, r in steps_done],
         "sync_s": [r.get("sync/seconds") for _, r in steps_done],
         "gen_idle": [r.get("idle/generator_frac") for _, r in steps_done],
+        "engine_batch": [r.get("engine/batch_mean") for _, r in steps_done],  # continuous engines only
         "threads": [r.get("learner/threads") for _, r in steps_done],  # the learner's torch threads
         "round_trips": [r.get("driver/round_trips") for _, r in steps_done],  # the driver's, cumulative
         # continuous generation: each trained token's lag, and the versions one group spans

@@ -70,6 +70,21 @@ def test_the_step_record_has_each_reward_functions_mean_and_std_by_hand():
     assert not [k for k in record if k.endswith(("/n", "/sum", "/sum_sq"))]
 
 
+def test_the_continuous_engines_mean_batch_is_tokens_over_steps():
+    """Two continuous engines' stats: 300 + 100 tokens in 20 + 30 engine steps: a mean batch of 400 / 50 = 8; a
+    window of request-batching engines (no steps counted) has neither key."""
+    from rlfleet.cluster.records import StepWindow
+
+    window = StepWindow()
+    window.add(0, {"gen/tokens": 300.0, "engine/steps": 20.0, "engine/busy_s": 0.1})
+    window.add(1, {"gen/tokens": 100.0, "engine/steps": 30.0, "engine/busy_s": 0.1})
+    record = window.metrics(1.0, [0, 1])
+    assert record["engine/steps"] == 50 and record["engine/batch_mean"] == 8.0
+    batched = StepWindow()
+    batched.add(0, {"gen/tokens": 300.0, "gen/seconds": 0.2})
+    assert not {"engine/steps", "engine/batch_mean"} & set(batched.metrics(1.0, [0]))
+
+
 def test_the_bar_is_ended_before_a_line(monkeypatch, capsys):
     err = io.StringIO()
     monkeypatch.setattr(metrics.sys, "stderr", err)

@@ -28,6 +28,7 @@ class StepWindow:
     busy_s: dict[int, float] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
     sync_s: list[float] = field(default_factory=list)
+    engine_steps: int = 0  # continuous engines' steps (each samples a token of every running completion)
 
     def add(self, index: int, stats: dict) -> None:
         self.groups += int(stats.get("gen/groups", 0))
@@ -49,6 +50,7 @@ class StepWindow:
         busy = stats.get("engine/busy_s", stats.get("gen/seconds", 0.0))
         self.busy_s[index] = self.busy_s.get(index, 0.0) + float(busy)
         self.tokens[index] = self.tokens.get(index, 0) + int(stats.get("gen/tokens", 0))
+        self.engine_steps += int(stats.get("engine/steps", 0))
         if "sync/seconds" in stats:
             self.sync_s.append(float(stats["sync/seconds"]))
 
@@ -78,7 +80,10 @@ class StepWindow:
         # multi-turn: the environment's seconds and failures in the window (turns per episode and the environment's
         # token share are the trained batch's, from the learner)
         env = {"env/seconds": self.env_s, "errors/env": self.env_errors} if self.multi_turn else {}
-        return env | {
+        # continuous engines: how full their steps were (a request-batching engine's steps are not counted)
+        engine = {"engine/steps": self.engine_steps, "engine/batch_mean": tokens / self.engine_steps
+                  } if self.engine_steps else {}
+        return env | engine | {
             "gen/groups": self.groups,
             "gen/active_generators": sum(1 for t in self.tokens.values() if t > 0),
             "gen/tokens": tokens,

@@ -79,7 +79,7 @@ class ContinuousEngine:
         self._wake = threading.Event()
         self._pins, self._pins_lock = 0, threading.Lock()  # pinned() blocks open
         self._version_changed = threading.Condition()
-        self._reported = {"busy_s": 0.0, "idle_s": 0.0, "loads": 0}
+        self._reported = {"busy_s": 0.0, "idle_s": 0.0, "loads": 0, "steps": 0}
         self._stopped = False
         self.busy_s = self.idle_s = 0.0  # time the loop spent in engine steps / waiting for work
         self.steps = self.loads = 0
@@ -179,12 +179,13 @@ class ContinuousEngine:
 
     def stats(self) -> dict[str, float]:
         """The loop's figures since the last call: ``engine/busy_s`` (in engine steps), ``engine/idle_s`` (waiting
-        for work), ``sync/inflight_loads`` (weight loads made with requests in flight or not)."""
-        now = {"busy_s": self.busy_s, "idle_s": self.idle_s, "loads": self.loads}
+        for work), ``engine/steps`` (each samples one token of every running completion: tokens / steps is the mean
+        batch), ``sync/inflight_loads`` (weight loads made with requests in flight or not)."""
+        now = {"busy_s": self.busy_s, "idle_s": self.idle_s, "loads": self.loads, "steps": self.steps}
         delta = {k: now[k] - self._reported[k] for k in now}
         self._reported = now
         return {"engine/busy_s": delta["busy_s"], "engine/idle_s": delta["idle_s"],
-                "sync/inflight_loads": float(delta["loads"])}
+                "engine/steps": float(delta["steps"]), "sync/inflight_loads": float(delta["loads"])}
 
     def shutdown(self) -> None:
         """Stop the loop; requests in flight fail with :class:`EngineStopped`."""
