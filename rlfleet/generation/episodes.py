@@ -15,12 +15,13 @@ samples ``num_generations`` completions per prompt in one engine call (as a sing
 later turn is one engine call for every episode still running. The environment answers the episodes of a turn in
 parallel threads, each within ``generation.env_timeout_s``.
 
-**Continuous engine** (:class:`~rlfleet.generation.continuous.ContinuousEngine`). Every episode runs on its own
-thread: its first turn is its share of its group's ``num_generations`` completions (one request), and its next turn
-is submitted to the running engine the moment its environment answered, so turns of different episodes interleave
-and a slow environment delays only its own episode (and, as ever, its group's delivery). Environment calls run on
-the episodes' threads (and a timeout thread each), never on the engine's loop thread. The threads start with a copy
-of the caller's context, so an evaluation's pinned weights hold for every turn.
+**Continuous engine** (:class:`~rlfleet.generation.continuous.ContinuousEngine`). Every episode is a coroutine (one
+event loop per request, on the request's thread): its first turn is its share of its group's ``num_generations``
+completions (one request), and its next turn is submitted to the running engine the moment its environment
+answered, so turns of different episodes interleave and a slow environment delays only its own episode (and, as
+ever, its group's delivery). Each environment call runs on a thread of its own while it is pending, never on the
+engine's loop thread nor the event loop. The coroutines run in the caller's context, so an evaluation's pinned
+weights hold for every turn.
 
 **Ending.** An episode ends when the environment says it is complete, after ``generation.max_turns`` model turns,
 or when the next turn would not fit ``model.max_model_len``. It is ``truncated`` (for
@@ -31,12 +32,11 @@ An environment that raises, times out or answers with something other than a non
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,32 +179,35 @@ class EpisodeRunner:
 
     def _run_each(self, records: list[dict], prompt_token_ids: list[list[int]], episodes: list[list[Episode]],
                   ready: list[int], n: int, sampling: dict) -> float:
-        """The continuous engine's way: every episode of the ``ready`` groups on its own thread (module docstring).
-        Returns the seconds its environment calls took, summed over episodes (they overlap)."""
-        firsts = {i: self.engine.submit(prompt_token_ids[i], n, **sampling) for i in ready}  # turn 1, per group
-        each = [(i, j, ep) for i in ready for j, ep in enumerate(episodes[i])]
-        env_s = [0.0] * len(each)  # per episode
-        with ThreadPoolExecutor(max(1, len(each)), thread_name_prefix="rlfleet-episode") as pool:
-            runs = [pool.submit(contextvars.copy_context().run, self._episode, records[i], prompt_token_ids[i],
-                                episodes, ep, firsts[i], j, sampling, env_s, slot)
-                    for slot, (i, j, ep) in enumerate(each)]
-            for run in runs:
-                run.result()  # an engine failure (EngineStopped) reaches the caller
-        return sum(env_s)
+        """The continuous engine's way: every episode of the ``ready`` groups is a coroutine of one event loop on
+        the calling thread (module docstring). Returns the seconds its environment calls took, summed over
+        episodes (they overlap)."""
+        env_s = [0.0]
 
-    def _episode(self, record: dict, prompt: list[int], episodes: list[list[Episode]], ep: Episode, first, j: int,
-                 sampling: dict, env_s: list[float], slot: int) -> None:
+        async def run_all() -> None:
+            firsts = {i: asyncio.wrap_future(self.engine.submit(prompt_token_ids[i], n, **sampling))
+                      for i in ready}  # turn 1: one request per group
+            # tasks copy this context: an evaluation's pinned weights hold for every turn
+            await asyncio.gather(*(self._episode(records[i], prompt_token_ids[i], episodes, ep, firsts[i], j,
+                                                 sampling, env_s)
+                                   for i in ready for j, ep in enumerate(episodes[i])))
+
+        asyncio.run(run_all())  # an engine failure (EngineStopped) reaches the caller
+        return env_s[0]
+
+    async def _episode(self, record: dict, prompt: list[int], episodes: list[list[Episode]], ep: Episode,
+                       first: asyncio.Future, j: int, sampling: dict, env_s: list[float]) -> None:
         """One episode on the continuous engine: its turns, each submitted once the environment has answered."""
-        completion = first.result()[j]
+        completion = (await first)[j]
         for turn in range(1, self.max_turns + 1):
-            if ep.error is not None or any(e.error for e in episodes[ep.group]):
+            if any(e.error for e in episodes[ep.group]):
                 return  # its group failed: the other episodes stop
             self._add_model_turn(ep, completion, last=turn == self.max_turns)
             if ep.done:
                 return
             start = time.perf_counter()
-            ((out, err),) = call_all([lambda: self._answer(record, ep)], self.timeout_s)
-            env_s[slot] += time.perf_counter() - start
+            out, err = await self._call_env(lambda: self._answer(record, ep))
+            env_s[0] += time.perf_counter() - start
             if err is not None:
                 self._fail(episodes, ep, "is_completed / env_response", err)
                 return
@@ -214,7 +217,33 @@ class EpisodeRunner:
             self._add_observation(ep, len(prompt), out)
             if ep.done:
                 return
-            completion = self.engine.submit(prompt + ep.token_ids, 1, **sampling).result()[0]
+            completion = (await asyncio.wrap_future(self.engine.submit(prompt + ep.token_ids, 1, **sampling)))[0]
+
+    async def _call_env(self, call: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+        """``call`` on a daemon thread of its own (user code may block; a thread cannot be stopped, so one that
+        hangs is left behind, as :func:`call_all` does), awaited for at most ``env_timeout_s``."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def settle(result: tuple[Any, BaseException | None]) -> None:
+            if not done.done():
+                done.set_result(result)
+
+        def run() -> None:
+            try:
+                result = (call(), None)
+            except Exception as err:  # deliberate: a user's environment must not stop generation
+                result = (None, err)
+            try:
+                loop.call_soon_threadsafe(settle, result)
+            except RuntimeError:  # the loop has closed: the episode moved on past its timeout
+                pass
+
+        threading.Thread(target=run, daemon=True, name="rlfleet-env").start()
+        try:
+            return await asyncio.wait_for(done, self.timeout_s)
+        except TimeoutError:
+            return None, TimeoutError(f"no answer within generation.env_timeout_s={self.timeout_s:g} s")
 
     def _answer(self, record: dict, ep: Episode) -> list[dict] | None:
         """None when the episode is complete, else the environment's checked messages (runs in a thread)."""
