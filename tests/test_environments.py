@@ -209,13 +209,12 @@ def test_failing_environments_drop_their_groups_and_are_counted(engine, tokenize
 
 
 @pytest.mark.vllm
+@pytest.mark.parametrize("engine", ["continuous"], indirect=True)
 def test_on_the_continuous_engine_a_slow_environment_delays_only_its_own_episode(engine, tokenizer):
     """Every episode runs on its own: while the environment holds one episode's first answer, every other
     episode (its group's and the other group's) gets its first answer, samples its second turn and asks again; only
     then is the held answer given. Shown by the order of the environment's calls; the held call waits on an event
     that a turn-batched engine could never set (it would need the held answer first), so there it times out."""
-    if not isinstance(engine, ContinuousEngine):
-        pytest.skip("turns are batched per request on the batched engine")
     lock, events, others_asked_twice = threading.Lock(), [], threading.Event()
     episodes = 8  # 2 records x num_generations 4
 
@@ -248,13 +247,12 @@ def test_on_the_continuous_engine_a_slow_environment_delays_only_its_own_episode
 
 
 @pytest.mark.vllm
+@pytest.mark.parametrize("engine", ["continuous"], indirect=True)
 def test_an_evaluation_keeps_one_version_between_the_turns_of_its_episodes(engine, tokenizer, tiny_model_path):
     """On the continuous engine a load queued while an evaluation's episodes wait for the environment (no request of
     theirs in flight) is held until the evaluation ends: every token of every turn carries the version it started
     with. Without the hold, the load (queued before the next turn's request, on the one loop thread) would label
     every second turn with the new version."""
-    if not isinstance(engine, ContinuousEngine):
-        pytest.skip("a batched engine loads weights only between requests")
     base = engine.version
     all_waiting, loads = threading.Barrier(2, timeout=60), []
     weights = load_causal_lm(tiny_model_path).state_dict()  # the same weights, a new version label

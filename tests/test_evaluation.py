@@ -120,24 +120,32 @@ def target_probe(prompts, completions, completion_ids=None, *, target_length, **
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_evaluations_run_at_their_steps_on_the_held_out_split(ray_cluster, tmp_path):
+@pytest.mark.parametrize("engine", ["batched", "continuous"])
+def test_evaluations_run_at_their_steps_on_the_held_out_split(ray_cluster, tmp_path, engine):
     """The quickstart job (async, staleness 1) with eval_steps 3 over 8 steps: evaluations of steps 0 (the initial
     weights), 3, 6 and 8 (the end), each a line of its own with the weights of its step. With a reward that is the
     prompt's target / 100, eval/reward/mean is the mean target of the first 16 held-out prompts (computed here from
-    the split itself), not of the training prompts."""
+    the split itself), not of the training prompts. A continuous engine loads every publication in flight, so an
+    evaluation due at step s evaluates the latest weights when it starts (s or later: where depends on scheduling)
+    and names them; the weights it names are those it sampled with throughout (its pin holds loads back)."""
     from rlfleet.cluster.driver import train
 
     cfg = load_config(DEPLOY / "quickstart.yaml", [
         f"output_dir={tmp_path / 'job'}", "learner.max_steps=8", "checkpoint.save_steps=100", "logging.plot=false",
         "algorithm.reward_funcs=[tests.test_evaluation:target_probe]", "data.eval_split=test",
         "data.max_eval_prompts=16", "logging.eval_steps=3", "logging.eval_greedy=false",
-        "logging.eval_num_generations=2"])
+        "logging.eval_num_generations=2", f"generation.engine={engine}"])
     train(cfg)
     lines = [json.loads(line) for line in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in lines if "eval/reward/mean" in r]
     steps = [r for r in lines if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
-    assert [r["step"] for r in evals] == [0, 3, 6, 8]
+    if engine == "batched":
+        assert [r["step"] for r in evals] == [0, 3, 6, 8]
+    else:
+        evaluated = [r["step"] for r in evals]
+        assert len(evaluated) == 4 and evaluated[0] == 0 and evaluated[-1] == 8 and evaluated == sorted(evaluated)
+        assert all(due <= s for due, s in zip([0, 3, 6, 8], evaluated))
     assert all(r["policy_version"] == r["step"] for r in evals)  # each evaluated its own step's weights
     test_targets = load_prompt_dataset(DataConfig(dataset="builtin:target_length"), "test")["target_length"][:16]
     train_targets = load_prompt_dataset(DataConfig(dataset="builtin:target_length"), "train")["target_length"]

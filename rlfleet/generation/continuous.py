@@ -54,7 +54,6 @@ from rlfleet.transport import FULL, Contents
 
 logger = logging.getLogger(__name__)
 KV_ON_UPDATE = ("keep", "recompute")
-_PINNED = contextvars.ContextVar("rlfleet_pinned", default=False)  # requests submitted now hold weight loads back
 
 
 class EngineStopped(RuntimeError):
@@ -78,6 +77,8 @@ class ContinuousEngine:
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._pins, self._pins_lock = 0, threading.Lock()  # pinned() blocks open
+        # requests submitted in a pinned() block's context (this engine's own flag) hold weight loads back
+        self._pinned = contextvars.ContextVar(f"rlfleet_pinned_{id(self)}", default=False)
         self._version_changed = threading.Condition()
         self._reported = {"busy_s": 0.0, "idle_s": 0.0, "loads": 0, "steps": 0}
         self._stopped = False
@@ -99,7 +100,7 @@ class ContinuousEngine:
                ) -> Future[list[Completion]]:
         """``n`` completions of one prompt, sampled as the engine runs; the future resolves when the last ends."""
         params = self.engine.sampling_params(n, temperature)
-        pinned = _PINNED.get()
+        pinned = self._pinned.get()
         done: Future[list[Completion]] = Future()
 
         def add() -> None:
@@ -123,13 +124,13 @@ class ContinuousEngine:
         """While this block runs, and until every request submitted in it (in this context: this thread, and threads
         started with a copy of its context, as an evaluation's episodes are) has ended, weight loads wait: an
         evaluation's multi-turn episodes keep one version between their turns too."""
-        token = _PINNED.set(True)
+        token = self._pinned.set(True)
         with self._pins_lock:
             self._pins += 1
         try:
             yield
         finally:
-            _PINNED.reset(token)
+            self._pinned.reset(token)
             with self._pins_lock:
                 self._pins -= 1
             self._wake.set()  # a load held back may run now
