@@ -121,9 +121,9 @@ class ContinuousEngine:
 
     @contextmanager
     def pinned(self):
-        """While this block runs, and until every request submitted in it (in this context: this thread, and threads
-        started with a copy of its context, as an evaluation's episodes are) has ended, weight loads wait: an
-        evaluation's multi-turn episodes keep one version between their turns too."""
+        """While this block runs, and until every request submitted in it (in its context: this thread, and the
+        coroutines and threads that inherit the context, as an evaluation's episodes do) has ended, weight loads
+        wait: an evaluation's multi-turn episodes keep one version between their turns too."""
         token = self._pinned.set(True)
         with self._pins_lock:
             self._pins += 1
