@@ -288,6 +288,21 @@ def median(values) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def pool_runs(results: list[dict], names: list[str]) -> list[dict]:
+    """One row per system of ``names``, in that order: its successful runs pooled (every float figure the mean over
+    the runs that have it, ``runs`` their count), or its failed run's row when none succeeded."""
+    rows = []
+    for name in names:
+        runs = [r for r in results if r["system"] == name and not r.get("failed")]
+        if not runs:
+            rows.append(next(r for r in results if r["system"] == name))
+            continue
+        keys = {k for r in runs for k, v in r.items() if isinstance(v, float)}
+        rows.append({**runs[0], **{k: mean(r.get(k) for r in runs if r.get(k) is not None) for k in keys},
+                     "runs": len(runs)})
+    return rows
+
+
 def read_metrics(output_dir: str | Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

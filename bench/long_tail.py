@@ -45,7 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import LoadMonitor, arg_parser, load_line, mean, pick, print_table, save_json, setup_env  # noqa: E402
+from bench.common import (LoadMonitor, arg_parser, load_line, mean, pick, pool_runs, print_table,  # noqa: E402
+                          save_json, setup_env)
 
 PROMPTS, G, CAP, MEAN_LENGTH = 4, 8, 256, 40
 LR = 1e-5  # small: the workload (the length distribution) stays what it was built to be while the systems are timed
@@ -208,15 +209,7 @@ def main() -> None:
         results = [launch(name, table_systems[name], model_dir, steps, workdir) for name in order]
     shutil.rmtree(workdir, ignore_errors=True)
 
-    rows = []
-    for name in names:
-        runs = [r for r in results if r["system"] == name and not r.get("failed")]
-        if not runs:
-            rows.append(next(r for r in results if r["system"] == name))
-            continue
-        keys = {k for r in runs for k, v in r.items() if isinstance(v, float)}
-        rows.append({**runs[0], **{k: mean(r.get(k) for r in runs if r.get(k) is not None) for k in keys},
-                     "runs": len(runs)})
+    rows = pool_runs(results, names)
     ok = [r for r in rows if not r.get("failed")]
     trl = min((r for r in ok if r["system"] in TRL), key=lambda r: r["step_s"], default=None)
     for r in ok:

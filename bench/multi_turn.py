@@ -21,7 +21,6 @@ engine with the same environment).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -34,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (QUIET, REPO, LoadMonitor, arg_parser, load_line, mean, pick, print_table,  # noqa: E402
-                          read_metrics, save_json, setup_env)
+from bench.common import (QUIET, REPO, LoadMonitor, arg_parser, load_line, mean, pick, pool_runs,  # noqa: E402
+                          print_table, read_metrics, save_json, setup_env)
 from rlfleet.environments import ScriptedUser  # noqa: E402
 
 EPISODES = 32  # 4 prompts x 8 episodes per step (deploy/multi_turn.yaml)
@@ -110,15 +109,7 @@ def main() -> None:
     with LoadMonitor() as load:
         results = [launch(name, table_systems[name], steps, workdir) for name in order]
     shutil.rmtree(workdir, ignore_errors=True)
-    rows = []
-    for name in names:
-        runs = [r for r in results if r["system"] == name and not r.get("failed")]
-        if not runs:
-            rows.append(next(r for r in results if r["system"] == name))
-            continue
-        keys = {k for r in runs for k, v in r.items() if isinstance(v, float)}
-        rows.append({**runs[0], **{k: mean(r.get(k) for r in runs if r.get(k) is not None) for k in keys},
-                     "runs": len(runs)})
+    rows = pool_runs(results, names)
     for r in rows:
         batched = next((b for b in rows if b["system"] == r["system"].replace("continuous", "batched")), None)
         if batched is not None and not r.get("failed") and not batched.get("failed"):
