@@ -68,6 +68,11 @@ class Episode:
         return sum(self.loss_mask)
 
 
+def env_timeout(timeout_s: float) -> TimeoutError:
+    """The error of an environment call still running after ``generation.env_timeout_s``."""
+    return TimeoutError(f"no answer within generation.env_timeout_s={timeout_s:g} s")
+
+
 def call_all(calls: list[Callable[[], Any]], timeout_s: float) -> list[tuple[Any, BaseException | None]]:
     """Run ``calls`` in parallel daemon threads; ``(result, None)`` or ``(None, error)`` each, a call still running
     after ``timeout_s`` gives a ``TimeoutError`` (its thread is left behind: Python cannot stop it)."""
@@ -87,7 +92,7 @@ def call_all(calls: list[Callable[[], Any]], timeout_s: float) -> list[tuple[Any
     for i, t in enumerate(threads):
         t.join(max(0.0, deadline - time.monotonic()))
         if t.is_alive():
-            results[i] = (None, TimeoutError(f"no answer within generation.env_timeout_s={timeout_s:g} s"))
+            results[i] = (None, env_timeout(timeout_s))
     return results
 
 
@@ -243,7 +248,7 @@ class EpisodeRunner:
         try:
             return await asyncio.wait_for(done, self.timeout_s)
         except TimeoutError:
-            return None, TimeoutError(f"no answer within generation.env_timeout_s={self.timeout_s:g} s")
+            return None, env_timeout(self.timeout_s)
 
     def _answer(self, record: dict, ep: Episode) -> list[dict] | None:
         """None when the episode is complete, else the environment's checked messages (runs in a thread)."""
