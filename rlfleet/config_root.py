@@ -166,6 +166,7 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
         out.append("cluster.weight_transport: broadcast runs on CPU generators (rlfleet's gloo backend for vLLM's "
                    "weight-transfer API); GPU generators (vLLM's nccl backend) are not supported yet: use "
                    "object_store there.")
+    out += colocate_problems(c)
     if c.learner_workers > 1 and 0 < c.learner_num_gpus < 1:
         out.append(f"cluster.learner_num_gpus: {c.learner_num_gpus:g} with cluster.learner_workers="
                    f"{c.learner_workers}; each rank of a learner group needs a GPU of its own for NCCL: use "
@@ -177,6 +178,24 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     if c.learner_workers > 1 and cfg.learner.device == "cuda" and not c.learner_num_gpus:
         out.append(f"learner.device: cuda with cluster.learner_workers={c.learner_workers} and "
                    "cluster.learner_num_gpus: 0; give each rank a GPU (learner_num_gpus: 1) or use device cpu/auto.")
+    return out
+
+
+def colocate_problems(c) -> list[str]:
+    """What ``cluster.colocate`` cannot run with yet: a learner group, more than one generator, the broadcast
+    transport (weights stay in the process)."""
+    if not c.colocate:
+        return []
+    out = []
+    if c.learner_workers > 1:
+        out.append(f"cluster.learner_workers: {c.learner_workers} with cluster.colocate: a learner group colocated "
+                   "rank by rank is not supported yet; use learner_workers: 1, or colocate: false.")
+    if c.num_generators != 1:
+        out.append(f"cluster.num_generators: {c.num_generators} with cluster.colocate: the colocated learner holds "
+                   "the job's one engine; use num_generators: 1, or colocate: false for generators of their own.")
+    if c.weight_transport == "broadcast":
+        out.append("cluster.weight_transport: 'broadcast' with cluster.colocate: a colocated engine loads the "
+                   "learner's tensors in its own process; remove weight_transport (or use object_store).")
     return out
 
 

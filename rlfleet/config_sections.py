@@ -256,6 +256,11 @@ class ClusterConfig(Section):
     learner_workers: int = Field(
         1, ge=1, description="Learner ranks: one torch.distributed group (gloo on CPU, NCCL on GPU), each rank holding "
         "an FSDP2 shard of the model and optimizer state and learner_num_cpus / learner_num_gpus of its own.")
+    colocate: bool = Field(
+        False, description="The learner and the generation engine in one actor, sharing the learner's bundle "
+        "(learner_num_cpus / learner_num_gpus): one copy of the engine, weights loaded from the learner's own "
+        "tensors (no transport, no host copies), the learner's step beside generation. One learner rank, one "
+        "generator: the learner's (rlfleet/cluster/colocated.py).")
     local_num_cpus: int | None = Field(None, gt=0, description="CPUs a local cluster advertises; None = enough.")
     max_restarts: int = Field(3, ge=0, description="Ray restarts per generation actor.")
     timeout_s: float = Field(600.0, gt=0, description="Timeout of every blocking call on an actor.")

@@ -97,8 +97,22 @@ class RLJob:
         self.replay = make_replay_actor(cfg.replay, cfg.seed, name=REPLAY_NAME, num_cpus=0)
         self.learner_placement = reserve(learner_bundles(c), "rlfleet-learner", timeout_s=min(t, 120.0))
         objective = online_dpo_learner if cfg.algorithm.name == "online_dpo" else policy_learner
-        self.learner = LearnerGroup(cfg, objective, REPLAY_NAME, "rlfleet-learner", self.learner_placement)
         factory = self.engine_factory or vllm_engine
+        actor, extra_args, placing = None, (), {}
+        if c.colocate:  # the learner is the pool's one member, in the learner's placement
+            from rlfleet.cluster.colocated import SharedPlacement, colocated_actor_class
+
+            actor, extra_args = colocated_actor_class(cfg), (factory,)
+            placing = {"place": lambda bundle, name: SharedPlacement(self.learner_placement.group),
+                       "colocated": True}
+        self.learner = LearnerGroup(cfg, objective, REPLAY_NAME, "rlfleet-learner", self.learner_placement, actor,
+                                    extra_args)
+
+        def start_generator(index: int, options: dict):
+            if c.colocate:
+                return self.learner.ranks[0]
+            return make_generation_actor(cfg, REPLAY_NAME, index, factory, **options)
+
         fleet = c.max_generators
         if fleet is None:  # cluster.num_generators: auto
             import ray
@@ -113,11 +127,11 @@ class RLJob:
         if cfg.generation.engine == "continuous":  # one group per request, as many in flight as the engine keeps
             prompts, depth, stream = 1, inflight_groups(cfg), STREAM
         self.pool = GeneratorPool(
-            lambda index, options: make_generation_actor(cfg, REPLAY_NAME, index, factory, **options),
-            generator_bundle(c), fleet, prompts, t, depth,
+            start_generator, generator_bundle(c), fleet, prompts, t, depth,
             # request order: the replay actor hears of lost requests from here (the call is ordered before any
             # later one of the driver's, a checkpoint's state_dict included)
-            skip_requests=self.replay.skip.remote if cfg.replay.consume_order == "request" else None, stream=stream)
+            skip_requests=self.replay.skip.remote if cfg.replay.consume_order == "request" else None, stream=stream,
+            **placing)
         self.stream = PromptStream(self.dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.step, errors_total = 0, {"reward": 0, "env": 0}
         if resume_from is not None:
@@ -290,7 +304,10 @@ class RLJob:
         """An operator's request through the rlfleet-control actor (``rlfleet scale``, a stop)."""
         self.control_seen, request = call(self.control_future, self._timeout(), "the rlfleet-control actor")
         self.control_future = self.control.next_request.remote(self.control_seen)
-        if "generators" in request and request["generators"] != self.pool.target:
+        if "generators" in request and request["generators"] != self.pool.target and self.cfg.cluster.colocate:
+            warn(f"rlfleet scale {request['generators']}: a colocated job (cluster.colocate) has one engine, in its "
+                 "learner; the fleet stays at 1")
+        elif "generators" in request and request["generators"] != self.pool.target:
             print(f"rlfleet: scaling the fleet to {request['generators']} generator(s) (was {self.pool.target})",
                   flush=True)
             self.pool.scale(request["generators"])

@@ -34,10 +34,12 @@ DEAD_RANK_GRACE_S = 10.0  # after rank 0 failed, how long to wait for the other 
 
 class LearnerGroup:
     """The learner's ranks (see the module doc), placed in ``placement``'s bundles. ``replay``: the replay actor's
-    name (``rlfleet train``), None for ``rlfleet dpo``; ``make_learner(cfg, rank)`` builds each rank's learner."""
+    name (``rlfleet train``), None for ``rlfleet dpo``; ``make_learner(cfg, rank)`` builds each rank's learner.
+    ``actor``: the Ray actor class of a rank (default :class:`LearnerActor`; ``cluster.colocate``: the colocated
+    actor's), built with ``(cfg, replay, make_learner, rank, rendezvous, *extra_args)``."""
 
     def __init__(self, cfg: RLFleetConfig, make_learner: LearnerFactory, replay: str | None, name: str,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, actor=None, extra_args: tuple = ()):
         self.world, self.timeout_s = cfg.cluster.learner_workers, cfg.cluster.timeout_s
         self.store, rendezvous = None, None
         if self.world > 1:  # held here for the group's life: the ranks meet at it, and a restarted one again
@@ -45,12 +47,13 @@ class LearnerGroup:
             self.store = host_store(address, self.world, self.timeout_s)
             rendezvous = (address, self.store.port)
         life = uuid.uuid4().hex[:8]
+        actor = actor or ray.remote(LearnerActor)
         self.ranks = []
         for r in range(self.world):
             options = {**learner_options(cfg.cluster), "name": name if r == 0 else f"{name}-rank{r}-{life}",
                        **(placement.options(bundle=r) if placement is not None else {})}
-            self.ranks.append(ray.remote(LearnerActor).options(**options).remote(
-                cfg, replay, make_learner, Rank(r, self.world), rendezvous))
+            self.ranks.append(actor.options(**options).remote(
+                cfg, replay, make_learner, Rank(r, self.world), rendezvous, *extra_args))
         self.others: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}  # by rank 0's: the other ranks' part of a call
 
     def call(self, method: str, *args) -> ray.ObjectRef:

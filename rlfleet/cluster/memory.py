@@ -13,7 +13,9 @@ the peak with whole logits). Publishing weights holds two host copies in the com
 GPU: the learner's packed buffer and the object-store object made from it (:mod:`rlfleet.transport.packed`). A
 learner group of K ranks (``cluster.learner_workers``) splits the weights, gradients, optimizer state and
 reference model K ways, while each rank has its own process and logits, and each rank holds one more gathered copy
-of the weights while they are published (:func:`rlfleet.learner.distributed.full_state_dict`). Other
+of the weights while they are published (:func:`rlfleet.learner.distributed.full_state_dict`). Colocated
+(``cluster.colocate``): the engine lives in the learner's process and loads the learner's own tensors, so the job has
+one generator, its engine holds one copy of the weights (no update in flight), and nothing is published. Other
 activations are not counted: the estimate is a floor, used to refuse jobs that
 cannot fit, not to promise that one will.
 """
@@ -51,17 +53,18 @@ def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> tupl
 def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, reference_bytes_per_param: int,
              generator_on_gpu: bool = False, learner_on_gpu: bool = False, logit_positions: int = 0,
              vocab: int = 0, publish_bytes_per_param: int = 0, learner_ranks: int = 1,
-             trainable: int | None = None) -> MemoryEstimate:
+             trainable: int | None = None, colocated: bool = False) -> MemoryEstimate:
     """Host memory. ``engine_bytes_per_param``: 4 for float32 engines, 2 for bfloat16; ``reference_bytes_per_param``:
     0 without a reference model; ``logit_positions``: the completion positions whose logits the learner builds at
     once; ``publish_bytes_per_param``: the compute dtype's size (0: the learner publishes nothing). An actor on a
     GPU keeps its weights, KV cache, optimizer state and activations there: its process and the host copies of the
     published weights count here. ``learner_gib`` is the whole learner group's (``learner_ranks`` processes).
     ``trainable``: the parameters trained and published when not all are (a LoRA adapter's): the others carry
-    float32 weights only."""
+    float32 weights only. ``colocated``: the engine in the learner's process, its one copy of the weights loaded
+    from the learner's (``publish_bytes_per_param`` should then be 0)."""
     generator = ENGINE_PROCESS_GIB
     if not generator_on_gpu:
-        generator += kv_cache_gib + 2 * params * engine_bytes_per_param / GIB
+        generator += kv_cache_gib + (1 if colocated else 2) * params * engine_bytes_per_param / GIB
     k = learner_ranks
     trained = params if trainable is None else trainable
     copies = 2 + (k if k > 1 else 0)  # packed buffer + object-store object, + one gathered copy per rank of a group
@@ -80,7 +83,8 @@ def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate
     from rlfleet.models import torch_dtype
 
     c = cfg.cluster
-    engine_dtype = torch_dtype(cfg.model.dtype, "cuda" if c.generator_num_gpus else "cpu")
+    engine_gpus = c.learner_num_gpus if c.colocate else c.generator_num_gpus
+    engine_dtype = torch_dtype(cfg.model.dtype, "cuda" if engine_gpus else "cpu")
     learner_dtype = torch_dtype(cfg.model.dtype, "cuda" if c.learner_num_gpus else "cpu")
     size = torch.empty((), dtype=engine_dtype).element_size()
     ref_size = torch.empty((), dtype=learner_dtype).element_size() if with_reference else 0
@@ -90,9 +94,10 @@ def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate
         trainable = adapter_parameters(cfg.model.name_or_path, cfg.model.lora, cfg.model.trust_remote_code)
         if not (dpo and cfg.dpo.bema is not None):
             ref_size = 0
-    return estimate(params, size, cfg.generation.kv_cache_space_gib, ref_size, c.generator_num_gpus > 0,
-                    c.learner_num_gpus > 0, logit_positions(cfg, dpo), vocab,
-                    0 if dpo else torch.empty((), dtype=learner_dtype).element_size(), c.learner_workers, trainable)
+    published = 0 if dpo or c.colocate else torch.empty((), dtype=learner_dtype).element_size()
+    return estimate(params, size, cfg.generation.kv_cache_space_gib, ref_size, engine_gpus > 0,
+                    c.learner_num_gpus > 0, logit_positions(cfg, dpo), vocab, published, c.learner_workers,
+                    trainable, colocated=c.colocate and not dpo)
 
 
 def adapter_parameters(name_or_path: str, lora, trust_remote_code: bool = False) -> int:
@@ -160,8 +165,8 @@ def ways_out(cfg, with_reference: bool, dpo: bool, generators: int, have_gib: fl
     """The changes to ``cfg`` that would bring the job within ``have_gib``, each with its estimate, most effective
     first among: a LoRA adapter (r 16, on every linear layer), bfloat16 weights (engine and published copies; the
     learner keeps float32 master weights), both, the largest KV cache that fits (CPU engines), the most generators
-    that fit (with the smallest KV cache when none fits with today's). Nothing when none of these fits (more memory
-    is the caller's last line). Colocation is not among them yet (issue 34)."""
+    that fit (with the smallest KV cache when none fits with today's), colocation (one generator, in the learner's
+    process) alone and with LoRA. Nothing when none of these fits (more memory is the caller's last line)."""
     from rlfleet.config import LoraConfig
     from rlfleet.models import torch_dtype
 
@@ -184,6 +189,12 @@ def ways_out(cfg, with_reference: bool, dpo: bool, generators: int, have_gib: fl
         consider("model.dtype: bfloat16", changed(model={"dtype": "bfloat16"}))
     if cfg.model.lora is None and float32:
         consider("model.lora: {r: 16} and model.dtype: bfloat16", changed(model={**lora, "dtype": "bfloat16"}))
+    if not cfg.cluster.colocate and cfg.cluster.learner_workers == 1 and not dpo:
+        colocate = {"colocate": True, "num_generators": 1}
+        consider("cluster.colocate: true (the learner and one engine in one process)", changed(cluster=colocate),
+                 gens=1)
+        if cfg.model.lora is None:
+            consider("cluster.colocate: true and model.lora: {r: 16}", changed(cluster=colocate, model=lora), gens=1)
     need = job_estimate(cfg, with_reference, dpo)
     kv = cfg.generation.kv_cache_space_gib
     if generators and not cfg.cluster.generator_num_gpus and kv > 1:

@@ -29,7 +29,7 @@ from rlfleet.cluster.admission import LiveGroups, plan_request
 from rlfleet.cluster.metrics import console, warn
 from rlfleet.cluster.runtime import Placement
 from rlfleet.cluster.signals import OUT_OF_MEMORY, wait_any
-from rlfleet.errors import ClusterError
+from rlfleet.errors import ActorLost, ClusterError
 from rlfleet.transport import WeightHandle
 
 PLACING, STARTING, ACTIVE, RESTARTING = "placing", "starting", "active", "restarting"
@@ -86,12 +86,17 @@ class GeneratorPool:
 
     ``skip_requests``: given, the groups are trained in request order (``replay.consume_order: request``): each
     training request is numbered, and the numbers of requests lost with their generator go to ``skip_requests``
-    (the replay actor's ``skip``) as soon as the loss is known, so later requests' groups stop waiting for them."""
+    (the replay actor's ``skip``) as soon as the loss is known, so later requests' groups stop waiting for them.
+
+    ``place(bundle, name)``: a member's placement (default: a placement group of its own). ``colocated``: the
+    member is the learner itself (``cluster.colocate``), placed with it: its loss is the learner's, raised as
+    :class:`~rlfleet.errors.ActorLost` for the job to recover from its checkpoint, never restarted on its own."""
 
     def __init__(self, start_actor: StartActor, bundle: dict[str, float], target: int, prompts_per_request: int,
                  timeout_s: float, depth: int = 1, skip_requests: Callable[[list[int]], None] | None = None,
-                 stream: str | None = None):
-        self.start_actor, self.bundle = start_actor, bundle
+                 stream: str | None = None, place: Callable[[dict[str, float], str], Placement] = Placement.request,
+                 colocated: bool = False):
+        self.start_actor, self.bundle, self.place, self.colocated = start_actor, bundle, place, colocated
         # continuous engines: generate() calls go to this concurrency group and run side by side, so a member's own
         # requests may overtake each other; new weights go to every member at once, loaded in flight
         self.stream = stream
@@ -155,10 +160,12 @@ class GeneratorPool:
             alive = {n["NodeID"] for n in self._nodes()}
             for m in [m for m in self.members if m.node_id is not None and m.node_id not in alive
                       and (check_nodes or m.state == RESTARTING)]:
+                if self.colocated:
+                    raise ActorLost(f"the node {m.node_id[:12]} of the colocated learner and engine is gone")
                 self._remove(m, f"its node {m.node_id[:12]} is gone")
         kept = [m for m in self.members if not m.draining]
         for _ in range(self.target - len(kept)):
-            m = Member(self.next_index, Placement.request(self.bundle, f"rlfleet-generator-{self.next_index}"))
+            m = Member(self.next_index, self.place(self.bundle, f"rlfleet-generator-{self.next_index}"))
             m.waiting = m.placement.ready()
             self.next_index += 1
             self.members.append(m)
@@ -199,6 +206,7 @@ class GeneratorPool:
         try:
             m.node_id = ray.get(ref, timeout=self.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
+            self._raise_if_colocated(m, err)
             if m.state == RESTARTING:
                 self.target = max(0, self.target - 1)  # restarts used up: not replaced
                 self._remove(m, f"it died more than cluster.max_restarts times ({type(err).__name__})")
@@ -217,6 +225,7 @@ class GeneratorPool:
             if request.sync_future is not None:
                 stats["sync/seconds"] = ray.get(request.sync_future, timeout=self.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
+            self._raise_if_colocated(m, err)
             self._lose_requests(m)
             if m.draining or not self._node_alive(m.node_id):
                 self._remove(m, "its node is gone" if not m.draining else "it died while draining")
@@ -241,6 +250,10 @@ class GeneratorPool:
         if m.draining and not m.requests:
             self._remove(m, "scaled down")
         return stats
+
+    def _raise_if_colocated(self, m: Member, err: Exception) -> None:
+        if self.colocated:
+            raise ActorLost(f"the colocated learner and engine ({m.name}) died: {type(err).__name__}: {err}") from err
 
     def _remove(self, m: Member, why: str) -> None:
         self._lose_requests(m)  # requests that will never be collected

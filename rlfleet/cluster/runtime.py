@@ -71,13 +71,14 @@ def preflight_local(cfg: ClusterConfig, generators: int, memory: MemoryEstimate,
     changes that would fit, :func:`~rlfleet.cluster.memory.ways_out`)."""
     import psutil
 
-    need = cfg.learner_workers * cfg.learner_num_cpus + generators * cfg.generator_num_cpus
+    placed = 0 if cfg.colocate else generators  # colocated: the engine is in the learner's bundle
+    need = cfg.learner_workers * cfg.learner_num_cpus + placed * cfg.generator_num_cpus
     learner = (f"learner {cfg.learner_num_cpus:g}" if cfg.learner_workers == 1
                else f"{cfg.learner_workers} learner ranks x {cfg.learner_num_cpus:g}")
     problems = []
     if need > local_cpus(cfg):
         problems.append(
-            f"the job needs {need:g} CPUs to start ({learner} + {generators} generators x "
+            f"the job needs {need:g} CPUs to start ({learner} + {placed} generators x "
             f"{cfg.generator_num_cpus:g}) but this machine has {local_cpus(cfg)}; lower cluster.num_generators "
             "(or give it a range, {min, max}, to grow where there is room), or set cluster.local_num_cpus to "
             "oversubscribe the cores on purpose")
@@ -119,6 +120,8 @@ def check_feasible(cfg: ClusterConfig, nodes: list[dict[str, float]], num_genera
     """Problems that make starting the job impossible on a cluster whose nodes have ``nodes`` total resources:
     the learner plus ``num_generators`` (default ``cfg.min_generators``, what the job needs to start)."""
     n_gen = cfg.min_generators if num_generators is None else num_generators
+    if cfg.colocate:  # the engine is in the learner's bundle
+        n_gen = 0
     wanted = learner_bundles(cfg) + [generator_bundle(cfg)] * n_gen
     problems = []
     for resource in ("CPU", "GPU"):

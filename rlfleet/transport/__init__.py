@@ -21,6 +21,9 @@ Implementations:
 - ``broadcast`` (:mod:`rlfleet.transport.broadcast`): one collective broadcast per publication to a group of the
   learner and the generators, through vLLM's RL weight-transfer API (gloo backend on CPU,
   :mod:`rlfleet.transport.gloo_backend`).
+- ``colocated`` (:mod:`rlfleet.transport.colocated`, ``cluster.colocate``): the learner and the engine share a
+  process; a publication loads the learner's own tensors into the engine, and the handle carries only the version.
+  Not a ``cluster.weight_transport`` choice (:data:`CHOICES`): ``cluster.colocate`` picks it.
 """
 
 from __future__ import annotations
@@ -169,24 +172,28 @@ class WeightReceiver(Protocol):
 
 
 CAPABILITIES = {"object_store": Capabilities(lazy=True, membership=False, adapters=True),
-                "broadcast": Capabilities(lazy=False, membership=True, adapters=False)}
+                "broadcast": Capabilities(lazy=False, membership=True, adapters=False),
+                "colocated": Capabilities(lazy=False, membership=False, adapters=True)}
 TRANSPORTS = tuple(CAPABILITIES)
+CHOICES = ("object_store", "broadcast")  # cluster.weight_transport's values; colocated comes with cluster.colocate
 
 
 def capabilities(name: str) -> Capabilities:
     """Transport ``name``'s :class:`Capabilities`."""
     if name not in CAPABILITIES:
-        raise ValueError(f"cluster.weight_transport: {name!r} is not one of {TRANSPORTS}")
+        raise ValueError(f"cluster.weight_transport: {name!r} is not one of {CHOICES}")
     return CAPABILITIES[name]
 
 
-def make_publisher(name: str, dtype, timeout_s: float = 600.0, contents: Contents = FULL) -> WeightPublisher:
+def make_publisher(name: str, dtype, timeout_s: float = 600.0, contents: Contents = FULL,
+                   load: Callable[[Mapping[str, Tensor], int, Contents], None] | None = None) -> WeightPublisher:
     """The learner side of transport ``name``; ``dtype`` is the engines' compute dtype, ``contents`` what every
-    publication carries (:func:`published_contents`)."""
+    publication carries (:func:`published_contents`); ``load(state, version, contents)``: for ``colocated`` only,
+    the engine's load in the learner's own process."""
     if contents.kind == "adapter" and not capabilities(name).adapters:
         raise ValueError(f"cluster.weight_transport: {name!r} carries full weights only, not a LoRA adapter "
                          "(model.lora); use one that carries adapters: "
-                         f"{[n for n, c in CAPABILITIES.items() if c.adapters]}")
+                         f"{[n for n in CHOICES if capabilities(n).adapters]}")
     if name == "object_store":
         from rlfleet.transport.object_store import ObjectStorePublisher
 
@@ -195,7 +202,13 @@ def make_publisher(name: str, dtype, timeout_s: float = 600.0, contents: Content
         from rlfleet.transport.broadcast import BroadcastPublisher
 
         return BroadcastPublisher(dtype, timeout_s, contents)
-    raise ValueError(f"cluster.weight_transport: {name!r} is not one of {TRANSPORTS}")
+    if name == "colocated":
+        from rlfleet.transport.colocated import ColocatedPublisher
+
+        if load is None:
+            raise ValueError("the colocated transport loads into an engine in the learner's process: pass load")
+        return ColocatedPublisher(load, contents)
+    raise ValueError(f"cluster.weight_transport: {name!r} is not one of {CHOICES}")
 
 
 def make_receiver(name: str) -> WeightReceiver:
@@ -208,4 +221,8 @@ def make_receiver(name: str) -> WeightReceiver:
         from rlfleet.transport.broadcast import BroadcastReceiver
 
         return BroadcastReceiver()
-    raise ValueError(f"cluster.weight_transport: {name!r} is not one of {TRANSPORTS}")
+    if name == "colocated":
+        from rlfleet.transport.colocated import ColocatedReceiver
+
+        return ColocatedReceiver()
+    raise ValueError(f"cluster.weight_transport: {name!r} is not one of {CHOICES}")

