@@ -166,7 +166,7 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
         out.append("cluster.weight_transport: broadcast runs on CPU generators (rlfleet's gloo backend for vLLM's "
                    "weight-transfer API); GPU generators (vLLM's nccl backend) are not supported yet: use "
                    "object_store there.")
-    out += colocate_problems(c)
+    out += colocate_problems(cfg)
     if c.learner_workers > 1 and 0 < c.learner_num_gpus < 1:
         out.append(f"cluster.learner_num_gpus: {c.learner_num_gpus:g} with cluster.learner_workers="
                    f"{c.learner_workers}; each rank of a learner group needs a GPU of its own for NCCL: use "
@@ -181,18 +181,32 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     return out
 
 
-def colocate_problems(c) -> list[str]:
+def colocate_problems(cfg) -> list[str]:
     """What ``cluster.colocate`` cannot run with yet: a learner group, more than one generator, the broadcast
-    transport (weights stay in the process)."""
-    if not c.colocate:
-        return []
+    transport (weights stay in the process); what ``generation.sleep_level`` needs."""
+    c, gen = cfg.cluster, cfg.generation
     out = []
+    if gen.sleep_level and not c.colocate:
+        out.append(f"generation.sleep_level: {gen.sleep_level} puts a colocated engine to sleep while its learner "
+                   "steps; set cluster.colocate: true, or remove sleep_level.")
+    elif gen.sleep_level and gen.engine == "continuous":
+        out.append(f"generation.sleep_level: {gen.sleep_level} with generation.engine: continuous: sleeping frees the "
+                   "KV cache of the completions in flight; use engine: batched, or sleep_level: 0.")
+    if gen.sleep_level == 2 and cfg.model.lora is not None:
+        out.append("generation.sleep_level: 2 discards the engine's base weights, which a LoRA publication (the "
+                   "adapter alone) does not bring back; use sleep_level: 1 with model.lora.")
+    if not c.colocate:
+        return out
     if c.learner_workers > 1:
         out.append(f"cluster.learner_workers: {c.learner_workers} with cluster.colocate: a learner group colocated "
                    "rank by rank is not supported yet; use learner_workers: 1, or colocate: false.")
     if c.num_generators != 1:
         out.append(f"cluster.num_generators: {c.num_generators} with cluster.colocate: the colocated learner holds "
                    "the job's one engine; use num_generators: 1, or colocate: false for generators of their own.")
+    if c.learner_threads == "auto" and not c.learner_num_gpus:
+        out.append("cluster.learner_threads: auto with cluster.colocate on CPU: vLLM's CPU worker fixes the torch "
+                   "threads of its process once the engine starts, the learner's with them; give a number (e.g. "
+                   "learner_num_cpus), or colocate: false.")
     if c.weight_transport == "broadcast":
         out.append("cluster.weight_transport: 'broadcast' with cluster.colocate: a colocated engine loads the "
                    "learner's tensors in its own process; remove weight_transport (or use object_store).")

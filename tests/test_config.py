@@ -352,3 +352,46 @@ def test_the_saved_config_reloads_as_the_same_config(name, tmp_path):
     assert again == cfg and type(again.algorithm) is type(cfg.algorithm)
     assert '"name": "' + cfg.algorithm.name + '"' in saved.read_text()
 
+
+
+def test_colocate_loads_with_every_algorithm_and_engine_and_refuses_what_it_cannot_run_yet():
+    """cluster.colocate with the GRPO family, online DPO, LoRA, both engines; a learner group, several generators or
+    the broadcast transport beside it are refused, each naming the field and the way out."""
+    for data in ({}, {"algorithm": {"name": "online_dpo"}, "replay": {"zero_variance": "drop"}},
+                 {"model": {"lora": {"r": 8}}}, {"generation": {"engine": "continuous"}}):
+        cfg = config.config_from_dict({**data, "cluster": {"colocate": True}})
+        assert cfg.cluster.colocate
+    cases = {  # the problem, and the way out it names
+        ("cluster.learner_workers: 2 with cluster.colocate", "use learner_workers: 1, or colocate: false"):
+            {"learner_workers": 2},
+        ("cluster.num_generators: 2 with cluster.colocate", "use num_generators: 1, or colocate: false"):
+            {"num_generators": 2},
+        ("cluster.num_generators: min=1 max=2 with cluster.colocate", "use num_generators: 1"):
+            {"num_generators": {"min": 1, "max": 2}},
+        ("cluster.weight_transport: 'broadcast' with cluster.colocate", "remove weight_transport"):
+            {"weight_transport": "broadcast"},
+        ("cluster.learner_threads: auto with cluster.colocate on CPU", "give a number"): {"learner_threads": "auto"},
+    }
+    for (problem, fix), cluster in cases.items():
+        with pytest.raises(ConfigError) as err:
+            config.config_from_dict({"cluster": {"colocate": True, **cluster}})
+        assert problem in str(err.value) and fix in str(err.value), (problem, str(err.value))
+        config.config_from_dict({"cluster": cluster})  # each is valid without colocation
+
+
+def test_sleep_level_needs_a_colocated_batched_engine_and_level_two_the_full_weights():
+    cfg = config.config_from_dict({"cluster": {"colocate": True}, "generation": {"sleep_level": 1},
+                                   "model": {"lora": {"r": 8}}})
+    assert cfg.generation.sleep_level == 1
+    cases = {  # the problem, and the way out it names
+        ("generation.sleep_level: 1 puts a colocated engine to sleep", "set cluster.colocate: true"):
+            {"generation": {"sleep_level": 1}},
+        ("generation.sleep_level: 2 with generation.engine: continuous", "use engine: batched, or sleep_level: 0"):
+            {"generation": {"sleep_level": 2, "engine": "continuous"}, "cluster": {"colocate": True}},
+        ("generation.sleep_level: 2 discards the engine's base weights", "use sleep_level: 1 with model.lora"):
+            {"generation": {"sleep_level": 2}, "cluster": {"colocate": True}, "model": {"lora": {"r": 8}}},
+    }
+    for (problem, fix), data in cases.items():
+        with pytest.raises(ConfigError) as err:
+            config.config_from_dict(data)
+        assert problem in str(err.value) and fix in str(err.value), (problem, str(err.value))

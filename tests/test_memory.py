@@ -35,6 +35,21 @@ def test_estimate_by_hand():
     assert group.learner_gib == pytest.approx(2 * LEARNER_PROCESS_GIB + 18e6 / GIB + 2 * 4 * 2048 * 1000 * 4 / GIB
                                               + (2 + 2) * 2e6 / GIB)
     assert group.generator_gib == e.generator_gib
+    # colocated: the engine in the learner's process holds one float32 copy (4 MB) and nothing is published
+    colocated = estimate(10**6, 4, 1.0, 2, logit_positions=2048, vocab=1000, colocated=True)
+    assert colocated.generator_gib == pytest.approx(ENGINE_PROCESS_GIB + 1.0 + 4e6 / GIB)
+    assert colocated.learner_gib == pytest.approx(e.learner_gib - 4e6 / GIB)
+
+
+def test_a_colocated_job_is_estimated_with_one_engine_copy_and_nothing_published():
+    """The tiny model (329,344 parameters) in float32 with quickstart's 1 GiB cache: colocated, the job has the
+    learner without the two published float32 copies (2 x 4 B a parameter) and one engine with one copy of
+    the weights instead of two."""
+    separate = job_estimate(load_config(ROOT / "deploy" / "quickstart.yaml"), with_reference=False)
+    colocated = job_estimate(load_config(ROOT / "deploy" / "quickstart.yaml", ["cluster.colocate=true"]), False)
+    params = 329_344
+    assert separate.learner_gib - colocated.learner_gib == pytest.approx(2 * params * 4 / GIB)
+    assert separate.generator_gib - colocated.generator_gib == pytest.approx(params * 4 / GIB)
 
 
 def test_logit_positions_follow_micro_batch_length_and_chunk():
@@ -85,8 +100,9 @@ def _listed(message: str) -> list[tuple[str, float]]:
 
 def test_a_refusal_lists_the_changes_that_would_fit_with_their_estimates(tmp_path):
     """Issue 34's case: the Qwen3-0.6B shape (596M parameters), float32 on CPU, one generator, refused at 16.1 GiB.
-    The refusal lists LoRA (with and without bfloat16), each with the estimate the job would have with that change
-    made as a user makes it (a dotted override), below 16.1; bfloat16 alone, which is not listed, stays above."""
+    The refusal lists LoRA (with and without bfloat16), colocation with LoRA and colocation with a 2 GiB cache, each
+    with the estimate the job would have with that change made as a user makes it (a dotted override), below 16.1;
+    bfloat16 alone and colocation alone, which are not listed, stay above."""
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_06B_SHAPE))
     base = [f"model.name_or_path={tmp_path}", "generation.kv_cache_space_gib=4", "learner.micro_batch_size=8",
             "generation.max_completion_length=32"]
@@ -94,29 +110,39 @@ def test_a_refusal_lists_the_changes_that_would_fit_with_their_estimates(tmp_pat
     total = job_estimate(cfg, False).total_gib(1)
     assert total > 16.1 and f"or a machine or cluster with at least {total:.1f} GiB" in message
     listed = _listed(message)
-    assert [change for change, _ in listed] == ["model.lora: {r: 16} and model.dtype: bfloat16",
-                                                "model.lora: {r: 16} (train an adapter)"]
     by_override = {"model.lora: {r: 16} and model.dtype: bfloat16": ["model.lora={r: 16}", "model.dtype=bfloat16"],
-                   "model.lora: {r: 16} (train an adapter)": ["model.lora={r: 16}"]}
+                   "cluster.colocate: true and model.lora: {r: 16}": ["cluster.colocate=true", "model.lora={r: 16}"],
+                   "model.lora: {r: 16} (train an adapter)": ["model.lora={r: 16}"],
+                   "cluster.colocate: true and generation.kv_cache_space_gib: 2": [
+                       "cluster.colocate=true", "generation.kv_cache_space_gib=2"]}
+    assert sorted(change for change, _ in listed) == sorted(by_override)
+    assert [gib for _, gib in listed] == sorted(gib for _, gib in listed)  # the smallest first
     for change, gib in listed:
         user = load_config(ROOT / "deploy" / "quickstart.yaml", base + by_override[change])
         assert job_estimate(user, False).total_gib(1) == pytest.approx(gib, abs=0.05) and gib <= 16.1
-    bf16 = load_config(ROOT / "deploy" / "quickstart.yaml", base + ["model.dtype=bfloat16"])
-    assert job_estimate(bf16, False).total_gib(1) > 16.1
+    for alone in (["model.dtype=bfloat16"], ["cluster.colocate=true"], ["cluster.colocate=true",
+                                                                        "generation.kv_cache_space_gib=3"]):
+        assert job_estimate(load_config(ROOT / "deploy" / "quickstart.yaml", base + alone), False).total_gib(1) > 16.1
 
 
 def test_fewer_generators_or_a_smaller_cache_are_listed_with_the_numbers_that_fit():
     """The tiny model, 4 generators with 4 GiB of KV cache each: 3 generators fit 19.3 GiB, and so do 4 with 3 GiB;
-    at 3.5 GiB only one generator with 1 GiB does; below the learner alone nothing does, and the refusal says so."""
+    at 3.5 GiB only one generator with 1 GiB does, alone or colocated; below the learner alone nothing does, and the
+    refusal says so. Colocation (one engine, in the learner) fits 19.3 GiB too, alone and with LoRA."""
     base = ["cluster.num_generators=4", "generation.kv_cache_space_gib=4"]
     message, _ = _refusal(base, 4, 19.3)
     listed = dict(_listed(message))
-    assert set(listed) == {"cluster.num_generators: 3", "generation.kv_cache_space_gib: 3"}, message
+    colocate = "cluster.colocate: true and cluster.num_generators: 1"
+    assert set(listed) == {"cluster.num_generators: 3", "generation.kv_cache_space_gib: 3", colocate,
+                           f"{colocate} and model.lora: {{r: 16}}"}, message
+    colocated = load_config(ROOT / "deploy" / "quickstart.yaml", ["cluster.colocate=true", base[1]])
+    assert job_estimate(colocated, False).total_gib(1) == pytest.approx(listed[colocate], abs=0.05)
     three = load_config(ROOT / "deploy" / "quickstart.yaml", base[1:])
     assert job_estimate(three, False).total_gib(3) == pytest.approx(listed["cluster.num_generators: 3"], abs=0.05)
     smaller = load_config(ROOT / "deploy" / "quickstart.yaml", [base[0], "generation.kv_cache_space_gib=3"])
     assert job_estimate(smaller, False).total_gib(4) <= 19.3
     message, _ = _refusal(base, 4, 3.5)
-    assert [c for c, _ in _listed(message)] == ["cluster.num_generators: 1 and generation.kv_cache_space_gib: 1"]
+    assert [c for c, _ in _listed(message)] == [f"{colocate} and generation.kv_cache_space_gib: 1",
+                                                "cluster.num_generators: 1 and generation.kv_cache_space_gib: 1"]
     message, _ = _refusal(base, 4, 0.5)
     assert "What would fit" not in message and "use a machine or cluster with more memory" in message

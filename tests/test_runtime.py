@@ -32,6 +32,19 @@ def test_an_elastic_fleet_needs_only_its_min_to_start():
         "cluster.num_generators (its min) / cluster.*_num_cpus or add nodes"]
 
 
+def test_a_colocated_job_needs_only_the_learners_bundle():
+    """Colocated, the engine runs in the learner's bundle: 2 CPUs for the learner fit a 2-CPU node, where a learner
+    of 2 and a generator of 1 need 3; a generator bundle too large for any node does not matter."""
+    one_node = [{"CPU": 2.0}]
+    separate = ClusterConfig(learner_num_cpus=2, generator_num_cpus=3)
+    assert any("needs 5 CPU in all" in p for p in check_feasible(separate, one_node))
+    assert check_feasible(ClusterConfig(learner_num_cpus=2, generator_num_cpus=3, colocate=True), one_node) == []
+    assert check_feasible(ClusterConfig(learner_num_cpus=3, colocate=True), one_node) == [
+        "the job needs 3 CPU in all to start (learner 3 + 0 generators x 1) but the cluster has 2; lower "
+        "cluster.num_generators (its min) / cluster.*_num_cpus or add nodes",
+        "one learner needs 3 CPU on a single node, but the largest node has 2"]
+
+
 @pytest.mark.ray
 def test_auto_fleet_counts_what_the_learner_leaves():
     """2 CPUs, a 1-CPU learner: 1 generator. 16 CPUs, 2 learner ranks x 2 CPUs, 2 CPUs per generator: (16 - 4) / 2

@@ -49,7 +49,9 @@ def test_the_check_can_fail():
 def test_each_transport_declares_its_capabilities_and_the_whole_contract(name):
     import torch
 
-    publisher, receiver = make_publisher(name, torch.float32), make_receiver(name)
+    loads = []  # colocated: the engine's load in the learner's process (the others have no use for it)
+    publisher = make_publisher(name, torch.float32, load=lambda *args: loads.append(args))
+    receiver = make_receiver(name)
     assert publisher.capabilities is CAPABILITIES[name] is capabilities(name)
     assert WeightHandle(name, 0, None).capabilities is CAPABILITIES[name]
     for method in ("connect", "publish", "stats"):
@@ -63,6 +65,7 @@ def test_the_capabilities_are_what_each_transport_does():
     step); a broadcast round reaches the group named at publication, once."""
     assert (capabilities("object_store").lazy, capabilities("object_store").membership) == (True, False)
     assert (capabilities("broadcast").lazy, capabilities("broadcast").membership) == (False, True)
+    assert (capabilities("colocated").lazy, capabilities("colocated").membership) == (False, False)
     with pytest.raises(ValueError, match="cluster.weight_transport: 'carrier_pigeon'"):
         capabilities("carrier_pigeon")
 
@@ -219,11 +222,41 @@ def test_a_transport_that_cannot_carry_an_adapter_refuses_it_at_construction():
     from rlfleet.transport import published_contents
 
     adapter = published_contents(LoraConfig(r=4))
-    assert [n for n in TRANSPORTS if capabilities(n).adapters] == ["object_store"]
+    assert [n for n in TRANSPORTS if capabilities(n).adapters] == ["object_store", "colocated"]
     with pytest.raises(ValueError, match="'broadcast' carries full weights only.*use one that carries adapters: "
                                          r"\['object_store'\]"):
         make_publisher("broadcast", torch.float32, contents=adapter)
     assert make_publisher("object_store", torch.float32, contents=adapter).contents is adapter
+
+
+def test_a_colocated_publication_is_loaded_before_its_handle_exists_and_the_handle_carries_only_the_version():
+    """The colocated publisher loads the learner's own tensors (the same objects, no copy) into the engine, then
+    returns a handle without payload; the receiver has nothing to load and refuses an engine older than the
+    handle (a publication is never skipped), and ``make_publisher`` refuses the transport without an engine."""
+    import torch
+
+    from rlfleet.config import LoraConfig
+    from rlfleet.transport import published_contents
+
+    class Engine:
+        version = 0
+
+        def load_weights(self, state_dict, version, contents):
+            self.loaded, self.version, self.contents = state_dict, version, contents
+
+    engine, state = Engine(), {"w": torch.ones(2)}
+    adapter = published_contents(LoraConfig(r=4))
+    publisher = make_publisher("colocated", None, contents=adapter, load=engine.load_weights)
+    handle = publisher.publish(state, 3)
+    assert engine.loaded is state and (engine.version, engine.contents) == (3, adapter)
+    assert (handle.transport, handle.version, handle.payload, handle.contents) == ("colocated", 3, None, adapter)
+    receiver = make_receiver("colocated")
+    assert receiver.apply(handle, engine) == 3
+    engine.version = 2
+    with pytest.raises(RuntimeError, match="serves version 2, older than the publication's 3"):
+        receiver.apply(handle, engine)
+    with pytest.raises(ValueError, match="colocated transport loads into an engine .*pass load"):
+        make_publisher("colocated", torch.float32)
 
 
 def test_the_broadcast_handle_carries_the_publishers_contents():
@@ -253,9 +286,11 @@ def definitions(name: str) -> dict[str, list[str]]:
 
 def test_update_weights_means_loading_a_publication_or_is_vllms_client_protocol():
     """``update_weights`` had three signatures (the engine's state dict, the actor's handle, the broadcast client's
-    round). Now the actor's loads a publication by its handle; the only other is vLLM's ``VLLMWeightSyncClient``
-    method, whose name vLLM's trainer engines call; the engines load a state dict with ``load_weights``."""
+    round). Now the actors' (a generation actor's, the colocated actor's) load a publication by its handle; the only
+    other is vLLM's ``VLLMWeightSyncClient`` method, whose name vLLM's trainer engines call; the engines load a
+    state dict with ``load_weights``."""
     assert definitions("update_weights") == {"generation/actor.py:GenerationActor": ["self", "handle"],
+                                             "cluster/colocated.py:ColocatedActor": ["self", "handle"],
                                              "transport/broadcast.py:GeneratorsClient": ["self", "update_info"]}
     loads = definitions("load_weights")
     assert loads["generation/engine.py:Engine"] == loads["generation/continuous.py:ContinuousEngine"] == [

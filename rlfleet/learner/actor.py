@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,8 +92,9 @@ class LearnerActor:
         if groups is None:
             self.threads.observe(waited, 0.0)
             return None
-        metrics = self.learner.train_step(groups)
-        weights = self.publish_weights(generators)
+        with self.training():
+            metrics = self.learner.train_step(groups)
+            weights = self.publish_weights(generators)
         if not self.rank.leader:
             return None
         metrics["learner/threads"] = float(self.threads.threads)  # this step's (auto may change it for the next)
@@ -101,6 +103,11 @@ class LearnerActor:
         samples = [{"prompt_id": g.prompt_id, "reward": float(g.rewards[0]), "completion": g.meta.get("completion", "")}
                    for g in groups[:SAMPLES_PER_STEP]]
         return StepResult(metrics, weights, [g.prompt_id for g in groups], samples, replay_stats)
+
+    def training(self):
+        """The context of a step's training and publication, once its batch is in hand (the colocated actor puts
+        its engine to sleep there)."""
+        return nullcontext()
 
     def publish_weights(self, generators: list[str] | None = None) -> WeightHandle | None:
         """Publish the current policy through the transport from rank 0 (``broadcast``: to the group of
