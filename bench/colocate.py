@@ -206,13 +206,15 @@ def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
     sampler.join()
     total_s = time.time() - t0
     row = {"system": name, "model": Path(model).name, "peak_gib": peak[0] / 2**30, "total_s": total_s}
-    if proc.returncode != 0 or not result.exists():
-        refused = [line for line in output.splitlines() if "cannot start the job" in line or "needs about" in line]
-        row |= {"failed": True, "exit_code": proc.returncode, "error_tail": ("\n".join(refused) or output[-3000:])}
+    data = json.loads(result.read_text()) if result.exists() else {}
+    if proc.returncode != 0 or data.get("exit_code") != 0 or not data.get("step_end"):
+        refused = [line for line in output.splitlines() if "cannot " in line or "needs about" in line
+                   or "would fit" in line or "GiB" in line]
+        row |= {"failed": True, "exit_code": data.get("exit_code", proc.returncode),
+                "error_tail": "\n".join(refused) or output[-3000:]}
         print(f"  {name}: FAILED (exit {proc.returncode}, peak {row['peak_gib']:.1f} GiB)\n{row['error_tail']}",
               flush=True)
         return row
-    data = json.loads(result.read_text())
     ends = data["step_end"]
     row |= {"steps": len(ends), "step_s": mean([b - a for a, b in zip(ends, ends[1:])]),
             "first_step_s": ends[0] - t0 if ends else None, "reward_mean": mean(data.get("reward", []))}

@@ -182,8 +182,9 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
 
 
 def colocate_problems(cfg) -> list[str]:
-    """What ``cluster.colocate`` cannot run with yet: a learner group, more than one generator, the broadcast
-    transport (weights stay in the process); what ``generation.sleep_level`` needs."""
+    """What ``cluster.colocate`` cannot run with: generators of their own, an engine over several GPUs or with the
+    default GPU share, the broadcast transport (weights stay in the process); what ``generation.sleep_level``
+    needs."""
     c, gen = cfg.cluster, cfg.generation
     out = []
     if gen.sleep_level and not c.colocate:
@@ -197,12 +198,17 @@ def colocate_problems(cfg) -> list[str]:
                    "adapter alone) does not bring back; use sleep_level: 1 with model.lora.")
     if not c.colocate:
         return out
-    if c.learner_workers > 1:
-        out.append(f"cluster.learner_workers: {c.learner_workers} with cluster.colocate: a learner group colocated "
-                   "rank by rank is not supported yet; use learner_workers: 1, or colocate: false.")
-    if c.num_generators != 1:
-        out.append(f"cluster.num_generators: {c.num_generators} with cluster.colocate: the colocated learner holds "
-                   "the job's one engine; use num_generators: 1, or colocate: false for generators of their own.")
+    if "num_generators" in c.model_fields_set and c.num_generators != c.learner_workers:
+        out.append(f"cluster.num_generators: {c.num_generators} with cluster.colocate: the job's engines are its "
+                   f"learner ranks', one each (cluster.learner_workers: {c.learner_workers}); use num_generators: "
+                   f"{c.learner_workers} (or remove it), or colocate: false for generators of their own.")
+    if gen.tensor_parallel_size > 1:
+        out.append(f"generation.tensor_parallel_size: {gen.tensor_parallel_size} with cluster.colocate: a colocated "
+                   "engine runs on its learner rank's one GPU; use 1.")
+    if c.learner_num_gpus and gen.gpu_memory_utilization > 0.5:
+        out.append(f"generation.gpu_memory_utilization: {gen.gpu_memory_utilization:g} with cluster.colocate on GPU: "
+                   "the learner holds its model, gradients and optimizer state on the same GPU; give the engine "
+                   "the share it may take (TRL's colocated default is 0.3).")
     if c.learner_threads == "auto" and not c.learner_num_gpus:
         out.append("cluster.learner_threads: auto with cluster.colocate on CPU: vLLM's CPU worker fixes the torch "
                    "threads of its process once the engine starts, the learner's with them; give a number (e.g. "

@@ -264,8 +264,8 @@ class ClusterConfig(Section):
     colocate: bool = Field(
         False, description="The learner and the generation engine in one actor, sharing the learner's bundle "
         "(learner_num_cpus / learner_num_gpus): one copy of the engine, weights loaded from the learner's own "
-        "tensors (no transport, no host copies), the learner's step beside generation. One learner rank, one "
-        "generator: the learner's (rlfleet/cluster/colocated.py).")
+        "tensors (no transport, no host copies), the learner's step beside generation. Each learner rank holds one "
+        "engine: the job's generators are its learner_workers (rlfleet/cluster/colocated.py).")
     local_num_cpus: int | None = Field(None, gt=0, description="CPUs a local cluster advertises; None = enough.")
     max_restarts: int = Field(3, ge=0, description="Ray restarts per generation actor.")
     timeout_s: float = Field(600.0, gt=0, description="Timeout of every blocking call on an actor.")
@@ -282,13 +282,18 @@ class ClusterConfig(Section):
 
     @property
     def min_generators(self) -> int:
+        """Colocated: one engine per learner rank."""
         n = self.num_generators
+        if self.colocate:
+            return self.learner_workers
         return 1 if n == "auto" else n if isinstance(n, int) else n.min
 
     @property
     def max_generators(self) -> int | None:
         """None for 'auto' (:func:`rlfleet.cluster.runtime.fleet_size` counts it on the cluster)."""
         n = self.num_generators
+        if self.colocate:
+            return self.learner_workers
         return None if n == "auto" else n if isinstance(n, int) else n.max
 
 

@@ -354,29 +354,42 @@ def test_the_saved_config_reloads_as_the_same_config(name, tmp_path):
 
 
 
-def test_colocate_loads_with_every_algorithm_and_engine_and_refuses_what_it_cannot_run_yet():
-    """cluster.colocate with the GRPO family, online DPO, LoRA, both engines; a learner group, several generators or
-    the broadcast transport beside it are refused, each naming the field and the way out."""
+def test_colocate_loads_with_every_algorithm_and_engine_and_refuses_what_it_cannot_run():
+    """cluster.colocate with the GRPO family, online DPO, LoRA, both engines, a learner group (an engine per rank:
+    the job's generators are its ranks); generators of their own, an engine over several GPUs or with most of one,
+    the broadcast transport and threads chosen on the fly (which vLLM's CPU worker pins) are refused, each naming
+    the field and the way out."""
     for data in ({}, {"algorithm": {"name": "online_dpo"}, "replay": {"zero_variance": "drop"}},
                  {"model": {"lora": {"r": 8}}}, {"generation": {"engine": "continuous"}}):
         cfg = config.config_from_dict({**data, "cluster": {"colocate": True}})
-        assert cfg.cluster.colocate
+        assert cfg.cluster.colocate and (cfg.cluster.min_generators, cfg.cluster.max_generators) == (1, 1)
+    for cluster in ({"learner_workers": 2}, {"learner_workers": 2, "num_generators": 2}):
+        cfg = config.config_from_dict({"cluster": {"colocate": True, **cluster}})
+        assert (cfg.cluster.min_generators, cfg.cluster.max_generators) == (2, 2)
+    gpu = {"learner_num_gpus": 1}
     cases = {  # the problem, and the way out it names
-        ("cluster.learner_workers: 2 with cluster.colocate", "use learner_workers: 1, or colocate: false"):
-            {"learner_workers": 2},
-        ("cluster.num_generators: 2 with cluster.colocate", "use num_generators: 1, or colocate: false"):
-            {"num_generators": 2},
+        ("cluster.num_generators: 2 with cluster.colocate", "use num_generators: 1 (or remove it), or colocate: "
+         "false"): {"cluster": {"num_generators": 2}},
+        ("cluster.num_generators: 1 with cluster.colocate", "use num_generators: 2"):
+            {"cluster": {"num_generators": 1, "learner_workers": 2}},
         ("cluster.num_generators: min=1 max=2 with cluster.colocate", "use num_generators: 1"):
-            {"num_generators": {"min": 1, "max": 2}},
+            {"cluster": {"num_generators": {"min": 1, "max": 2}}},
         ("cluster.weight_transport: 'broadcast' with cluster.colocate", "remove weight_transport"):
-            {"weight_transport": "broadcast"},
-        ("cluster.learner_threads: auto with cluster.colocate on CPU", "give a number"): {"learner_threads": "auto"},
+            {"cluster": {"weight_transport": "broadcast"}},
+        ("cluster.learner_threads: auto with cluster.colocate on CPU", "give a number"):
+            {"cluster": {"learner_threads": "auto"}},
+        ("generation.tensor_parallel_size: 2 with cluster.colocate", "use 1"):
+            {"generation": {"tensor_parallel_size": 2}},
+        ("generation.gpu_memory_utilization: 0.9 with cluster.colocate on GPU", "TRL's colocated default is 0.3"):
+            {"cluster": gpu},
     }
-    for (problem, fix), cluster in cases.items():
+    for (problem, fix), data in cases.items():
         with pytest.raises(ConfigError) as err:
-            config.config_from_dict({"cluster": {"colocate": True, **cluster}})
+            config.config_from_dict({**data, "cluster": {"colocate": True, **data.get("cluster", {})}})
         assert problem in str(err.value) and fix in str(err.value), (problem, str(err.value))
-        config.config_from_dict({"cluster": cluster})  # each is valid without colocation
+        config.config_from_dict(data)  # each is valid without colocation
+    cfg = config.config_from_dict({"cluster": {"colocate": True, **gpu}, "generation": {"gpu_memory_utilization": 0.3}})
+    assert cfg.generation.gpu_memory_utilization == 0.3
 
 
 def test_sleep_level_needs_a_colocated_batched_engine_and_level_two_the_full_weights():

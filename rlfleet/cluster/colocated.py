@@ -14,6 +14,10 @@ member (``generate``, ``evaluate``, ``update_weights``). What changes against se
   at ``max_staleness >= 1`` the two overlap on the bundle's cores; at 0 they alternate, as admission has it.
 - **One life.** The actor dies as a whole: the job treats its loss as the learner's and recovers from the latest
   checkpoint (the pool raises :class:`~rlfleet.errors.ActorLost` instead of waiting for a restart).
+- **Rank by rank.** In a learner group (``cluster.learner_workers``) every rank holds an engine of its own (seeded
+  ``cfg.seed + rank``), on its own bundle (its GPU): the pool's member ``r`` is rank ``r``. A publication gathers the
+  sharded weights on every rank (the group's collective, one tensor at a time) and each rank loads them into its
+  engine; rank 0's handle is the group's.
 
 **Sleep** (``generation.sleep_level``, batched engine): once a step's batch is in hand, the learner waits for the
 request in progress, puts the engine to sleep (vLLM's ``sleep``: level 1 offloads its weights to host memory and
@@ -28,6 +32,7 @@ rank is not built.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -48,13 +53,15 @@ logger = logging.getLogger(__name__)
 
 
 class ColocatedActor(LearnerActor):
-    """Learner rank 0 and the job's one engine (seeded ``cfg.seed``), the replay actor named ``replay``."""
+    """Learner rank ``rank`` and an engine (seeded ``cfg.seed + rank``) sending its groups to the replay actor named
+    ``replay``."""
 
     def __init__(self, cfg: RLFleetConfig, replay: str, make_learner: LearnerFactory | None = None,
                  rank: Rank = SINGLE, rendezvous: tuple[str, int] | None = None,
                  engine_factory: EngineFactory | None = None):
         super().__init__(cfg, replay, make_learner, rank, rendezvous)
-        self.generation = GenerationActor(cfg, replay, 0, engine_factory or vllm_engine)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process (GPU too)
+        self.generation = GenerationActor(cfg, replay, rank.rank, engine_factory or vllm_engine)
         # a batched engine's weights change between requests only: a load (and a sleep, whose step publishes in
         # the same thread) waits for the request in progress
         continuous = isinstance(self.generation.engine, ContinuousEngine)
@@ -111,7 +118,10 @@ class ColocatedActor(LearnerActor):
 
     @ray.method(concurrency_group=LEARN)
     def publish_weights(self, generators: list[str] | None = None) -> WeightHandle | None:
-        return super().publish_weights(generators)
+        """Every rank loads the policy into its own engine (the whole weights: gathered on every rank of a group);
+        rank 0's handle is the group's."""
+        handle = self.publisher.publish(self.learner.state_dict(), self.learner.policy_version)
+        return handle if self.rank.leader else None
 
     # -- the generator's side (GenerationActor's methods) -----------------------------------------------------------
 

@@ -99,7 +99,7 @@ class RLJob:
         objective = online_dpo_learner if cfg.algorithm.name == "online_dpo" else policy_learner
         factory = self.engine_factory or vllm_engine
         actor, extra_args, placing = None, (), {}
-        if c.colocate:  # the learner is the pool's one member, in the learner's placement
+        if c.colocate:  # the learner's ranks are the pool's members, in the learner's placement
             from rlfleet.cluster.colocated import SharedPlacement, colocated_actor_class
 
             actor, extra_args = colocated_actor_class(cfg), (factory,)
@@ -109,8 +109,8 @@ class RLJob:
                                     extra_args)
 
         def start_generator(index: int, options: dict):
-            if c.colocate:
-                return self.learner.ranks[0]
+            if c.colocate:  # member r is learner rank r
+                return self.learner.ranks[index]
             return make_generation_actor(cfg, REPLAY_NAME, index, factory, **options)
 
         fleet = c.max_generators

@@ -14,8 +14,9 @@ GPU: the learner's packed buffer and the object-store object made from it (:mod:
 learner group of K ranks (``cluster.learner_workers``) splits the weights, gradients, optimizer state and
 reference model K ways, while each rank has its own process and logits, and each rank holds one more gathered copy
 of the weights while they are published (:func:`rlfleet.learner.distributed.full_state_dict`). Colocated
-(``cluster.colocate``): the engine lives in the learner's process and loads the learner's own tensors, so the job has
-one generator, its engine holds one copy of the weights (no update in flight), and nothing is published. Other
+(``cluster.colocate``): each engine lives in a learner rank's process and loads the learner's own tensors (a group's
+gathered ones), so the job has one generator per rank, each engine holds one copy of the weights (no update in
+flight), and nothing is packed or put in the object store. Other
 activations are not counted: the estimate is a floor, used to refuse jobs that
 cannot fit, not to promise that one will.
 """
@@ -60,14 +61,16 @@ def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, refe
     GPU keeps its weights, KV cache, optimizer state and activations there: its process and the host copies of the
     published weights count here. ``learner_gib`` is the whole learner group's (``learner_ranks`` processes).
     ``trainable``: the parameters trained and published when not all are (a LoRA adapter's): the others carry
-    float32 weights only. ``colocated``: the engine in the learner's process, its one copy of the weights loaded
-    from the learner's (``publish_bytes_per_param`` should then be 0)."""
+    float32 weights only. ``colocated``: each engine in a learner rank's process with one copy of the weights, loaded
+    from the learner's: nothing is packed or put in the object store (a group's ranks still gather a copy each)."""
     generator = ENGINE_PROCESS_GIB
     if not generator_on_gpu:
         generator += kv_cache_gib + (1 if colocated else 2) * params * engine_bytes_per_param / GIB
     k = learner_ranks
     trained = params if trainable is None else trainable
-    copies = 2 + (k if k > 1 else 0)  # packed buffer + object-store object, + one gathered copy per rank of a group
+    # packed buffer + object-store object (not colocated: the engine loads the learner's own tensors), + one gathered
+    # copy per rank of a group
+    copies = (0 if colocated else 2) + (k if k > 1 else 0)
     learner = k * LEARNER_PROCESS_GIB + copies * trained * publish_bytes_per_param / GIB
     if not learner_on_gpu:
         learner += (params * (4 + reference_bytes_per_param) + trained * 12) / GIB
@@ -94,7 +97,7 @@ def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate
         trainable = adapter_parameters(cfg.model.name_or_path, cfg.model.lora, cfg.model.trust_remote_code)
         if not (dpo and cfg.dpo.bema is not None):
             ref_size = 0
-    published = 0 if dpo or c.colocate else torch.empty((), dtype=learner_dtype).element_size()
+    published = 0 if dpo else torch.empty((), dtype=learner_dtype).element_size()
     return estimate(params, size, cfg.generation.kv_cache_space_gib, ref_size, engine_gpus > 0,
                     c.learner_num_gpus > 0, logit_positions(cfg, dpo), vocab, published, c.learner_workers,
                     trainable, colocated=c.colocate and not dpo)
