@@ -115,7 +115,8 @@ def worker_rlfleet(model: str, job: dict, steps: int, overrides: list[str], resu
     result.write_text(json.dumps({
         "exit_code": code, "step_end": [t for t, _ in stamps],
         "learner_s": [r.get("time/learner_s") for _, r in stamps], "gen_s": [r.get("time/gen_s") for _, r in stamps],
-        "sync_s": [r.get("sync/seconds") for _, r in stamps], "reward": [r.get("reward/mean") for _, r in stamps]}))
+        "sync_s": [r.get("sync/seconds") for _, r in stamps], "reward": [r.get("reward/mean") for _, r in stamps],
+        "threads": [r.get("learner/threads") for _, r in stamps]}))
 
 
 def worker_trl(model: str, job: dict, steps: int, lora: bool, result: Path) -> None:
@@ -191,8 +192,10 @@ def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--model", model, "--part", part,
                "--steps", str(steps), "--result", str(result), *[f"--override={o}" for o in overrides]]
     t0 = time.time()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    # no OMP_NUM_THREADS here: Ray gives each actor its CPUs' worth only where the variable is unset (a colocated
+    # actor of 2 CPUs then runs 2 threads), and TRL sets its own
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak, done = [0], threading.Event()
 
     def sample() -> None:
@@ -218,7 +221,7 @@ def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
     ends = data["step_end"]
     row |= {"steps": len(ends), "step_s": mean([b - a for a, b in zip(ends, ends[1:])]),
             "first_step_s": ends[0] - t0 if ends else None, "reward_mean": mean(data.get("reward", []))}
-    for key in ("learner_s", "gen_s", "sync_s"):
+    for key in ("learner_s", "gen_s", "sync_s", "threads"):
         if data.get(key):
             row[key] = mean(data[key][1:])
     print(f"  {name}: step {row['step_s']:.2f} s, first step at {row['first_step_s']:.1f} s, peak "
@@ -266,8 +269,8 @@ def main() -> None:
         results = [launch(n, models[SYSTEMS[n][0]], steps[SYSTEMS[n][0]], workdir) for n in order]
     shutil.rmtree(workdir, ignore_errors=True)
     tables, rows = [], {}
-    columns = ["system", "runs", "steps", "step_s", "step_vs_ref", "peak_gib", "peak_vs_ref", "learner_s", "gen_s",
-               "sync_s", "first_step_s", "total_s"]
+    columns = ["system", "runs", "steps", "step_s", "step_vs_ref", "peak_gib", "peak_vs_ref", "learner_s", "threads",
+               "gen_s", "sync_s", "first_step_s", "total_s"]
     for part, reference, title in (
             ("big", "TRL GRPOTrainer, HF generate",
              "Qwen3-0.6B shape, float32, 2 x 4 x 32 a step: step_vs_ref and peak_vs_ref against TRL (full)"),

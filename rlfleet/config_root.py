@@ -209,10 +209,11 @@ def colocate_problems(cfg) -> list[str]:
         out.append(f"generation.gpu_memory_utilization: {gen.gpu_memory_utilization:g} with cluster.colocate on GPU: "
                    "the learner holds its model, gradients and optimizer state on the same GPU; give the engine "
                    "the share it may take (TRL's colocated default is 0.3).")
-    if c.learner_threads == "auto" and not c.learner_num_gpus:
-        out.append("cluster.learner_threads: auto with cluster.colocate on CPU: vLLM's CPU worker fixes the torch "
-                   "threads of its process once the engine starts, the learner's with them; give a number (e.g. "
-                   "learner_num_cpus), or colocate: false.")
+    if c.learner_threads is not None and c.learner_threads != c.learner_num_cpus and not c.learner_num_gpus:
+        out.append(f"cluster.learner_threads: {c.learner_threads} with cluster.colocate on CPU: the learner shares its "
+                   "process's threads with vLLM's CPU engine, whose attention kernels check that the count stays what "
+                   f"it was when the engine started (cluster.learner_num_cpus: {c.learner_num_cpus:g}); remove "
+                   "learner_threads, or colocate: false.")
     if c.weight_transport == "broadcast":
         out.append("cluster.weight_transport: 'broadcast' with cluster.colocate: a colocated engine loads the "
                    "learner's tensors in its own process; remove weight_transport (or use object_store).")

@@ -357,8 +357,9 @@ def test_the_saved_config_reloads_as_the_same_config(name, tmp_path):
 def test_colocate_loads_with_every_algorithm_and_engine_and_refuses_what_it_cannot_run():
     """cluster.colocate with the GRPO family, online DPO, LoRA, both engines, a learner group (an engine per rank:
     the job's generators are its ranks); generators of their own, an engine over several GPUs or with most of one,
-    the broadcast transport and threads chosen on the fly (which vLLM's CPU worker pins) are refused, each naming
-    the field and the way out."""
+    the broadcast transport and learner threads other than the bundle's CPUs (vLLM's CPU attention checks the
+    count it started with: a colocated job with 1 learner thread on 2 CPUs crashed the engine) are refused, each
+    naming the field and the way out."""
     for data in ({}, {"algorithm": {"name": "online_dpo"}, "replay": {"zero_variance": "drop"}},
                  {"model": {"lora": {"r": 8}}}, {"generation": {"engine": "continuous"}}):
         cfg = config.config_from_dict({**data, "cluster": {"colocate": True}})
@@ -376,8 +377,10 @@ def test_colocate_loads_with_every_algorithm_and_engine_and_refuses_what_it_cann
             {"cluster": {"num_generators": {"min": 1, "max": 2}}},
         ("cluster.weight_transport: 'broadcast' with cluster.colocate", "remove weight_transport"):
             {"cluster": {"weight_transport": "broadcast"}},
-        ("cluster.learner_threads: auto with cluster.colocate on CPU", "give a number"):
+        ("cluster.learner_threads: auto with cluster.colocate on CPU", "remove learner_threads"):
             {"cluster": {"learner_threads": "auto"}},
+        ("cluster.learner_threads: 1 with cluster.colocate on CPU", "cluster.learner_num_cpus: 2"):
+            {"cluster": {"learner_threads": 1, "learner_num_cpus": 2}},
         ("generation.tensor_parallel_size: 2 with cluster.colocate", "use 1"):
             {"generation": {"tensor_parallel_size": 2}},
         ("generation.gpu_memory_utilization: 0.9 with cluster.colocate on GPU", "TRL's colocated default is 0.3"):

@@ -431,3 +431,31 @@ def test_learner_options_make_threads_beyond_the_cpus_wait_passively():
     for cpus, threads in ((2, 3), (0.5, 2)):
         options = learner_options(ClusterConfig(learner_num_cpus=cpus, learner_threads=threads))
         assert options["runtime_env"] == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}} and options["num_cpus"] == cpus
+
+
+def test_gathered_weights_stream_one_tensor_at_a_time_and_keep_tied_ones_to_their_last_name():
+    """``dist_.gathered`` (what a colocated engine reads) yields :func:`full_state_dict`'s pairs in order, each made
+    as it is asked for: once the reader moves on, the tensor it had is gone, except a tied one (the embedding and
+    ``lm_head``), which stays until its second name. One rank, cast to bfloat16, so every tensor is a new one."""
+    import gc
+    import weakref
+
+    import torch
+
+    from rlfleet.learner import distributed as dist_
+    from rlfleet.models import load_causal_lm, resolve_model_path
+
+    model = load_causal_lm(resolve_model_path("builtin:tiny"), torch.float32)
+    whole = dist_.full_state_dict(model, torch.bfloat16)
+    refs, names = [], []
+    for name, tensor in dist_.gathered(model, torch.bfloat16):
+        assert torch.equal(tensor, whole[name]), name
+        refs.append(weakref.ref(tensor))
+        names.append(name)
+        del tensor
+        gc.collect()
+        alive = [n for n, r in zip(names[:-1], refs[:-1]) if r() is not None]
+        # only the tied embedding, read under its first name, may outlive its turn (until lm_head.weight)
+        assert alive in ([], ["model.embed_tokens.weight"]), (name, alive)
+    assert names == list(whole)
+    assert "lm_head.weight" in names and names.index("lm_head.weight") > names.index("model.embed_tokens.weight")

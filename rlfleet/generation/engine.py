@@ -182,6 +182,7 @@ class Engine:
             **lora,
         )
         self.lora_request = None  # the LoRARequest every request carries (model.lora: once an adapter is loaded)
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"  # the engine core, in this process
         self._sampling_params_cls = SamplingParams
         self.generation = generation  # read at every sample() call
         self.max_model_len = model.max_model_len
@@ -266,8 +267,13 @@ class Engine:
         loader(state_dict, contents)
 
     def _load_full(self, state_dict: Mapping[str, torch.Tensor], contents: Contents) -> None:
-        """Every parameter, under Hugging Face names."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        """Every parameter, under Hugging Face names. In process, the engine reads the pairs as they come (a
+        colocated learner group's are gathered as they are read: rlfleet.learner.state_files.StreamedState); an
+        engine core in a process of its own gets them whole."""
+        weights = state_dict.items()
+        if not self.in_process:
+            weights = list(weights)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
     def _load_adapter(self, tensors: Mapping[str, torch.Tensor], contents: Contents) -> None:
         """An adapter under peft's names, replacing the engine's one adapter in place (one id for the engine's

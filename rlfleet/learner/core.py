@@ -137,6 +137,11 @@ class Learner:
         """What the engines load (a collective in a learner group)."""
         return self.trainee.engine_state()
 
+    def state_stream(self):
+        """:meth:`state_dict` for an engine in the learner's process (``cluster.colocate``): a group's full weights
+        gathered one tensor at a time as the engine reads them (a collective)."""
+        return self.trainee.engine_state_stream()
+
     def packed_weights(self) -> PackedWeights:
         """:meth:`state_dict` in the compute dtype, packed into the learner's reusable host buffer under Hugging Face
         names (tied ``lm_head.weight`` shares the embedding's bytes). Valid until the next call."""

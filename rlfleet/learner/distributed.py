@@ -18,7 +18,7 @@ With one worker (the default) none of this runs: :data:`SINGLE` is the rank and 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -136,20 +136,33 @@ def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None, co
     gathered, then cast to ``dtype`` at once, so the peak is one float32 tensor beyond the result). A collective in
     a learner group: every rank calls it and gets the tensors. Tied parameters come back as one tensor under both
     names. ``copy``: tensors never share memory with the model (with one rank, ``state_dict()`` itself does)."""
-    out: dict[str, Tensor] = {}
+    return dict(gathered(model, dtype, copy, keep))
+
+
+def gathered(model: torch.nn.Module, dtype: torch.dtype | None = None, copy: bool = False,
+             keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, Tensor]]:
+    """:func:`full_state_dict`'s ``(name, tensor)`` pairs, each gathered as it is asked for: a consumer that drops
+    each tensor once it has used it (an engine loading them) holds one gathered tensor at a time, not the whole
+    model; only tied tensors are kept until their last name. A collective in a learner group: every rank must
+    consume the whole iterator, in order."""
+    state = {name: value for name, value in model.state_dict().items() if keep is None or keep(name)}
+    last_use: dict[tuple, str] = {}
+    for name, value in state.items():
+        last_use[(local(value).data_ptr(), tuple(value.shape))] = name  # tied names share the (local) storage
     seen: dict[tuple, Tensor] = {}
-    for name, value in model.state_dict().items():
-        if keep is not None and not keep(name):
-            continue
-        key = (local(value).data_ptr(), tuple(value.shape))  # tied names share the (local) storage
-        if key not in seen:
-            gathered = full(value.detach())
-            if dtype is not None and gathered.is_floating_point():
-                gathered = gathered.to(dtype)
-            shares = gathered.data_ptr() == local(value).data_ptr()  # one rank, float32: the parameter itself
-            seen[key] = gathered.clone() if copy and shares else gathered
-        out[name] = seen[key]
-    return out
+    for name, value in state.items():
+        key = (local(value).data_ptr(), tuple(value.shape))
+        tensor = seen.get(key)
+        if tensor is None:
+            tensor = full(value.detach())
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if copy and tensor.data_ptr() == local(value).data_ptr():  # one rank, float32: the parameter itself
+                tensor = tensor.clone()
+        seen[key] = tensor
+        if last_use[key] == name:
+            del seen[key]
+        yield name, tensor
 
 
 def rank_rows(num_rows: int, rank: Rank) -> tuple[int, int]:

@@ -10,6 +10,7 @@ learner writes ``optimizer.safetensors``. Either is read back with ``safetensors
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -78,6 +79,28 @@ def engine_state(model: torch.nn.Module, lora, rank: Rank, compute_dtype: torch.
     else:
         state = dist_.full_state_dict(model, compute_dtype, keep=keep)
     return state if lora is None else lora_.adapter_state(state)
+
+
+class StreamedState:
+    """A state dict read once, in order, through :meth:`items` (what an engine's full load reads): each tensor is
+    made as it is read, so a reader that drops each one after loading it holds one at a time."""
+
+    def __init__(self, items: Iterator[tuple[str, Tensor]]):
+        self._items = items
+
+    def items(self) -> Iterator[tuple[str, Tensor]]:
+        return self._items
+
+
+def engine_state_stream(model: torch.nn.Module, lora, rank: Rank,
+                        compute_dtype: torch.dtype) -> dict[str, Tensor] | StreamedState:
+    """:func:`engine_state` for an engine in the learner's own process (``cluster.colocate``): a learner group's full
+    weights gathered one tensor at a time as the engine loads them (:func:`~rlfleet.learner.distributed.gathered`:
+    a collective, every rank's engine reading in the same order), instead of a whole gathered copy on every rank;
+    an adapter (megabytes) and a single rank's weights (the parameters themselves) as :func:`engine_state` has them."""
+    if lora is not None or not rank.sharded:
+        return engine_state(model, lora, rank, compute_dtype)
+    return StreamedState(dist_.gathered(model, compute_dtype))
 
 
 def save_merged(model: torch.nn.Module, peft_model, tokenizer, lora, path: Path, rank: Rank = SINGLE) -> None:

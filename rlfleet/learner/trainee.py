@@ -46,7 +46,7 @@ from rlfleet.config import LearnerConfig, ModelConfig
 from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import SINGLE, Rank
 from rlfleet.learner.logprobs import completion_logprobs, shard_for_learning
-from rlfleet.learner.state_files import (engine_state, load_adapter, load_optimizer, load_policy, save_adapter,
+from rlfleet.learner.state_files import (engine_state, engine_state_stream, load_adapter, load_optimizer, load_policy, save_adapter,
                                          save_merged, save_optimizer, save_policy)
 from rlfleet.models import float32_attention_on_cpu, load_causal_lm, load_tokenizer, torch_dtype
 
@@ -232,6 +232,10 @@ class Trainee:
     def engine_state(self) -> dict[str, Tensor]:
         """What the engines load: :func:`~rlfleet.learner.state_files.engine_state` (a collective in a group)."""
         return engine_state(self.model, self.lora, self.rank, self.compute_dtype)
+
+    def engine_state_stream(self):
+        """:func:`~rlfleet.learner.state_files.engine_state_stream`: for an engine in this process."""
+        return engine_state_stream(self.model, self.lora, self.rank, self.compute_dtype)
 
     # -- files -------------------------------------------------------------------------------------------------
 
