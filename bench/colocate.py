@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (QUIET, REPO, LoadMonitor, arg_parser, load_line, machine, mean, pick, pool_runs,  # noqa: E402
                           print_table, save_json, setup_env)
-from bench.vs_trl import step_clock  # noqa: E402
+from bench.vs_trl import stamp_steps, step_clock  # noqa: E402
 
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
@@ -92,17 +92,8 @@ def build_qwen3_shape() -> str:
 
 def worker_rlfleet(model: str, job: dict, steps: int, overrides: list[str], result: Path) -> None:
     from rlfleet import cli
-    from rlfleet.cluster.metrics import MetricsLog
 
-    stamps: list[tuple[float, dict]] = []
-    write = MetricsLog.write
-
-    def stamped_write(self, record: dict) -> None:
-        write(self, record)
-        if self.path.name == "metrics.jsonl" and "loss" in record:
-            stamps.append((time.time(), record))
-
-    MetricsLog.write = stamped_write
+    stamps = stamp_steps()
     out = result.with_suffix(".run")
     code = cli.main([
         "train", str(REPO / "deploy" / "quickstart.yaml"), f"output_dir={out}", f"model.name_or_path={model}",

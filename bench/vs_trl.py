@@ -106,18 +106,8 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
                    depth: int = 2, overrides: list[str] | None = None, dtype: str = "float32") -> None:
     """``rlfleet train`` / ``rlfleet dpo`` through its CLI, with each metrics line time-stamped as it is written."""
     from rlfleet import cli
-    from rlfleet.cluster.metrics import MetricsLog
 
-    stamps: list[tuple[float, dict]] = []
-    write = MetricsLog.write
-
-    def stamped_write(self, record: dict) -> None:
-        write(self, record)
-        # a step's record in metrics.jsonl (not batches.jsonl's line for the same step, nor an evaluation's)
-        if self.path.name == "metrics.jsonl" and "loss" in record:
-            stamps.append((time.time(), record))
-
-    MetricsLog.write = stamped_write
+    stamps = stamp_steps()
     out = result.with_suffix(".run")
     common = [f"output_dir={out}", f"model.name_or_path=builtin:{model}", f"model.dtype={dtype}",
               f"learner.max_steps={steps}", *QUIET]
@@ -150,6 +140,23 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
         "version_span": [r.get("staleness/version_span_max") for _, r in steps_done],
         "completion_length": [r.get("completions/mean_length") for _, r in steps_done],
     }))
+
+
+def stamp_steps() -> list[tuple[float, dict]]:
+    """From now on in this process, every step record ``rlfleet`` writes to metrics.jsonl (not batches.jsonl's line
+    for the same step, nor an evaluation's) is appended to the returned list with the time it was written."""
+    from rlfleet.cluster.metrics import MetricsLog
+
+    stamps: list[tuple[float, dict]] = []
+    write = MetricsLog.write
+
+    def stamped_write(self, record: dict) -> None:
+        write(self, record)
+        if self.path.name == "metrics.jsonl" and "loss" in record:
+            stamps.append((time.time(), record))
+
+    MetricsLog.write = stamped_write
+    return stamps
 
 
 def step_clock():

@@ -26,14 +26,12 @@ class ColocatedPublisher:
 
     def __init__(self, load: Callable[[Mapping[str, Tensor], int, Contents], None], contents: Contents = FULL):
         self.load, self.contents = load, contents
-        self.loads = 0
 
     def connect(self, members: list[str]) -> None:
         """Nothing: the one engine is in this process."""
 
     def publish(self, state: Mapping[str, Tensor], version: int) -> WeightHandle:
         self.load(state, int(version), self.contents)
-        self.loads += 1
         return WeightHandle(NAME, int(version), None, contents=self.contents)
 
     def stats(self) -> dict[str, float]:
