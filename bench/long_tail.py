@@ -20,13 +20,17 @@ request batching at the same bound (``samples_vs_batched``):
   4 prompts, weights loaded between requests;
 - rlfleet, ``generation.engine: continuous`` with ``kv_on_update: keep`` and ``recompute``: one group per request,
   every group's prompt joining the running engine, each publication loaded between two engine steps;
+- the same continuous engines with ``replay.staleness_unit: token`` ("token bound"): admission waits for no
+  straggler, and the learner masks tokens sampled more than ``max_staleness`` versions before its step;
 - TRL's GRPOTrainer with Hugging Face generation, on 1 and 2 torch threads (the faster is the reference).
 
 Per system: ``step_s`` (mean wall between step ends, steps 3..N-1), ``samples_per_s`` (32 / step_s), ``gen_s``
 (the engines' busy time per step), ``engine_busy`` (gen_s / step_s: one engine), ``learner_s``, the token staleness
 (mean lag of a trained token behind the weights it trains) and the most versions one group spanned, the mean
 completion length, the continuous engine's mean batch (``engine_batch``: tokens over engine steps, each step sampling
-one token of every running completion), and ``reward_first10`` / ``reward_last10``. The machine's bound is each rlfleet run's own work
+one token of every running completion), under the token bound (``replay.staleness_unit: token``) the share of
+sampled tokens the loss masked as older than the bound (``masked_frac``) and the tokens trained per second
+(``trained_tokens_per_s``: samples/s x mean length x (1 - masked_frac)), and ``reward_first10`` / ``reward_last10``. The machine's bound is each rlfleet run's own work
 per step, its engine busy time plus its learner time, over the machine's cores (``step_vs_bound``); no system doing
 that work steps faster on this machine.
 """
@@ -59,6 +63,12 @@ RLFLEET = {  # name -> overrides
     "rlfleet continuous, recompute, request order": ["generation.engine=continuous",
                                                      "generation.kv_on_update=recompute",
                                                      "replay.consume_order=request"],
+    # the token bound: stragglers train with their tokens older than the bound masked, so none holds admission
+    "rlfleet continuous, recompute, token bound": ["generation.engine=continuous",
+                                                   "generation.kv_on_update=recompute",
+                                                   "replay.staleness_unit=token"],
+    "rlfleet continuous, keep, token bound": ["generation.engine=continuous", "generation.kv_on_update=keep",
+                                              "replay.staleness_unit=token"],
 }
 TRL_SYSTEMS = {"TRL GRPOTrainer, HF generate, 1 thread": ["trl", "1"],
                "TRL GRPOTrainer, HF generate, 2 threads": ["trl", "2"]}
@@ -170,11 +180,14 @@ def launch(name: str, worker_args: list[str], model_dir: Path, steps: int, workd
            "total_s": time.time() - t0, "reward_first10": mean(data["reward"][:10]),
            "reward_last10": mean(data["reward"][-10:])}
     for key in ("learner_s", "gen_s", "sync_s", "token_staleness", "version_span", "completion_length",
-                "engine_batch"):
+                "engine_batch", "masked_frac"):
         values = [v for v in (data.get(key) or [])[timed] if v is not None]
         if values:
             row[key] = mean(values) if key != "version_span" else max(values)
     row["samples_per_s"] = PROMPTS * G / row["step_s"]
+    if row.get("completion_length") is not None:  # the tokens the loss trained (the token bound masks some)
+        row["trained_tokens_per_s"] = (row["samples_per_s"] * row["completion_length"]
+                                       * (1 - row.get("masked_frac", 0.0)))
     if row.get("gen_s") is not None:
         row["engine_busy"] = row["gen_s"] / row["step_s"]
     print(f"  {name}: step {row['step_s']:.3f} s, {row['samples_per_s']:.1f} samples/s", flush=True)
@@ -186,6 +199,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--staleness", type=int, nargs="+", default=[1, 4],
                         help="rlfleet's replay.max_staleness values (each system at each)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the systems whose names contain one of these (e.g. 'batched' 'token bound')")
     parser.add_argument("--worker", choices=["rlfleet", "trl"], help=argparse_suppress())
     parser.add_argument("--arg", action="append", default=[], help=argparse_suppress())
     parser.add_argument("--model-dir", help=argparse_suppress())
@@ -196,7 +211,8 @@ def main() -> None:
         worker(args.worker, args.arg, args.model_dir, args.steps, args.result)
         return
     steps = args.steps or pick(args.mode, 8, 16, 16)
-    table_systems = systems(args.staleness)
+    table_systems = {name: a for name, a in systems(args.staleness).items()
+                     if not args.only or any(part in name for part in args.only)}
     names = list(table_systems)
     order = names + (names[::-1] if args.mode == "full" else [])
     workdir = Path(tempfile.mkdtemp(prefix="rlfleet-bench-longtail-"))
@@ -225,6 +241,7 @@ def main() -> None:
     table = print_table(rows, ["system", "runs", "steps", "step_s", "samples_per_s", "samples_vs_batched",
                                "step_vs_trl", "gen_s", "engine_busy", "learner_s", "sync_s", "bound_s",
                                "step_vs_bound", "token_staleness", "version_span", "completion_length", "engine_batch",
+                               "masked_frac", "trained_tokens_per_s",
                                "reward_first10", "reward_last10", "total_s"],
                         title=f"Long-tailed lengths (builtin:tiny, EOS boosted: mean {lengths['mean']:.1f}, median "
                               f"{lengths['median']}, p90 {lengths['p90']}, {lengths['at_cap']:.1%} at the cap {CAP}),"

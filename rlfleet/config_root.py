@@ -153,6 +153,7 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     if gen.engine != "continuous" and (gen.max_inflight_groups is not None or gen.kv_on_update != "keep"):
         field = "generation.max_inflight_groups" if gen.max_inflight_groups is not None else "generation.kv_on_update"
         out.append(f"{field}: applies to generation.engine: continuous only; set that, or remove {field}.")
+    out += token_unit_problems(cfg)
     if gen.top_k == 0:
         out.append("generation.top_k: 0 is not a valid top-k; use None or -1 to disable it, or a positive value.")
     c, tp = cfg.cluster, gen.tensor_parallel_size
@@ -178,6 +179,32 @@ def cross_field_problems(cfg: RLFleetConfig) -> list[str]:
     if c.learner_workers > 1 and cfg.learner.device == "cuda" and not c.learner_num_gpus:
         out.append(f"learner.device: cuda with cluster.learner_workers={c.learner_workers} and "
                    "cluster.learner_num_gpus: 0; give each rank a GPU (learner_num_gpus: 1) or use device cpu/auto.")
+    return out
+
+
+def token_unit_problems(cfg) -> list[str]:
+    """What ``replay.staleness_unit: token`` needs: tokens of several versions in a group (the continuous engine),
+    fresh groups only (the reservoir's replays are outside the bound by design), and policy-gradient tokens (online
+    DPO's pairs compare whole completions)."""
+    rep, gen = cfg.replay, cfg.generation
+    if rep.staleness_unit != "token":
+        return []
+    out = []
+    if gen.engine != "continuous":
+        out.append("replay.staleness_unit: 'token' with generation.engine: batched, whose groups are sampled by one "
+                   "version throughout (a token bound is the group bound there); set generation.engine: continuous, "
+                   "or staleness_unit: group.")
+    if rep.zero_variance == "replay":
+        out.append("replay.staleness_unit: 'token' with replay.zero_variance: 'replay': reservoir groups train "
+                   "outside the staleness bound by design, and the token mask would empty them; use 'drop' or "
+                   "'keep', or staleness_unit: group.")
+    if cfg.algorithm.name == "online_dpo":
+        out.append("replay.staleness_unit: 'token' with algorithm.name: online_dpo, whose pairs compare whole "
+                   "completions (no token of one can be left out); use staleness_unit: group.")
+    if rep.consume_order == "request":
+        out.append("replay.staleness_unit: 'token' with replay.consume_order: 'request': request order makes groups "
+                   "wait for earlier ones, which the token bound exists to avoid; use consume_order: arrival, or "
+                   "staleness_unit: group.")
     return out
 
 

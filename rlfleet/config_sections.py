@@ -151,6 +151,14 @@ class ReplayConfig(Section):
         description="Max policy versions between the weights that generated a group and the policy trained on it. "
         "0 = synchronous on-policy training.",
     )
+    staleness_unit: Literal["group", "token"] = Field(
+        "group", description="What replay.max_staleness bounds. 'group': a group trains only while its oldest token "
+        "is within the bound, so admission holds new groups back while an older one is still generating (a "
+        "long-tailed group's straggler holds the groups after it). 'token' (generation.engine: continuous): a group "
+        "trains whenever it arrives, and its tokens sampled more than max_staleness versions before the step are "
+        "masked out of the loss (staleness/masked_token_frac); a group with no token left is dropped "
+        "(replay/dropped_stale). Admission then counts only the current version, so stragglers never hold the "
+        "engine's batch down; the price is the masked tokens' compute.")
     max_fresh: int = Field(4096, gt=0, description="Bound on groups queued for training; the oldest are dropped.")
     consume_order: Literal["arrival", "request"] = Field(
         "arrival", description="The order fresh groups are trained in. 'arrival': as they reach the replay actor; a "

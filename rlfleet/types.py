@@ -86,6 +86,14 @@ class Group:
         return self.token_versions.astype(np.int64)
 
     @property
+    def newest_version(self) -> int:
+        """The policy version of the group's newest model token (``policy_version`` when none or one version)."""
+        mask = self.model_token_mask
+        if self.token_versions is None or not mask.any():
+            return self.policy_version
+        return int(self.token_versions[mask].max())
+
+    @property
     def version_span(self) -> int:
         """Newest minus oldest policy version among the model's tokens (0: one version sampled it all)."""
         mask = self.model_token_mask

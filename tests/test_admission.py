@@ -71,7 +71,8 @@ def broken_plan(held, latest, prompts, budget_at):
 def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: int = 40, budget_fn=admission_budget,
                        depth: int | None = None, in_order: bool = True, request_order: bool = False,
                        generators: int | None = None, max_staleness: int | None = None, order_cls=RequestOrder,
-                       own_queue: bool = False, spans: list[int] | None = None):
+                       own_queue: bool = False, spans: list[int] | None = None, token_unit: bool = False,
+                       mask_tokens: bool = True):
     """One random run: the driver, ``depth`` requests at most queued on each generator (drawn at random when None),
     delivered in the order queued (with ``in_order``; else any queued request may finish first), each request's
     weights chosen by ``plan`` from the version the generator holds (with ``lazy``; else always the latest) and sized
@@ -82,9 +83,12 @@ def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: i
     (skipped). With ``own_queue`` the oldest version in flight counts the generator's own queue too (continuous
     engines, whose requests finish in any order); ``spans`` collects, per delivered request, the versions published
     while it was in flight (with in-flight weight updates its last tokens carry the version current at delivery, its
-    first the one it was admitted at). Returns (staleness of every trained group, [(sample version, latest version, max_staleness)] of every
-    request, loads, the mean number of generators with a request in flight before each event). Raises on a
-    stall."""
+    first the one it was admitted at). With ``token_unit`` (``replay.staleness_unit: token``) the budget counts no
+    request in flight, the replay FIFO drops a group whose newest token is past the bound when the learner takes
+    its batch, and the learner trains only the tokens within it (all of them without ``mask_tokens``): the
+    staleness returned is then the oldest *trained* token's. Returns (staleness of every trained group, [(sample
+    version, latest version, max_staleness)] of every request, loads, the mean number of generators with a request
+    in flight before each event). Raises on a stall."""
     rng = random.Random(seed)
     g, s = rng.randint(1, 4), rng.randint(0, 3)
     s = s if max_staleness is None else max_staleness
@@ -95,7 +99,7 @@ def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: i
     lose_p = rng.choice([0.0, 0.1]) if request_order else 0.0
     order = order_cls()
     version = seq = 0
-    fifo: list[int] = []
+    fifo: list[tuple[int, int]] = []  # (the group's oldest token's version, its newest's)
     busy: list[int] = []
     queues: dict[int, list[tuple[int, int, int]]] = {gen: [] for gen in range(generators)}  # (version, groups, seq)
     held = dict.fromkeys(range(generators), -1)  # what each generator holds once its queued loads ran
@@ -107,7 +111,7 @@ def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: i
         while True:  # the driver fills free slots, on the emptiest generator the bound admits a request on
             free = [gen for gen in range(generators) if len(queues[gen]) < depth]
             for gen in sorted(free, key=lambda x: len(queues[x])):
-                oldest = None if request_order else min(
+                oldest = None if request_order or token_unit else min(
                     (v for other, q in queues.items() if own_queue or other != gen for v, _, _ in q), default=None)
                 v, n = plan(held[gen] if lazy else -1, version, per_request,
                             lambda at: budget_fn(at, oldest, live - dropped_known, g, s))
@@ -140,11 +144,17 @@ def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: i
                 continue
             kept = sum(rng.random() >= drop_p for _ in range(n))
             dropped_known += n - kept
-            fifo.extend(order.deliver(number, [v] * kept) if request_order else [v] * kept)
+            delivered = [(v, version)] * kept  # continuous engines: the last token sampled with the latest weights
+            fifo.extend(order.deliver(number, delivered) if request_order else delivered)
         elif kind == "take":
-            taken, fifo = fifo[:g], fifo[g:]
+            if token_unit:  # the replay actor drops what has no token left within the bound
+                fresh = [(first, last) for first, last in fifo if version - last <= s]
+                dropped_known, fifo = dropped_known + len(fifo) - len(fresh), fresh
+            if len(fifo) >= g:
+                taken, fifo = fifo[:g], fifo[g:]
         else:
-            staleness += [version - v for v in taken]
+            fresh_from = version - s if token_unit and mask_tokens else -1  # the learner's token mask
+            staleness += [version - max(first, fresh_from) for first, _ in taken]
             taken, version = None, version + 1
     return staleness, requests, loads, sum(busy) / len(busy)
 
@@ -200,6 +210,33 @@ def test_the_simulator_catches_continuous_engines_that_leave_their_own_queue_out
         staleness, requests, _, _ = simulate_pipelined(seed, lazy=False, in_order=False, spans=spans)
         violations += max(staleness) > requests[0][2]
     assert violations > 0 and max(spans) >= 1
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_token_unit_keeps_every_trained_token_within_the_bound(seed):
+    """``replay.staleness_unit: token`` on continuous engines: requests finish in any order with every publication
+    loaded in flight, the budget waits for no request in flight, the replay drops groups with no token left within
+    the bound, and the learner masks the rest's older tokens: no trained token lags more than the bound, and
+    training never stalls."""
+    staleness, requests, _, _ = simulate_pipelined(seed, lazy=False, in_order=False, token_unit=True)
+    assert staleness and max(staleness) <= requests[0][2]
+
+
+def test_the_token_unit_needs_its_mask_and_keeps_generators_busier():
+    """The same runs training every token of a group (no mask) break the bound in some orders, so the test above
+    can fail; and at max_staleness 1 the token unit keeps generators in flight more than the group unit, whose
+    budget waits for the oldest group still generating (the straggler)."""
+    violations = 0
+    for seed in range(300):
+        staleness, requests, _, _ = simulate_pipelined(seed, lazy=False, in_order=False, token_unit=True,
+                                                       mask_tokens=False)
+        violations += max(staleness) > requests[0][2]
+    assert violations > 0
+    group = [simulate_pipelined(seed, lazy=False, in_order=False, own_queue=True, max_staleness=1, generators=2,
+                                depth=3)[3] for seed in range(100)]
+    token = [simulate_pipelined(seed, lazy=False, in_order=False, token_unit=True, max_staleness=1, generators=2,
+                                depth=3)[3] for seed in range(100)]
+    assert sum(token) > sum(group)
 
 
 class ArrivalOrder:

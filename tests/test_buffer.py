@@ -1,5 +1,6 @@
 """The replay buffer (rlfleet/replay/buffer.py) and group serialization (rlfleet/types.py)."""
 
+import dataclasses
 import io
 import json
 import math
@@ -179,6 +180,21 @@ def test_staleness_bound_at_the_exact_boundary_and_replay_exemption():
     assert buf.stats()["replay/dropped_stale"] == 1
     buf.add([_group("zero", 0.0, version=100)])
     assert _ids(buf.sample(1, 100)) in (["v4"], ["v5"])
+
+
+def test_the_token_unit_drops_a_group_only_when_its_newest_token_is_past_the_bound():
+    """replay.staleness_unit: token, max_staleness 1, at version 5: a group whose tokens span versions 2..4 is kept
+    (its version-4 tokens train; the learner masks the rest), one spanning 1..3 is dropped (nothing of it is within
+    the bound). The group unit drops both (their oldest tokens, 2 and 1, are past it)."""
+    def spanning(pid, first, last):
+        g = _group(pid, version=first, t=3)
+        return dataclasses.replace(g, token_versions=np.array([[first, last, last]] * g.size, np.int32))
+
+    for unit, kept in (("token", ["2..4", "5"]), ("group", ["5", "5b"])):
+        buf = ReplayBuffer(ReplayConfig(max_staleness=1, staleness_unit=unit), seed=0)
+        buf.add([spanning("1..3", 1, 3), spanning("2..4", 2, 4), _group("5", version=5), _group("5b", version=5)])
+        assert _ids(buf.sample(2, 5)) == kept
+        assert buf.stats()["replay/dropped_stale"] == (1 if unit == "token" else 2)
 
 
 def test_short_batch_returns_none_and_loses_nothing():

@@ -215,6 +215,24 @@ def test_paired_knobs_that_agree_pass(overrides):
     load_config(None, overrides)
 
 
+def test_the_token_staleness_unit_and_its_refusals():
+    """replay.staleness_unit: token loads with the continuous engine; with the batched engine, the reservoir's
+    replays, online DPO or request order it is refused, each problem naming the field and what to use."""
+    cfg = load_config(None, ["generation.engine=continuous", "replay.staleness_unit=token"])
+    assert cfg.replay.staleness_unit == "token"
+    cases = {
+        "generation.engine: batched": [],
+        "replay.zero_variance: 'replay'": ["generation.engine=continuous", "replay.zero_variance=replay",
+                                           "replay.replay_buffer_size=8"],
+        "algorithm.name: online_dpo": ["generation.engine=continuous", "algorithm.name=online_dpo"],
+        "replay.consume_order: 'request'": ["generation.engine=continuous", "replay.consume_order=request"],
+    }
+    for problem, overrides in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(None, ["replay.staleness_unit=token", *overrides])
+        assert any(problem in p and "staleness_unit: group" in p for p in err.value.problems), err.value.problems
+
+
 def test_continuous_engine_fields_and_refusals():
     """generation.engine: continuous with its knobs loads, and so does it with multi-turn episodes and with LoRA;
     its knobs without it and a zero max_inflight_groups are refused, each naming the field."""

@@ -7,6 +7,8 @@ log-probabilities computed independently of the learner's collation, one unpadde
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 
@@ -393,6 +395,40 @@ def test_mask_truncated_completions_equals_dropping_those_rows():
     assert any(not torch.allclose(unmasked_grads[0][n], grads[0][n], rtol=1e-2) for n in grads[0])
 
 
+def test_the_token_unit_trains_exactly_the_tokens_within_the_bound():
+    """``replay.staleness_unit: token`` at max_staleness 1, trained at version 3: tokens sampled at version 1 are
+    left out of the loss, those at 2 and 3 train. The gradient equals that of a learner of the group unit trained
+    on the same groups with those tokens masked by hand (``loss_mask``: an independent path through collate), for
+    the token-mean (dapo) and the per-sequence (grpo) normalisations; and it differs from training every token, so
+    the mask matters. Each completion's first 3 tokens are version 1, then 2, then 3 (a row of 1 token: version 1,
+    nothing of it trains)."""
+    for loss_type in ("dapo", "grpo"):
+        def learner(token: bool):
+            out = make_learner({"loss_type": loss_type})
+            out.objective.token_staleness = 1 if token else None
+            out.policy_version = 3
+            return out
+
+        base = two_groups(make_learner().model)
+        versioned, by_hand = [], []
+        for g in base:
+            t = g.completion_ids.shape[1]
+            versions = np.minimum(1 + np.arange(t) // 3, 3)[None, :].repeat(g.size, 0).astype(np.int32)  # [n, T]
+            versioned.append(dataclasses.replace(g, policy_version=1, token_versions=versions))
+            by_hand.append(dataclasses.replace(g, policy_version=1, token_versions=versions,
+                                               loss_mask=versions >= 2))
+        token, hand, every = learner(True), learner(False), learner(False)
+        grads, hand_grads, every_grads = captured_grads(token), captured_grads(hand), captured_grads(every)
+        m = token.train_step(versioned)
+        m_hand = hand.train_step(by_hand)
+        every.train_step(versioned)
+        masked = sum(int((g.model_token_mask & (g.versions < 2)).sum()) for g in versioned)
+        assert m["learner/tokens"] == m_hand["learner/tokens"] == 51 - masked
+        assert m["staleness/masked_token_frac"] == pytest.approx(masked / 51) and m["staleness/token_max"] == 1.0
+        assert_grads_close(grads[0], hand_grads[0])
+        assert any(not torch.allclose(every_grads[0][n], grads[0][n], rtol=1e-2) for n in grads[0])
+
+
 def test_num_iterations_two_uses_capped_importance_weights():
     """mu = 2: two optimizer steps (version 0 -> 2) on one batch. "old" is the learner's own log-probs, so the
     truncated IS weight is min(exp(old - behaviour), 3). Row 0's behaviour log-probs are lowered by 0.5 per token:
@@ -682,6 +718,13 @@ def test_batch_metrics_per_token_staleness_and_completion_lengths():
     assert m["completions/clipped_ratio"] == 0.25
     assert (m["completions/mean_terminated_length"], m["completions/min_terminated_length"],
             m["completions/max_terminated_length"]) == (2, 1, 3)
+    assert m["staleness/masked_token_frac"] == 0.0 and m["staleness/masked_groups"] == 0.0
+    # the token unit at max_staleness 1 (fresh from version 4): a's version-3 token goes (its pad's 3 never
+    # counted), so 7 tokens train with lags [1, 1, 1, 0] and [0, 0, 0]: mean 3 / 7, max 1; 1 of 8 masked, in 1 group
+    t = batch_metrics([a, b], policy_version=5, fresh_from=4)
+    assert t["staleness/token_mean"] == pytest.approx(3 / 7) and t["staleness/token_max"] == 1.0
+    assert t["staleness/masked_token_frac"] == pytest.approx(1 / 8) and t["staleness/masked_groups"] == 1.0
+    assert t["staleness/max"] == 2.0  # the group's oldest token, trained or not
     cut = batch_metrics([group(5, [3, 3], [True, True])], policy_version=5)
     assert cut["completions/clipped_ratio"] == 1.0 and cut["completions/mean_length"] == 3
     assert (cut["completions/mean_terminated_length"], cut["completions/max_terminated_length"]) == (0, 0)

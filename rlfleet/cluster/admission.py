@@ -33,6 +33,15 @@ or been lost (:mod:`rlfleet.replay.order`): no group requested later reaches the
 ``oldest_in_flight`` is None and the bound is taken at ``V`` itself. (``tests/test_admission.py`` checks it with
 requests finishing in any order, and finds violations without the reordering.)
 
+**The token unit** (``replay.staleness_unit: token``, continuous engines). Under the group unit a long-tailed
+group's straggler holds the window at its own version until it ends, and the engine's batch drains to it. Under
+the token unit the bound is kept where the tokens are trained instead: the learner masks every token sampled more
+than ``S`` versions before its step, and the replay actor drops a group none of whose tokens is left. So nothing in
+flight needs to be waited for, ``oldest_in_flight`` is None and the budget is taken at ``V`` itself: it then only
+keeps the groups produced ahead of the learner to ``(S + 1) * g``, the waste of masked tokens bounded with them.
+(``tests/test_admission.py`` checks that every trained token is within the bound whatever order groups finish in,
+and that training all of a group's tokens would break it.)
+
 The bound needs no count of the batches the learner has taken: it cancels (``ahead = live - taken * g`` and
 ``lag = taken - V`` in the earlier formulation of the same rule). ``max_staleness: 0`` is synchronous on-policy
 training. Drops only move groups forward, so a drop the driver has not learnt of yet makes it admit less, never

@@ -151,7 +151,8 @@ class LearnerActor:
 
 def policy_learner(cfg: RLFleetConfig, rank: Rank) -> Learner:
     """The learner of the GRPO family: the default ``make_learner``."""
-    return PolicyLearner(cfg.model, cfg.algorithm, cfg.learner, cfg.generation, cfg.seed, rank)
+    token_staleness = cfg.replay.max_staleness if cfg.replay.staleness_unit == "token" else None
+    return PolicyLearner(cfg.model, cfg.algorithm, cfg.learner, cfg.generation, cfg.seed, rank, token_staleness)
 
 
 def learner_options(cfg: ClusterConfig) -> dict:

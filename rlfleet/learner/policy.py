@@ -93,7 +93,15 @@ class Batch:
         return [(self.rows(m.start, m.stop), m.real) for m in micro_batches(self.size, micro_batch_size, rank)]
 
 
-def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool = False) -> Batch:
+def trained_tokens(g: Group, fresh_from: int | None = None) -> np.ndarray:
+    """bool ``[n, T]``: the tokens of ``g`` the loss trains: the model's, and under the token staleness unit only
+    those sampled at version ``fresh_from`` or later (the step's version minus ``replay.max_staleness``)."""
+    mask = g.model_token_mask
+    return mask if fresh_from is None else mask & (g.versions >= fresh_from)
+
+
+def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool = False,
+            fresh_from: int | None = None) -> Batch:
     """Pad the groups' rows into one :class:`Batch`, rows in group order.
 
     Row ``i`` with prompt ``p`` (length ``P_i``) and completion ``c`` (length ``L_i``) becomes
@@ -101,7 +109,8 @@ def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool =
     model's (``Group.loss_mask``: an environment's tokens in a multi-turn episode are context, never trained), and
     the whole row is 0
     when ``mask_truncated_completions`` and the completion was truncated (TRL's semantics; its advantage was
-    still computed with the group).
+    still computed with the group). With ``fresh_from`` (``replay.staleness_unit: token``) tokens sampled at an older
+    version are 0 too (:func:`trained_tokens`); their group's advantages still count them, as the reward did.
     """
     if not groups:
         raise ValueError("collate: got no groups; a train step needs at least one group")
@@ -126,7 +135,7 @@ def collate(groups: list[Group], pad_id: int, mask_truncated_completions: bool =
     row = 0
     for g in groups:
         width = min(g.completion_ids.shape[1], T)
-        mask[row:row + g.size, :width] = g.model_token_mask[:, :width]
+        mask[row:row + g.size, :width] = trained_tokens(g, fresh_from)[:, :width]
         row += g.size
     if mask_truncated_completions:
         mask *= ~np.concatenate([g.truncated for g in groups])[:, None]
@@ -183,15 +192,20 @@ def combine_loss_metrics(records: list[tuple[dict[str, float], float]], num_pass
 
 
 
-def batch_metrics(groups: list[Group], policy_version: int) -> dict[str, float]:
+def batch_metrics(groups: list[Group], policy_version: int, fresh_from: int | None = None) -> dict[str, float]:
     """Reward and staleness statistics of the batch. ``reward/std`` is the unbiased std of the scored (non-NaN)
     rewards (0 with fewer than two); staleness = ``policy_version`` - the group's version (its oldest token's).
-    Per token, over the model's tokens: ``staleness/token_mean`` and ``token_max``; ``staleness/version_span_max``:
-    the most versions one group's tokens spread over (above 0 only when weights loaded in flight)."""
+    Per token, over the tokens trained (:func:`trained_tokens`): ``staleness/token_mean`` and ``token_max``;
+    ``staleness/masked_token_frac``: the share of the model's tokens left out as older than ``fresh_from`` (0 under
+    the group unit), ``staleness/masked_groups``: the groups with any; ``staleness/version_span_max``: the most
+    versions one group's tokens spread over (above 0 only when weights loaded in flight)."""
     rewards = np.concatenate([g.rewards for g in groups]).astype(np.float64)  # [B]
     real = rewards[~np.isnan(rewards)]
     staleness = np.array([policy_version - g.policy_version for g in groups], dtype=np.float64)
-    per_token = np.concatenate([policy_version - g.versions[g.model_token_mask] for g in groups])  # [tokens]
+    trained = [trained_tokens(g, fresh_from) for g in groups]  # [n, T] each
+    per_token = np.concatenate([policy_version - g.versions[m] for g, m in zip(groups, trained)])  # [tokens]
+    model = [int(g.model_token_mask.sum()) for g in groups]
+    masked = [n - int(m.sum()) for n, m in zip(model, trained)]
     lengths = np.concatenate([g.completion_lengths for g in groups]).astype(np.float64)  # [B]
     truncated = np.concatenate([g.truncated for g in groups])  # [B]
     ended = lengths[~truncated] if (~truncated).any() else np.zeros(1)  # TRL: 0 when none ended with EOS
@@ -207,6 +221,8 @@ def batch_metrics(groups: list[Group], policy_version: int) -> dict[str, float]:
         "completions/max_terminated_length": float(ended.max()),
         "staleness/token_mean": float(per_token.mean()) if per_token.size else 0.0,
         "staleness/token_max": float(per_token.max()) if per_token.size else 0.0,
+        "staleness/masked_token_frac": sum(masked) / max(sum(model), 1),
+        "staleness/masked_groups": float(sum(n > 0 for n in masked)),
         "staleness/version_span_max": float(max(g.version_span for g in groups)),
         "reward/mean": float(real.mean()) if real.size else math.nan,
         "reward/std": float(real.std(ddof=1)) if real.size > 1 else 0.0,
@@ -241,8 +257,10 @@ class PolicyGradient(NoState):
     weights), ``loss`` one micro-batch's, ``report`` the step's metrics: the loss's (see :func:`combine_loss_metrics`),
     reward and staleness statistics of the batch, ``learner/sequences`` and ``policy_version`` after the step."""
 
-    def __init__(self, trainee: Trainee, algorithm: AlgorithmConfig, generation: GenerationConfig):
+    def __init__(self, trainee: Trainee, algorithm: AlgorithmConfig, generation: GenerationConfig,
+                 token_staleness: int | None = None):
         self.trainee, self.algorithm, self.generation = trainee, algorithm, generation
+        self.token_staleness = token_staleness  # replay.max_staleness under the token unit, else None
         self.temperature = generation.temperature
         self.loss_fn = make_policy_loss(algorithm)
 
@@ -250,9 +268,14 @@ class PolicyGradient(NoState):
     def _detached(self, model: torch.nn.Module, micro: list[Batch]) -> list[Tensor]:
         return [self.trainee.logprobs(model, mb, self.temperature) for mb in micro]
 
+    def fresh_from(self, version: int) -> int | None:
+        """The oldest version a token may have to train at ``version`` (token staleness unit), else None."""
+        return None if self.token_staleness is None else version - self.token_staleness
+
     def plan(self, groups: list[Group], version: int) -> Plan:
         alg, trainee = self.algorithm, self.trainee
-        batch = collate(groups, trainee.tokenizer.pad_token_id, alg.mask_truncated_completions).to(trainee.device)
+        batch = collate(groups, trainee.tokenizer.pad_token_id, alg.mask_truncated_completions,
+                        self.fresh_from(version)).to(trainee.device)
         normalizer = loss_normalizer(alg.loss_type, batch.mask, self.generation.max_completion_length)
         micro, real = zip(*batch.split(trainee.cfg.micro_batch_size, trainee.rank))  # this rank's rows
         refs = [None] * len(micro)
@@ -293,16 +316,17 @@ class PolicyGradient(NoState):
 
     def report(self, plan: Plan, records, common: dict[str, float]) -> dict[str, float]:
         groups, version = plan.context["groups"], plan.context["version"]
-        return (combine_loss_metrics(records, plan.passes) | batch_metrics(groups, version) | common
+        return (combine_loss_metrics(records, plan.passes) | batch_metrics(groups, version, self.fresh_from(version)) | common
                 | {"learner/sequences": float(plan.context["rows"]), "policy_version": float(version + 1)})
 
 
 def PolicyLearner(model_cfg: ModelConfig, algorithm_cfg: AlgorithmConfig, learner_cfg: LearnerConfig,
-                  generation_cfg: GenerationConfig, seed: int = 0, rank: Rank = SINGLE) -> Learner:
+                  generation_cfg: GenerationConfig, seed: int = 0, rank: Rank = SINGLE,
+                  token_staleness: int | None = None) -> Learner:
     """The GRPO family's learner: the policy (+ its frozen reference when beta > 0: the model loaded again, or
     with LoRA the adapter disabled) trained for :class:`PolicyGradient`."""
     reference = None
     if algorithm_cfg.beta > 0:
         reference = "adapter_off" if model_cfg.lora is not None else "load"
     trainee = Trainee(model_cfg, learner_cfg, seed, rank, reference)
-    return Learner(trainee, PolicyGradient(trainee, algorithm_cfg, generation_cfg))
+    return Learner(trainee, PolicyGradient(trainee, algorithm_cfg, generation_cfg, token_staleness))
