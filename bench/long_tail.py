@@ -69,14 +69,21 @@ RLFLEET = {  # name -> overrides
                                                    "replay.staleness_unit=token"],
     "rlfleet continuous, keep, token bound": ["generation.engine=continuous", "generation.kv_on_update=keep",
                                               "replay.staleness_unit=token"],
+    # twice the default cap on the groups generating: a fuller engine, more tokens masked
+    "rlfleet continuous, recompute, token bound, 2x in flight": ["generation.engine=continuous",
+                                                                 "generation.kv_on_update=recompute",
+                                                                 "replay.staleness_unit=token", "inflight=2x"],
 }
 TRL_SYSTEMS = {"TRL GRPOTrainer, HF generate, 1 thread": ["trl", "1"],
                "TRL GRPOTrainer, HF generate, 2 threads": ["trl", "2"]}
 
 
 def systems(staleness: list[int]) -> dict[str, list[str]]:
-    """Every rlfleet system at each ``max_staleness``, then TRL (synchronous: on-policy)."""
-    out = {f"{name}, S={s}": ["rlfleet", f"replay.max_staleness={s}", *overrides]
+    """Every rlfleet system at each ``max_staleness``, then TRL (synchronous: on-policy). ``inflight=2x``: twice the
+    token unit's default ``max_inflight_groups``, (S + 1) x PROMPTS."""
+    out = {f"{name}, S={s}": ["rlfleet", f"replay.max_staleness={s}",
+                              *[f"generation.max_inflight_groups={2 * (s + 1) * PROMPTS}" if o == "inflight=2x" else o
+                                for o in overrides]]
            for s in staleness for name, overrides in RLFLEET.items()}
     return out | TRL_SYSTEMS
 
@@ -184,6 +191,9 @@ def launch(name: str, worker_args: list[str], model_dir: Path, steps: int, workd
         values = [v for v in (data.get(key) or [])[timed] if v is not None]
         if values:
             row[key] = mean(values) if key != "version_span" else max(values)
+    dropped = [v for v in (data.get("dropped_stale") or []) if v is not None]
+    if dropped:  # groups generated and dropped as stale, per group trained
+        row["dropped_per_trained"] = dropped[-1] / (PROMPTS * len(ends))
     row["samples_per_s"] = PROMPTS * G / row["step_s"]
     if row.get("completion_length") is not None:  # the tokens the loss trained (the token bound masks some)
         row["trained_tokens_per_s"] = (row["samples_per_s"] * row["completion_length"]
@@ -201,6 +211,8 @@ def main() -> None:
                         help="rlfleet's replay.max_staleness values (each system at each)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only the systems whose names contain one of these (e.g. 'batched' 'token bound')")
+    parser.add_argument("--set", nargs="+", default=[], help="extra overrides for every rlfleet system (its name "
+                        "says so), e.g. generation.max_inflight_groups=8")
     parser.add_argument("--worker", choices=["rlfleet", "trl"], help=argparse_suppress())
     parser.add_argument("--arg", action="append", default=[], help=argparse_suppress())
     parser.add_argument("--model-dir", help=argparse_suppress())
@@ -211,7 +223,8 @@ def main() -> None:
         worker(args.worker, args.arg, args.model_dir, args.steps, args.result)
         return
     steps = args.steps or pick(args.mode, 8, 16, 16)
-    table_systems = {name: a for name, a in systems(args.staleness).items()
+    table_systems = {name + "".join(f", {o}" for o in args.set if a[0] == "rlfleet"):
+                     a + (args.set if a[0] == "rlfleet" else []) for name, a in systems(args.staleness).items()
                      if not args.only or any(part in name for part in args.only)}
     names = list(table_systems)
     order = names + (names[::-1] if args.mode == "full" else [])
@@ -241,7 +254,7 @@ def main() -> None:
     table = print_table(rows, ["system", "runs", "steps", "step_s", "samples_per_s", "samples_vs_batched",
                                "step_vs_trl", "gen_s", "engine_busy", "learner_s", "sync_s", "bound_s",
                                "step_vs_bound", "token_staleness", "version_span", "completion_length", "engine_batch",
-                               "masked_frac", "trained_tokens_per_s",
+                               "masked_frac", "dropped_per_trained", "trained_tokens_per_s",
                                "reward_first10", "reward_last10", "total_s"],
                         title=f"Long-tailed lengths (builtin:tiny, EOS boosted: mean {lengths['mean']:.1f}, median "
                               f"{lengths['median']}, p90 {lengths['p90']}, {lengths['at_cap']:.1%} at the cap {CAP}),"

@@ -138,6 +138,7 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
         # continuous generation: each trained token's lag, and the versions one group spans
         "token_staleness": [r.get("staleness/token_mean") for _, r in steps_done],
         "masked_frac": [r.get("staleness/masked_token_frac") for _, r in steps_done],
+        "dropped_stale": [r.get("replay/dropped_stale") for _, r in steps_done],  # a running count
         "version_span": [r.get("staleness/version_span_max") for _, r in steps_done],
         "completion_length": [r.get("completions/mean_length") for _, r in steps_done],
     }))

@@ -117,7 +117,8 @@ class GenerationConfig(Section):
         "weights load between two engine steps with completions in flight (each token records its policy version; "
         "replay.max_staleness bounds the oldest token's lag).")
     max_inflight_groups: int | None = Field(
-        None, ge=1, le=4096, description="Continuous engine: groups one generator keeps in flight at most; None: as "
+        None, ge=1, le=4096, description="Continuous engine: groups one generator keeps in flight at most; None: "
+        "under replay.staleness_unit: token one staleness window, (max_staleness + 1) x groups_per_step; else as "
         "many as its KV cache holds at full length (kv_cache_space_gib over one group's num_generations x "
         "(prompt + max_completion_length) tokens), at least 1.")
     kv_on_update: Literal["keep", "recompute"] = Field(
@@ -157,8 +158,9 @@ class ReplayConfig(Section):
         "long-tailed group's straggler holds the groups after it). 'token' (generation.engine: continuous): a group "
         "trains whenever it arrives, and its tokens sampled more than max_staleness versions before the step are "
         "masked out of the loss (staleness/masked_token_frac); a group with no token left is dropped "
-        "(replay/dropped_stale). Admission then counts only the current version, so stragglers never hold the "
-        "engine's batch down; the price is the masked tokens' compute.")
+        "(replay/dropped_stale). Admission then counts only finished groups against the window, and "
+        "generation.max_inflight_groups caps those generating, so stragglers never hold the engine's batch down; the "
+        "price is the masked tokens' compute.")
     max_fresh: int = Field(4096, gt=0, description="Bound on groups queued for training; the oldest are dropped.")
     consume_order: Literal["arrival", "request"] = Field(
         "arrival", description="The order fresh groups are trained in. 'arrival': as they reach the replay actor; a "

@@ -243,11 +243,14 @@ def kv_bytes_per_token(name_or_path: str, dtype_bytes: int, trust_remote_code: b
 
 
 def inflight_groups(cfg) -> int:
-    """``generation.max_inflight_groups``, or its default: the groups one generator's KV cache holds with every
+    """``generation.max_inflight_groups``, or its default: under ``replay.staleness_unit: token`` one staleness
+    window, ``(max_staleness + 1) * groups_per_step``; else the groups one generator's KV cache holds with every
     sequence at ``model.max_model_len`` (CPU: ``kv_cache_space_gib``), at least 1 and at most 4096."""
     gen = cfg.generation
     if gen.max_inflight_groups is not None:
         return gen.max_inflight_groups
+    if cfg.replay.staleness_unit == "token":  # what admission counts no longer caps the groups generating: one window
+        return (cfg.replay.max_staleness + 1) * cfg.learner.groups_per_step
     if cfg.cluster.generator_num_gpus:
         return GPU_INFLIGHT_GROUPS
     dtype_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4  # auto is float32 on CPU

@@ -84,7 +84,8 @@ def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: i
     engines, whose requests finish in any order); ``spans`` collects, per delivered request, the versions published
     while it was in flight (with in-flight weight updates its last tokens carry the version current at delivery, its
     first the one it was admitted at). With ``token_unit`` (``replay.staleness_unit: token``) the budget counts no
-    request in flight, the replay FIFO drops a group whose newest token is past the bound when the learner takes
+    request in flight, neither as the oldest version nor among the live groups (``depth`` caps them), over a window
+    of two batches at most (``min(S, 1)``), the replay FIFO drops a group whose newest token is past the bound when the learner takes
     its batch, and the learner trains only the tokens within it (all of them without ``mask_tokens``): the
     staleness returned is then the oldest *trained* token's. Returns (staleness of every trained group, [(sample
     version, latest version, max_staleness)] of every request, loads, the mean number of generators with a request
@@ -113,8 +114,11 @@ def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: i
             for gen in sorted(free, key=lambda x: len(queues[x])):
                 oldest = None if request_order or token_unit else min(
                     (v for other, q in queues.items() if own_queue or other != gen for v, _, _ in q), default=None)
+                # the token unit's window counts the settled groups only; a generator's depth caps the rest
+                counted = live - dropped_known - (sum(n for q in queues.values() for _, n, _ in q) if token_unit else 0)
+                window = min(s, 1) if token_unit else s  # the token unit's window: two batches settled at most
                 v, n = plan(held[gen] if lazy else -1, version, per_request,
-                            lambda at: budget_fn(at, oldest, live - dropped_known, g, s))
+                            lambda at: budget_fn(at, oldest, counted, g, window))
                 if n > 0:
                     break
             else:

@@ -332,3 +332,33 @@ def test_version_span_and_per_token_versions():
     assert plain.version_span == 0 and (plain.versions == 6).all()
     with pytest.raises(ValueError, match="token_versions"):
         _group("c", 0.5).__class__(**{**plain.__dict__, "token_versions": np.zeros((1, 1), np.int32)})
+
+
+def test_a_pull_that_drops_groups_returns_at_once_so_the_driver_hears_of_them():
+    """The replay actor's ``sample_with_stats`` (its class, on one event loop, no Ray): with only a stale group
+    queued, the learner's pull drops it and returns None with the drop in its stats before waiting at all, so the
+    driver's admission (which counts the group as live until it hears) can request more. With nothing to drop the
+    pull waits, and a group's arrival completes it. Done-ness is checked after the loop has run the task as far
+    as it can go without new events (no timing involved: the timeout is an hour)."""
+    import asyncio
+
+    from rlfleet.replay.actor import ReplayActor
+
+    async def scenario():
+        actor = ReplayActor(ReplayConfig(max_staleness=1), seed=0)
+        await actor.add([_group("stale", version=0)])
+        pull = asyncio.ensure_future(actor.sample_with_stats(1, 5, 3600.0))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert pull.done()
+        batch, stats = pull.result()
+        assert batch is None and stats["replay/dropped_stale"] == 1
+        waiting = asyncio.ensure_future(actor.sample_with_stats(1, 5, 3600.0))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # nothing dropped: it waits for a group
+        await actor.add([_group("fresh", version=5)])
+        batch, _ = await waiting
+        assert _ids(batch) == ["fresh"]
+
+    asyncio.run(scenario())

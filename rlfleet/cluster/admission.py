@@ -33,14 +33,20 @@ or been lost (:mod:`rlfleet.replay.order`): no group requested later reaches the
 ``oldest_in_flight`` is None and the bound is taken at ``V`` itself. (``tests/test_admission.py`` checks it with
 requests finishing in any order, and finds violations without the reordering.)
 
-**The token unit** (``replay.staleness_unit: token``, continuous engines). Under the group unit a long-tailed
-group's straggler holds the window at its own version until it ends, and the engine's batch drains to it. Under
-the token unit the bound is kept where the tokens are trained instead: the learner masks every token sampled more
-than ``S`` versions before its step, and the replay actor drops a group none of whose tokens is left. So nothing in
-flight needs to be waited for, ``oldest_in_flight`` is None and the budget is taken at ``V`` itself: it then only
-keeps the groups produced ahead of the learner to ``(S + 1) * g``, the waste of masked tokens bounded with them.
-(``tests/test_admission.py`` checks that every trained token is within the bound whatever order groups finish in,
-and that training all of a group's tokens would break it.)
+**The token unit** (``replay.staleness_unit: token``, continuous engines). Under the group unit the window holds
+the batch being trained and the groups generating, and a long-tailed group's straggler holds it at its own version
+until it ends: at ``S = 1`` only ``g`` groups generate while the learner steps, mostly finished completions waiting
+for their stragglers, and the engine's batch drains. Under the token unit the bound is kept where the tokens are
+trained instead: the learner masks every token sampled more than ``S`` versions before its step, and the replay
+actor drops a group none of whose tokens is left. So the window need not count the groups still generating, and
+its depth is a matter of waste, not of the bound: the budget is taken at ``V`` itself (``oldest_in_flight`` None)
+over the *settled* groups (trained, queued or being trained: ``live`` less those generating) with a window of two
+batches at most (``min(S, 1)`` in place of ``S``: the batch being trained and the next; a finished group queued
+behind more only ages, and its tokens are masked), and the groups generating are capped by each generator's
+``generation.max_inflight_groups`` (default one window, ``(S + 1) * g``). A larger cap fills the engine further at
+the price of more masked tokens.
+(``tests/test_admission.py`` checks that every trained token is within the bound and training never stalls,
+whatever order groups finish in, and that training all of a group's tokens would break the bound.)
 
 The bound needs no count of the batches the learner has taken: it cancels (``ahead = live - taken * g`` and
 ``lag = taken - V`` in the earlier formulation of the same rule). ``max_staleness: 0`` is synchronous on-policy

@@ -286,11 +286,13 @@ class RLJob:
         """Launch generation on idle generators as far as the staleness bound admits, with the pool's count of live
         groups (:class:`~rlfleet.cluster.admission.LiveGroups`: no call to the replay actor)."""
         cfg, live = self.cfg, self.pool.live.count
-        token = cfg.replay.staleness_unit == "token"  # stragglers train masked: none holds admission back
+        if cfg.replay.staleness_unit == "token":  # the window counts finished groups; generation.max_inflight_groups
+            settled, window = live - self.pool.generating(), min(cfg.replay.max_staleness, 1)  # caps those generating
+            return self.pool.dispatch(self.weights, lambda version, oldest, launched: admission_budget(
+                version, None, settled, cfg.learner.groups_per_step, window), self.stream.next_batch)  # (admission.py)
         return self.pool.dispatch(
             self.weights, lambda version, oldest, launched: admission_budget(
-                version, None if token else oldest, live + launched, cfg.learner.groups_per_step,
-                cfg.replay.max_staleness),
+                version, oldest, live + launched, cfg.learner.groups_per_step, cfg.replay.max_staleness),
             self.stream.next_batch)
 
     def reach_new_members(self) -> None:

@@ -308,6 +308,10 @@ class GeneratorPool:
         return min((q.version for m in self.members if m is not overtaking for q in m.requests
                     if q.evaluating is None), default=None)
 
+    def generating(self) -> int:
+        """Groups of training requests still in flight on the members (requested, not yet returned)."""
+        return sum(len(q.records) for m in self.members for q in m.requests if q.evaluating is None)
+
     def lost(self) -> int:
         return self.counts["faults/lost_groups"]
 

@@ -55,14 +55,19 @@ class ReplayActor:
 
     async def sample_with_stats(self, n: int, current_version: int, timeout_s: float
                                 ) -> tuple[list[Group] | None, dict[str, float]]:
-        """:meth:`sample`, and the stats as it left the buffer (the learner passes them on to the driver)."""
+        """:meth:`sample`, and the stats as it left the buffer (the learner passes them on to the driver). A try
+        that dropped groups and formed no batch returns at once: the driver's admission counts those groups as live
+        until it hears of the drop, and generators it holds back send no acks to tell it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         async with self._changed:
-            while (batch := self.buffer.sample(n, current_version)) is None:
+            while True:
+                dropped = self.buffer.dropped
+                if (batch := self.buffer.sample(n, current_version)) is not None:
+                    break
                 self.seq += 1  # a failed try may drop stale groups
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self.buffer.dropped > dropped:
                     return None, await self.stats()
                 try:
                     await asyncio.wait_for(self._changed.wait(), remaining)

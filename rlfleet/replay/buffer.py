@@ -87,6 +87,11 @@ class ReplayBuffer:
         self._counts["substituted"] += len(slots)
         return batch
 
+    @property
+    def dropped(self) -> int:
+        """Groups dropped so far (stale, zero-variance, overflow)."""
+        return sum(self._counts[k] for k in ("dropped_stale", "dropped_zero_variance", "dropped_overflow"))
+
     def _needs_substitute(self, g: Group) -> bool:
         return self.cfg.zero_variance == "replay" and not g.has_variance
 
