@@ -54,6 +54,9 @@ SYSTEMS = {  # name -> (part, worker, rlfleet overrides)
     "rlfleet colocated, staleness 1": ("big", "rlfleet", [*COLOCATED, "replay.max_staleness=1"]),
     "rlfleet colocated, staleness 0": ("big", "rlfleet", [*COLOCATED, "replay.max_staleness=0"]),
     "rlfleet colocated, LoRA r16": ("big", "rlfleet", [*COLOCATED, "replay.max_staleness=1", *LORA]),
+    # the engine in bfloat16 beside the float32 learner: half the engine's copy of the weights
+    "rlfleet colocated, bfloat16 engine": ("big", "rlfleet", [*COLOCATED, "replay.max_staleness=1",
+                                                              "generation.dtype=bfloat16"]),
     "rlfleet separate actors": ("big", "rlfleet", ["replay.max_staleness=1"]),
     "rlfleet separate actors, LoRA r16": ("big", "rlfleet", ["replay.max_staleness=1", *LORA]),
     "TRL GRPOTrainer, HF generate": ("big", "trl", []),

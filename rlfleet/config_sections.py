@@ -105,6 +105,11 @@ class GenerationConfig(Section):
                                       "cluster.generator_num_gpus gives each actor that many GPUs.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: vLLM's memory share.")
     kv_cache_space_gib: int = Field(1, ge=1, description="CPU only: vLLM KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="The engine's dtype; 'auto': model.dtype's. bfloat16 beside a float32 learner halves the "
+        "engine's weights and every publication's bytes (each is cast as it is packed or loaded); the engine then "
+        "samples with the learner's weights rounded to bfloat16, so the importance ratio moves by that rounding "
+        "(algorithm.rollout_correction corrects for it).")
     sleep_level: Literal[0, 1, 2] = Field(
         0, description="cluster.colocate: the engine sleeps while the learner steps (vLLM's sleep mode), generation "
         "and the learner's step then alternate: 1 offloads the engine's weights to host memory and frees its KV "

@@ -164,6 +164,12 @@ def model_dir_problem(path: str | Path) -> str | None:
     return None
 
 
+def engine_dtype(model, generation, on_gpu: bool) -> torch.dtype:
+    """The engines' dtype: ``generation.dtype``, or ``model.dtype``'s where it is 'auto'."""
+    name = model.dtype if generation.dtype == "auto" else generation.dtype
+    return torch_dtype(name, "cuda" if on_gpu else "cpu")
+
+
 def torch_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32

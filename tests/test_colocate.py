@@ -77,6 +77,17 @@ def test_a_synchronous_colocated_job_learns(ray_cluster, tmp_path):
     assert last > first + 0.04, (first, last)
 
 
+def test_a_colocated_bfloat16_engine_loads_the_float32_learners_weights(ray_cluster, tmp_path):
+    """generation.dtype: bfloat16 colocated with the float32 learner: the engine (half the weights' memory) loads
+    the learner's own float32 tensors, cast as vLLM loads them. Synchronous, the ratio stays within 0.03 of 1
+    (separate actors measured within 0.006) and is not within 1e-4 (a float32 engine's is: the engine runs in
+    bfloat16); weights one version stale move it by about 0.1 here."""
+    records = run(tmp_path, "dapo_sync", "learner.max_steps=3", "replay.zero_variance=keep", "generation.dtype=bfloat16")
+    assert [r["staleness/max"] for r in records] == [0, 0, 0]
+    assert all(abs(r["ratio/min"] - 1) < 0.03 and abs(r["ratio/max"] - 1) < 0.03 for r in records), records
+    assert not all(on_policy(r) for r in records)
+
+
 def test_a_colocated_lora_job_loads_each_adapter_in_the_learners_process_and_learns(ray_cluster, tmp_path):
     """deploy/lora.yaml colocated and synchronous, 80 steps: the engine samples with each new adapter (ratio 1 at
     every step), the reward rises (measured: 0.473 over the first 20 steps, 0.534 over the last 20), and the

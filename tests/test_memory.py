@@ -52,6 +52,18 @@ def test_a_colocated_job_is_estimated_with_one_engine_copy_and_nothing_published
     assert separate.generator_gib - colocated.generator_gib == pytest.approx(params * 4 / GIB)
 
 
+def test_a_bfloat16_engine_beside_a_float32_learner_halves_the_engine_and_published_copies():
+    """generation.dtype: bfloat16 with the float32 learner (tiny model, 329,344 parameters): each generator's two
+    weight copies (the engine's and an update in flight) take 2 B a parameter instead of 4, so do the learner's two
+    published copies (packed buffer, object-store object); the learner's own float32 weights, gradients and moments
+    are unchanged."""
+    fp32 = job_estimate(load_config(ROOT / "deploy" / "quickstart.yaml"), with_reference=False)
+    bf16 = job_estimate(load_config(ROOT / "deploy" / "quickstart.yaml", ["generation.dtype=bfloat16"]), False)
+    params = 329_344
+    assert fp32.generator_gib - bf16.generator_gib == pytest.approx(2 * params * 2 / GIB)
+    assert fp32.learner_gib - bf16.learner_gib == pytest.approx(2 * params * 2 / GIB)
+
+
 def test_logit_positions_follow_micro_batch_length_and_chunk():
     long = ["learner.micro_batch_size=8", "generation.max_completion_length=448", "model.max_model_len=1024"]
     cfg = load_config(ROOT / "deploy" / "quickstart.yaml", long)
@@ -128,15 +140,21 @@ def test_a_refusal_lists_the_changes_that_would_fit_with_their_estimates(tmp_pat
 def test_fewer_generators_or_a_smaller_cache_are_listed_with_the_numbers_that_fit():
     """The tiny model, 4 generators with 4 GiB of KV cache each: 3 generators fit 19.3 GiB, and so do 4 with 3 GiB;
     at 3.5 GiB only one generator with 1 GiB does, alone or colocated; below the learner alone nothing does, and the
-    refusal says so. Colocation (one engine, in the learner) fits 19.3 GiB too, alone and with LoRA."""
+    refusal says so. Colocation (one engine, in the learner) fits 19.3 GiB too, alone, with LoRA and with a
+    bfloat16 engine (whose estimate is the one a user's override gives, below colocation alone's)."""
     base = ["cluster.num_generators=4", "generation.kv_cache_space_gib=4"]
     message, _ = _refusal(base, 4, 19.3)
     listed = dict(_listed(message))
     colocate = "cluster.colocate: true and cluster.num_generators: 1"
+    bf16_engine = f"{colocate} and generation.dtype: bfloat16"
     assert set(listed) == {"cluster.num_generators: 3", "generation.kv_cache_space_gib: 3", colocate,
-                           f"{colocate} and model.lora: {{r: 16}}"}, message
+                           f"{colocate} and model.lora: {{r: 16}}", bf16_engine}, message
     colocated = load_config(ROOT / "deploy" / "quickstart.yaml", ["cluster.colocate=true", base[1]])
     assert job_estimate(colocated, False).total_gib(1) == pytest.approx(listed[colocate], abs=0.05)
+    bf16 = load_config(ROOT / "deploy" / "quickstart.yaml",
+                       ["cluster.colocate=true", base[1], "generation.dtype=bfloat16"])
+    assert job_estimate(bf16, False).total_gib(1) == pytest.approx(listed[bf16_engine], abs=0.05)
+    assert job_estimate(bf16, False).total_gib(1) < job_estimate(colocated, False).total_gib(1)
     three = load_config(ROOT / "deploy" / "quickstart.yaml", base[1:])
     assert job_estimate(three, False).total_gib(3) == pytest.approx(listed["cluster.num_generators: 3"], abs=0.05)
     smaller = load_config(ROOT / "deploy" / "quickstart.yaml", [base[0], "generation.kv_cache_space_gib=3"])

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from rlfleet.config import GenerationConfig, ModelConfig
-from rlfleet.models import resolve_model_path, torch_dtype
+from rlfleet.models import engine_dtype, resolve_model_path
 from rlfleet.transport import FULL, Contents
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class Engine:
         quiet_engine_logs(log_level)
         from vllm import LLM, SamplingParams
 
-        dtype = torch_dtype(model.dtype, "cuda" if on_gpu else "cpu")  # auto: bfloat16 on GPU, float32 on CPU
+        dtype = engine_dtype(model, generation, on_gpu)  # auto: bfloat16 on GPU, float32 on CPU
         gpu_kwargs = (
             dict(
                 tensor_parallel_size=generation.tensor_parallel_size,
