@@ -40,7 +40,7 @@ def test_a_colocated_job_needs_only_the_learners_bundle():
     assert any("needs 5 CPU in all" in p for p in check_feasible(separate, one_node))
     assert check_feasible(ClusterConfig(learner_num_cpus=2, generator_num_cpus=3, colocate=True), one_node) == []
     assert check_feasible(ClusterConfig(learner_num_cpus=3, colocate=True), one_node) == [
-        "the job needs 3 CPU in all to start (learner 3 + 0 generators x 1) but the cluster has 2; lower "
+        "the job needs 3 CPU in all to start (learner 3 with its engine) but the cluster has 2; lower "
         "cluster.num_generators (its min) / cluster.*_num_cpus or add nodes",
         "one learner needs 3 CPU on a single node, but the largest node has 2"]
 

@@ -75,17 +75,26 @@ def preflight_local(cfg: ClusterConfig, generators: int, memory: MemoryEstimate,
     need = cfg.learner_workers * cfg.learner_num_cpus + placed * cfg.generator_num_cpus
     learner = (f"learner {cfg.learner_num_cpus:g}" if cfg.learner_workers == 1
                else f"{cfg.learner_workers} learner ranks x {cfg.learner_num_cpus:g}")
+    fleet = _fleet(cfg, placed, cfg.generator_num_cpus)
     problems = []
     if need > local_cpus(cfg):
         problems.append(
-            f"the job needs {need:g} CPUs to start ({learner} + {placed} generators x "
-            f"{cfg.generator_num_cpus:g}) but this machine has {local_cpus(cfg)}; lower cluster.num_generators "
+            f"the job needs {need:g} CPUs to start ({learner}{fleet}) but this machine has {local_cpus(cfg)}; "
+            "lower cluster.num_generators "
             "(or give it a range, {min, max}, to grow where there is room), or set cluster.local_num_cpus to "
             "oversubscribe the cores on purpose")
     problems += memory_problems(memory, generators, psutil.virtual_memory().available / GIB,
                                 "this machine (available now)", options)
     if problems:
         raise ClusterError("cannot start the job on this machine:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _fleet(cfg: ClusterConfig, generators: int, each: float) -> str:
+    """What a refusal says of the generators beside the learner: their count and size, or colocated, that the
+    learner's bundle holds the engine."""
+    if cfg.colocate:
+        return " with its engine" if cfg.learner_workers == 1 else ", each with its engine"
+    return f" + {generators} generators x {each:g}"
 
 
 def bundle(cpus: float, gpus: float) -> dict[str, float]:
@@ -130,10 +139,11 @@ def check_feasible(cfg: ClusterConfig, nodes: list[dict[str, float]], num_genera
         per_learner, per_generator = wanted[0].get(resource, 0), generator_bundle(cfg).get(resource, 0)
         learner = (f"learner {per_learner:g}" if cfg.learner_workers == 1
                    else f"{cfg.learner_workers} learner ranks x {per_learner:g}")
+        fleet = _fleet(cfg, n_gen, per_generator)
         if need > have:
             problems.append(
-                f"the job needs {need:g} {resource} in all to start ({learner} + {n_gen} generators "
-                f"x {per_generator:g}) but the cluster has {have:g}; lower cluster.num_generators (its min) / "
+                f"the job needs {need:g} {resource} in all to start ({learner}{fleet}) but the cluster has "
+                f"{have:g}; lower cluster.num_generators (its min) / "
                 f"cluster.*_num_{resource.lower()}s{' / cluster.learner_workers' if cfg.learner_workers > 1 else ''} "
                 "or add nodes"
             )
