@@ -259,7 +259,7 @@ def inflight_groups(cfg) -> int:
         return (cfg.replay.max_staleness + 1) * cfg.learner.groups_per_step
     if cfg.cluster.generator_num_gpus:
         return GPU_INFLIGHT_GROUPS
-    dtype_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4  # auto is float32 on CPU
+    dtype_bytes = engine_dtype(cfg.model, cfg.generation, on_gpu=False).itemsize  # auto is float32 on CPU
     per_group = gen.num_generations * cfg.model.max_model_len * kv_bytes_per_token(
         cfg.model.name_or_path, dtype_bytes, cfg.model.trust_remote_code)
     return max(1, min(4096, int(gen.kv_cache_space_gib * 2**30 // per_group)))

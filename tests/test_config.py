@@ -10,6 +10,7 @@ from rlfleet.cli import main
 from rlfleet.config import (AlgorithmBase, AlgorithmConfig, BEMAConfig, ClusterConfig, ConfigError, GenerationConfig,
                             GRPOConfig, OnlineDPOConfig, ReplayConfig, RLFleetConfig, dump_config, load_config,
                             parse_overrides)
+from rlfleet.models import inflight_groups
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -216,10 +217,13 @@ def test_paired_knobs_that_agree_pass(overrides):
 
 
 def test_the_token_staleness_unit_and_its_refusals():
-    """replay.staleness_unit: token loads with the continuous engine; with the batched engine, the reservoir's
-    replays, online DPO or request order it is refused, each problem naming the field and what to use."""
-    cfg = load_config(None, ["generation.engine=continuous", "replay.staleness_unit=token"])
+    """replay.staleness_unit: token loads with the continuous engine, each generator keeping one window of groups
+    generating by default; with the batched engine, the reservoir's replays, online DPO or request order it is
+    refused, each problem naming the field and what to use."""
+    cfg = load_config(None, ["generation.engine=continuous", "replay.staleness_unit=token", "replay.max_staleness=2",
+                             "learner.groups_per_step=3"])
     assert cfg.replay.staleness_unit == "token"
+    assert inflight_groups(cfg) == (2 + 1) * 3  # the groups generating: one window by default
     cases = {
         "generation.engine: batched": [],
         "replay.zero_variance: 'replay'": ["generation.engine=continuous", "replay.zero_variance=replay",

@@ -285,15 +285,18 @@ class RLJob:
     def admit(self) -> int:
         """Launch generation on idle generators as far as the staleness bound admits, with the pool's count of live
         groups (:class:`~rlfleet.cluster.admission.LiveGroups`: no call to the replay actor)."""
-        cfg, live = self.cfg, self.pool.live.count
-        if cfg.replay.staleness_unit == "token":  # the window counts finished groups; generation.max_inflight_groups
-            settled, window = live - self.pool.generating(), min(cfg.replay.max_staleness, 1)  # caps those generating
-            return self.pool.dispatch(self.weights, lambda version, oldest, launched: admission_budget(
-                version, None, settled, cfg.learner.groups_per_step, window), self.stream.next_batch)  # (admission.py)
-        return self.pool.dispatch(
-            self.weights, lambda version, oldest, launched: admission_budget(
-                version, oldest, live + launched, cfg.learner.groups_per_step, cfg.replay.max_staleness),
-            self.stream.next_batch)
+        cfg, live, g = self.cfg, self.pool.live.count, self.cfg.learner.groups_per_step
+        if cfg.replay.staleness_unit == "token":
+            # the window counts settled groups, two batches at most; each generator's max_inflight_groups caps
+            # those generating (admission.py, "The token unit")
+            settled, window = live - self.pool.generating(), min(cfg.replay.max_staleness, 1)
+
+            def budget(version: int, oldest: int | None, launched: int) -> int:
+                return admission_budget(version, None, settled, g, window)
+        else:
+            def budget(version: int, oldest: int | None, launched: int) -> int:
+                return admission_budget(version, oldest, live + launched, g, cfg.replay.max_staleness)
+        return self.pool.dispatch(self.weights, budget, self.stream.next_batch)
 
     def reach_new_members(self) -> None:
         """With a transport that has a membership (broadcast), active generators the last publication did not
