@@ -170,6 +170,12 @@ def engine_dtype(model, generation, on_gpu: bool) -> torch.dtype:
     return torch_dtype(name, "cuda" if on_gpu else "cpu")
 
 
+def publish_dtype(model, generation, learner_dtype: torch.dtype, engines_on_gpu: bool) -> torch.dtype:
+    """The dtype the learner packs its publications in: its compute dtype, or the engines' where
+    ``generation.dtype`` names one."""
+    return learner_dtype if generation.dtype == "auto" else engine_dtype(model, generation, engines_on_gpu)
+
+
 def torch_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -65,7 +65,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-REPLAY_DROPS = ("replay/dropped_stale", "replay/dropped_zero_variance", "replay/dropped_overflow")
+from rlfleet.replay.buffer import DROPS
+
+REPLAY_DROPS = tuple(f"replay/{name}" for name in DROPS)
 
 
 def admission_budget(version: int, oldest_in_flight: int | None, live_groups: int, groups_per_step: int,

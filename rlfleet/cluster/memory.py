@@ -83,7 +83,7 @@ def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate
     weights)."""
     import torch
 
-    from rlfleet.models import engine_dtype, torch_dtype
+    from rlfleet.models import engine_dtype, publish_dtype, torch_dtype
 
     c = cfg.cluster
     engine_gpus = c.learner_num_gpus if c.colocate else c.generator_num_gpus
@@ -97,8 +97,7 @@ def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate
         trainable = adapter_parameters(cfg.model.name_or_path, cfg.model.lora, cfg.model.trust_remote_code)
         if not (dpo and cfg.dpo.bema is not None):
             ref_size = 0
-    publish_dtype = learner_dtype if cfg.generation.dtype == "auto" else engine  # as the learner packs them
-    published = 0 if dpo else torch.empty((), dtype=publish_dtype).element_size()
+    published = 0 if dpo else publish_dtype(cfg.model, cfg.generation, learner_dtype, engine_gpus > 0).itemsize
     return estimate(params, size, cfg.generation.kv_cache_space_gib, ref_size, engine_gpus > 0,
                     c.learner_num_gpus > 0, logit_positions(cfg, dpo), vocab, published, c.learner_workers,
                     trainable, colocated=c.colocate and not dpo)
@@ -169,9 +168,10 @@ def ways_out(cfg, with_reference: bool, dpo: bool, generators: int, have_gib: fl
     """The changes to ``cfg`` that would bring the job within ``have_gib``, each with its estimate, most effective
     first among: a LoRA adapter (r 16, on every linear layer), bfloat16 weights (engine and published copies; the
     learner keeps float32 master weights), both, bfloat16 engines beside a float32 learner (``generation.dtype``), the
-    largest KV cache that fits (CPU engines), the most generators
-    that fit (with the smallest KV cache when none fits with today's), colocation (one generator, in the learner's
-    process) alone, with the largest KV cache that fits, with LoRA and with a bfloat16 engine. Nothing when none of these fits (more memory is the caller's last line)."""
+    largest KV cache that fits (CPU engines), the most generators that fit (with the smallest KV cache when none fits
+    with today's), colocation (one generator, in the learner's process) alone, with the largest KV cache that fits,
+    with LoRA and with a bfloat16 engine. Nothing when none of these fits (more memory is the caller's last
+    line)."""
     from rlfleet.config import LoraConfig
     from rlfleet.models import torch_dtype
 
@@ -195,7 +195,8 @@ def ways_out(cfg, with_reference: bool, dpo: bool, generators: int, have_gib: fl
     if cfg.model.lora is None and float32:
         consider("model.lora: {r: 16} and model.dtype: bfloat16", changed(model={**lora, "dtype": "bfloat16"}))
     bf16_engine = {"dtype": "bfloat16"}  # the engines only: the learner computes as before
-    if float32 and cfg.generation.dtype in ("auto", "float32"):
+    engines_float32 = float32 and cfg.generation.dtype in ("auto", "float32")
+    if engines_float32:
         consider("generation.dtype: bfloat16 (the engines; the learner stays float32)", changed(generation=bf16_engine))
     kv = cfg.generation.kv_cache_space_gib
     if not cfg.cluster.colocate and cfg.cluster.learner_workers == 1 and not dpo:
@@ -209,7 +210,7 @@ def ways_out(cfg, with_reference: bool, dpo: bool, generators: int, have_gib: fl
                      changed(cluster=colocate, generation={"kv_cache_space_gib": fit}), gens=1)
         if cfg.model.lora is None:
             consider(f"{label} and model.lora: {{r: 16}}", changed(cluster=colocate, model=lora), gens=1)
-        if float32 and cfg.generation.dtype in ("auto", "float32"):
+        if engines_float32:
             consider(f"{label} and generation.dtype: bfloat16", changed(cluster=colocate, generation=bf16_engine),
                      gens=1)
     need = job_estimate(cfg, with_reference, dpo)

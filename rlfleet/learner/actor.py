@@ -29,7 +29,7 @@ from rlfleet.learner.distributed import SINGLE, Rank, init_process_group
 from rlfleet.learner.policy import PolicyLearner
 from rlfleet.learner.threads import LearnerThreads, node_cores, set_threads
 from rlfleet.learner.trainee import resolve_device
-from rlfleet.models import engine_dtype
+from rlfleet.models import publish_dtype
 from rlfleet.transport import WeightHandle, make_publisher, published_contents
 
 SAMPLES_PER_STEP = 4
@@ -71,9 +71,8 @@ class LearnerActor:
         self.learner = (make_learner or policy_learner)(cfg, rank)
         self.publisher = self.replay = None
         if replay is not None and rank.leader:
-            dtype = self.learner.compute_dtype  # the engines' own where generation.dtype names one
-            if cfg.generation.dtype != "auto":
-                dtype = engine_dtype(cfg.model, cfg.generation, cfg.cluster.generator_num_gpus > 0)
+            dtype = publish_dtype(cfg.model, cfg.generation, self.learner.compute_dtype,
+                                  cfg.cluster.generator_num_gpus > 0)
             self.publisher = make_publisher(cfg.cluster.weight_transport, dtype, cfg.cluster.weight_sync_timeout_s,
                                             published_contents(cfg.model.lora))
             self.replay = ray.get_actor(replay)

@@ -46,8 +46,8 @@ from rlfleet.config import LearnerConfig, ModelConfig
 from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import SINGLE, Rank
 from rlfleet.learner.logprobs import completion_logprobs, shard_for_learning
-from rlfleet.learner.state_files import (engine_state, engine_state_stream, load_adapter, load_optimizer, load_policy, save_adapter,
-                                         save_merged, save_optimizer, save_policy)
+from rlfleet.learner.state_files import (engine_state, engine_state_stream, load_adapter, load_optimizer, load_policy,
+                                         save_adapter, save_merged, save_optimizer, save_policy)
 from rlfleet.models import float32_attention_on_cpu, load_causal_lm, load_tokenizer, torch_dtype
 
 REFERENCES = (None, "load", "copy", "adapter_off")

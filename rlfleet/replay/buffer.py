@@ -38,7 +38,8 @@ import numpy as np
 from rlfleet.config import ReplayConfig
 from rlfleet.types import Group, groups_from_arrays, groups_to_arrays
 
-_COUNTERS = ("added", "sampled", "substituted", "dropped_stale", "dropped_zero_variance", "dropped_overflow")
+DROPS = ("dropped_stale", "dropped_zero_variance", "dropped_overflow")  # the counters of groups that never train
+_COUNTERS = ("added", "sampled", "substituted", *DROPS)
 
 
 class ReplayBuffer:
@@ -90,7 +91,7 @@ class ReplayBuffer:
     @property
     def dropped(self) -> int:
         """Groups dropped so far (stale, zero-variance, overflow)."""
-        return sum(self._counts[k] for k in ("dropped_stale", "dropped_zero_variance", "dropped_overflow"))
+        return sum(self._counts[k] for k in DROPS)
 
     def _needs_substitute(self, g: Group) -> bool:
         return self.cfg.zero_variance == "replay" and not g.has_variance
