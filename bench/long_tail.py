@@ -18,8 +18,9 @@ request batching at the same bound (``samples_vs_batched``):
 
 - rlfleet, ``generation.engine: batched`` (request batching, rlfleet until now): one ``generate()`` per request of
   4 prompts, weights loaded between requests;
-- rlfleet, ``generation.engine: continuous`` with ``kv_on_update: keep`` and ``recompute``: one group per request,
-  every group's prompt joining the running engine, each publication loaded between two engine steps;
+- rlfleet, ``generation.engine: continuous`` with ``kv_on_update: keep`` and ``recompute``: requests of as many
+  groups as the bound admits, every group's prompt joining the running engine and handed on the moment it ends,
+  each publication loaded between two engine steps;
 - the same continuous engines with ``replay.staleness_unit: token`` ("token bound"): admission waits for no
   straggler, and the learner masks tokens sampled more than ``max_staleness`` versions before its step;
 - TRL's GRPOTrainer with Hugging Face generation, on 1 and 2 torch threads (the faster is the reference).

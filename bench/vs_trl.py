@@ -262,7 +262,8 @@ SYSTEMS = {  # name -> (job, worker arguments)
                                                      "--override", "cluster.learner_threads=auto"]),
     "rlfleet async, compiled engine": ("grpo", ["rlfleet-grpo", "--staleness", "1",
                                                 "--override", "generation.enforce_eager=false"]),
-    # generation.engine: continuous (issue 32): one group per request, weights loaded in flight
+    # generation.engine: continuous (issue 32): requests of as many groups as the bound admits, each group handed on
+    # as it ends, weights loaded in flight
     "rlfleet async, continuous engine": ("grpo", ["rlfleet-grpo", "--staleness", "1",
                                                   "--override", "generation.engine=continuous"]),
     # two generators of half a core each beside the learner's core: in arrival order admission holds the second

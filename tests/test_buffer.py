@@ -362,3 +362,29 @@ def test_a_pull_that_drops_groups_returns_at_once_so_the_driver_hears_of_them():
         assert _ids(batch) == ["fresh"]
 
     asyncio.run(scenario())
+
+
+def test_a_fenced_request_says_what_it_delivered_and_its_later_groups_are_discarded():
+    """A continuous engine's request hands its groups on as made, under a key. The replay actor (its class, on one
+    event loop, no Ray) keeps the prompt ids each key delivered: fencing the key (its generator died) returns them
+    and discards whatever of it arrives later, since the driver re-issued those prompts; a key whose result reached
+    the driver is forgotten, and one never seen fences to nothing. Groups without a key are untouched."""
+    import asyncio
+
+    from rlfleet.replay.actor import ReplayActor
+
+    async def scenario():
+        actor = ReplayActor(ReplayConfig(max_staleness=4, zero_variance="keep"), seed=0)
+        await actor.add([_group("a"), _group("b")], None, "gen-0@0#1")
+        await actor.add([_group("c")], None, "gen-0@0#2")
+        await actor.add([_group("plain")])
+        await actor.add([_group("a")], None, "gen-0@0#2")  # the same prompt may come twice in one request
+        await actor.forget(["gen-0@0#1"])
+        assert await actor.fence(["gen-0@0#1", "gen-0@0#2", "never-seen"]) == {
+            "gen-0@0#1": [], "gen-0@0#2": ["c", "a"], "never-seen": []}
+        stats = await actor.add([_group("d"), _group("e")], None, "gen-0@0#2")  # arrives after the fence
+        assert stats["replay/fenced_groups"] == 2
+        assert stats["replay/fresh_size"] == 5  # a, b, c, plain, a: the fenced request's late groups are not in it
+        assert actor.delivering == {}
+
+    asyncio.run(scenario())

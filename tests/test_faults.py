@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rlfleet.cli import main
+from rlfleet.cluster.admission import REPLAY_DROPS
 from rlfleet.cluster import checkpoint as ckpt
 from rlfleet.config import load_config
 from rlfleet.errors import CheckpointError
@@ -291,7 +293,9 @@ def test_killed_generator_is_restarted_on_current_weights(ray_cluster, tmp_path,
     """Synchronous mode (max_staleness 0) makes "current weights" checkable: a restarted generator that sampled
     with its initial weights would produce groups older than the bound, which the replay drops forever, and the
     run could not finish; with the driver's re-sync it finishes with ratios of exactly 1. A continuous engine's
-    prompts in flight when it dies are re-issued the same way."""
+    prompts in flight when it dies are re-issued the same way, except those whose groups its request had already
+    handed to the replay actor (the fence): in either case every prompt the stream handed out is trained, queued
+    or waiting to be re-issued, once, whatever point of a request the kill landed at."""
     cfg = load_config(DEPLOY / "dapo_sync.yaml", [f"output_dir={tmp_path}", "learner.max_steps=8",
                                                   "replay.zero_variance=keep", "logging.plot=false",
                                                   f"generation.engine={engine}"])
@@ -300,6 +304,13 @@ def test_killed_generator_is_restarted_on_current_weights(ray_cluster, tmp_path,
     assert records[-1]["faults/generator_restarts"] >= 1
     after = [r for r in records if r["faults/generator_restarts"] >= 1]
     assert after and all(abs(r["ratio/max"] - 1) < 1e-4 and abs(r["ratio/min"] - 1) < 1e-4 for r in after)
+    assert sum(records[-1][k] for k in REPLAY_DROPS) == 0 and sum(r["gen/dropped_groups"] for r in records) == 0
+    from tests.test_elastic import prompt_ledger
+
+    ledger = prompt_ledger(cfg, tmp_path)
+    assert len(ledger["trained"]) == 8 * cfg.learner.groups_per_step
+    assert Counter(ledger["trained"]) + Counter(ledger["queued"]) + Counter(ledger["to_reissue"]) == \
+        Counter(ledger["issued"])
 
 
 @pytest.mark.ray

@@ -294,3 +294,51 @@ def test_groups_keep_each_tokens_version_and_take_the_oldest(tokenizer):
     # the batched engine's completions carry no versions: one version, no per-token array
     plain, stats = Generator(FakeEngine(), tokenizer, GEN, AlgorithmConfig(), [by_length]).generate(fake_records(1))
     assert plain[0].token_versions is None and plain[0].policy_version == 7 and stats["gen/version_span_max"] == 0
+
+
+class StreamingEngine(FakeEngine):
+    """FakeEngine's groups through a continuous engine's ``submit``: the groups of the prompts in ``at_once`` are
+    done when submitted, the others only when the test resolves them (``waiting``)."""
+
+    def __init__(self, at_once: set[int]):
+        self.at_once, self.waiting, self.submitted = at_once, [], 0
+
+    def submit(self, prompt_token_ids, n):
+        from concurrent.futures import Future
+
+        done, index = Future(), self.submitted
+        self.submitted += 1
+        group = self.sample([prompt_token_ids], n)[0]
+        if index in self.at_once:
+            done.set_result(group)
+        else:
+            self.waiting.append((done, group))
+        return done
+
+
+def test_each_group_is_handed_on_as_it_is_made_and_those_that_end_together_are_scored_together(tokenizer):
+    """Three prompts on a continuous engine: the groups of prompts 0 and 2 are done at once, prompt 1's only after
+    the first handing-on (the test resolves it from ``ship``, so the order is fixed, not timed). The generator
+    hands on groups 0 and 2 together, scored in one call of the reward function, then group 1 alone: two calls,
+    the stats of each handing-on counting its own groups, and every group as :meth:`generate` makes it (rewards
+    = the lengths [5, 2, 7, 3])."""
+    calls, shipped = [], []
+    engine = StreamingEngine(at_once={0, 2})
+
+    def counted(prompts, completions, completion_ids=None, **kwargs):
+        calls.append(len(completions))
+        return by_length(prompts, completions, completion_ids)
+
+    def ship(groups, stats):
+        shipped.append(([g.prompt_id for g in groups], stats))
+        for done, group in engine.waiting:  # prompt 1 ends once the first groups are on their way
+            done.set_result(group)
+        engine.waiting = []
+
+    Generator(engine, tokenizer, GEN, AlgorithmConfig(), [counted]).generate_each(fake_records(3), ship)
+    assert [ids for ids, _ in shipped] == [["0", "2"], ["1"]]
+    assert calls == [8, 4]
+    assert [stats["gen/groups"] for _, stats in shipped] == [2, 1]
+    assert [stats["gen/tokens"] for _, stats in shipped] == [2 * 17, 17]
+    assert all(stats["reward/mean"] == 4.25 for _, stats in shipped)
+    assert engine.submitted == 3  # every prompt submitted before any group was waited for

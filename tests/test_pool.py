@@ -21,6 +21,9 @@ class FakeMethod:
         self.calls.append((self.name, args, ref))
         return ref
 
+    def options(self, **_):
+        return self
+
 
 class FakeActor:
     """Records ``generate`` / ``fetch_weights`` / ``update_weights`` / ``evaluate`` calls in the order they are
@@ -28,7 +31,7 @@ class FakeActor:
 
     def __init__(self):
         self.calls: list = []
-        for name in ("generate", "fetch_weights", "update_weights", "evaluate"):
+        for name in ("generate", "stream", "fetch_weights", "update_weights", "evaluate"):
             setattr(self, name, FakeMethod(self.calls, name))
 
 
@@ -160,3 +163,49 @@ def test_in_arrival_order_requests_carry_no_number():
     pool.dispatch(weights(0), budget(0), prompts)
     assert [q.seq for q in pool.members[0].requests] == [None, None]
     assert [args[1] for name, args, _ in pool.members[0].handle.calls if name == "generate"] == [None, None]
+
+
+def stream_pool(depth: int, fenced: dict[str, list[str]] | None = None) -> tuple[GeneratorPool, list]:
+    """One member with a continuous engine (its requests in the ``stream`` concurrency group, ``depth`` groups in
+    flight at most); the replay actor's fence answers ``fenced``, and the calls to fence and forget are recorded."""
+    asked: list = []
+
+    def fence(keys):
+        asked.append(("fence", keys))
+        return {key: (fenced or {}).get(key, []) for key in keys}
+
+    pool = GeneratorPool(lambda index, options: None, {"CPU": 1}, 1, depth, 10.0, depth, stream="stream",
+                         fence_requests=fence, forget_requests=lambda keys: asked.append(("forget", keys)))
+    pool.members.append(Member(0, placement=None, state=ACTIVE, handle=FakeActor()))
+    return pool, asked
+
+
+def test_a_continuous_engine_takes_what_the_bound_admits_in_one_request_up_to_its_room():
+    """g = 4, S = 1, version 0, nothing live: the bound admits (0 + 2) * 4 = 8 groups. A continuous member with
+    room for 6 groups gets one stream() request of 6 (not six requests of one), under a key of its own; it is then
+    full, so nothing more goes out whatever the bound admits."""
+    pool, _ = stream_pool(depth=6)
+    assert pool.dispatch(weights(0), budget(0), prompts) == 6
+    m = pool.members[0]
+    (request,) = m.requests
+    assert len(request.records) == 6 and request.key == "rlfleet-generator-0@0#1"
+    calls = [(name, args) for name, args, _ in m.handle.calls if name in ("generate", "stream")]
+    assert calls == [("stream", (request.records, 0, request.key))]  # stream(records, version, key)
+    assert pool.generating() == 6 and pool.live.count == 6
+    assert pool.dispatch(weights(0), budget(6, s=4), prompts) == 0  # the bound admits more; the member is full
+
+
+def test_a_lost_streaming_request_reissues_only_what_the_replay_actor_lacks():
+    """A member dies with a request of prompts p0..p3 (p1 twice) in flight, of which the replay actor holds the
+    groups of p0 and one p1: the pool fences the request and re-issues p1 (the other one), p2 and p3; only those
+    three count as lost and leave the live count (the two delivered are live: queued or trained). A request whose
+    result arrived is forgotten."""
+    records = [{"prompt_id": p} for p in ("p0", "p1", "p1", "p2", "p3")]
+    pool, asked = stream_pool(depth=8, fenced={"rlfleet-generator-0@0#7": ["p1", "p0"]})
+    m = pool.members[0]
+    m.requests.append(Request("stream-lost", records, 0, key="rlfleet-generator-0@0#7"))
+    pool.live.requested(5)
+    pool._lose_requests(m)
+    assert asked == [("fence", ["rlfleet-generator-0@0#7"])]
+    assert [r["prompt_id"] for r in pool.retry] == ["p1", "p2", "p3"]
+    assert pool.lost() == 3 and pool.live.count == 2 and m.requests == []

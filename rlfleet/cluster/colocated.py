@@ -134,6 +134,10 @@ class ColocatedActor(LearnerActor):
         with self._between_requests:
             return self.generation.generate(records, seq, version)
 
+    def stream(self, records: list[dict], version: int, request: str) -> list[dict[str, float]]:
+        with self._between_requests:
+            return self.generation.stream(records, version, request)
+
     def evaluate(self, records: list[dict], n: int, temperature: float | None, step: int) -> dict[str, float]:
         with self._between_requests:
             return self.generation.evaluate(records, n, temperature, step)

@@ -124,13 +124,17 @@ class RLJob:
                     f"{total.get('GPU', 0):g} GPUs")
         prompts, depth, stream = (cfg.generation.generation_batch_size // cfg.generation.num_generations,
                                   c.requests_per_generator, None)
-        if cfg.generation.engine == "continuous":  # one group per request, as many in flight as the engine keeps
-            prompts, depth, stream = 1, inflight_groups(cfg), STREAM
+        if cfg.generation.engine == "continuous":  # as many groups in flight as the engine keeps, in requests as
+            prompts = depth = inflight_groups(cfg)  # large as the bound admits
+            stream = STREAM
         self.pool = GeneratorPool(
             start_generator, generator_bundle(c), fleet, prompts, t, depth,
             # request order: the replay actor hears of lost requests from here (the call is ordered before any
             # later one of the driver's, a checkpoint's state_dict included)
             skip_requests=self.replay.skip.remote if cfg.replay.consume_order == "request" else None, stream=stream,
+            fence_requests=lambda keys: call(self.replay.fence.remote(keys), t, "the replay actor (fencing the "
+                                             "requests of a lost generator)"),
+            forget_requests=self.replay.forget.remote,
             **placing)
         self.stream = PromptStream(self.dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.step, errors_total = 0, {"reward": 0, "env": 0}

@@ -20,6 +20,7 @@ before its first request. The pool does not decide how much to generate: the dri
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class Request:
     sync_future: ray.ObjectRef | None = None  # the update_weights() queued right before it, if any
     evaluating: int | None = None  # an evaluation of this learner step
     seq: int | None = None  # its number in request order (replay.consume_order: request)
+    key: str | None = None  # a continuous engine's request, its groups handed on as made: its key for the replay
 
 
 @dataclass
@@ -88,6 +90,14 @@ class GeneratorPool:
     training request is numbered, and the numbers of requests lost with their generator go to ``skip_requests``
     (the replay actor's ``skip``) as soon as the loss is known, so later requests' groups stop waiting for them.
 
+    ``stream``: the members' engines are continuous; their generate() calls go to this concurrency group and run
+    side by side. ``depth`` then counts groups, not requests (a member takes requests while it generates fewer),
+    and ``prompts_per_request`` is as many as the bound and that room admit. In arrival order each request hands
+    its groups to the replay actor as they are made (``stream()``), under a key; ``fence_requests(keys)`` (the
+    replay actor's ``fence``) says which prompts of the requests lost with their generator arrived, so only the
+    others are re-issued, and ``forget_requests(keys)`` (its ``forget``, not waited for) tells it of the requests
+    whose results arrived.
+
     ``place(bundle, name)``: a member's placement (default: a placement group of its own). ``colocated``: the
     member is the learner itself (``cluster.colocate``), placed with it: its loss is the learner's, raised as
     :class:`~rlfleet.errors.ActorLost` for the job to recover from its checkpoint, never restarted on its own."""
@@ -95,14 +105,15 @@ class GeneratorPool:
     def __init__(self, start_actor: StartActor, bundle: dict[str, float], target: int, prompts_per_request: int,
                  timeout_s: float, depth: int = 1, skip_requests: Callable[[list[int]], None] | None = None,
                  stream: str | None = None, place: Callable[[dict[str, float], str], Placement] = Placement.request,
-                 colocated: bool = False):
+                 colocated: bool = False, fence_requests: Callable[[list[str]], dict[str, list[str]]] | None = None,
+                 forget_requests: Callable[[list[str]], None] | None = None):
         self.start_actor, self.bundle, self.place, self.colocated = start_actor, bundle, place, colocated
         # continuous engines: generate() calls go to this concurrency group and run side by side, so a member's own
         # requests may overtake each other; new weights go to every member at once, loaded in flight
         self.stream = stream
         self.target, self.prompts_per_request, self.timeout_s = target, prompts_per_request, timeout_s
         self.depth = depth  # requests queued on one generator at most (cluster.requests_per_generator)
-        self.skip_requests = skip_requests
+        self.skip_requests, self.fence_requests, self.forget_requests = skip_requests, fence_requests, forget_requests
         self.next_seq = 0  # the number of the next training request (request order)
         self.members: list[Member] = []
         self.next_index = 0
@@ -185,16 +196,19 @@ class GeneratorPool:
 
     def on_ready(self, ready: set[ray.ObjectRef]) -> list[tuple[int, dict]]:
         """Handle every ref of :meth:`refs` in ``ready``; returns ``(index, stats)`` of each finished request."""
-        finished = []
+        finished, keys = [], []
         for m in list(self.members):
             if m.waiting is not None and m.waiting in ready:
                 self._waited(m)
             for request in [q for q in m.requests if q.future in ready]:  # in the order the actor ran them
                 if request not in m.requests:  # the actor died: a failed earlier request took the rest with it
                     continue
-                stats = self._collect(m, request)
-                if stats is not None:
-                    finished.append((m.index, stats))
+                parts = self._collect(m, request)
+                finished.extend((m.index, stats) for stats in parts)
+                if parts and request.key is not None:
+                    keys.append(request.key)
+        if keys and self.forget_requests is not None:
+            self.forget_requests(keys)
         return finished
 
     def _waited(self, m: Member) -> None:
@@ -218,12 +232,14 @@ class GeneratorPool:
             console(f"{m.name} joined the fleet ({len(self.active()) + 1} running)")
         m.state, m.version = ACTIVE, -1  # current weights go out before its next request
 
-    def _collect(self, m: Member, request: Request) -> dict | None:
-        """A generate() finished: its stats, or None if the actor died (the prompts of its requests are re-issued)."""
+    def _collect(self, m: Member, request: Request) -> list[dict]:
+        """A generate() finished: its stats (a stream() request's: those of each handing-on of groups), or none if
+        the actor died (the prompts of its requests are re-issued)."""
         try:
-            stats = ray.get(request.future, timeout=self.timeout_s)
+            result = ray.get(request.future, timeout=self.timeout_s)
+            parts = result if isinstance(result, list) else [result]
             if request.sync_future is not None:
-                stats["sync/seconds"] = ray.get(request.sync_future, timeout=self.timeout_s)
+                parts[-1]["sync/seconds"] = ray.get(request.sync_future, timeout=self.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
             self._raise_if_colocated(m, err)
             self._lose_requests(m)
@@ -236,12 +252,13 @@ class GeneratorPool:
                 why = (f"was killed by Ray's memory monitor: {OUT_OF_MEMORY}"
                        if isinstance(err, ray.exceptions.OutOfMemoryError) else f"died ({type(err).__name__})")
                 warn(f"{m.name} {why}; its prompts are re-issued")
-            return None
+            return []
         m.requests.remove(request)
-        self.live.gone(int(stats.get("gen/dropped_groups", 0)))
-        if "replay/seq" in stats:  # the replay actor's ack of its groups
-            self.live.heard(stats)
-        held = stats.get("policy_version", request.version)
+        for stats in parts:
+            self.live.gone(int(stats.get("gen/dropped_groups", 0)))
+            if "replay/seq" in stats:  # the replay actor's ack of its groups
+                self.live.heard(stats)
+        held = max(stats.get("policy_version", request.version) for stats in parts)
         if held < request.version:  # restarted while idle: initial weights again
             self.counts["faults/generator_restarts"] += 1
             m.version, m.incarnation = -1, m.incarnation + 1
@@ -249,7 +266,7 @@ class GeneratorPool:
             m.version = int(held)
         if m.draining and not m.requests:
             self._remove(m, "scaled down")
-        return stats
+        return parts
 
     def _raise_if_colocated(self, m: Member, err: Exception) -> None:
         if self.colocated:
@@ -270,12 +287,22 @@ class GeneratorPool:
             say(f"{m.name} left the fleet: {why} ({len(self.active())} running)")
 
     def _lose_requests(self, m: Member) -> None:
-        """``m``'s requests will never return: their prompts are re-issued, their evaluations run again, and in
-        request order the replay actor stops waiting for them."""
+        """``m``'s requests will never return: their prompts are re-issued (those the replay actor does not have,
+        for requests that hand groups on as made), their evaluations run again, and in request order the replay
+        actor stops waiting for them."""
+        keys = [request.key for request in m.requests if request.key is not None]
+        delivered = self.fence_requests(keys) if keys and self.fence_requests is not None else {}
         for request in m.requests:
-            self.counts["faults/lost_groups"] += len(request.records)
-            self.live.gone(len(request.records))
-            self.retry.extend(request.records)
+            arrived = Counter(delivered.get(request.key, ()))
+            lost = []
+            for record in request.records:
+                if arrived[str(record["prompt_id"])] > 0:
+                    arrived[str(record["prompt_id"])] -= 1  # its group is in the replay actor: live, not lost
+                else:
+                    lost.append(record)
+            self.counts["faults/lost_groups"] += len(lost)
+            self.live.gone(len(lost))
+            self.retry.extend(lost)
             if request.evaluating is not None:
                 self.lost_evaluations.append(request.evaluating)
         lost = [request.seq for request in m.requests if request.seq is not None]
@@ -315,12 +342,18 @@ class GeneratorPool:
     def lost(self) -> int:
         return self.counts["faults/lost_groups"]
 
+    def _room(self, m: Member) -> int:
+        """Requests (continuous engines: groups, an evaluation counting one) ``m`` may take now."""
+        if self.stream is None:
+            return self.depth - len(m.requests)
+        return self.depth - sum(max(1, len(q.records)) for q in m.requests)
+
     def _open(self, weights: WeightHandle) -> list[Member]:
-        """The members a request may be queued on, in order of preference: those with a free slot (fewer than
-        ``depth`` requests), in the weight-transfer group of ``weights`` (a member joins it at the next publication),
-        not leaving; the emptiest first, then the least recently served."""
-        open_ = [m for m in self.active() if len(m.requests) < self.depth and not m.draining and weights.reaches(m.key)]
-        return sorted(open_, key=lambda m: (len(m.requests), m.last_request))
+        """The members a request may be queued on, in order of preference: those with room (:meth:`_room`), in the
+        weight-transfer group of ``weights`` (a member joins it at the next publication), not leaving; the emptiest
+        first, then the least recently served."""
+        open_ = [m for m in self.active() if self._room(m) > 0 and not m.draining and weights.reaches(m.key)]
+        return sorted(open_, key=lambda m: (-self._room(m), m.last_request))
 
     def _serve(self, m: Member, weights: WeightHandle | None, count: bool = True) -> ray.ObjectRef | None:
         """Count a request for ``m``; with ``weights``, queue their load first (an actor's methods execute in order)
@@ -381,7 +414,9 @@ class GeneratorPool:
             open one: an empty member is held back by another's slow request, which the member generating it is not
             (nothing overtakes a member's own queue)."""
             for m in self._open(weights):
-                version, n = plan_request(m.version if lazy else -1, weights.version, self.prompts_per_request,
+                size = self.prompts_per_request if self.stream is None else min(self.prompts_per_request,
+                                                                                self._room(m))
+                version, n = plan_request(m.version if lazy else -1, weights.version, size,
                                           lambda v: budget_at(v, self.oldest_in_flight(m), launched))
                 if n > 0:
                     return m, version, n
@@ -392,14 +427,17 @@ class GeneratorPool:
             sync = self._serve(m, weights if version == weights.version else None)
             records, self.retry = self.retry[:n], self.retry[n:]
             records += take(n - len(records))
-            seq = None
+            seq = key = None
             if self.skip_requests is not None:
                 seq, self.next_seq = self.next_seq, self.next_seq + 1
             if self.stream is None:
                 future = m.handle.generate.remote(records, seq)
-            else:  # beside the member's other requests; no token older than ``version``
+            elif seq is None:  # beside the member's other requests, no token older than ``version``, each group
+                key = f"{m.key}#{self.requests}"  # handed on as made
+                future = m.handle.stream.options(concurrency_group=self.stream).remote(records, version, key)
+            else:  # in request order the replay actor takes a request's groups at once
                 future = m.handle.generate.options(concurrency_group=self.stream).remote(records, seq, version)
-            m.requests.append(Request(future, records, version, sync, seq=seq))
+            m.requests.append(Request(future, records, version, sync, seq=seq, key=key))
             launched += n
         self.live.requested(launched)
         return launched

@@ -82,6 +82,26 @@ class GenerationActor:
             stats |= ray.get(self.replay.add.remote(groups, seq), timeout=self.cfg.cluster.timeout_s)
         return stats
 
+    def stream(self, records: list[dict], version: int, request: str) -> list[dict[str, float]]:
+        """A continuous engine's request: generate groups for ``records`` with no token older than ``version``,
+        each handed to the replay actor the moment it is made (:meth:`Generator.generate_each`), under the
+        request's key ``request``; returns the stats of each handing-on, with the replay actor's ack of it.
+
+        The replay actor records which prompts of ``request`` it has until the driver has this call's result: if
+        this actor dies first, the driver fences the request (:meth:`ReplayActor.fence`) and re-issues only the
+        prompts the replay actor does not have, so no prompt is trained twice or lost."""
+        self.engine.wait_for_version(version, self.cfg.cluster.timeout_s)
+        shipped: list[tuple[ray.ObjectRef, dict[str, float]]] = []
+
+        def ship(groups: list, stats: dict[str, float]) -> None:
+            shipped.append((self.replay.add.remote(groups, None, request), stats))
+
+        self.generator.generate_each(records, ship)
+        acks = ray.get([ref for ref, _ in shipped], timeout=self.cfg.cluster.timeout_s)
+        out = [stats | ack for (_, stats), ack in zip(shipped, acks)]
+        out[-1] |= self.engine.stats()
+        return out
+
     def evaluate(self, records: list[dict], n: int, temperature: float | None, step: int) -> dict[str, float]:
         """Score ``n`` samples per held-out record with the current weights (``Generator.evaluate``); nothing goes to
         the replay actor. ``step`` (the learner step evaluated) comes back as ``eval/step``."""

@@ -35,6 +35,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from typing import Any, Protocol
 
 import numpy as np
@@ -343,13 +344,50 @@ class Generator:
         env_stats: dict[str, float] = {}
         if self.episodes is None:
             samples = self.engine.sample(prompt_token_ids, G) if prompt_token_ids else []  # [num_groups][G]
-            sampled_tokens = sum(len(c.token_ids) for group in samples for c in group)
         else:
             samples, env_stats = self._sample_episodes(kept_records, prompt_token_ids, G)
-            sampled_tokens = int(env_stats.pop("env/model_tokens"))
             ok_env = [i for i, group in enumerate(samples) if not any(ep.error for ep in group)]
             kept_records, prompt_token_ids, samples = ([x[i] for i in ok_env]
                                                        for x in (kept_records, prompt_token_ids, samples))
+        return self._groups(kept_records, prompt_token_ids, samples, start, too_long, env_stats)
+
+    def generate_each(self, records: list[dict], ship: Callable[[list[Group], dict[str, float]], None]) -> None:
+        """:meth:`generate` on a continuous engine, each group handed on the moment it is made rather than with
+        the request's last: ``ship(groups, stats)``, called on this thread. The groups whose last completions ended at the same engine step are made together (one call of each
+        reward function, as :meth:`generate`'s); their stats are :meth:`generate`'s for those groups (the prompts
+        too long for the engine counted in the first). With an environment each record is a :meth:`generate` of its
+        own, on a thread of its own (its episodes the coroutines of that thread's loop)."""
+        if self.episodes is not None:
+            with ThreadPoolExecutor(max(1, len(records)), thread_name_prefix="rlfleet-episodes") as threads:
+                for end in as_completed([threads.submit(self.generate, [record]) for record in records]):
+                    ship(*end.result())
+            return
+        start = time.perf_counter()
+        G = self.generation.num_generations
+        kept_records, prompt_token_ids, too_long = self._encode_prompts(records)
+        pending = {self.engine.submit(ids, G): i for i, ids in enumerate(prompt_token_ids)}  # future -> record
+        if not pending:
+            ship(*self._groups([], [], [], start, too_long))
+        while pending:
+            ended, _ = wait(pending, return_when=FIRST_COMPLETED)
+            results = {pending.pop(future): future.result() for future in ended}  # record -> its [G] completions
+            rows = sorted(results)
+            ship(*self._groups([kept_records[i] for i in rows], [prompt_token_ids[i] for i in rows],
+                               [results[i] for i in rows], start, too_long))
+            too_long = 0
+
+    def _groups(self, kept_records: list[dict], prompt_token_ids: list[list[int]], samples: list[list[Completion]],
+                start: float, too_long: int = 0, env_stats: dict[str, float] | None = None
+                ) -> tuple[list[Group], dict[str, float]]:
+        """Score, filter and compute advantages for sampled ``samples`` (``[num_groups][G]``, of ``kept_records``);
+        the groups and :meth:`generate`'s stats (``start``: when the request began; ``too_long``: its prompts
+        skipped; ``env_stats``: its episodes', whose ``env/model_tokens`` are the tokens sampled)."""
+        G = self.generation.num_generations
+        env_stats = dict(env_stats or {})
+        if "env/model_tokens" in env_stats:
+            sampled_tokens = int(env_stats.pop("env/model_tokens"))
+        else:
+            sampled_tokens = sum(len(c.token_ids) for group in samples for c in group)
         version = self.engine.version
         num_groups = len(samples)
 

@@ -29,18 +29,43 @@ class ReplayActor:
         self.order: RequestOrder[Group] = RequestOrder()
         self._changed = asyncio.Condition()  # notified when groups arrive or the state is replaced
         self.seq = 0  # calls that changed the buffer so far: orders the snapshots of stats() (``replay/seq``)
+        self.delivering: dict[str, list[str]] = {}  # request key -> prompt ids of its groups, until forgotten
+        self.fenced: set[str] = set()  # keys of requests lost with their generator: later groups are discarded
+        self.fenced_groups = 0
 
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 
-    async def add(self, groups: list[Group], seq: int | None = None) -> dict[str, float]:
+    async def add(self, groups: list[Group], seq: int | None = None, request: str | None = None
+                  ) -> dict[str, float]:
         """Queue fresh groups (those of request ``seq``, in request order, when it is given), wake waiting samplers;
-        returns the buffer's stats (the generator's ack)."""
+        returns the buffer's stats (the generator's ack).
+
+        ``request``: the key of a request whose groups arrive in several calls (a continuous engine's, each group as
+        it is made). The prompts it delivered are kept until the driver has its result (:meth:`forget`) or fences
+        it (:meth:`fence`); a fenced request's groups are discarded (``replay/fenced_groups``: their prompts were
+        issued again)."""
+        if request in self.fenced:
+            self.fenced_groups += len(groups)
+            return await self.stats()
+        if request is not None:
+            self.delivering.setdefault(request, []).extend(g.prompt_id for g in groups)
         self.buffer.add(groups if seq is None else self.order.deliver(seq, groups))
         self.seq += 1
         await self._notify()
         return await self.stats()
+
+    async def fence(self, requests: list[str]) -> dict[str, list[str]]:
+        """Requests lost with their generator: the prompt ids of the groups each delivered (the driver re-issues the
+        others); from now on their groups are discarded."""
+        self.fenced.update(requests)
+        return {request: self.delivering.pop(request, []) for request in requests}
+
+    async def forget(self, requests: list[str]) -> None:
+        """Requests whose results reached the driver: nothing will ask what they delivered."""
+        for request in requests:
+            self.delivering.pop(request, None)
 
     async def skip(self, seqs: list[int]) -> None:
         """Requests ``seqs`` were lost with their generator (their prompts are re-issued): stop waiting for them."""
@@ -81,6 +106,7 @@ class ReplayActor:
         them so far, which orders snapshots heard out of order (:class:`~rlfleet.cluster.admission.LiveGroups`)."""
         return self.buffer.stats() | {"replay/held": float(self.order.held),
                                       "replay/ignored_deliveries": float(self.order.ignored),
+                                      "replay/fenced_groups": float(self.fenced_groups),
                                       "replay/seq": float(self.seq)}
 
     async def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
