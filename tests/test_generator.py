@@ -318,8 +318,8 @@ class StreamingEngine(FakeEngine):
 
 def test_each_group_is_handed_on_as_it_is_made_and_those_that_end_together_are_scored_together(tokenizer):
     """Three prompts on a continuous engine: the groups of prompts 0 and 2 are done at once, prompt 1's only after
-    the first handing-on (the test resolves it from ``ship``, so the order is fixed, not timed). The generator
-    hands on groups 0 and 2 together, scored in one call of the reward function, then group 1 alone: two calls,
+    the first handing-on (the test resolves it between the two, so the order is fixed, not timed). The generator
+    hands on groups 0 and 2 together (and says it settled prompts 0 and 2), scored in one call of the reward function, then group 1 alone: two calls,
     the stats of each handing-on counting its own groups, and every group as :meth:`generate` makes it (rewards
     = the lengths [5, 2, 7, 3])."""
     calls, shipped = [], []
@@ -329,14 +329,15 @@ def test_each_group_is_handed_on_as_it_is_made_and_those_that_end_together_are_s
         calls.append(len(completions))
         return by_length(prompts, completions, completion_ids)
 
-    def ship(groups, stats):
+    settled = []
+    for prompts, groups, stats in Generator(engine, tokenizer, GEN, AlgorithmConfig(), [counted]).generate_each(
+            fake_records(3)):
+        settled.append(prompts)
         shipped.append(([g.prompt_id for g in groups], stats))
         for done, group in engine.waiting:  # prompt 1 ends once the first groups are on their way
             done.set_result(group)
         engine.waiting = []
-
-    Generator(engine, tokenizer, GEN, AlgorithmConfig(), [counted]).generate_each(fake_records(3), ship)
-    assert [ids for ids, _ in shipped] == [["0", "2"], ["1"]]
+    assert [ids for ids, _ in shipped] == [["0", "2"], ["1"]] and settled == [["0", "2"], ["1"]]
     assert calls == [8, 4]
     assert [stats["gen/groups"] for _, stats in shipped] == [2, 1]
     assert [stats["gen/tokens"] for _, stats in shipped] == [2 * 17, 17]

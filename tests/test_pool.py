@@ -209,3 +209,39 @@ def test_a_lost_streaming_request_reissues_only_what_the_replay_actor_lacks():
     assert asked == [("fence", ["rlfleet-generator-0@0#7"])]
     assert [r["prompt_id"] for r in pool.retry] == ["p1", "p2", "p3"]
     assert pool.lost() == 3 and pool.live.count == 2 and m.requests == []
+
+
+def test_groups_heard_as_made_leave_their_request_and_free_the_engine_room_at_once():
+    """A continuous member with room for 6 takes one request of p0..p5. The stream's first handing-on settles p0
+    and p2 (one group made, one dropped by the generator): they leave the request, so the member generates 4 and a
+    new request of 2 goes out at once, while the first still runs. The drop leaves the live count (8 requested, 1
+    dropped). Then the member dies: the replay actor holds p0 (heard) and p4 (not yet heard), so p1, p3 and p5 of
+    the first request and both prompts of the second are re-issued; p0 and p4 stay live."""
+    pool, asked = stream_pool(depth=6, fenced={"rlfleet-generator-0@0#1": ["p0", "p4"]})
+    m = pool.members[0]
+    names = iter(["p0", "p1", "p2", "p3", "p4", "p5", "q0", "q1"])
+    take = lambda n: [{"prompt_id": next(names)} for _ in range(n)]  # noqa: E731
+    assert pool.dispatch(weights(0), budget(0, s=4), take) == 6
+    first = m.requests[0]
+    pool.handed_on(m, first, ["p0", "p2"], {"gen/groups": 1, "gen/dropped_groups": 1, "policy_version": 0})
+    assert [r["prompt_id"] for r in first.records] == ["p1", "p3", "p4", "p5"]
+    assert pool.generating() == 4 and pool.live.count == 5
+    assert pool.dispatch(weights(0), budget(5, s=4), take) == 2  # the room the two left, filled at once
+    assert [len(q.records) for q in m.requests] == [4, 2] and pool.live.count == 7
+    pool._lose_requests(m)
+    assert [r["prompt_id"] for r in pool.retry] == ["p1", "p3", "p5", "q0", "q1"]
+    assert pool.lost() == 5 and pool.live.count == 2
+
+
+def test_a_prompt_twice_in_a_request_is_reissued_once_when_one_of_its_groups_was_heard():
+    """p1 twice in a request: one of its groups was heard, the other not yet handed on. The replay actor's fence
+    lists p1 once (the heard one): nothing of p1 arrived beyond what was heard, so the other p1 is re-issued."""
+    records = [{"prompt_id": p} for p in ("p0", "p1", "p1")]
+    pool, _ = stream_pool(depth=8, fenced={"k": ["p1"]})
+    m = pool.members[0]
+    request = Request("stream-lost", records, 0, key="k")
+    m.requests.append(request)
+    pool.live.requested(3)
+    pool.handed_on(m, request, ["p1"], {"gen/groups": 1})
+    pool._lose_requests(m)
+    assert [r["prompt_id"] for r in pool.retry] == ["p0", "p1"] and pool.live.count == 1

@@ -40,6 +40,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import ray
@@ -134,9 +135,11 @@ class ColocatedActor(LearnerActor):
         with self._between_requests:
             return self.generation.generate(records, seq, version)
 
-    def stream(self, records: list[dict], version: int, request: str) -> list[dict[str, float]]:
+    @ray.method(num_returns="streaming")
+    def stream(self, records: list[dict], version: int, request: str
+               ) -> Iterator[tuple[list[str], dict[str, float]]]:
         with self._between_requests:
-            return self.generation.stream(records, version, request)
+            yield from self.generation.stream(records, version, request)
 
     def evaluate(self, records: list[dict], n: int, temperature: float | None, step: int) -> dict[str, float]:
         with self._between_requests:

@@ -40,13 +40,14 @@ PLACING, STARTING, ACTIVE, RESTARTING = "placing", "starting", "active", "restar
 class Request:
     """A call queued on a generation actor: a generate() (or an evaluation), and the weight load queued before it."""
 
-    future: ray.ObjectRef
-    records: list[dict]  # its prompts (none for an evaluation)
+    future: ray.ObjectRef | ray.ObjectRefGenerator  # a stream()'s: one ref per handing-on of groups
+    records: list[dict]  # its prompts not yet heard of (none for an evaluation)
     version: int  # the weights version it samples with
     sync_future: ray.ObjectRef | None = None  # the update_weights() queued right before it, if any
     evaluating: int | None = None  # an evaluation of this learner step
     seq: int | None = None  # its number in request order (replay.consume_order: request)
     key: str | None = None  # a continuous engine's request, its groups handed on as made: its key for the replay
+    heard: Counter = field(default_factory=Counter)  # its prompt ids settled (handed on or dropped) so far
 
 
 @dataclass
@@ -91,12 +92,13 @@ class GeneratorPool:
     (the replay actor's ``skip``) as soon as the loss is known, so later requests' groups stop waiting for them.
 
     ``stream``: the members' engines are continuous; their generate() calls go to this concurrency group and run
-    side by side. ``depth`` then counts groups, not requests (a member takes requests while it generates fewer),
-    and ``prompts_per_request`` is as many as the bound and that room admit. In arrival order each request hands
-    its groups to the replay actor as they are made (``stream()``), under a key; ``fence_requests(keys)`` (the
-    replay actor's ``fence``) says which prompts of the requests lost with their generator arrived, so only the
-    others are re-issued, and ``forget_requests(keys)`` (its ``forget``, not waited for) tells it of the requests
-    whose results arrived.
+    side by side. ``depth`` then counts groups generating, not requests (a member takes requests while it
+    generates fewer), and ``prompts_per_request`` is as many as the bound and that room admit. In arrival order
+    each request hands its groups to the replay actor as they are made (``stream()``, a Ray streaming generator,
+    under a key), and the pool hears of each as it is made: it leaves the request, so its room in the engine is
+    filled at once. ``fence_requests(keys)`` (the replay actor's ``fence``) says which prompts of the requests
+    lost with their generator arrived, so only the others are re-issued, and ``forget_requests(keys)`` (its
+    ``forget``, not waited for) tells it of the requests whose streams ended.
 
     ``place(bundle, name)``: a member's placement (default: a placement group of its own). ``colocated``: the
     member is the learner itself (``cluster.colocate``), placed with it: its loss is the learner's, raised as
@@ -203,9 +205,12 @@ class GeneratorPool:
             for request in [q for q in m.requests if q.future in ready]:  # in the order the actor ran them
                 if request not in m.requests:  # the actor died: a failed earlier request took the rest with it
                     continue
-                parts = self._collect(m, request)
-                finished.extend((m.index, stats) for stats in parts)
-                if parts and request.key is not None:
+                if request.key is None:
+                    finished.extend((m.index, stats) for stats in self._collect(m, request))
+                    continue
+                part, ended = self._collect_stream(m, request)
+                finished.extend((m.index, stats) for stats in part)
+                if ended:
                     keys.append(request.key)
         if keys and self.forget_requests is not None:
             self.forget_requests(keys)
@@ -233,40 +238,84 @@ class GeneratorPool:
         m.state, m.version = ACTIVE, -1  # current weights go out before its next request
 
     def _collect(self, m: Member, request: Request) -> list[dict]:
-        """A generate() finished: its stats (a stream() request's: those of each handing-on of groups), or none if
-        the actor died (the prompts of its requests are re-issued)."""
+        """A generate() finished: its stats, or none if the actor died (the prompts of its requests are
+        re-issued)."""
         try:
-            result = ray.get(request.future, timeout=self.timeout_s)
-            parts = result if isinstance(result, list) else [result]
+            stats = ray.get(request.future, timeout=self.timeout_s)
             if request.sync_future is not None:
-                parts[-1]["sync/seconds"] = ray.get(request.sync_future, timeout=self.timeout_s)
+                stats["sync/seconds"] = ray.get(request.sync_future, timeout=self.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
-            self._raise_if_colocated(m, err)
-            self._lose_requests(m)
-            if m.draining or not self._node_alive(m.node_id):
-                self._remove(m, "its node is gone" if not m.draining else "it died while draining")
-            else:  # Ray restarts it (cluster.max_restarts); ready() is retried until the new actor answers
-                self.counts["faults/generator_restarts"] += 1
-                m.state, m.version, m.incarnation = RESTARTING, -1, m.incarnation + 1
-                m.waiting = m.handle.ready.options(max_task_retries=-1).remote()
-                why = (f"was killed by Ray's memory monitor: {OUT_OF_MEMORY}"
-                       if isinstance(err, ray.exceptions.OutOfMemoryError) else f"died ({type(err).__name__})")
-                warn(f"{m.name} {why}; its prompts are re-issued")
+            self._failed(m, err)
             return []
         m.requests.remove(request)
-        for stats in parts:
-            self.live.gone(int(stats.get("gen/dropped_groups", 0)))
-            if "replay/seq" in stats:  # the replay actor's ack of its groups
-                self.live.heard(stats)
-        held = max(stats.get("policy_version", request.version) for stats in parts)
+        self._heard(m, request, stats)
+        if m.draining and not m.requests:
+            self._remove(m, "scaled down")
+        return [stats]
+
+    def _collect_stream(self, m: Member, request: Request) -> tuple[list[dict], bool]:
+        """A stream() has news: one handing-on of groups (its stats, in a list), or its end; ``(parts, ended)``,
+        ``ended`` when the replay actor may forget the request. If the actor died, neither: the prompts it had not
+        handed on are re-issued, and the replay actor keeps the request fenced."""
+        try:
+            ref = next(request.future)  # ready: the next handing-on, the end, or the actor's failure
+        except StopIteration:
+            m.requests.remove(request)
+            if m.draining and not m.requests:
+                self._remove(m, "scaled down")
+            return [], True
+        try:
+            prompts, stats = ray.get(ref, timeout=self.timeout_s)
+            if request.sync_future is not None:  # the load before it, reported with its first groups
+                stats["sync/seconds"] = ray.get(request.sync_future, timeout=self.timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
+            self._failed(m, err)
+            return [], False
+        request.sync_future = None
+        self.handed_on(m, request, prompts, stats)
+        return [stats], False
+
+    def handed_on(self, m: Member, request: Request, prompts: list[str], stats: dict) -> None:
+        """``request``'s groups of ``prompts`` were handed on (or dropped): they leave it, so :meth:`generating` and
+        the member's room count them no more, and a loss of the member re-issues only the others."""
+        pending = Counter(prompts)
+        kept = []
+        for record in request.records:
+            if pending[str(record["prompt_id"])] > 0:
+                pending[str(record["prompt_id"])] -= 1
+            else:
+                kept.append(record)
+        request.records = kept
+        request.heard.update(prompts)
+        self._heard(m, request, stats)
+
+    def _heard(self, m: Member, request: Request, stats: dict) -> None:
+        """A request's stats arrived: its drops leave the live count, the replay actor's ack is heard, and the
+        member's weights version follows what it sampled with."""
+        self.live.gone(int(stats.get("gen/dropped_groups", 0)))
+        if "replay/seq" in stats:  # the replay actor's ack of its groups
+            self.live.heard(stats)
+        held = stats.get("policy_version", request.version)
         if held < request.version:  # restarted while idle: initial weights again
             self.counts["faults/generator_restarts"] += 1
             m.version, m.incarnation = -1, m.incarnation + 1
         elif held > m.version:  # a broadcast round newer than its request's arrived first and was loaded
             m.version = int(held)
-        if m.draining and not m.requests:
-            self._remove(m, "scaled down")
-        return parts
+
+    def _failed(self, m: Member, err: Exception) -> None:
+        """``m``'s call failed with its actor: its requests are lost (their prompts re-issued), and it is restarted
+        by Ray or, if its node is gone or it was leaving, removed."""
+        self._raise_if_colocated(m, err)
+        self._lose_requests(m)
+        if m.draining or not self._node_alive(m.node_id):
+            self._remove(m, "its node is gone" if not m.draining else "it died while draining")
+        else:  # Ray restarts it (cluster.max_restarts); ready() is retried until the new actor answers
+            self.counts["faults/generator_restarts"] += 1
+            m.state, m.version, m.incarnation = RESTARTING, -1, m.incarnation + 1
+            m.waiting = m.handle.ready.options(max_task_retries=-1).remote()
+            why = (f"was killed by Ray's memory monitor: {OUT_OF_MEMORY}"
+                   if isinstance(err, ray.exceptions.OutOfMemoryError) else f"died ({type(err).__name__})")
+            warn(f"{m.name} {why}; its prompts are re-issued")
 
     def _raise_if_colocated(self, m: Member, err: Exception) -> None:
         if self.colocated:
@@ -293,7 +342,7 @@ class GeneratorPool:
         keys = [request.key for request in m.requests if request.key is not None]
         delivered = self.fence_requests(keys) if keys and self.fence_requests is not None else {}
         for request in m.requests:
-            arrived = Counter(delivered.get(request.key, ()))
+            arrived = Counter(delivered.get(request.key, ())) - request.heard  # arrived, not yet heard of
             lost = []
             for record in request.records:
                 if arrived[str(record["prompt_id"])] > 0:
@@ -333,10 +382,10 @@ class GeneratorPool:
         if self.stream is not None:  # a continuous engine's requests finish in any order: its own count too
             overtaking = None
         return min((q.version for m in self.members if m is not overtaking for q in m.requests
-                    if q.evaluating is None), default=None)
+                    if q.evaluating is None and q.records), default=None)
 
     def generating(self) -> int:
-        """Groups of training requests still in flight on the members (requested, not yet returned)."""
+        """Groups of training requests still in flight on the members (requested, not yet returned or handed on)."""
         return sum(len(q.records) for m in self.members for q in m.requests if q.evaluating is None)
 
     def lost(self) -> int:
@@ -346,7 +395,7 @@ class GeneratorPool:
         """Requests (continuous engines: groups, an evaluation counting one) ``m`` may take now."""
         if self.stream is None:
             return self.depth - len(m.requests)
-        return self.depth - sum(max(1, len(q.records)) for q in m.requests)
+        return self.depth - sum(len(q.records) if q.evaluating is None else 1 for q in m.requests)
 
     def _open(self, weights: WeightHandle) -> list[Member]:
         """The members a request may be queued on, in order of preference: those with room (:meth:`_room`), in the
@@ -444,10 +493,14 @@ class GeneratorPool:
 
     def quiesce(self) -> list[tuple[int, dict]]:
         """Wait for every request in flight (before a checkpoint); returns their stats as :meth:`on_ready`."""
-        futures = {q.future for m in self.members for q in m.requests}
-        if futures:
-            ray.wait(list(futures), num_returns=len(futures), timeout=self.timeout_s)
-        return self.on_ready(futures)
+        finished = []
+        while refs := [q.future for m in self.members for q in m.requests]:  # a stream's ref is ready per part
+            ready = wait_any(refs, self.timeout_s)
+            if not ready:
+                raise ClusterError(f"the generation requests in flight did not finish within cluster.timeout_s="
+                                   f"{self.timeout_s:g} s")
+            finished += self.on_ready(set(ready))
+        return finished
 
     def shutdown(self) -> None:
         for m in list(self.members):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -82,25 +82,23 @@ class GenerationActor:
             stats |= ray.get(self.replay.add.remote(groups, seq), timeout=self.cfg.cluster.timeout_s)
         return stats
 
-    def stream(self, records: list[dict], version: int, request: str) -> list[dict[str, float]]:
-        """A continuous engine's request: generate groups for ``records`` with no token older than ``version``,
-        each handed to the replay actor the moment it is made (:meth:`Generator.generate_each`), under the
-        request's key ``request``; returns the stats of each handing-on, with the replay actor's ack of it.
+    @ray.method(num_returns="streaming")
+    def stream(self, records: list[dict], version: int, request: str
+               ) -> Iterator[tuple[list[str], dict[str, float]]]:
+        """A continuous engine's request, a Ray streaming generator: generate groups for ``records`` with no token
+        older than ``version``, each handed to the replay actor the moment it is made
+        (:meth:`Generator.generate_each`), under the request's key ``request``. Each handing-on yields, once the
+        replay actor has acked it, the prompt ids it settled and its stats, with the ack's and the engine's since
+        the last report: the driver hears of each group as it is made, so the room it leaves in the engine is
+        filled at once, and no request waits for its slowest group.
 
-        The replay actor records which prompts of ``request`` it has until the driver has this call's result: if
+        The replay actor records which prompts of ``request`` it has until the driver has heard the stream end: if
         this actor dies first, the driver fences the request (:meth:`ReplayActor.fence`) and re-issues only the
         prompts the replay actor does not have, so no prompt is trained twice or lost."""
         self.engine.wait_for_version(version, self.cfg.cluster.timeout_s)
-        shipped: list[tuple[ray.ObjectRef, dict[str, float]]] = []
-
-        def ship(groups: list, stats: dict[str, float]) -> None:
-            shipped.append((self.replay.add.remote(groups, None, request), stats))
-
-        self.generator.generate_each(records, ship)
-        acks = ray.get([ref for ref, _ in shipped], timeout=self.cfg.cluster.timeout_s)
-        out = [stats | ack for (_, stats), ack in zip(shipped, acks)]
-        out[-1] |= self.engine.stats()
-        return out
+        for prompts, groups, stats in self.generator.generate_each(records):
+            ack = ray.get(self.replay.add.remote(groups, None, request), timeout=self.cfg.cluster.timeout_s)
+            yield prompts, stats | ack | self.engine.stats()
 
     def evaluate(self, records: list[dict], n: int, temperature: float | None, step: int) -> dict[str, float]:
         """Score ``n`` samples per held-out record with the current weights (``Generator.evaluate``); nothing goes to

@@ -81,6 +81,7 @@ class ContinuousEngine:
         self._pinned = contextvars.ContextVar(f"rlfleet_pinned_{id(self)}", default=False)
         self._version_changed = threading.Condition()
         self._reported = {"busy_s": 0.0, "idle_s": 0.0, "loads": 0, "steps": 0}
+        self._report_lock = threading.Lock()  # stats() is called from every request thread
         self._stopped = False
         self.busy_s = self.idle_s = 0.0  # time the loop spent in engine steps / waiting for work
         self.steps = self.loads = 0
@@ -182,9 +183,10 @@ class ContinuousEngine:
         """The loop's figures since the last call: ``engine/busy_s`` (in engine steps), ``engine/idle_s`` (waiting
         for work), ``engine/steps`` (each samples one token of every running completion: tokens / steps is the mean
         batch), ``sync/inflight_loads`` (weight loads made with requests in flight or not)."""
-        now = {"busy_s": self.busy_s, "idle_s": self.idle_s, "loads": self.loads, "steps": self.steps}
-        delta = {k: now[k] - self._reported[k] for k in now}
-        self._reported = now
+        with self._report_lock:
+            now = {"busy_s": self.busy_s, "idle_s": self.idle_s, "loads": self.loads, "steps": self.steps}
+            delta = {k: now[k] - self._reported[k] for k in now}
+            self._reported = now
         return {"engine/busy_s": delta["busy_s"], "engine/idle_s": delta["idle_s"],
                 "engine/steps": float(delta["steps"]), "sync/inflight_loads": float(delta["loads"])}
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from typing import Any, Protocol
 
@@ -351,30 +351,36 @@ class Generator:
                                                        for x in (kept_records, prompt_token_ids, samples))
         return self._groups(kept_records, prompt_token_ids, samples, start, too_long, env_stats)
 
-    def generate_each(self, records: list[dict], ship: Callable[[list[Group], dict[str, float]], None]) -> None:
+    def generate_each(self, records: list[dict]) -> Iterator[tuple[list[str], list[Group], dict[str, float]]]:
         """:meth:`generate` on a continuous engine, each group handed on the moment it is made rather than with
-        the request's last: ``ship(groups, stats)``, called on this thread. The groups whose last completions ended at the same engine step are made together (one call of each
-        reward function, as :meth:`generate`'s); their stats are :meth:`generate`'s for those groups (the prompts
-        too long for the engine counted in the first). With an environment each record is a :meth:`generate` of its
+        the request's last: yields ``(prompt ids, groups, stats)`` as groups are made, the prompt ids those of the
+        records settled (their groups made or dropped), each record's in exactly one yield. The groups whose last
+        completions ended at the same engine step are made together (one call of each reward function, as
+        :meth:`generate`'s); their stats are :meth:`generate`'s for those groups (the prompts too long for the
+        engine settled and counted in the first). With an environment each record is a :meth:`generate` of its
         own, on a thread of its own (its episodes the coroutines of that thread's loop)."""
         if self.episodes is not None:
             with ThreadPoolExecutor(max(1, len(records)), thread_name_prefix="rlfleet-episodes") as threads:
-                for end in as_completed([threads.submit(self.generate, [record]) for record in records]):
-                    ship(*end.result())
+                ends = {threads.submit(self.generate, [record]): record for record in records}
+                for end in as_completed(ends):
+                    yield [str(ends[end]["prompt_id"])], *end.result()
             return
         start = time.perf_counter()
         G = self.generation.num_generations
         kept_records, prompt_token_ids, too_long = self._encode_prompts(records)
+        kept = {id(record) for record in kept_records}
+        settled = [str(record["prompt_id"]) for record in records if id(record) not in kept]  # too long
         pending = {self.engine.submit(ids, G): i for i, ids in enumerate(prompt_token_ids)}  # future -> record
         if not pending:
-            ship(*self._groups([], [], [], start, too_long))
+            yield settled, *self._groups([], [], [], start, too_long)
         while pending:
             ended, _ = wait(pending, return_when=FIRST_COMPLETED)
             results = {pending.pop(future): future.result() for future in ended}  # record -> its [G] completions
             rows = sorted(results)
-            ship(*self._groups([kept_records[i] for i in rows], [prompt_token_ids[i] for i in rows],
-                               [results[i] for i in rows], start, too_long))
-            too_long = 0
+            settled += [str(kept_records[i]["prompt_id"]) for i in rows]
+            yield settled, *self._groups([kept_records[i] for i in rows], [prompt_token_ids[i] for i in rows],
+                                         [results[i] for i in rows], start, too_long)
+            settled, too_long = [], 0
 
     def _groups(self, kept_records: list[dict], prompt_token_ids: list[list[int]], samples: list[list[Completion]],
                 start: float, too_long: int = 0, env_stats: dict[str, float] | None = None
