@@ -110,6 +110,46 @@ def test_generation_actor_sends_groups_to_replay_and_loads_weights(ray_cluster, 
         ray.kill(replay)
 
 
+def test_a_continuous_request_streams_each_handing_on_and_settles_every_prompt_once(ray_cluster, tiny_model_path):
+    """stream() on the real continuous engine, as the pool calls it: a Ray streaming generator. Four prompts, one
+    too long for the engine: however the engine's steps fall, every prompt is settled in exactly one item, the long
+    one in the first (no group); each item carries the replay actor's ack and the engine's own figures; the replay
+    actor holds the three groups, and its record of the request (what a fence would answer) lists those three."""
+    ray = ray_cluster
+    from collections import Counter
+
+    from rlfleet.generation.actor import STREAM
+
+    cfg = RLFleetConfig(
+        model=ModelConfig(name_or_path=tiny_model_path, max_model_len=64),
+        data=DataConfig(dataset="builtin:char_count"),
+        generation=GenerationConfig(num_generations=2, generation_batch_size=8, max_completion_length=8,
+                                    engine="continuous"),
+        cluster=ClusterConfig(generator_num_cpus=1),
+    )
+    replay = make_replay_actor(cfg.replay, seed=0, name="test-replay-stream")
+    actor = make_generation_actor(cfg, "test-replay-stream", index=0)
+    try:
+        records = PromptStream(load_prompt_dataset(cfg.data, "train"), seed=0).next_batch(4)
+        records[2] = records[2] | {"prompt": "x " * 200, "prompt_id": "too-long"}
+        stream = actor.stream.options(concurrency_group=STREAM).remote(records, 0, "request-0")
+        assert isinstance(stream, ray.ObjectRefGenerator)
+        items = [ray.get(ref, timeout=TIMEOUT_S) for ref in stream]
+        settled = Counter(p for prompts, _ in items for p in prompts)
+        assert settled == Counter(r["prompt_id"] for r in records)
+        assert "too-long" in items[0][0]
+        assert sum(stats["gen/groups"] for _, stats in items) == 3
+        assert sum(stats["gen/prompts_too_long"] for _, stats in items) == 1
+        assert all("replay/seq" in stats and "engine/busy_s" in stats for _, stats in items)
+        assert sum(stats["engine/steps"] for _, stats in items) > 0
+        assert ray.get(replay.stats.remote(), timeout=TIMEOUT_S)["replay/fresh_size"] == 3
+        delivered = ray.get(replay.fence.remote(["request-0"]), timeout=TIMEOUT_S)["request-0"]
+        assert Counter(delivered) == settled - Counter(["too-long"])
+    finally:
+        ray.kill(actor)
+        ray.kill(replay)
+
+
 def test_a_reward_function_that_kills_its_process_costs_only_its_groups(ray_cluster, tiny_model_path):
     """The reward function exits its process on the first request: that request's groups are dropped and counted as
     lost, the call returns (the actor lives: a dead actor would raise here), and the next request, with a new reward
