@@ -7,7 +7,8 @@ layers, hidden 1024, built offline with rlfleet's byte tokenizer), float32, GRPO
 with 2 prompts x 4 completions x 32 tokens a step (the job issue 34 tried):
 
 - rlfleet colocated (``cluster.colocate: true``, the learner's bundle holding both cores, 1 GiB of KV cache) at
-  ``max_staleness`` 1 and 0, full fine-tuning and LoRA (r 16 on every linear layer);
+  ``max_staleness`` 1 and 0, full fine-tuning and LoRA (r 16 on every linear layer), and with a bfloat16 engine
+  (``generation.dtype``), with 1 GiB or 0.25 GiB of KV cache;
 - rlfleet with separate actors, full fine-tuning: on a 24 GB machine the preflight refuses it (its message is kept
   in the results), which is what colocation is for; and with LoRA, which fits;
 - TRL's ``GRPOTrainer`` on the same job with Hugging Face generation (one process, 2 torch threads), full and LoRA
@@ -57,6 +58,9 @@ SYSTEMS = {  # name -> (part, worker, rlfleet overrides)
     # the engine in bfloat16 beside the float32 learner: half the engine's copy of the weights
     "rlfleet colocated, bfloat16 engine": ("big", "rlfleet", [*COLOCATED, "replay.max_staleness=1",
                                                               "generation.dtype=bfloat16"]),
+    # and its KV cache cut to what the job needs (a quarter GiB holds 2,340 tokens at this shape; every byte is resident)
+    "rlfleet colocated, bfloat16 engine, 0.25 GiB KV": ("big", "rlfleet", [
+        *COLOCATED, "replay.max_staleness=1", "generation.dtype=bfloat16", "generation.kv_cache_space_gib=0.25"]),
     "rlfleet separate actors": ("big", "rlfleet", ["replay.max_staleness=1"]),
     "rlfleet separate actors, LoRA r16": ("big", "rlfleet", ["replay.max_staleness=1", *LORA]),
     "TRL GRPOTrainer, HF generate": ("big", "trl", []),
@@ -190,11 +194,12 @@ def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
     # actor of 2 CPUs then runs 2 threads), and TRL sets its own
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peak, done = [0], threading.Event()
+    peak, done, timeline = [0], threading.Event(), []  # timeline: (wall time, PSS bytes) every 0.5 s
 
     def sample() -> None:
         while not done.wait(0.5):
-            peak[0] = max(peak[0], tree_pss_bytes(proc.pid))
+            timeline.append((time.time(), tree_pss_bytes(proc.pid)))
+            peak[0] = max(peak[0], timeline[-1][1])
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -214,7 +219,10 @@ def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
         return row
     ends = data["step_end"]
     row |= {"steps": len(ends), "step_s": mean([b - a for a, b in zip(ends, ends[1:])]),
-            "first_step_s": ends[0] - t0 if ends else None, "reward_mean": mean(data.get("reward", []))}
+            "first_step_s": ends[0] - t0 if ends else None, "reward_mean": mean(data.get("reward", [])),
+            # where the peak falls: starting up (to the end of step 1) or training (after it)
+            "peak_start_gib": max((b for t, b in timeline if t <= ends[0]), default=0) / 2**30,
+            "peak_train_gib": max((b for t, b in timeline if t > ends[0]), default=0) / 2**30}
     for key in ("learner_s", "gen_s", "sync_s", "threads"):
         if data.get(key):
             row[key] = mean(data[key][1:])
@@ -263,7 +271,8 @@ def main() -> None:
         results = [launch(n, models[SYSTEMS[n][0]], steps[SYSTEMS[n][0]], workdir) for n in order]
     shutil.rmtree(workdir, ignore_errors=True)
     tables, rows = [], {}
-    columns = ["system", "runs", "steps", "step_s", "step_vs_ref", "peak_gib", "peak_vs_ref", "learner_s", "threads",
+    columns = ["system", "runs", "steps", "step_s", "step_vs_ref", "peak_gib", "peak_vs_ref", "peak_start_gib",
+               "peak_train_gib", "learner_s", "threads",
                "gen_s", "sync_s", "first_step_s", "total_s"]
     for part, reference, title in (
             ("big", "TRL GRPOTrainer, HF generate",

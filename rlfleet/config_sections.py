@@ -104,7 +104,10 @@ class GenerationConfig(Section):
     tensor_parallel_size: int = Field(1, ge=1, description="GPU only: vLLM tensor parallel size per actor; "
                                       "cluster.generator_num_gpus gives each actor that many GPUs.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: vLLM's memory share.")
-    kv_cache_space_gib: int = Field(1, ge=1, description="CPU only: vLLM KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
+    kv_cache_space_gib: float = Field(
+        1.0, gt=0, description="CPU only: vLLM's KV cache in GiB (its kv_cache_memory_bytes; a fraction such as 0.25 "
+        "suits a small job, and every byte of it is resident). It must hold one sequence at model.max_model_len. "
+        "A VLLM_CPU_KVCACHE_SPACE set in the environment wins.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="The engine's dtype; 'auto': model.dtype's. bfloat16 beside a float32 learner halves the "
         "engine's weights and every publication's bytes (each is cast as it is packed or loaded); the engine then "

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.vllm
 
 T = 0.7
 MAX_TOKENS = 16
-GEN = GenerationConfig(num_generations=4, max_completion_length=MAX_TOKENS, temperature=T)
+GEN = GenerationConfig(num_generations=4, max_completion_length=MAX_TOKENS, temperature=T, kv_cache_space_gib=0.25)
 LONG = list(b"abcdefghij" * 20)  # 200 tokens: longer than one 128-token KV block, so the prefix cache holds it
 SHORT = list(b"Hi")
 
@@ -27,6 +27,16 @@ def engine(tiny_model_path):
     threads = torch.get_num_threads()
     yield Engine(ModelConfig(name_or_path=tiny_model_path), GEN, seed=0)
     torch.set_num_threads(threads)  # vLLM sets torch to 1 thread for serving; later modules get theirs back
+
+
+def test_the_kv_cache_is_the_configured_fraction_of_a_gib(engine):
+    """generation.kv_cache_space_gib: 0.25 reaches vLLM as kv_cache_memory_bytes, and its blocks fill exactly that:
+    blocks x block size x the tiny model's bytes per token (2 x layers x KV heads x head dim x 4, from its config)."""
+    from rlfleet.models import kv_bytes_per_token
+
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    assert cache.kv_cache_memory_bytes == 2**28
+    assert cache.num_gpu_blocks * cache.block_size * kv_bytes_per_token("builtin:tiny", 4) == 2**28
 
 
 @pytest.fixture(scope="module")

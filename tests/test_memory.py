@@ -164,3 +164,39 @@ def test_fewer_generators_or_a_smaller_cache_are_listed_with_the_numbers_that_fi
                                                 "cluster.num_generators: 1 and generation.kv_cache_space_gib: 1"]
     message, _ = _refusal(base, 4, 0.5)
     assert "What would fit" not in message and "use a machine or cluster with more memory" in message
+
+
+def test_a_cpu_kv_cache_that_cannot_hold_one_sequence_is_refused_naming_the_field(monkeypatch):
+    """generation.kv_cache_space_gib takes fractions of a GiB (vLLM's kv_cache_memory_bytes). The tiny model's KV
+    cache per token, from its config by hand (2 x layers x KV heads x head dim x 4 bytes in float32): a cache one
+    token short of model.max_model_len is refused before any actor starts, naming the field and the least that
+    fits; one of exactly max_model_len tokens passes, and so does any size where the engines are on GPUs (vLLM sizes
+    their cache) or the environment sets VLLM_CPU_KVCACHE_SPACE."""
+    from transformers import AutoConfig
+
+    from rlfleet.cluster.preflight import kv_cache_problems
+    from rlfleet.config import RLFleetConfig
+    from rlfleet.models import resolve_model_path
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    c = AutoConfig.from_pretrained(resolve_model_path("builtin:tiny"))
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * (c.num_key_value_heads or c.num_attention_heads) * head_dim * 4
+    length = 512
+
+    def problems(tokens: int, **cluster) -> list[str]:
+        cfg = RLFleetConfig(model={"name_or_path": "builtin:tiny", "max_model_len": length},
+                            generation={"kv_cache_space_gib": tokens * per_token / 2**30}, cluster=cluster)
+        return kv_cache_problems(cfg)
+
+    (problem,) = problems(length - 1)
+    assert problem.startswith(f"generation.kv_cache_space_gib={(length - 1) * per_token / 2**30:g} holds "
+                              f"{length - 1} tokens of this model")
+    assert f"model.max_model_len={length}; raise it to at least" in problem
+    assert problems(length) == []
+    assert problems(1, generator_num_gpus=1) == []
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    assert problems(1) == []
+    with pytest.raises(ValueError, match="kv_cache_space_gib"):
+        RLFleetConfig(generation={"kv_cache_space_gib": 0})
+    assert RLFleetConfig(generation={"kv_cache_space_gib": 0.25}).generation.kv_cache_space_gib == 0.25

@@ -206,7 +206,7 @@ def ways_out(cfg, with_reference: bool, dpo: bool, generators: int, have_gib: fl
         over = job_estimate(changed(cluster=colocate), with_reference, dpo).total_gib(1) - have_gib
         if over > 0 and not cfg.cluster.learner_num_gpus and kv - math.ceil(over) >= 1:  # a CPU engine's cache
             fit = kv - math.ceil(over)
-            consider(f"{label} and generation.kv_cache_space_gib: {fit}",
+            consider(f"{label} and generation.kv_cache_space_gib: {fit:g}",
                      changed(cluster=colocate, generation={"kv_cache_space_gib": fit}), gens=1)
         if cfg.model.lora is None:
             consider(f"{label} and model.lora: {{r: 16}}", changed(cluster=colocate, model=lora), gens=1)
@@ -217,7 +217,7 @@ def ways_out(cfg, with_reference: bool, dpo: bool, generators: int, have_gib: fl
     if generators and not cfg.cluster.generator_num_gpus and kv > 1:
         fit = kv - math.ceil((need.total_gib(generators) - have_gib) / generators)
         if fit >= 1:
-            consider(f"generation.kv_cache_space_gib: {fit}", changed(generation={"kv_cache_space_gib": fit}))
+            consider(f"generation.kv_cache_space_gib: {fit:g}", changed(generation={"kv_cache_space_gib": fit}))
     if generators > 1:
         most = int((have_gib - need.learner_gib) // need.generator_gib)
         if 1 <= most < generators:

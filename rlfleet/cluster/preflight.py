@@ -5,6 +5,8 @@ and fix; all are reported at once. ``rlfleet train`` and ``rlfleet dpo`` run the
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 from rlfleet.cluster.metrics import console
@@ -68,7 +70,7 @@ def preflight(cfg: RLFleetConfig, fetch: bool = True):
                             f"{{'role', 'content'}} messages), and data.dataset {cfg.data.dataset!r} has plain "
                             "strings; set data.system_prompt (\"\" for none) to make each string a user message")
     model_local = fetch or not on_hub(cfg.model.name_or_path)
-    problems += model_problems(cfg) if model_local else []
+    problems += model_problems(cfg) + kv_cache_problems(cfg) if model_local else []
     eval_dataset = None
     evaluated = fetch or not on_hub(eval_data(cfg.data).dataset)
     if cfg.logging.eval_steps is not None and evaluated:
@@ -170,6 +172,28 @@ def model_problems(cfg: RLFleetConfig) -> list[str]:
     except (OSError, ValueError):  # no model config to read: model.name_or_path's own check says so
         return []
     return lora_problems(cfg.model.lora, names)
+
+
+def kv_cache_problems(cfg: RLFleetConfig) -> list[str]:
+    """A CPU engine's KV cache (``generation.kv_cache_space_gib``) holds one sequence at ``model.max_model_len``:
+    vLLM refuses to start otherwise, in every generation actor."""
+    from rlfleet.models import engine_dtype, kv_bytes_per_token
+
+    c = cfg.cluster
+    if (c.learner_num_gpus if c.colocate else c.generator_num_gpus) or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return []  # on GPU vLLM sizes the cache from gpu_memory_utilization; the environment's size is the user's
+    try:
+        dtype = engine_dtype(cfg.model, cfg.generation, on_gpu=False)
+        per_token = kv_bytes_per_token(cfg.model.name_or_path, dtype.itemsize, cfg.model.trust_remote_code)
+    except (OSError, ValueError):  # no model config to read: model.name_or_path's own check says so
+        return []
+    gib = cfg.generation.kv_cache_space_gib
+    holds, need = int(gib * 2**30 // per_token), cfg.model.max_model_len
+    if holds >= need:
+        return []
+    return [f"generation.kv_cache_space_gib={gib:g} holds {holds} tokens of this model ({per_token / 2**10:g} KiB "
+            f"a token in {str(dtype).removeprefix('torch.')}), fewer than one sequence at model.max_model_len={need}; "
+            f"raise it to at least {math.ceil(need * per_token / 2**30 * 1000) / 1000:g} or lower model.max_model_len"]
 
 
 def long_prompts(cfg: RLFleetConfig, dataset, tokenizer, encode, sample: int = 2000) -> list[str]:

@@ -62,10 +62,9 @@ class Completion:
 def set_cpu_env_defaults(generation: GenerationConfig, model_path: str) -> None:
     """vLLM-on-CPU settings (platform-notes), each only where the user has not set it.
 
-    KV cache of ``kv_cache_space_gib`` (vLLM's default reserves ~8 GiB), the engine in-process (start 5 s instead
-    of 38 s, and no spawn), and offline hub access when the model is a local directory.
+    The engine in-process (start 5 s instead of 38 s, and no spawn), and offline hub access when the model is a
+    local directory. (The KV cache, ``kv_cache_space_gib``, is an engine argument: vLLM's default reserves ~8 GiB.)
     """
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(generation.kv_cache_space_gib))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if os.path.isdir(model_path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,14 +135,14 @@ class Engine:
         from vllm import LLM, SamplingParams
 
         dtype = engine_dtype(model, generation, on_gpu)  # auto: bfloat16 on GPU, float32 on CPU
-        gpu_kwargs = (
+        device_kwargs = (
             dict(
                 tensor_parallel_size=generation.tensor_parallel_size,
                 gpu_memory_utilization=generation.gpu_memory_utilization,
                 enable_sleep_mode=generation.sleep_level > 0,  # a CPU engine has none: sleep() is a no-op there
             )
-            if on_gpu
-            else {}
+            if on_gpu  # on CPU, the KV cache in bytes (vLLM's legacy VLLM_CPU_KVCACHE_SPACE, whole GiB, wins if set)
+            else dict(kv_cache_memory_bytes=int(generation.kv_cache_space_gib * 2**30))
         )
         if generation.top_p < 1 or generation.top_k not in (None, -1):
             logger.warning(
@@ -177,7 +176,7 @@ class Engine:
             trust_remote_code=model.trust_remote_code,
             logprobs_mode="processed_logprobs",
             use_tqdm_on_load=False,
-            **gpu_kwargs,
+            **device_kwargs,
             **transfer,
             **lora,
         )
