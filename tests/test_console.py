@@ -126,3 +126,29 @@ def test_quickstart_console_and_learning(tmp_path):
     first = np.mean([r["reward/mean"] for r in records[:20]])
     last = np.mean([r["reward/mean"] for r in records[-20:]])
     assert last > first + 0.1, (first, last)
+
+
+def test_a_kill_landing_in_a_finalizer_prints_nothing_and_other_finalizer_errors_still_print():
+    """An actor's process after quiet_kill_in_finalizers(): a SystemExit raised inside a __del__ (what Ray's SIGTERM
+    handler does when a kill lands while an ActorHandle is released) prints no traceback, so none reaches the job's
+    console; a ValueError raised in a __del__ is still printed. Run in a process of its own (the hook is global)."""
+    script = """
+import gc
+from rlfleet.cluster.signals import quiet_kill_in_finalizers
+
+class Killed:
+    def __del__(self):
+        raise SystemExit(1)
+
+class Broken:
+    def __del__(self):
+        raise ValueError("a real finalizer bug")
+
+quiet_kill_in_finalizers()
+Killed(); Broken(); gc.collect()
+print("still running")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "still running", proc.stderr
+    assert "SystemExit" not in proc.stderr and "Killed.__del__" not in proc.stderr
+    assert "ValueError: a real finalizer bug" in proc.stderr and "Broken.__del__" in proc.stderr

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from rlfleet.cluster.signals import quiet_kill_in_finalizers
 from rlfleet.config import RLFleetConfig
 from rlfleet.generation.continuous import ContinuousEngine
 from rlfleet.generation.engine import Engine
@@ -56,6 +57,7 @@ class GenerationActor:
     transport's."""
 
     def __init__(self, cfg: RLFleetConfig, replay: str, index: int = 0, engine_factory: EngineFactory = vllm_engine):
+        quiet_kill_in_finalizers()
         self.cfg = cfg
         self.replay = ray.get_actor(replay)
         self.engine = engine_factory(cfg, cfg.seed + index)

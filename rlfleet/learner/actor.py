@@ -22,6 +22,7 @@ from typing import Any
 
 import ray
 
+from rlfleet.cluster.signals import quiet_kill_in_finalizers
 from rlfleet.config import ClusterConfig, RLFleetConfig
 from rlfleet.learner import distributed as dist_
 from rlfleet.learner.core import Learner
@@ -59,6 +60,7 @@ class LearnerActor:
 
     def __init__(self, cfg: RLFleetConfig, replay: str | None = None, make_learner: LearnerFactory | None = None,
                  rank: Rank = SINGLE, rendezvous: tuple[str, int] | None = None):
+        quiet_kill_in_finalizers()
         self.rank = rank
         threads = cfg.cluster.learner_threads
         self.threads = None
