@@ -1,4 +1,7 @@
-"""Errors a user can act on. The CLI prints them as one message (exit 2), never as a traceback."""
+"""Errors a user can act on. The CLI prints them as one message (exit 2), never as a traceback; and the one
+error an actor's process does not print (:func:`quiet_kill_in_finalizers`)."""
+
+import sys
 
 
 class ClusterError(RuntimeError):
@@ -21,3 +24,17 @@ class ActorLost(RuntimeError):
 class RunFailed(RuntimeError):
     """A run that had to stop for a reason the user can act on (reward functions failing, actors past their restarts,
     no progress within the timeout). The CLI prints it as one message (exit 3); ``--debug`` keeps the traceback."""
+
+
+def quiet_kill_in_finalizers() -> None:
+    """In an actor's process: a kill's SIGTERM that lands inside a finalizer (Ray's handler raises SystemExit there,
+    e.g. in an ``ActorHandle.__del__`` run as the actor's last call releases its arguments) is not printed. Python
+    ignores an exception raised in a finalizer anyway; its default hook would print the traceback, which Ray streams
+    to the job's console as the run ends. Every other unraisable exception is printed as before."""
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            default(unraisable)
+
+    sys.unraisablehook = hook

@@ -134,7 +134,7 @@ def test_a_kill_landing_in_a_finalizer_prints_nothing_and_other_finalizer_errors
     console; a ValueError raised in a __del__ is still printed. Run in a process of its own (the hook is global)."""
     script = """
 import gc
-from rlfleet.cluster.signals import quiet_kill_in_finalizers
+from rlfleet.errors import quiet_kill_in_finalizers
 
 class Killed:
     def __del__(self):

@@ -69,22 +69,6 @@ OUT_OF_MEMORY = ("its node ran out of memory. Lower the memory the job needs on 
                  "it more")
 
 
-def quiet_kill_in_finalizers() -> None:
-    """In an actor's process: a kill's SIGTERM that lands inside a finalizer (Ray's handler raises SystemExit there,
-    e.g. in an ``ActorHandle.__del__`` run as the actor's last call releases its arguments) is not printed. Python
-    ignores an exception raised in a finalizer anyway; its default hook would print the traceback, which Ray streams
-    to the job's console as the run ends. Every other unraisable exception is printed as before."""
-    import sys
-
-    default = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, SystemExit):
-            default(unraisable)
-
-    sys.unraisablehook = hook
-
-
 def check_stop() -> None:
     if _stop_requested.is_set():
         raise RunStopped("stop requested (SIGTERM or SIGINT)")

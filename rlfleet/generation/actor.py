@@ -19,8 +19,8 @@ from typing import Any
 
 import ray
 
-from rlfleet.cluster.signals import quiet_kill_in_finalizers
 from rlfleet.config import RLFleetConfig
+from rlfleet.errors import quiet_kill_in_finalizers
 from rlfleet.generation.continuous import ContinuousEngine
 from rlfleet.generation.engine import Engine
 from rlfleet.generation.generator import Generator

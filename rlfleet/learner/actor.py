@@ -22,8 +22,8 @@ from typing import Any
 
 import ray
 
-from rlfleet.cluster.signals import quiet_kill_in_finalizers
 from rlfleet.config import ClusterConfig, RLFleetConfig
+from rlfleet.errors import quiet_kill_in_finalizers
 from rlfleet.learner import distributed as dist_
 from rlfleet.learner.core import Learner
 from rlfleet.learner.distributed import SINGLE, Rank, init_process_group
