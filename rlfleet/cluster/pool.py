@@ -50,6 +50,17 @@ class Request:
     heard: Counter = field(default_factory=Counter)  # its prompt ids settled (handed on or dropped) so far
 
 
+def without_prompts(records: list[dict], prompts: Counter) -> list[dict]:
+    """``records`` less one record per count of its prompt id in ``prompts`` (a prompt may be in a request twice)."""
+    left, kept = Counter(prompts), []
+    for record in records:
+        if left[str(record["prompt_id"])] > 0:
+            left[str(record["prompt_id"])] -= 1
+        else:
+            kept.append(record)
+    return kept
+
+
 @dataclass
 class Member:
     """One generation actor as the pool sees it."""
@@ -247,10 +258,8 @@ class GeneratorPool:
         except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
             self._failed(m, err)
             return []
-        m.requests.remove(request)
         self._heard(m, request, stats)
-        if m.draining and not m.requests:
-            self._remove(m, "scaled down")
+        self._done(m, request)
         return [stats]
 
     def _collect_stream(self, m: Member, request: Request) -> tuple[list[dict], bool]:
@@ -260,9 +269,7 @@ class GeneratorPool:
         try:
             ref = next(request.future)  # ready: the next handing-on, the end, or the actor's failure
         except StopIteration:
-            m.requests.remove(request)
-            if m.draining and not m.requests:
-                self._remove(m, "scaled down")
+            self._done(m, request)
             return [], True
         try:
             prompts, stats = ray.get(ref, timeout=self.timeout_s)
@@ -278,16 +285,15 @@ class GeneratorPool:
     def handed_on(self, m: Member, request: Request, prompts: list[str], stats: dict) -> None:
         """``request``'s groups of ``prompts`` were handed on (or dropped): they leave it, so :meth:`generating` and
         the member's room count them no more, and a loss of the member re-issues only the others."""
-        pending = Counter(prompts)
-        kept = []
-        for record in request.records:
-            if pending[str(record["prompt_id"])] > 0:
-                pending[str(record["prompt_id"])] -= 1
-            else:
-                kept.append(record)
-        request.records = kept
+        request.records = without_prompts(request.records, Counter(prompts))
         request.heard.update(prompts)
         self._heard(m, request, stats)
+
+    def _done(self, m: Member, request: Request) -> None:
+        """``request`` returned: it leaves ``m``, and a member leaving the fleet goes once it has none."""
+        m.requests.remove(request)
+        if m.draining and not m.requests:
+            self._remove(m, "scaled down")
 
     def _heard(self, m: Member, request: Request, stats: dict) -> None:
         """A request's stats arrived: its drops leave the live count, the replay actor's ack is heard, and the
@@ -343,12 +349,7 @@ class GeneratorPool:
         delivered = self.fence_requests(keys) if keys and self.fence_requests is not None else {}
         for request in m.requests:
             arrived = Counter(delivered.get(request.key, ())) - request.heard  # arrived, not yet heard of
-            lost = []
-            for record in request.records:
-                if arrived[str(record["prompt_id"])] > 0:
-                    arrived[str(record["prompt_id"])] -= 1  # its group is in the replay actor: live, not lost
-                else:
-                    lost.append(record)
+            lost = without_prompts(request.records, arrived)  # the arrived are in the replay actor: live, not lost
             self.counts["faults/lost_groups"] += len(lost)
             self.live.gone(len(lost))
             self.retry.extend(lost)
