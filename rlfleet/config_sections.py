@@ -202,6 +202,11 @@ class LearnerConfig(Section):
         False, description="Concatenate a micro-batch's sequences into one row without padding (positions restart "
         "per sequence; Hugging Face's masks keep each sequence to itself): no compute on padding when lengths differ.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    offload_optimizer: bool = Field(
+        False, description="A learner on a GPU keeps AdamW's two moments (8 bytes a trained parameter) in host "
+        "memory between steps and moves them to the GPU for each optimizer step, as verl and OpenRLHF offer: with "
+        "cluster.colocate, the engine samples while they are out of the GPU. A learner on the host has nothing to "
+        "move.")
 
 
 class BEMAConfig(Section):

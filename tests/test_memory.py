@@ -40,6 +40,14 @@ def test_estimate_by_hand():
     assert colocated.generator_gib == pytest.approx(ENGINE_PROCESS_GIB + 1.0 + 4e6 / GIB)
     assert colocated.learner_gib == pytest.approx(e.learner_gib - 4e6 / GIB)
 
+    # learner.offload_optimizer: a learner on a GPU keeps Adam's two moments (8 bytes a parameter) on the host; a
+    # learner on the host already counts them
+    offloaded = estimate(10**6, 2, 1.0, 2, generator_on_gpu=True, learner_on_gpu=True, logit_positions=2048,
+                         vocab=1000, publish_bytes_per_param=2, offload_optimizer=True)
+    assert offloaded.learner_gib == pytest.approx(on_gpus.learner_gib + 8e6 / GIB)
+    assert estimate(10**6, 4, 1.0, 2, logit_positions=2048, vocab=1000, publish_bytes_per_param=2,
+                    offload_optimizer=True) == e
+
 
 def test_a_colocated_job_is_estimated_with_one_engine_copy_and_nothing_published():
     """The tiny model (329,344 parameters) in float32 with quickstart's 1 GiB cache: colocated, the job has the

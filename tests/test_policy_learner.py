@@ -21,7 +21,7 @@ from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, Mod
 from rlfleet.learner.core import Learner
 from rlfleet.learner.logprobs import _decoder_and_head, completion_logprobs
 from rlfleet.learner.policy import PolicyLearner, collate, combine_loss_metrics, importance_weights
-from rlfleet.learner.trainee import lr_factor
+from rlfleet.learner.trainee import lr_factor, move_optimizer_state
 from rlfleet.models import FLOAT32_ATTENTION, PAD_ID, resolve_model_path
 from rlfleet.types import Group
 from rlfleet.transport.packed import unpack
@@ -514,6 +514,27 @@ def test_save_load_round_trip(tmp_path):
     assert ma["lr"] == mb["lr"] and ma["loss"] == mb["loss"]
     pa, pb = params(a), params(b)
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_offloading_the_optimizer_moves_both_moments_of_every_parameter_and_nothing_on_the_host():
+    """move_optimizer_state moves AdamW's exp_avg and exp_avg_sq of every parameter (to the meta device here: this
+    machine has no second one) and leaves ``step`` where AdamW keeps it. A learner on the host with
+    learner.offload_optimizer has nothing to move: its steps are bit-identical to one without."""
+    a, b = make_learner(), make_learner(learner={"offload_optimizer": True})
+    assert a.trainee.offload_optimizer is False and b.trainee.offload_optimizer is False
+    groups = two_groups(a.model)
+    for _ in range(2):
+        ma, mb = a.train_step(groups), b.train_step(groups)
+        assert ma["loss"] == mb["loss"]
+    pa, pb = params(a), params(b)
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    state = a.optimizer.state
+    trained = [p for p in a.model.parameters() if p.requires_grad]
+    assert len(state) == len(trained) and all(set(state[p]) == {"step", "exp_avg", "exp_avg_sq"} for p in trained)
+    move_optimizer_state(a.optimizer, torch.device("meta"))
+    for p in trained:
+        assert state[p]["exp_avg"].device.type == "meta" and state[p]["exp_avg_sq"].device.type == "meta"
+        assert state[p]["exp_avg"].shape == p.shape and state[p]["step"].device.type == "cpu"
 
 
 def test_weights_load_strictly_into_a_fresh_hf_model():

@@ -54,7 +54,8 @@ def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> tupl
 def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, reference_bytes_per_param: int,
              generator_on_gpu: bool = False, learner_on_gpu: bool = False, logit_positions: int = 0,
              vocab: int = 0, publish_bytes_per_param: int = 0, learner_ranks: int = 1,
-             trainable: int | None = None, colocated: bool = False) -> MemoryEstimate:
+             trainable: int | None = None, colocated: bool = False,
+             offload_optimizer: bool = False) -> MemoryEstimate:
     """Host memory. ``engine_bytes_per_param``: 4 for float32 engines, 2 for bfloat16; ``reference_bytes_per_param``:
     0 without a reference model; ``logit_positions``: the completion positions whose logits the learner builds at
     once; ``publish_bytes_per_param``: the compute dtype's size (0: the learner publishes nothing). An actor on a
@@ -62,7 +63,8 @@ def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, refe
     published weights count here. ``learner_gib`` is the whole learner group's (``learner_ranks`` processes).
     ``trainable``: the parameters trained and published when not all are (a LoRA adapter's): the others carry
     float32 weights only. ``colocated``: each engine in a learner rank's process with one copy of the weights, loaded
-    from the learner's: nothing is packed or put in the object store (a group's ranks still gather a copy each)."""
+    from the learner's: nothing is packed or put in the object store (a group's ranks still gather a copy each).
+    ``offload_optimizer``: a learner on a GPU keeps AdamW's two moments in host memory between steps."""
     generator = ENGINE_PROCESS_GIB
     if not generator_on_gpu:
         generator += kv_cache_gib + (1 if colocated else 2) * params * engine_bytes_per_param / GIB
@@ -75,6 +77,8 @@ def estimate(params: int, engine_bytes_per_param: int, kv_cache_gib: float, refe
     if not learner_on_gpu:
         learner += (params * (4 + reference_bytes_per_param) + trained * 12) / GIB
         learner += k * LOGIT_COPIES * logit_positions * vocab * 4 / GIB
+    elif offload_optimizer:
+        learner += trained * 8 / GIB
     return MemoryEstimate(params, generator, learner)
 
 
@@ -100,7 +104,7 @@ def job_estimate(cfg, with_reference: bool, dpo: bool = False) -> MemoryEstimate
     published = 0 if dpo else publish_dtype(cfg.model, cfg.generation, learner_dtype, engine_gpus > 0).itemsize
     return estimate(params, size, cfg.generation.kv_cache_space_gib, ref_size, engine_gpus > 0,
                     c.learner_num_gpus > 0, logit_positions(cfg, dpo), vocab, published, c.learner_workers,
-                    trainable, colocated=c.colocate and not dpo)
+                    trainable, colocated=c.colocate and not dpo, offload_optimizer=cfg.learner.offload_optimizer)
 
 
 def adapter_parameters(name_or_path: str, lora, trust_remote_code: bool = False) -> int:

@@ -17,6 +17,8 @@ The reference (``reference=``):
 Parameters are float32; when ``model.dtype`` resolves to bfloat16/float16 (a GPU with "auto") the forward passes
 run under autocast in that dtype (AdamW updates of ~1e-6 on bfloat16 weights of magnitude ~1e-2 round away), and
 the engines get the weights cast to it. Dropout is off and nothing is drawn at random, so steps are deterministic.
+With ``learner.offload_optimizer``, a learner on a GPU keeps AdamW's moments in host memory between steps
+(:func:`move_optimizer_state`), freeing twice the trained weights' size for a colocated engine while it samples.
 
 Checkpoint layout (:meth:`Trainee.save_policy`, :meth:`Trainee.save_state`; the learner writes ``learner.json``)::
 
@@ -85,6 +87,17 @@ def make_optimizer(params, cfg: LearnerConfig) -> tuple[torch.optim.Optimizer, t
     schedule = partial(lr_factor, schedule=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps,
                        max_steps=cfg.max_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Move AdamW's per-parameter state (its two moments; a sharded learner's are DTensors, moved shard by shard) to
+    ``device``, in place. ``step`` stays where the optimizer keeps it (the host, unless capturable or fused). The copies
+    are synchronous (pageable host memory), so a device's memory is free on return."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key == "step" or not isinstance(value, Tensor) or value.device == device:
+                continue
+            state[key] = value.to(device)
 
 
 def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
@@ -191,6 +204,9 @@ class Trainee:
                 shard_for_learning(self.ref_model)
         self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
                                                         learner_cfg)
+        # learner.offload_optimizer: AdamW's moments live in host memory between steps (a learner on the host has
+        # nothing to move)
+        self.offload_optimizer = learner_cfg.offload_optimizer and self.device.type != "cpu"
 
     # -- forward passes ----------------------------------------------------------------------------------------
 
@@ -217,8 +233,12 @@ class Trainee:
         clipping, over every rank's shard."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = dist_.full(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or math.inf))
+        if self.offload_optimizer:
+            move_optimizer_state(self.optimizer, self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.offload_optimizer:
+            move_optimizer_state(self.optimizer, torch.device("cpu"))
         return grad_norm.item()
 
     @torch.no_grad()
@@ -268,6 +288,8 @@ class Trainee:
             self.scheduler.load_state_dict(torch.load(layout.state / "scheduler.pt", weights_only=True))
         else:
             load_optimizer(self.optimizer, self.scheduler, layout.state, self.rank)
+        if self.offload_optimizer:  # load_state_dict puts the state on the parameters' device
+            move_optimizer_state(self.optimizer, torch.device("cpu"))
         if self.reference == "copy":
             dist_.check_shards(layout.state, "reference", self.rank)
             saved = load_file(dist_.shard_file(layout.state, "reference", self.rank, "safetensors"))
