@@ -157,8 +157,22 @@ def worker_trl(model: str, job: dict, steps: int, lora: bool, result: Path) -> N
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def tree_pss_bytes(root: int) -> int:
-    """The PSS of ``root`` and every process below it."""
+def process_label(pid: int, root: int) -> str:
+    """What a process of the job is: the job's own (``root``), a Ray actor by class (``ray::ColocatedActor``), or
+    another program by name (Ray's ``gcs_server``, ``raylet``, ``dashboard.py``, ...)."""
+    if pid == root:
+        return "the job's process (driver)"
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split(".")[0].split()[0]
+    words = [a.decode(errors="replace") for a in argv if a]
+    program = next((w for w in words[1:] if not w.startswith("-")), first) if "python" in first else first
+    return Path(program).name
+
+
+def tree_pss(root: int) -> dict[str, int]:
+    """The PSS of ``root`` and every process below it, summed by :func:`process_label`."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -167,7 +181,8 @@ def tree_pss_bytes(root: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, frontier, seen = 0, [root], set()
+    by_label: dict[str, int] = {}
+    frontier, seen = [root], set()
     while frontier:
         pid = frontier.pop()
         if pid in seen:
@@ -175,13 +190,13 @@ def tree_pss_bytes(root: int) -> int:
         seen.add(pid)
         frontier.extend(children.get(pid, []))
         try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
+            pss = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                       if line.startswith("Pss:"))
+            label = process_label(pid, root)
+        except (OSError, StopIteration):
             continue
-    return total
+        by_label[label] = by_label.get(label, 0) + pss
+    return by_label
 
 
 def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
@@ -194,12 +209,17 @@ def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
     # actor of 2 CPUs then runs 2 threads), and TRL sets its own
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peak, done, timeline = [0], threading.Event(), []  # timeline: (wall time, PSS bytes) every 0.5 s
+    # timeline: (wall time, PSS bytes) every 0.5 s; at_peak: the PSS by process at the peak
+    peak, at_peak, done, timeline = [0], {}, threading.Event(), []
 
     def sample() -> None:
         while not done.wait(0.5):
-            timeline.append((time.time(), tree_pss_bytes(proc.pid)))
-            peak[0] = max(peak[0], timeline[-1][1])
+            by_process = tree_pss(proc.pid)
+            timeline.append((time.time(), sum(by_process.values())))
+            if timeline[-1][1] > peak[0]:
+                peak[0] = timeline[-1][1]
+                at_peak.clear()
+                at_peak.update(by_process)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -207,7 +227,8 @@ def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
     done.set()
     sampler.join()
     total_s = time.time() - t0
-    row = {"system": name, "model": Path(model).name, "peak_gib": peak[0] / 2**30, "total_s": total_s}
+    row = {"system": name, "model": Path(model).name, "peak_gib": peak[0] / 2**30, "total_s": total_s,
+           "peak_by_process_gib": {k: round(v / 2**30, 3) for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])}}
     data = json.loads(result.read_text()) if result.exists() else {}
     if proc.returncode != 0 or data.get("exit_code") != 0 or not data.get("step_end"):
         refused = [line for line in output.splitlines() if "cannot " in line or "needs about" in line
@@ -228,6 +249,8 @@ def launch(name: str, model: str, steps: int, workdir: Path) -> dict:
             row[key] = mean(data[key][1:])
     print(f"  {name}: step {row['step_s']:.2f} s, first step at {row['first_step_s']:.1f} s, peak "
           f"{row['peak_gib']:.2f} GiB, total {total_s:.0f} s", flush=True)
+    print("    at the peak (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in row["peak_by_process_gib"].items()
+                                            if v >= 0.02), flush=True)
     return row
 
 

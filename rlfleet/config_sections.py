@@ -199,8 +199,9 @@ class LearnerConfig(Section):
         "rebuilt in the backward pass); 0 builds a micro-batch's [B, T, V] logits whole. With a 151,936-token "
         "vocabulary, 1024 positions are 0.6 GB of float32 logits.")
     pack_sequences: bool = Field(
-        False, description="Concatenate a micro-batch's sequences into one row without padding (positions restart "
-        "per sequence; Hugging Face's masks keep each sequence to itself): no compute on padding when lengths differ.")
+        False, description="Pack a micro-batch's sequences without padding into rows no longer than the padded "
+        "batch's (positions restart per sequence; Hugging Face's masks keep each sequence to itself): no compute on "
+        "padding when lengths differ, as with long-tailed completions (bench/RESULTS.md section 20).")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     offload_optimizer: bool = Field(
         False, description="A learner on a GPU keeps AdamW's two moments (8 bytes a trained parameter) in host "

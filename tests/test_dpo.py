@@ -89,7 +89,7 @@ def test_collate_pairs_layout_truncation_and_empty_prompt():
 def test_sequence_logprobs_equal_unpadded_sums(tiny_model_path, pairs):
     """Independent computation: each (prompt + completion) alone, unpadded; logp = sum over the completion positions
     of log_softmax(logits[t - 1])[token t]. Padding, batching and computing the logits 3 positions at a time
-    (learner.logprob_chunk_tokens) or packing the rows into one (learner.pack_sequences) must not change it (fp32,
+    (learner.logprob_chunk_tokens) or packing the rows without padding (learner.pack_sequences) must not change it (fp32,
     1e-5)."""
     model = load_causal_lm(tiny_model_path).eval()
     sample = pairs[:5]

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, ModelConfig, RLFleetConfig
 from rlfleet.learner.core import Learner
-from rlfleet.learner.logprobs import _decoder_and_head, completion_logprobs
+from rlfleet.learner.logprobs import _decoder_and_head, completion_logprobs, pack_rows
 from rlfleet.learner.policy import PolicyLearner, collate, combine_loss_metrics, importance_weights
 from rlfleet.learner.trainee import lr_factor, move_optimizer_state
 from rlfleet.models import FLOAT32_ATTENTION, PAD_ID, resolve_model_path
@@ -232,17 +232,28 @@ def test_chunked_logprobs_equal_the_whole_computation():
                                    atol=1e-6)
 
 
+def test_pack_rows_first_fit_decreasing_by_hand():
+    """Lengths 5, 9, 3, 7, 2 into rows of 9, longest first: 9 fills a row; 7 opens a row (2 left); 5 opens a row (4
+    left); 3 goes with the 5 (the 7's row has 2); 2 goes with the 7. A sequence longer than the rows gets its own."""
+    assert pack_rows([5, 9, 3, 7, 2], 9) == [[1], [3, 4], [0, 2]]
+    assert pack_rows([10, 2, 3], 5) == [[0], [2, 1]]
+    assert pack_rows([4, 4], 100) == [[0, 1]]
+
+
 @pytest.mark.parametrize("chunk", [0, 5])
 def test_packed_logprobs_equal_the_padded_computation(chunk):
-    """learner.pack_sequences: two_groups' 8 rows (prompts of 5 and 9 tokens, completions of 1..12) concatenated
-    into one row of their 107 real tokens (4 x 5 + 4 x 9 prompt + 51 completion), positions restarting per
-    sequence, no attention mask. Each sequence must attend only to itself, so the log-probs and gradients equal the
-    padded batch's (1e-5: attention over a differently shaped mask sums in another order); with whole or chunked
-    logits. If Hugging Face did not keep the sequences apart, later rows would see earlier ones (measured: 0.53 off
-    with a full attention mask over the packed row)."""
+    """learner.pack_sequences: two_groups' 8 rows (prompts of 5 and 9 tokens, completions of 1..12; 107 real tokens:
+    4 x 5 + 4 x 9 prompt + 51 completion) packed into rows no longer than the padded batch's (21 tokens), positions
+    restarting per sequence, no attention mask. Each sequence must attend only to itself, so the log-probs and
+    gradients equal the padded batch's (1e-5: attention over a differently shaped mask sums in another order); with
+    whole or chunked logits. If Hugging Face did not keep the sequences apart, later sequences would see earlier
+    ones (measured: 0.53 off with a full attention mask over one packed row)."""
     learner = make_learner()
     batch = collate(two_groups(learner.model), PAD_ID)
-    assert int(batch.attention_mask.sum()) == 107 and batch.input_ids.numel() == 8 * 21  # 168 padded
+    assert int(batch.attention_mask.sum()) == 107 and batch.input_ids.shape == (8, 21)  # 168 padded
+    seen = []
+    hook = learner.model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True)
     weights = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(0))
     results = []
     for pack in (False, True):
@@ -251,9 +262,19 @@ def test_packed_logprobs_equal_the_padded_computation(chunk):
         (logprobs * weights * batch.mask).sum().backward()
         grads = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
         results.append((logprobs.detach() * batch.mask, grads))
+    hook.remove()
+    # the packed pass: lengths 12 8 17 6 13 19 15 17 in rows of 21, first fit, longest first: 19 | 17 | 17 | 15 + 6 |
+    # 13 + 8 | 12
+    assert seen[0] == (8, 21) and seen[-1] == (6, 21)
     (padded, g_padded), (packed, g_packed) = results
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
     assert_grads_close(g_packed, g_padded)
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(learner.model, batch, TEMPERATURE, chunk, True) * batch.mask,
+                                   padded, rtol=0, atol=1e-5)
+    # a model whose logits are not exactly head(hidden) is packed into one row and its logits built at the
+    # completion positions (this model ignores the soft-capping field: the values stay the padded ones)
+    learner.model.config.final_logit_softcapping = 30.0
     with torch.no_grad():
         torch.testing.assert_close(completion_logprobs(learner.model, batch, TEMPERATURE, chunk, True) * batch.mask,
                                    padded, rtol=0, atol=1e-5)

@@ -1,7 +1,7 @@
 """Log-probabilities of completion tokens under a Hugging Face causal LM: what every objective's loss starts from.
 
 :func:`completion_logprobs` on a padded batch (rows of prompt + completion, completions starting at a common column),
-whole, chunked over the output layer, or packed into one row; :func:`shard_for_learning` FSDP2-shards a model so that
+whole, chunked over the output layer, or packed without padding; :func:`shard_for_learning` FSDP2-shards a model so that
 the chunked pass still gathers the root's parameters. Pure torch: no Ray, no learner state.
 """
 
@@ -30,20 +30,27 @@ def completion_logprobs(model: torch.nn.Module, batch, temperature: float, chunk
     ``chunk_tokens`` positions at a time, each chunk under activation checkpointing (its logits are rebuilt in the
     backward pass instead of kept), so the peak holds one chunk's logits. Same values up to float rounding.
 
-    With ``pack``, the rows' real tokens are concatenated into one row without padding; positions restart at 0 for
-    each sequence and no attention mask is given, from which Hugging Face's mask code builds a block-diagonal
-    causal mask (``find_packed_sequence_indices``): each sequence attends only to itself, as when padded. Logits
-    are built only where they predict a real completion token. Same values up to float rounding.
+    With ``pack``, the rows' real tokens are packed without padding into rows no longer than the padded batch's
+    (:func:`pack_rows`; one row of everything for a model whose logits are not ``head(hidden)``); positions restart
+    at 0 for each sequence and no attention mask is given, from which Hugging Face's mask code builds a
+    block-diagonal causal mask (``find_packed_sequence_indices``): each sequence attends only to itself, as when
+    padded, and a row's trailing padding is a sequence of its own that nothing reads. Attention without a varlen
+    kernel (SDPA on CPU) computes a row's whole block-diagonal square, so rows as long as the padded batch's keep it
+    at most the padded cost, where one row of every sequence grew with the micro-batch's square (bench/RESULTS.md
+    section 20). Logits are built only where they predict a real completion token. Same values up to float
+    rounding.
     """
     B, T = batch.completion_ids.shape
-    split = _decoder_and_head(model) if 0 < chunk_tokens < B * T else None
+    splittable = _decoder_and_head(model) is not None
+    chunked = splittable and 0 < chunk_tokens < B * T
     if pack:
         real = batch.attention_mask.bool()  # [B, P+T]
         completion = real[:, -T:]  # [B, T] the real completion tokens
-        packed_at = real.flatten().cumsum(0).view(real.shape) - 1  # [B, P+T] each real token's packed index
-        inputs = {"input_ids": batch.input_ids[real][None], "position_ids": batch.position_ids[real][None]}  # [1, N]
-        index = packed_at[:, -T:][completion] - 1  # [K] the packed positions whose logits predict them
+        inputs, flat_at = _packed(batch.input_ids, batch.position_ids, real, several_rows=splittable)
+        index = flat_at[:, -T:][completion] - 1  # [K] the packed positions whose logits predict them
         targets = batch.completion_ids[completion]  # [K]
+        if splittable and not chunked:  # several rows: the logits at index only, as one chunk
+            chunked, chunk_tokens = True, max(len(index), 1)
     else:
         inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids,
                   "attention_mask": batch.attention_mask}
@@ -51,10 +58,10 @@ def completion_logprobs(model: torch.nn.Module, batch, temperature: float, chunk
         index = (torch.arange(B, device=batch.input_ids.device)[:, None] * S + (S - T - 1)
                  + torch.arange(T, device=batch.input_ids.device)[None, :]).flatten()  # [B*T] in [B*S]
         targets = batch.completion_ids.flatten()  # [B*T]
-    if split is not None:
+    if chunked:
         run = getattr(model, CHUNKED_METHOD, None) or partial(chunked_logprobs, model)  # FSDP-registered if sharded
         values = run(inputs, index, targets, temperature, chunk_tokens)
-    elif pack:
+    elif pack:  # one row (a model whose logits are computed whole)
         logits = model(**inputs, use_cache=False, logits_to_keep=index).logits[0]  # [K, V]
         values = token_logprobs(logits, targets, temperature)
     else:
@@ -63,6 +70,45 @@ def completion_logprobs(model: torch.nn.Module, batch, temperature: float, chunk
     if not pack:
         return values.view(B, T)
     return torch.zeros((B, T), dtype=values.dtype, device=values.device).masked_scatter(completion, values)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the sequences (indices into ``lengths``) in rows of at most ``capacity`` tokens each,
+    longest first; a sequence longer than ``capacity`` gets a row of its own."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if r is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[r].append(i)
+            room[r] -= lengths[i]
+    return rows
+
+
+def _packed(input_ids: Tensor, position_ids: Tensor, real: Tensor,
+            several_rows: bool) -> tuple[dict[str, Tensor], Tensor]:
+    """The packed inputs (``[R, L]`` ids and positions) of the padded ``[B, S]`` rows' real tokens, and ``[B, S]``
+    each real token's index in the flattened ``[R * L]`` layout. Rows of at most ``S`` tokens (``several_rows``), or
+    one row of everything."""
+    lengths = real.sum(1).tolist()
+    rows = pack_rows(lengths, real.shape[1] if several_rows else sum(lengths))
+    L = max(sum(lengths[b] for b in row) for row in rows)
+    ids = torch.zeros((len(rows), L), dtype=input_ids.dtype, device=input_ids.device)  # padding: any token
+    positions = torch.zeros((len(rows), L), dtype=position_ids.dtype, device=position_ids.device)
+    flat_at = torch.zeros(real.shape, dtype=torch.long, device=input_ids.device)
+    for r, row in enumerate(rows):
+        at = 0
+        for b in row:
+            n = lengths[b]
+            ids[r, at:at + n] = input_ids[b][real[b]]
+            positions[r, at:at + n] = position_ids[b][real[b]]
+            flat_at[b, real[b]] = torch.arange(r * L + at, r * L + at + n, device=input_ids.device)
+            at += n
+        positions[r, at:] = torch.arange(L - at, device=position_ids.device)  # the padding: a sequence of its own
+    return {"input_ids": ids, "position_ids": positions}, flat_at
 
 
 CHUNKED_METHOD = "rlfleet_chunked_logprobs"
@@ -80,7 +126,7 @@ def chunked_logprobs(model: torch.nn.Module, inputs: dict[str, Tensor], index: T
     parts = []
     for start in range(0, len(index), chunk_tokens):
         h, ids = flat_hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and len(index) > chunk_tokens:  # one chunk: kept for the backward pass
             parts.append(checkpoint(_head_logprobs, head, h, ids, temperature, use_reentrant=False))
         else:
             parts.append(_head_logprobs(head, h, ids, temperature))
