@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from rlfleet.config import AlgorithmConfig, GenerationConfig, LearnerConfig, ModelConfig, RLFleetConfig
 from rlfleet.learner.core import Learner
-from rlfleet.learner.logprobs import _decoder_and_head, completion_logprobs, pack_rows
+from rlfleet.learner.logprobs import _decoder_and_head, check_packing, completion_logprobs, pack_rows
 from rlfleet.learner.policy import PolicyLearner, collate, combine_loss_metrics, importance_weights
 from rlfleet.learner.trainee import lr_factor, move_optimizer_state
 from rlfleet.models import FLOAT32_ATTENTION, PAD_ID, resolve_model_path
@@ -278,6 +278,22 @@ def test_packed_logprobs_equal_the_padded_computation(chunk):
     with torch.no_grad():
         torch.testing.assert_close(completion_logprobs(learner.model, batch, TEMPERATURE, chunk, True) * batch.mask,
                                    padded, rtol=0, atol=1e-5)
+
+
+def test_packing_is_refused_for_a_model_whose_packed_sequences_see_each_other(monkeypatch):
+    """check_packing passes the tiny model (Hugging Face keeps its packed sequences apart) and refuses it, naming
+    learner.pack_sequences, once the packed-sequence detection is switched off: its attention is then plain causal
+    over the packed row, as in a model that builds its own mask. A learner with pack_sequences checks at start."""
+    import transformers.masking_utils as masking
+
+    learner = make_learner()
+    check_packing(learner.model)
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ValueError, match="learner.pack_sequences: .* does not keep packed sequences apart"):
+        check_packing(learner.model)
+    with pytest.raises(ValueError, match="set learner.pack_sequences: false"):
+        make_learner(learner={"pack_sequences": True})
+    make_learner(learner={"pack_sequences": False})
 
 
 def test_packed_train_step_gives_the_padded_gradient():

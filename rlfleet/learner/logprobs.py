@@ -111,6 +111,25 @@ def _packed(input_ids: Tensor, position_ids: Tensor, real: Tensor,
     return {"input_ids": ids, "position_ids": positions}, flat_at
 
 
+@torch.no_grad()
+def check_packing(model: torch.nn.Module) -> None:
+    """Refuse ``learner.pack_sequences`` for a model whose attention does not keep packed sequences apart (one that
+    builds its causal mask without Hugging Face's packed-sequence detection, as some remote-code models do): the
+    logits of a sequence packed after another must equal the sequence's alone. Without this check such a model
+    would train on sequences that see each other, silently."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    first, second = torch.arange(3, 8, device=device) % vocab, torch.arange(11, 15, device=device) % vocab
+    ids = torch.cat([first, second])[None]  # [1, 9]
+    positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))]).to(device)[None]
+    packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, len(first):].float()
+    alone = model(input_ids=second[None], position_ids=positions[:, len(first):], use_cache=False).logits[0].float()
+    gap = (packed - alone).abs().max().item()
+    if not gap <= 1e-3 * max(1.0, alone.abs().max().item()):
+        raise ValueError(f"learner.pack_sequences: {type(model).__name__} does not keep packed sequences apart (a "
+                         f"sequence packed after another gets logits {gap:.3g} away from its own: its attention "
+                         "ignores the restarting positions); set learner.pack_sequences: false")
+
 CHUNKED_METHOD = "rlfleet_chunked_logprobs"
 
 

@@ -47,7 +47,7 @@ from rlfleet import lora as lora_
 from rlfleet.config import LearnerConfig, ModelConfig
 from rlfleet.learner import distributed as dist_
 from rlfleet.learner.distributed import SINGLE, Rank
-from rlfleet.learner.logprobs import completion_logprobs, shard_for_learning
+from rlfleet.learner.logprobs import check_packing, completion_logprobs, shard_for_learning
 from rlfleet.learner.state_files import (engine_state, engine_state_stream, load_adapter, load_optimizer, load_policy,
                                          save_adapter, save_merged, save_optimizer, save_policy)
 from rlfleet.models import float32_attention_on_cpu, load_causal_lm, load_tokenizer, torch_dtype
@@ -185,6 +185,8 @@ class Trainee:
             model = load_causal_lm(model_cfg.name_or_path, torch.float32, load_on, model_cfg.trust_remote_code)
         self.model = model if rank.sharded else model.to(self.device)
         float32_attention_on_cpu(self.model, self.compute_dtype, self.device)  # before a copy is made of it
+        if learner_cfg.pack_sequences:
+            check_packing(self.model)
         self.lora = model_cfg.lora
         self.peft = None if self.lora is None else lora_.add_adapter(self.model, self.lora, seed)  # frozen base
         prepare_for_training(self.model, learner_cfg.gradient_checkpointing)
