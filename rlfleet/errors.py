@@ -26,6 +26,11 @@ class RunFailed(RuntimeError):
     no progress within the timeout). The CLI prints it as one message (exit 3); ``--debug`` keeps the traceback."""
 
 
+class StartRefused(RunFailed):
+    """An actor's ``__init__`` refused its config (a ValueError): starting it again would refuse it again, so the
+    job stops instead of recovering."""
+
+
 def quiet_kill_in_finalizers() -> None:
     """In an actor's process: a kill's SIGTERM that lands inside a finalizer (Ray's handler raises SystemExit there,
     e.g. in an ``ActorHandle.__del__`` run as the actor's last call releases its arguments) is not printed. Python

@@ -89,13 +89,17 @@ def test_a_colocated_bfloat16_engine_loads_the_float32_learners_weights(ray_clus
 
 
 def test_a_colocated_lora_job_loads_each_adapter_in_the_learners_process_and_learns(ray_cluster, tmp_path):
-    """deploy/lora.yaml colocated and synchronous, 80 steps: the engine samples with each new adapter (ratio 1 at
-    every step), the reward rises (measured: 0.473 over the first 20 steps, 0.534 over the last 20), and the
-    checkpoint holds the adapter, not the base model."""
-    records = run(tmp_path, "lora", "learner.max_steps=80", "replay.max_staleness=0", "replay.zero_variance=keep",
-                  "checkpoint.save_steps=80")
-    assert [r["policy_version"] for r in records] == list(range(1, 81))
-    assert all(on_policy(r) for r in records), [r for r in records if not on_policy(r)]
+    """deploy/lora.yaml colocated and synchronous, for its shipped 150 steps: the engine samples with each new
+    adapter (ratio 1 at every step), the reward rises, and the checkpoint holds the adapter, not the base model.
+
+    Ratio 1 within 2e-3: the engine's LoRA kernels round differently from the learner's by CPU. Measured: below 1e-4
+    on an AVX-512 CPU, up to 4.0e-4 on an AVX2-only EPYC (steps 64-120 of this job); an adapter one version stale
+    moves the ratio by 0.56 to 3.3 (the same job at max_staleness 1, 40 steps, that CPU). Reward measured on the
+    AVX2 CPU: 0.47 over the first 20 steps, 0.52 over the last 20 (at 80 steps it had not risen there)."""
+    records = run(tmp_path, "lora", "replay.max_staleness=0", "replay.zero_variance=keep", "checkpoint.save_steps=150")
+    assert [r["policy_version"] for r in records] == list(range(1, 151))
+    assert all(abs(r["ratio/min"] - 1) < 2e-3 and abs(r["ratio/max"] - 1) < 2e-3 for r in records), [
+        (r["step"], r["ratio/min"], r["ratio/max"]) for r in records if not on_policy(r)]
     first = sum(r["reward/mean"] for r in records[:20]) / 20
     last = sum(r["reward/mean"] for r in records[-20:]) / 20
     assert last > first + 0.03, (first, last)

@@ -81,6 +81,42 @@ def test_an_actor_killed_for_memory_is_an_actor_lost_that_names_the_cause(ray_cl
     ray.kill(actor)
 
 
+def test_an_actor_that_refuses_its_config_fails_the_run_naming_the_error_without_its_traceback(ray_cluster):
+    """A ValueError in an actor's __init__ (a learner refusing its config) would be raised again by every recovery:
+    call() turns it into RunFailed with the exception's own line, not ActorLost and Ray's traceback. Another error
+    in __init__ (a rendezvous that lost a rank) and an actor that started and then died are still ActorLost (the
+    job recovers)."""
+    from rlfleet.cluster.lifecycle import ActorLost, RunFailed
+    from rlfleet.errors import StartRefused
+
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    class Refusing:
+        def __init__(self, refuse: bool, error: type = ValueError):
+            if refuse:
+                raise error("learner.pack_sequences: the model does not keep packed sequences apart")
+
+        def work(self):
+            return os.getpid()
+
+    refusing = Refusing.remote(True)
+    with stop_on_sigterm(), pytest.raises(StartRefused) as err:
+        call(refusing.work.remote(), 60, "the learner")
+    assert isinstance(err.value, RunFailed)  # the CLI's one-message exit
+    assert str(err.value) == ("the learner failed to start: ValueError: learner.pack_sequences: the model does not "
+                              "keep packed sequences apart")
+    lost_rank = Refusing.remote(True, RuntimeError)
+    with stop_on_sigterm(), pytest.raises(ActorLost, match="^the learner died: "):
+        call(lost_rank.work.remote(), 60, "the learner")
+    started = Refusing.remote(False)
+    with stop_on_sigterm():
+        pid = call(started.work.remote(), 60, "the learner")
+    os.kill(pid, signal.SIGKILL)
+    with stop_on_sigterm(), pytest.raises(ActorLost, match="^the learner died: "):
+        call(started.work.remote(), 60, "the learner")
+
+
 def test_take_back_signals_restores_the_stop_handler_that_ray_init_replaced():
     """ray.init installs its own SIGTERM handler (it logs the signal and ends the process: ``ray job stop`` then left
     no checkpoint). Within stop_on_sigterm, take_back_signals puts the stop handler back; outside it, nothing

@@ -53,7 +53,8 @@ def test_every_algorithm_config_trains(ray_cluster, tmp_path, job):
 @pytest.mark.parametrize("job, rise", [("cispo", 0.08), ("sapo", 0.05)])
 def test_cispo_and_sapo_jobs_learn(ray_cluster, tmp_path, job, rise):
     """deploy/cispo.yaml (target_length) and deploy/sapo.yaml (char_count) as shipped, 100 steps: the mean reward of
-    the last 20 steps exceeds that of the first 20 (measured: cispo 0.51 -> 0.67, sapo 0.010 -> 0.140), and every
+    the last 20 steps exceeds that of the first 20 (measured: cispo 0.49 -> 0.64 at its learning rate of 2e-3, whose
+    3e-3 had collapsed late on an AVX2-only CPU; sapo 0.010 -> 0.140), and every
     step has its required keys and Ray series."""
     records = run(tmp_path, job, "checkpoint.save_steps=100")
     cfg = load_config(DEPLOY / f"{job}.yaml")

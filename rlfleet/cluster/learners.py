@@ -24,7 +24,7 @@ import ray
 from rlfleet.cluster.runtime import Placement
 from rlfleet.cluster.signals import call
 from rlfleet.config import RLFleetConfig
-from rlfleet.errors import ActorLost
+from rlfleet.errors import ActorLost, StartRefused
 from rlfleet.learner.actor import LearnerActor, LearnerFactory, learner_options
 from rlfleet.learner.distributed import Rank
 from rlfleet.rendezvous import host_store
@@ -72,7 +72,7 @@ class LearnerGroup:
         others = self.others.pop(ref, [])
         try:
             result = call(ref, self.timeout_s, what)
-        except ActorLost:
+        except (ActorLost, StartRefused):  # StartRefused: rank 0 refused its config (the others did the same)
             raise
         except Exception as err:
             self._raise_if_rank_lost(others, err)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import ray
 
-from rlfleet.errors import ActorLost, RunFailed  # noqa: F401 - ActorLost: raised here, caught by the lifecycle
+from rlfleet.errors import ActorLost, RunFailed, StartRefused  # noqa: F401 - raised here, caught by the lifecycle
 
 
 class RunStopped(Exception):
@@ -76,7 +76,9 @@ def check_stop() -> None:
 
 def call(ref, timeout_s: float, what: str):
     """ray.get with a timeout and an error that names the actor; inside :func:`stop_on_sigterm` it raises
-    :class:`RunStopped` soon after a stop request, and :class:`ActorLost` when the actor died."""
+    :class:`RunStopped` soon after a stop request, :class:`ActorLost` when the actor died (the job recovers), and
+    :class:`StartRefused` (a :class:`RunFailed`) when its ``__init__`` refused its config with a ValueError (a
+    recovery would refuse it again), naming what was raised."""
     deadline = time.monotonic() + timeout_s
     while True:
         check_stop()
@@ -86,9 +88,21 @@ def call(ref, timeout_s: float, what: str):
             if time.monotonic() >= deadline:
                 raise RunFailed(f"{what} did not answer within cluster.timeout_s={timeout_s:g} s") from None
         except ray.exceptions.RayActorError as err:
+            if err.actor_init_failed and raised_in(err).startswith("ValueError"):
+                # its __init__ refused its config: a recovery would refuse it again (other errors in __init__, a
+                # rendezvous that lost a rank, may not recur), unless a stop request reached it as it started
+                check_stop()
+                raise StartRefused(f"{what} failed to start: {raised_in(err)}") from err
             raise ActorLost(f"{what} died: {err}") from err
         except ray.exceptions.OutOfMemoryError as err:  # Ray's memory monitor killed the actor's process
             raise ActorLost(f"{what} was killed by Ray's memory monitor: {OUT_OF_MEMORY}") from err
+
+
+def raised_in(err: Exception) -> str:
+    """The exception an actor's creation task raised, as its traceback's last line (``ValueError: ...``), without
+    the traceback Ray's error carries."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def wait_any(refs: list[ray.ObjectRef], timeout_s: float) -> list[ray.ObjectRef]:
