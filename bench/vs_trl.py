@@ -133,6 +133,9 @@ def worker_rlfleet(kind: str, model: str, steps: int, staleness: int, result: Pa
         "sync_s": [r.get("sync/seconds") for _, r in steps_done],
         "gen_idle": [r.get("idle/generator_frac") for _, r in steps_done],
         "engine_batch": [r.get("engine/batch_mean") for _, r in steps_done],  # continuous engines only
+        # continuous engines: their loops waiting for work, and loading weights between two steps
+        "engine_idle_s": [r.get("engine/idle_s") for _, r in steps_done],
+        "engine_load_s": [r.get("engine/load_s") for _, r in steps_done],
         "threads": [r.get("learner/threads") for _, r in steps_done],  # the learner's torch threads
         "round_trips": [r.get("driver/round_trips") for _, r in steps_done],  # the driver's, cumulative
         # continuous generation: each trained token's lag, and the versions one group spans

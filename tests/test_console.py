@@ -71,18 +71,23 @@ def test_the_step_record_has_each_reward_functions_mean_and_std_by_hand():
 
 
 def test_the_continuous_engines_mean_batch_is_tokens_over_steps():
-    """Two continuous engines' stats: 300 + 100 tokens in 20 + 30 engine steps: a mean batch of 400 / 50 = 8; a
-    window of request-batching engines (no steps counted) has neither key."""
+    """Two continuous engines' stats: 300 + 100 tokens in 20 + 30 engine steps: a mean batch of 400 / 50 = 8; their
+    loops' idle and load seconds and loads add up; a window of request-batching engines (no steps counted) has none
+    of these keys."""
     from rlfleet.cluster.records import StepWindow
 
     window = StepWindow()
-    window.add(0, {"gen/tokens": 300.0, "engine/steps": 20.0, "engine/busy_s": 0.1})
-    window.add(1, {"gen/tokens": 100.0, "engine/steps": 30.0, "engine/busy_s": 0.1})
+    window.add(0, {"gen/tokens": 300.0, "engine/steps": 20.0, "engine/busy_s": 0.1, "engine/idle_s": 0.25,
+                   "engine/load_s": 0.5, "sync/inflight_loads": 1.0})
+    window.add(1, {"gen/tokens": 100.0, "engine/steps": 30.0, "engine/busy_s": 0.1, "engine/idle_s": 0.125,
+                   "engine/load_s": 0.25, "sync/inflight_loads": 2.0})
     record = window.metrics(1.0, [0, 1])
     assert record["engine/steps"] == 50 and record["engine/batch_mean"] == 8.0
+    assert (record["engine/idle_s"], record["engine/load_s"], record["engine/loads"]) == (0.375, 0.75, 3)
     batched = StepWindow()
     batched.add(0, {"gen/tokens": 300.0, "gen/seconds": 0.2})
-    assert not {"engine/steps", "engine/batch_mean"} & set(batched.metrics(1.0, [0]))
+    assert not {"engine/steps", "engine/batch_mean", "engine/idle_s", "engine/load_s", "engine/loads"
+                } & set(batched.metrics(1.0, [0]))
 
 
 def test_the_bar_is_ended_before_a_line(monkeypatch, capsys):

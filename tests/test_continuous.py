@@ -72,8 +72,9 @@ def kept(old, new, prompt: list[int], completion: list[int], k: int) -> torch.Te
     return token_logprobs(logits, completion[k:])
 
 
-def sample_across_load(engine, kv_on_update: str, state: dict) -> tuple[list, int, int]:
-    """Sample ``GEN.num_generations`` completions of PROMPT, loading ``state`` after ``BEFORE`` engine steps."""
+def sample_across_load(engine, kv_on_update: str, state: dict) -> tuple[list, int, dict]:
+    """Sample ``GEN.num_generations`` completions of PROMPT, loading ``state`` after ``BEFORE`` engine steps;
+    returns the groups, the version before the load and the loop's stats."""
     base = next(VERSIONS)
     engine.load_weights(engine_state := state["old"], version=base)  # batched path: the old weights, cache clean
     continuous = ContinuousEngine(engine, kv_on_update, start=False)
@@ -86,7 +87,7 @@ def sample_across_load(engine, kv_on_update: str, state: dict) -> tuple[list, in
         continuous.run_once()
     assert loaded.done() and loaded.exception() is None and continuous.version == base + 1
     del engine_state
-    return group.result(), base, continuous.loads
+    return group.result(), base, continuous.stats()
 
 
 @pytest.fixture
@@ -95,8 +96,10 @@ def states(hf_model, perturbed):
 
 
 def test_recompute_every_token_matches_its_own_weights(engine, hf_model, perturbed, states):
-    out, v, loads = sample_across_load(engine, "recompute", states)
-    assert loads == 1
+    out, v, stats = sample_across_load(engine, "recompute", states)
+    # the loop's time: one load, timed apart from the steps; a loop stepped by the caller never waits for work
+    assert stats["sync/inflight_loads"] == 1 and stats["engine/load_s"] > 0 and stats["engine/idle_s"] == 0
+    assert stats["engine/steps"] == max(len(c.token_ids) for c in out) and stats["engine/busy_s"] > 0
     for c in out:
         assert len(c.token_ids) > BEFORE  # the load landed inside the completion
         assert c.versions == [v] * BEFORE + [v + 1] * (len(c.token_ids) - BEFORE)

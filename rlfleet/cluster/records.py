@@ -29,6 +29,9 @@ class StepWindow:
     tokens: dict[int, int] = field(default_factory=dict)
     sync_s: list[float] = field(default_factory=list)
     engine_steps: int = 0  # continuous engines' steps (each samples a token of every running completion)
+    engine_idle_s: float = 0.0  # continuous engines' loops waiting for work
+    engine_load_s: float = 0.0  # continuous engines' loops loading weights between two steps
+    engine_loads: int = 0
 
     def add(self, index: int, stats: dict) -> None:
         self.groups += int(stats.get("gen/groups", 0))
@@ -51,6 +54,9 @@ class StepWindow:
         self.busy_s[index] = self.busy_s.get(index, 0.0) + float(busy)
         self.tokens[index] = self.tokens.get(index, 0) + int(stats.get("gen/tokens", 0))
         self.engine_steps += int(stats.get("engine/steps", 0))
+        self.engine_idle_s += float(stats.get("engine/idle_s", 0.0))
+        self.engine_load_s += float(stats.get("engine/load_s", 0.0))
+        self.engine_loads += int(stats.get("sync/inflight_loads", 0))
         if "sync/seconds" in stats:
             self.sync_s.append(float(stats["sync/seconds"]))
 
@@ -80,9 +86,11 @@ class StepWindow:
         # multi-turn: the environment's seconds and failures in the window (turns per episode and the environment's
         # token share are the trained batch's, from the learner)
         env = {"env/seconds": self.env_s, "errors/env": self.env_errors} if self.multi_turn else {}
-        # continuous engines: how full their steps were (a request-batching engine's steps are not counted)
-        engine = {"engine/steps": self.engine_steps, "engine/batch_mean": tokens / self.engine_steps
-                  } if self.engine_steps else {}
+        # continuous engines: how full their steps were, and their loops' time out of steps: waiting for work and
+        # loading weights (a request-batching engine's steps are not counted)
+        engine = {"engine/steps": self.engine_steps, "engine/batch_mean": tokens / self.engine_steps,
+                  "engine/idle_s": self.engine_idle_s, "engine/load_s": self.engine_load_s,
+                  "engine/loads": self.engine_loads} if self.engine_steps else {}
         return env | engine | {
             "gen/groups": self.groups,
             "gen/active_generators": sum(1 for t in self.tokens.values() if t > 0),

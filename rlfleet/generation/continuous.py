@@ -80,10 +80,11 @@ class ContinuousEngine:
         # requests submitted in a pinned() block's context (this engine's own flag) hold weight loads back
         self._pinned = contextvars.ContextVar(f"rlfleet_pinned_{id(self)}", default=False)
         self._version_changed = threading.Condition()
-        self._reported = {"busy_s": 0.0, "idle_s": 0.0, "loads": 0, "steps": 0}
+        self._reported = {"busy_s": 0.0, "idle_s": 0.0, "load_s": 0.0, "loads": 0, "steps": 0}
         self._report_lock = threading.Lock()  # stats() is called from every request thread
         self._stopped = False
         self.busy_s = self.idle_s = 0.0  # time the loop spent in engine steps / waiting for work
+        self.load_s = 0.0  # time the loop spent loading weights (the engine stepped nothing meanwhile)
         self.steps = self.loads = 0
         self._thread = None
         if start:
@@ -181,13 +182,15 @@ class ContinuousEngine:
 
     def stats(self) -> dict[str, float]:
         """The loop's figures since the last call: ``engine/busy_s`` (in engine steps), ``engine/idle_s`` (waiting
-        for work), ``engine/steps`` (each samples one token of every running completion: tokens / steps is the mean
-        batch), ``sync/inflight_loads`` (weight loads made with requests in flight or not)."""
+        for work), ``engine/load_s`` (loading weights between two steps), ``engine/steps`` (each samples one token
+        of every running completion: tokens / steps is the mean batch), ``sync/inflight_loads`` (weight loads made
+        with requests in flight or not)."""
         with self._report_lock:
-            now = {"busy_s": self.busy_s, "idle_s": self.idle_s, "loads": self.loads, "steps": self.steps}
+            now = {"busy_s": self.busy_s, "idle_s": self.idle_s, "load_s": self.load_s, "loads": self.loads,
+                   "steps": self.steps}
             delta = {k: now[k] - self._reported[k] for k in now}
             self._reported = now
-        return {"engine/busy_s": delta["busy_s"], "engine/idle_s": delta["idle_s"],
+        return {"engine/busy_s": delta["busy_s"], "engine/idle_s": delta["idle_s"], "engine/load_s": delta["load_s"],
                 "engine/steps": float(delta["steps"]), "sync/inflight_loads": float(delta["loads"])}
 
     def shutdown(self) -> None:
@@ -213,9 +216,11 @@ class ContinuousEngine:
     def _at_boundary(self, load: Callable[[], int | None]) -> Callable[[], int]:
         """``load`` as the loop runs it: a version it loaded becomes the engine's (:meth:`_loaded`)."""
         def run() -> int:
+            start = time.perf_counter()
             loaded = load()
             if loaded is not None:
                 self._loaded(loaded)
+            self.load_s += time.perf_counter() - start
             return self.engine.version
         return run
 
