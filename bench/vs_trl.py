@@ -30,7 +30,8 @@ side by side (``replay.consume_order: request``, the "2 generators" rows) are no
 the staleness cycle adds: at ``max_staleness`` S a request waits for the weights published S + 1 steps before the
 batch it fills, so S + 1 steps hold one request, its load and one learner step in a chain, and ``hops_s = (S + 1) x
 step_s - gen_s - sync_s - learner_s`` is the time its hops take (the publication, the driver's turn-around, the
-load's dispatch, the delivery, the learner's pull).
+load's dispatch, the delivery, the learner's pull). A continuous engine's loop also reports its shares of the step
+waiting with nothing in flight (``engine_idle``) and loading weights between two engine steps (``engine_loading``).
 
 GRPO: ``rlfleet train deploy/quickstart.yaml`` (with the regime's model and task) against ``trl.GRPOTrainer`` with
 Hugging Face generation (and, with ``--colocate``, TRL's colocated vLLM: ``use_vllm=True, vllm_mode="colocate"``, on
@@ -311,6 +312,10 @@ def launch(name: str, model: str, steps: int, workdir: Path, task: str = "target
     for key in ("learner_s", "gen_s", "sync_s", "gen_idle", "threads"):  # rlfleet's own breakdown, same steps
         if data.get(key):
             row[key] = mean(data[key][2:-1])
+    for key, share in (("engine_idle_s", "engine_idle"), ("engine_load_s", "engine_loading")):
+        values = [v for v in (data.get(key) or [])[2:-1] if v is not None]  # a continuous engine's loop
+        if values:
+            row[share] = mean(values) / row["step_s"]
     if job == "grpo":
         row["reward_first10"] = mean(data["reward"][:10])
         row["reward_last10"] = mean(data["reward"][-10:])
@@ -442,7 +447,8 @@ def main() -> None:
         model, task, _, _ = REGIMES[regime]
         tables.append(print_table(rows[regime], ["system", "runs", "steps", "step_s", "step_vs_trl", "step_vs_bound",
                                                  "learner_s", "threads", "gen_s", "sync_s", "hops_s", "gen_idle",
-                                                 "first_step_s", "total_s", "reward_first10", "reward_last10"],
+                                                 "engine_idle", "engine_loading", "first_step_s", "total_s",
+                                                 "reward_first10", "reward_last10"],
                                   title=f"GRPO, {regime} (builtin:{model} on builtin:{task}, {args.dtype}): wall per "
                                         "step (steps 3..N-1); step_vs_trl = / the faster TRL (HF generate) run; "
                                         "step_vs_bound = / the machine's bound"))
