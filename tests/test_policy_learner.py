@@ -296,6 +296,29 @@ def test_packing_is_refused_for_a_model_whose_packed_sequences_see_each_other(mo
     make_learner(learner={"pack_sequences": False})
 
 
+def test_the_preflight_refuses_packing_for_such_a_model_before_any_actor_starts(monkeypatch, tmp_path):
+    """The preflight runs check_packing on a miniature of the model (one layer, small widths, the model's own
+    attention code): the tiny model passes, and with the packed-sequence detection switched off ``rlfleet train``'s
+    and ``rlfleet dpo``'s preflights refuse it, naming the field; a config with packing off is not checked. A
+    Qwen2-MoE config of about 14B parameters (written here, no weights) has a miniature of under a million."""
+    import transformers
+    import transformers.masking_utils as masking
+
+    from rlfleet.cluster.preflight import ConfigError, miniature_model, packing_problems, preflight, preflight_dpo
+
+    packed = RLFleetConfig(learner={"pack_sequences": True})
+    assert packing_problems(packed) == []
+    transformers.Qwen2MoeConfig().save_pretrained(tmp_path)
+    assert sum(p.numel() for p in miniature_model(str(tmp_path)).parameters()) < 1_000_000
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    (problem,) = packing_problems(packed)
+    assert problem.startswith("learner.pack_sequences: Qwen2ForCausalLM does not keep packed sequences apart")
+    assert packing_problems(RLFleetConfig()) == []
+    for check in (preflight, preflight_dpo):
+        with pytest.raises(ConfigError, match="learner.pack_sequences"):
+            check(packed, fetch=False)
+
+
 def test_packed_train_step_gives_the_padded_gradient():
     results = []
     for pack in (False, True):

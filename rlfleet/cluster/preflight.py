@@ -70,7 +70,7 @@ def preflight(cfg: RLFleetConfig, fetch: bool = True):
                             f"{{'role', 'content'}} messages), and data.dataset {cfg.data.dataset!r} has plain "
                             "strings; set data.system_prompt (\"\" for none) to make each string a user message")
     model_local = fetch or not on_hub(cfg.model.name_or_path)
-    problems += model_problems(cfg) + kv_cache_problems(cfg) if model_local else []
+    problems += model_problems(cfg) + kv_cache_problems(cfg) + packing_problems(cfg) if model_local else []
     eval_dataset = None
     evaluated = fetch or not on_hub(eval_data(cfg.data).dataset)
     if cfg.logging.eval_steps is not None and evaluated:
@@ -138,7 +138,7 @@ def preflight_dpo(cfg: RLFleetConfig, fetch: bool = True):
         except (OSError, ValueError) as err:
             raise ConfigError([f"model.name_or_path: cannot load a tokenizer from {cfg.model.name_or_path!r}: "
                                f"{err}"])
-    problems, splits = (model_problems(cfg) if tokenizer is not None else []), []
+    problems, splits = (model_problems(cfg) + packing_problems(cfg) if tokenizer is not None else []), []
     data = cfg.data
     evaluated = data.eval_split is not None or data.eval_dataset is not None
     for field, part in [("data.split", data), *([("data.eval_split", eval_data(data))] if evaluated else [])]:
@@ -172,6 +172,64 @@ def model_problems(cfg: RLFleetConfig) -> list[str]:
     except (OSError, ValueError):  # no model config to read: model.name_or_path's own check says so
         return []
     return lora_problems(cfg.model.lora, names)
+
+
+def packing_problems(cfg: RLFleetConfig) -> list[str]:
+    """``learner.pack_sequences`` on a model whose attention does not keep packed sequences apart
+    (:func:`~rlfleet.learner.logprobs.check_packing`), checked on a miniature of the model (:func:`miniature_model`)
+    so that the job is refused before any actor starts. A model whose miniature cannot be built is left to the
+    learner, which checks the real model when it starts."""
+    if not cfg.learner.pack_sequences:
+        return []
+    from rlfleet.learner.logprobs import check_packing
+
+    try:
+        model = miniature_model(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - any architecture's config: the learner's own check at start still runs
+        return []
+    if model is None:
+        return []
+    try:
+        check_packing(model)
+    except ValueError as err:
+        return [str(err)]
+    except Exception:  # noqa: BLE001 - the miniature's widths do not suit this architecture: as above
+        return []
+    return []
+
+
+MINIATURE_PARAMS = 20_000_000  # above this the miniature is not built (the learner checks at start)
+
+
+def miniature_model(name_or_path: str, trust_remote_code: bool = False):
+    """The model's architecture (its own modelling code, remote code included, so its attention and masks) with one
+    layer, heads of width 8, a feed-forward width of 16 and a vocabulary of 64, in float32 with random weights; None
+    where that would still hold more than :data:`MINIATURE_PARAMS` parameters."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlfleet.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    text = getattr(config, "text_config", None) or config  # multimodal configs keep the decoder's apart
+    heads = getattr(text, "num_attention_heads", None)
+    small = {"num_hidden_layers": 1, "vocab_size": 64, "intermediate_size": 16, "head_dim": 8,
+             "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16,
+             "hidden_size": heads * 8 if isinstance(heads, int) else None}
+    for key, value in small.items():
+        if value is not None and isinstance(getattr(text, key, None), int):
+            setattr(text, key, value)
+    if isinstance(getattr(text, "layer_types", None), list):  # one entry per layer
+        text.layer_types = text.layer_types[:1]
+    if isinstance(getattr(text, "pad_token_id", None), int) and text.pad_token_id >= text.vocab_size:
+        text.pad_token_id = None  # the embedding's padding row must lie inside the small vocabulary
+    with torch.device("meta"):
+        size = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+            config, trust_remote_code=trust_remote_code).parameters())
+    if size > MINIATURE_PARAMS:
+        return None
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                            dtype=torch.float32).eval()
 
 
 def kv_cache_problems(cfg: RLFleetConfig) -> list[str]:
