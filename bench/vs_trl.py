@@ -270,6 +270,11 @@ SYSTEMS = {  # name -> (job, worker arguments)
     # as it ends, weights loaded in flight
     "rlfleet async, continuous engine": ("grpo", ["rlfleet-grpo", "--staleness", "1",
                                                   "--override", "generation.engine=continuous"]),
+    # the same in request order: no request's groups overtake an earlier one's, so the engine takes the next
+    # request as soon as the weights it needs are published, beside the one still generating
+    "rlfleet async, continuous engine, request order": ("grpo", ["rlfleet-grpo", "--staleness", "1",
+                                                                 "--override", "generation.engine=continuous",
+                                                                 "--override", "replay.consume_order=request"]),
     # two generators of half a core each beside the learner's core: in arrival order admission holds the second
     # back while the first generates; in request order both generate (replay.consume_order, RESULTS section 2f)
     "rlfleet async, 2 generators": ("grpo", ["rlfleet-grpo", "--staleness", "1", *TWO_GENERATORS]),
