@@ -114,7 +114,8 @@ def test_a_continuous_request_streams_each_handing_on_and_settles_every_prompt_o
     """stream() on the real continuous engine, as the pool calls it: a Ray streaming generator. Four prompts, one
     too long for the engine: however the engine's steps fall, every prompt is settled in exactly one item, the long
     one in the first (no group); each item carries the replay actor's ack and the engine's own figures; the replay
-    actor holds the three groups, and its record of the request (what a fence would answer) lists those three."""
+    actor holds the three groups, and its record of the request (what a fence would answer) lists those three. A
+    request that follows another hands on after it."""
     ray = ray_cluster
     from collections import Counter
 
@@ -130,7 +131,8 @@ def test_a_continuous_request_streams_each_handing_on_and_settles_every_prompt_o
     replay = make_replay_actor(cfg.replay, seed=0, name="test-replay-stream")
     actor = make_generation_actor(cfg, "test-replay-stream", index=0)
     try:
-        records = PromptStream(load_prompt_dataset(cfg.data, "train"), seed=0).next_batch(4)
+        stream_records = PromptStream(load_prompt_dataset(cfg.data, "train"), seed=0)
+        records = stream_records.next_batch(4)
         records[2] = records[2] | {"prompt": "x " * 200, "prompt_id": "too-long"}
         stream = actor.stream.options(concurrency_group=STREAM).remote(records, 0, "request-0")
         assert isinstance(stream, ray.ObjectRefGenerator)
@@ -145,6 +147,16 @@ def test_a_continuous_request_streams_each_handing_on_and_settles_every_prompt_o
         assert ray.get(replay.stats.remote(), timeout=TIMEOUT_S)["replay/fresh_size"] == 3
         delivered = ray.get(replay.fence.remote(["request-0"]), timeout=TIMEOUT_S)["request-0"]
         assert Counter(delivered) == settled - Counter(["too-long"])
+
+        # ordinal 1 follows ordinal 0 (rlfleet.generation.own_order), and is even called first: it hands its group
+        # on after every group of the three prompts of ordinal 0 (alone, called first with one prompt, it would end
+        # first); the replay actor's event numbers in the acks give the order
+        before, after = stream_records.next_batch(3), stream_records.next_batch(1)
+        follower = actor.stream.options(concurrency_group=STREAM).remote(after, 0, "request-2", 1, 0, True)
+        earlier = actor.stream.options(concurrency_group=STREAM).remote(before, 0, "request-1", 0, 0, False)
+        late = [ray.get(ref, timeout=TIMEOUT_S)[1]["replay/seq"] for ref in follower]
+        early = [ray.get(ref, timeout=TIMEOUT_S)[1]["replay/seq"] for ref in earlier]
+        assert late and early and min(late) > max(early)
     finally:
         ray.kill(actor)
         ray.kill(replay)

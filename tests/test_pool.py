@@ -190,7 +190,8 @@ def test_a_continuous_engine_takes_what_the_bound_admits_in_one_request_up_to_it
     (request,) = m.requests
     assert len(request.records) == 6 and request.key == "rlfleet-generator-0@0#1"
     calls = [(name, args) for name, args, _ in m.handle.calls if name in ("generate", "stream")]
-    assert calls == [("stream", (request.records, 0, request.key))]  # stream(records, version, key)
+    # stream(records, version, key, ordinal, lowest ordinal not heard ended, follows)
+    assert calls == [("stream", (request.records, 0, request.key, 0, 0, False))]
     assert pool.generating() == 6 and pool.live.count == 6
     assert pool.dispatch(weights(0), budget(6, s=4), prompts) == 0  # the bound admits more; the member is full
 
@@ -245,3 +246,37 @@ def test_a_prompt_twice_in_a_request_is_reissued_once_when_one_of_its_groups_was
     pool.handed_on(m, request, ["p1"], {"gen/groups": 1})
     pool._lose_requests(m)
     assert [r["prompt_id"] for r in pool.retry] == ["p0", "p1"] and pool.live.count == 1
+
+
+def test_at_staleness_one_a_continuous_member_queues_a_request_that_follows_its_own():
+    """g = 4, S = 1, room for 8. Version 0: one request of 8 (ordinal 0). The first 4 groups are heard (the
+    learner's first batch) and version 1 is published: counting the member's own request (version 0, 4 groups still
+    generating) the bound admits (min(1, 0) + 2) * 4 - 8 = 0; a request that follows it, with it left out, gets
+    (1 + 2) * 4 - 8 = 4, at version 1, its load queued in flight before it. Once the first request's end is heard,
+    the next request names ordinal 1 as the lowest not heard ended; a request with nothing of its member's
+    generating starts at once (follows nothing)."""
+    pool, _ = stream_pool(depth=8)
+    m = pool.members[0]
+    names = (f"p{i}" for i in itertools.count())
+    take = lambda n: [{"prompt_id": next(names)} for _ in range(n)]  # noqa: E731
+    assert pool.dispatch(weights(0), budget(0, s=1), take) == 8
+    first = m.requests[0]
+    pool.handed_on(m, first, ["p0", "p1", "p2", "p3"], {"gen/groups": 4, "policy_version": 0})
+    assert pool.oldest_in_flight(m) == 0 and pool.oldest_in_flight(m, follows=True) is None
+    assert pool.dispatch(weights(1), budget(8, s=1), take) == 4
+    second = m.requests[1]
+    assert (second.version, second.ordinal, second.follows) == (1, 1, True)
+    calls = [(name, args) for name, args, _ in m.handle.calls]
+    assert [name for name, _ in calls] == ["update_weights", "stream", "fetch_weights", "update_weights", "stream"]
+    assert calls[-1] == ("stream", (second.records, 1, second.key, 1, 0, True))
+    assert pool.counts["gen/following_requests"] == 1
+    pool.dispatch(weights(1), budget(12, s=1), take)  # nothing more: (1 + 2) * 4 - 12 = 0 either way
+    assert len(m.requests) == 2
+
+    pool.handed_on(m, first, ["p4", "p5", "p6", "p7"], {"gen/groups": 4, "policy_version": 1})
+    pool._done(m, first)  # its stream ended
+    pool.handed_on(m, second, [r["prompt_id"] for r in second.records], {"gen/groups": 4, "policy_version": 1})
+    assert pool.dispatch(weights(2), budget(12, s=1), take) == 4  # nothing generating: (2 + 2) * 4 - 12
+    third = m.requests[-1]
+    assert (third.ordinal, third.follows) == (2, False)
+    assert m.handle.calls[-1][1][3:] == (2, 1, False)  # ordinal 1's end not heard yet

@@ -25,6 +25,15 @@ pipelining that keeps its engine busy: with ``S = 1`` and one generator, the nex
 while one is generating. (The simulator in ``tests/test_admission.py`` checks the bound with the rule as stated, and
 finds violations when a generator's requests may arrive out of order.)
 
+A continuous engine's requests run side by side and finish in any order, so its own count in that minimum: at
+``S = 1`` nothing more is admitted on a generator until the last group of its previous request is heard, and its
+engine idles for the turn-around. Where the bound admits nothing that way, a request may instead *follow* the
+generator's own (:mod:`rlfleet.generation.own_order`): it starts once they have sampled their last tokens and
+hands its groups on only after theirs, so they cannot be overtaken by it and are left out of its minimum, as a
+batched engine's queue is. A request queued later that starts at once may overtake a follower; it counts the
+follower's version in its own minimum, which is what keeps the follower's groups within the bound.
+(``tests/test_admission.py`` checks the bound with followers, and finds violations when they hand on out of order.)
+
 **Request order** (``replay.consume_order: request``). The minimum is the price of consuming groups in arrival
 order: at ``S = 1`` it holds a second generator back while the first generates (the first's request is the
 oldest in flight, and a new one on the other generator could overtake it), so two generators rarely generate at

@@ -136,10 +136,10 @@ class ColocatedActor(LearnerActor):
             return self.generation.generate(records, seq, version)
 
     @ray.method(num_returns="streaming")
-    def stream(self, records: list[dict], version: int, request: str
-               ) -> Iterator[tuple[list[str], dict[str, float]]]:
+    def stream(self, records: list[dict], version: int, request: str, ordinal: int | None = None,
+               low: int | None = None, follows: bool = False) -> Iterator[tuple[list[str], dict[str, float]]]:
         with self._between_requests:
-            yield from self.generation.stream(records, version, request)
+            yield from self.generation.stream(records, version, request, ordinal, low, follows)
 
     def evaluate(self, records: list[dict], n: int, temperature: float | None, step: int) -> dict[str, float]:
         with self._between_requests:

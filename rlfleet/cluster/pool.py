@@ -47,6 +47,8 @@ class Request:
     evaluating: int | None = None  # an evaluation of this learner step
     seq: int | None = None  # its number in request order (replay.consume_order: request)
     key: str | None = None  # a continuous engine's request, its groups handed on as made: its key for the replay
+    ordinal: int | None = None  # such a request's number on its member (rlfleet.generation.own_order)
+    follows: bool = False  # it hands on after the member's earlier requests: admitted with them left out
     heard: Counter = field(default_factory=Counter)  # its prompt ids settled (handed on or dropped) so far
 
 
@@ -76,6 +78,7 @@ class Member:
     draining: bool = False  # scaled down: removed once its requests return
     last_request: int = -1  # sequence number of its latest request: idle members are served least recent first
     incarnation: int = 0  # restarts so far: a restarted actor is a new process (a new weight-group member)
+    streamed: int = 0  # continuous engines: requests queued on it so far, restarts included (the next ordinal)
 
     @property
     def evaluating(self) -> bool:
@@ -132,7 +135,8 @@ class GeneratorPool:
         self.next_index = 0
         self.retry: list[dict] = []  # prompts of requests that died: issued again before new ones
         self.counts = {"fleet/added": 0, "fleet/removed": 0, "faults/generator_restarts": 0,
-                       "faults/lost_groups": 0, "sync/loads": 0, "sync/skipped_versions": 0}
+                       "faults/lost_groups": 0, "sync/loads": 0, "sync/skipped_versions": 0,
+                       "gen/following_requests": 0}
         # admission's count of live groups: requests add to it, drops and losses take from it, and the replay
         # actor's stats in each generator's ack take out its drops (the driver sets it once the replay is restored)
         self.live = LiveGroups()
@@ -373,17 +377,24 @@ class GeneratorPool:
         """The keys of the active members: the group a transport with a membership publishes to."""
         return [m.key for m in self.active()]
 
-    def oldest_in_flight(self, overtaking: Member | None = None) -> int | None:
+    def oldest_in_flight(self, overtaking: Member | None = None, follows: bool = False) -> int | None:
         """The lowest weights version a training request in flight samples with (None when none is). For a request
         about to be queued on ``overtaking``: only the requests it could overtake, those of the other members (a
-        member runs its requests in order; see :mod:`rlfleet.cluster.admission`). In request order nothing is
-        overtaken: None."""
+        member runs its requests in order; see :mod:`rlfleet.cluster.admission`). A continuous engine's requests
+        finish in any order, so its own count too, unless the new request ``follows`` them (hands on after them:
+        :mod:`rlfleet.generation.own_order`). In request order nothing is overtaken: None."""
         if self.skip_requests is not None:
             return None
-        if self.stream is not None:  # a continuous engine's requests finish in any order: its own count too
+        if self.stream is not None and not follows:
             overtaking = None
         return min((q.version for m in self.members if m is not overtaking for q in m.requests
                     if q.evaluating is None and q.records), default=None)
+
+    def _may_follow(self, m: Member) -> bool:
+        """A request on ``m`` may follow its own: a continuous engine streaming groups in arrival order, with a
+        training request of ``m``'s in flight (else following is starting at once)."""
+        return (self.stream is not None and self.skip_requests is None
+                and any(q.evaluating is None and q.records for q in m.requests))
 
     def generating(self) -> int:
         """Groups of training requests still in flight on the members (requested, not yet returned or handed on)."""
@@ -459,35 +470,43 @@ class GeneratorPool:
         if self.stream is not None:
             self._load_in_flight(weights)
 
-        def admitted() -> tuple[Member, int, int] | None:
-            """The first open member the bound admits a request on, its version and size. Not always the first
-            open one: an empty member is held back by another's slow request, which the member generating it is not
-            (nothing overtakes a member's own queue)."""
+        def admitted() -> tuple[Member, int, int, bool] | None:
+            """The first open member the bound admits a request on, its version, size, and whether it follows the
+            member's own requests. Not always the first open one: an empty member is held back by another's slow
+            request, which the member generating it is not (nothing overtakes a member's own queue). A continuous
+            member's request follows its own (:mod:`rlfleet.generation.own_order`) only where the bound admits
+            nothing that starts at once: it waits for them to end."""
             for m in self._open(weights):
                 size = self.prompts_per_request if self.stream is None else min(self.prompts_per_request,
                                                                                 self._room(m))
-                version, n = plan_request(m.version if lazy else -1, weights.version, size,
-                                          lambda v: budget_at(v, self.oldest_in_flight(m), launched))
-                if n > 0:
-                    return m, version, n
+                for follows in (False, True) if self._may_follow(m) else (False,):
+                    version, n = plan_request(m.version if lazy else -1, weights.version, size,
+                                              lambda v: budget_at(v, self.oldest_in_flight(m, follows), launched))
+                    if n > 0:
+                        return m, version, n, follows
             return None
 
         while (choice := admitted()) is not None:
-            m, version, n = choice
+            m, version, n, follows = choice
             sync = self._serve(m, weights if version == weights.version else None)
             records, self.retry = self.retry[:n], self.retry[n:]
             records += take(n - len(records))
-            seq = key = None
+            seq = key = ordinal = None
             if self.skip_requests is not None:
                 seq, self.next_seq = self.next_seq, self.next_seq + 1
             if self.stream is None:
                 future = m.handle.generate.remote(records, seq)
-            elif seq is None:  # beside the member's other requests, no token older than ``version``, each group
-                key = f"{m.key}#{self.requests}"  # handed on as made
-                future = m.handle.stream.options(concurrency_group=self.stream).remote(records, version, key)
+            elif seq is None:  # beside the member's other requests (or following them), no token older than
+                key = f"{m.key}#{self.requests}"  # ``version``, each group handed on as made
+                ordinal, m.streamed = m.streamed, m.streamed + 1
+                low = min([q.ordinal for q in m.requests if q.ordinal is not None], default=ordinal)
+                self.counts["gen/following_requests"] += follows
+                future = m.handle.stream.options(concurrency_group=self.stream).remote(records, version, key,
+                                                                                       ordinal, low, follows)
             else:  # in request order the replay actor takes a request's groups at once
                 future = m.handle.generate.options(concurrency_group=self.stream).remote(records, seq, version)
-            m.requests.append(Request(future, records, version, sync, seq=seq, key=key))
+            m.requests.append(Request(future, records, version, sync, seq=seq, key=key, ordinal=ordinal,
+                                      follows=follows))
             launched += n
         self.live.requested(launched)
         return launched

@@ -24,6 +24,7 @@ from rlfleet.errors import quiet_kill_in_finalizers
 from rlfleet.generation.continuous import ContinuousEngine
 from rlfleet.generation.engine import Engine
 from rlfleet.generation.generator import Generator
+from rlfleet.generation.own_order import OwnOrder
 from rlfleet.models import load_tokenizer
 from rlfleet.transport import TRANSPORTS, WeightHandle, capabilities, make_receiver
 
@@ -65,6 +66,7 @@ class GenerationActor:
         self.receiver = self.receivers[cfg.cluster.weight_transport]  # the one rounds are pushed to
         tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         self.generator = Generator.from_config(self.engine, tokenizer, cfg)
+        self.own_order = OwnOrder(cfg.cluster.timeout_s)  # continuous engines: requests that follow the earlier
 
     def generate(self, records: list[dict], seq: int | None = None, version: int | None = None) -> dict[str, float]:
         """Generate groups for ``records``, hand them to the replay actor (waiting for its ack), return stats with the
@@ -85,8 +87,8 @@ class GenerationActor:
         return stats
 
     @ray.method(num_returns="streaming")
-    def stream(self, records: list[dict], version: int, request: str
-               ) -> Iterator[tuple[list[str], dict[str, float]]]:
+    def stream(self, records: list[dict], version: int, request: str, ordinal: int | None = None,
+               low: int | None = None, follows: bool = False) -> Iterator[tuple[list[str], dict[str, float]]]:
         """A continuous engine's request, a Ray streaming generator: generate groups for ``records`` with no token
         older than ``version``, each handed to the replay actor the moment it is made
         (:meth:`Generator.generate_each`), under the request's key ``request``. Each handing-on yields, once the
@@ -94,11 +96,30 @@ class GenerationActor:
         the last report: the driver hears of each group as it is made, so the room it leaves in the engine is
         filled at once, and no request waits for its slowest group.
 
+        ``ordinal``: the request's number on this generator (``low``: the lowest the driver has not heard the end
+        of). A request that ``follows`` starts once the generator's earlier requests have sampled their last tokens,
+        and hands on after their last groups (:mod:`rlfleet.generation.own_order`).
+
         The replay actor records which prompts of ``request`` it has until the driver has heard the stream end: if
         this actor dies first, the driver fences the request (:meth:`ReplayActor.fence`) and re-issues only the
         prompts the replay actor does not have, so no prompt is trained twice or lost."""
+        if ordinal is None:
+            yield from self._stream(records, version, request)
+            return
+        try:
+            self.own_order.begin(ordinal, ordinal if low is None else low, follows)
+            yield from self._stream(records, version, request, lambda: self.own_order.sampled(ordinal),
+                                    (lambda: self.own_order.before_handing_on(ordinal)) if follows else None)
+        finally:
+            self.own_order.finished(ordinal)
+
+    def _stream(self, records: list[dict], version: int, request: str, sampled: Callable[[], None] | None = None,
+                before_handing_on: Callable[[], None] | None = None
+                ) -> Iterator[tuple[list[str], dict[str, float]]]:
         self.engine.wait_for_version(version, self.cfg.cluster.timeout_s)
-        for prompts, groups, stats in self.generator.generate_each(records):
+        for prompts, groups, stats in self.generator.generate_each(records, sampled):
+            if before_handing_on is not None:
+                before_handing_on()
             ack = ray.get(self.replay.add.remote(groups, None, request), timeout=self.cfg.cluster.timeout_s)
             yield prompts, stats | ack | self.engine.stats()
 

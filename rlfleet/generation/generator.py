@@ -351,18 +351,23 @@ class Generator:
                                                        for x in (kept_records, prompt_token_ids, samples))
         return self._groups(kept_records, prompt_token_ids, samples, start, too_long, env_stats)
 
-    def generate_each(self, records: list[dict]) -> Iterator[tuple[list[str], list[Group], dict[str, float]]]:
+    def generate_each(self, records: list[dict], sampled: Callable[[], None] | None = None
+                      ) -> Iterator[tuple[list[str], list[Group], dict[str, float]]]:
         """:meth:`generate` on a continuous engine, each group handed on the moment it is made rather than with
         the request's last: yields ``(prompt ids, groups, stats)`` as groups are made, the prompt ids those of the
         records settled (their groups made or dropped), each record's in exactly one yield. The groups whose last
         completions ended at the same engine step are made together (one call of each reward function, as
         :meth:`generate`'s); their stats are :meth:`generate`'s for those groups (the prompts too long for the
         engine settled and counted in the first). With an environment each record is a :meth:`generate` of its
-        own, on a thread of its own (its episodes the coroutines of that thread's loop)."""
+        own, on a thread of its own (its episodes the coroutines of that thread's loop). ``sampled`` is called once
+        the request's last token is sampled (before its last groups are scored)."""
+        sampled = sampled or (lambda: None)
         if self.episodes is not None:
             with ThreadPoolExecutor(max(1, len(records)), thread_name_prefix="rlfleet-episodes") as threads:
                 ends = {threads.submit(self.generate, [record]): record for record in records}
-                for end in as_completed(ends):
+                for left, end in enumerate(as_completed(ends), start=1):
+                    if left == len(ends):
+                        sampled()
                     yield [str(ends[end]["prompt_id"])], *end.result()
             return
         start = time.perf_counter()
@@ -372,10 +377,13 @@ class Generator:
         settled = [str(record["prompt_id"]) for record in records if id(record) not in kept]  # too long
         pending = {self.engine.submit(ids, G): i for i, ids in enumerate(prompt_token_ids)}  # future -> record
         if not pending:
+            sampled()
             yield settled, *self._groups([], [], [], start, too_long)
         while pending:
             ended, _ = wait(pending, return_when=FIRST_COMPLETED)
             results = {pending.pop(future): future.result() for future in ended}  # record -> its [G] completions
+            if not pending:
+                sampled()
             rows = sorted(results)
             settled += [str(kept_records[i]["prompt_id"]) for i in rows]
             yield settled, *self._groups([kept_records[i] for i in rows], [prompt_token_ids[i] for i in rows],
