@@ -252,7 +252,8 @@ def test_at_staleness_one_a_continuous_member_queues_a_request_that_follows_its_
     """g = 4, S = 1, room for 8. Version 0: one request of 8 (ordinal 0). The first 4 groups are heard (the
     learner's first batch) and version 1 is published: counting the member's own request (version 0, 4 groups still
     generating) the bound admits (min(1, 0) + 2) * 4 - 8 = 0; a request that follows it, with it left out, gets
-    (1 + 2) * 4 - 8 = 4, at version 1, its load queued in flight before it. Once the first request's end is heard,
+    (1 + 2) * 4 - 8 = 4, at version 1, its load queued in flight before it (without ``follow``, nothing goes out).
+    Once the first request's end is heard,
     the next request names ordinal 1 as the lowest not heard ended; a request with nothing of its member's
     generating starts at once (follows nothing)."""
     pool, _ = stream_pool(depth=8)
@@ -263,6 +264,8 @@ def test_at_staleness_one_a_continuous_member_queues_a_request_that_follows_its_
     first = m.requests[0]
     pool.handed_on(m, first, ["p0", "p1", "p2", "p3"], {"gen/groups": 4, "policy_version": 0})
     assert pool.oldest_in_flight(m) == 0 and pool.oldest_in_flight(m, follows=True) is None
+    assert pool.dispatch(weights(1), budget(8, s=1), take) == 0  # the pool was made without follow
+    pool.follow = True
     assert pool.dispatch(weights(1), budget(8, s=1), take) == 4
     second = m.requests[1]
     assert (second.version, second.ordinal, second.follows) == (1, 1, True)

@@ -134,7 +134,7 @@ class RLJob:
             skip_requests=self.replay.skip.remote if cfg.replay.consume_order == "request" else None, stream=stream,
             fence_requests=lambda keys: call(self.replay.fence.remote(keys), t, "the replay actor (fencing the "
                                              "requests of a lost generator)"),
-            forget_requests=self.replay.forget.remote,
+            forget_requests=self.replay.forget.remote, follow=cfg.replay.max_staleness <= 1,
             **placing)
         self.stream = PromptStream(self.dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.step, errors_total = 0, {"reward": 0, "env": 0}

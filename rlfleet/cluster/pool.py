@@ -110,9 +110,17 @@ class GeneratorPool:
     generates fewer), and ``prompts_per_request`` is as many as the bound and that room admit. In arrival order
     each request hands its groups to the replay actor as they are made (``stream()``, a Ray streaming generator,
     under a key), and the pool hears of each as it is made: it leaves the request, so its room in the engine is
-    filled at once. ``fence_requests(keys)`` (the replay actor's ``fence``) says which prompts of the requests
+    filled at once. Each such request is numbered on its member (``ordinal``); where the bound admits nothing that
+    starts at once, a request may *follow* the member's earlier ones (:mod:`rlfleet.generation.own_order`). ``fence_requests(keys)`` (the replay actor's ``fence``) says which prompts of the requests
     lost with their generator arrived, so only the others are re-issued, and ``forget_requests(keys)`` (its
     ``forget``, not waited for) tells it of the requests whose streams ended.
+
+    ``follow``: where the bound admits nothing that starts at once on a continuous member generating, a request
+    may *follow* the member's earlier ones (:mod:`rlfleet.generation.own_order`). The driver sets it at
+    ``max_staleness`` 1, where the bound lets one batch generate beside the one being trained, so a generator runs
+    one at a time anyway. With a deeper window a follower, which waits for every earlier request to end and takes
+    the room the bound leaves, turns the continuous engine into a batched one: on long tails at ``max_staleness``
+    4 one run of two fell to request batching's step (0.49 s against 0.35; bench/RESULTS.md section 23).
 
     ``place(bundle, name)``: a member's placement (default: a placement group of its own). ``colocated``: the
     member is the learner itself (``cluster.colocate``), placed with it: its loss is the learner's, raised as
@@ -122,7 +130,7 @@ class GeneratorPool:
                  timeout_s: float, depth: int = 1, skip_requests: Callable[[list[int]], None] | None = None,
                  stream: str | None = None, place: Callable[[dict[str, float], str], Placement] = Placement.request,
                  colocated: bool = False, fence_requests: Callable[[list[str]], dict[str, list[str]]] | None = None,
-                 forget_requests: Callable[[list[str]], None] | None = None):
+                 forget_requests: Callable[[list[str]], None] | None = None, follow: bool = False):
         self.start_actor, self.bundle, self.place, self.colocated = start_actor, bundle, place, colocated
         # continuous engines: generate() calls go to this concurrency group and run side by side, so a member's own
         # requests may overtake each other; new weights go to every member at once, loaded in flight
@@ -130,6 +138,7 @@ class GeneratorPool:
         self.target, self.prompts_per_request, self.timeout_s = target, prompts_per_request, timeout_s
         self.depth = depth  # requests queued on one generator at most (cluster.requests_per_generator)
         self.skip_requests, self.fence_requests, self.forget_requests = skip_requests, fence_requests, forget_requests
+        self.follow = follow
         self.next_seq = 0  # the number of the next training request (request order)
         self.members: list[Member] = []
         self.next_index = 0
@@ -391,9 +400,9 @@ class GeneratorPool:
                     if q.evaluating is None and q.records), default=None)
 
     def _may_follow(self, m: Member) -> bool:
-        """A request on ``m`` may follow its own: a continuous engine streaming groups in arrival order, with a
-        training request of ``m``'s in flight (else following is starting at once)."""
-        return (self.stream is not None and self.skip_requests is None
+        """A request on ``m`` may follow its own: a continuous engine streaming groups in arrival order, ``follow``
+        set, and a training request of ``m``'s generating (else following is starting at once)."""
+        return (self.follow and self.stream is not None and self.skip_requests is None
                 and any(q.evaluating is None and q.records for q in m.requests))
 
     def generating(self) -> int:
