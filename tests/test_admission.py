@@ -90,9 +90,9 @@ def simulate_pipelined(seed: int, plan=plan_request, lazy: bool = True, steps: i
     staleness returned is then the oldest *trained* token's. With ``follow`` (and ``own_queue``), where the bound
     admits nothing on a generator with a request queued, a request that *follows* its queue is admitted with the
     generator's own queue left out, and is delivered only once every request queued before it on the generator has
-    been (with ``followers_in_order``; else in any order, which the simulator must catch). Returns (staleness of every trained group, [(sample
-    version, latest version, max_staleness, follows)] of every request, loads, the mean number of generators with a request
-    in flight before each event). Raises on a stall."""
+    been (with ``followers_in_order``; else in any order, which the simulator must catch). Returns (staleness of
+    every trained group, [(sample version, latest version, max_staleness, follows)] of every request, loads, the
+    mean number of generators with a request in flight before each event). Raises on a stall."""
     rng = random.Random(seed)
     g, s = rng.randint(1, 4), rng.randint(0, 3)
     s = s if max_staleness is None else max_staleness

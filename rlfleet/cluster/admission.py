@@ -31,10 +31,10 @@ engine idles for the turn-around. Where the bound admits nothing that way, a req
 generator's own (:mod:`rlfleet.generation.own_order`): it starts once they have sampled their last tokens and
 hands its groups on only after theirs, so they cannot be overtaken by it and are left out of its minimum, as a
 batched engine's queue is. A request queued later that starts at once may overtake a follower; it counts the
-follower's version in its own minimum, which is what keeps the follower's groups within the bound. (The rule holds
-at every ``S``; the driver uses it at ``S = 1`` only, where a generator runs one batch at a time anyway:
-``GeneratorPool``'s ``follow``.)
-(``tests/test_admission.py`` checks the bound with followers, and finds violations when they hand on out of order.)
+follower's version in its own minimum, which is what keeps the follower's groups within the bound. The rule holds
+at every ``S``; the driver uses it at ``S = 1`` only, where a generator runs one batch at a time anyway
+(``GeneratorPool``'s ``follow``). (``tests/test_admission.py`` checks the bound with followers, and finds
+violations when they hand on out of order.)
 
 **Request order** (``replay.consume_order: request``). The minimum is the price of consuming groups in arrival
 order: at ``S = 1`` it holds a second generator back while the first generates (the first's request is the

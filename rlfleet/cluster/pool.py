@@ -110,10 +110,10 @@ class GeneratorPool:
     generates fewer), and ``prompts_per_request`` is as many as the bound and that room admit. In arrival order
     each request hands its groups to the replay actor as they are made (``stream()``, a Ray streaming generator,
     under a key), and the pool hears of each as it is made: it leaves the request, so its room in the engine is
-    filled at once. Each such request is numbered on its member (``ordinal``); where the bound admits nothing that
-    starts at once, a request may *follow* the member's earlier ones (:mod:`rlfleet.generation.own_order`). ``fence_requests(keys)`` (the replay actor's ``fence``) says which prompts of the requests
-    lost with their generator arrived, so only the others are re-issued, and ``forget_requests(keys)`` (its
-    ``forget``, not waited for) tells it of the requests whose streams ended.
+    filled at once; each is numbered on its member (``ordinal``, for ``follow`` below). ``fence_requests(keys)``
+    (the replay actor's ``fence``) says which prompts of the requests lost with their generator arrived, so only
+    the others are re-issued, and ``forget_requests(keys)`` (its ``forget``, not waited for) tells it of the
+    requests whose streams ended.
 
     ``follow``: where the bound admits nothing that starts at once on a continuous member generating, a request
     may *follow* the member's earlier ones (:mod:`rlfleet.generation.own_order`). The driver sets it at

@@ -365,8 +365,8 @@ class Generator:
         if self.episodes is not None:
             with ThreadPoolExecutor(max(1, len(records)), thread_name_prefix="rlfleet-episodes") as threads:
                 ends = {threads.submit(self.generate, [record]): record for record in records}
-                for left, end in enumerate(as_completed(ends), start=1):
-                    if left == len(ends):
+                for count, end in enumerate(as_completed(ends), start=1):
+                    if count == len(ends):  # the last episode ended
                         sampled()
                     yield [str(ends[end]["prompt_id"])], *end.result()
             return
